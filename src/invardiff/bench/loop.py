@@ -1,0 +1,50 @@
+"""A denoising loop over a bare transformer, one step at a time, so that variants can run in lockstep.
+
+The loop makes the transformer calls a pipeline would make (Flux: packed latents, distilled guidance 3.5;
+DiT: batched CFG on a class and the null class) and advances the latents with a plain Euler update on a linear
+time grid. Only the transformer call is timed; the update is the same for every variant, so it cannot bias a
+ratio. Steps come from ``invardiff.cache_context(step_index=i)`` when invardiff is enabled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import api
+from ..model_configs import ModelConfig
+from .timing import timed
+
+
+class Trajectory:
+    def __init__(self, transformer: torch.nn.Module, config: ModelConfig, num_steps: int, device: torch.device):
+        self.transformer = transformer
+        self.config = config
+        self.num_steps = num_steps
+        self.device = device
+        self.call = config.example_call(device, seed=0)
+        self.latents = self.call["hidden_states"].clone()
+        self.seconds = 0.0
+
+    def restart(self) -> None:
+        self.latents = self.call["hidden_states"].clone()
+        self.seconds = 0.0
+
+    def step(self, index: int) -> None:
+        """Run denoising step ``index``: one timed transformer call, then the Euler update."""
+        fraction = 1.0 - index / self.num_steps  # 1 -> 1/T, like the flow-matching sigmas
+        call = dict(self.call, hidden_states=self.latents)
+        if self.config.family == "flux":
+            call["timestep"] = torch.full_like(self.call["timestep"], fraction)
+        else:
+            call["timestep"] = torch.full_like(self.call["timestep"], int(fraction * 999))
+        seconds, output = timed(lambda: self._forward(call, index), self.device)
+        self.seconds += seconds
+        prediction = output[0][:, : self.latents.shape[1]]  # DiT predicts (eps, variance): keep eps
+        self.latents = self.latents - prediction / self.num_steps
+
+    @torch.no_grad()
+    def _forward(self, call: dict, index: int):
+        if not api.is_enabled(self.transformer):
+            return self.transformer(**call)
+        with api.cache_context(self.transformer, "default", step_index=index):
+            return self.transformer(**call)

@@ -1,0 +1,3 @@
+from .engine import CacheEngine, EngineError
+from .policy import CachePolicy, PlanConfig, register_policy
+from .summary import BranchSummary, EngineSummary

@@ -1,0 +1,90 @@
+"""FLOP profile of a model config, measured with ``torch.utils.flop_counter`` on the meta device.
+
+Per reusable unit and layer: the FLOPs a reuse saves. Per step: the FLOPs of a full forward (embeddings,
+modulation, unit FLOPs, what is always paid such as Flux single-block ``proj_out``, and the head), and of a
+step-cached step (conditioning plus head). Only matmul-class ops are counted (what FlopCounterMode counts);
+elementwise work is treated as free, which makes the ideal speedup an upper bound.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .families import get_family
+from .families.spec import TransformerCall
+from .model_configs import ModelConfig
+from .plan import CachePlan
+
+
+@dataclass
+class FlopProfile:
+    config_name: str
+    family: str
+    num_layers: dict[str, int]
+    full_step: float
+    step_cached: float
+    units: dict[str, dict[str, np.ndarray]]  # {block_list: {unit: (L,) FLOPs saved by a reuse}}
+
+    def check_plan(self, plan: CachePlan) -> None:
+        plan.check_model(self.family, self.num_layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config_name, "family": self.family, "full_step_flops": self.full_step,
+            "step_cached_flops": self.step_cached,
+            "unit_flops": {b: {u: v.tolist() for u, v in units.items()} for b, units in self.units.items()},
+        }
+
+
+def profile_flops(config: ModelConfig) -> FlopProfile:
+    family = get_family(config.family)
+    model = config.build_transformer("meta")
+    call = config.example_call("meta")
+    captured = {}
+    head = model.get_submodule(family.head_input)
+
+    def capture(module, args):
+        captured["hidden"] = args[0]  # returns None: the call's arguments stay unchanged
+
+    handle = head.register_forward_pre_hook(capture)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(**call)
+    handle.remove()
+    counts = {_strip_root(name): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    full_step = float(counts.get("", 0))
+
+    head_counter = FlopCounterMode(display=False)
+    bound = TransformerCall(_forward_signature(model), (), call)
+    with torch.no_grad(), head_counter:
+        family.run_head(model, captured["hidden"], bound)
+    step_cached = float(sum(head_counter.get_flop_counts().get("Global", {}).values()))
+
+    units = {}
+    for spec in family.block_lists:
+        blocks = len(getattr(model, spec.attr))
+        units[spec.attr] = {
+            unit.name: np.array([
+                sum(counts.get(f"{spec.attr}.{layer}.{path}", 0) for path in unit.submodules)
+                for layer in range(blocks)
+            ], dtype=np.float64)
+            for unit in spec.units
+        }
+    num_layers = family.num_layers(model)
+    return FlopProfile(config.name, config.family, num_layers, full_step, step_cached, units)
+
+
+def _strip_root(name: str) -> str:
+    # FlopCounterMode names modules "<RootClass>.<fqn>"; "Global" is the total.
+    if name == "Global":
+        return ""
+    return name.split(".", 1)[1] if "." in name else "__root__"
+
+
+def _forward_signature(model):
+    return inspect.signature(model.forward)
