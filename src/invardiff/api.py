@@ -10,7 +10,14 @@ from diffusers.hooks.hooks import CacheContext
 
 from .engine.engine import CacheEngine
 from .engine.hooks import (
-    ALL_HOOKS, HEAD_INPUT_HOOK, PASSTHROUGH_HOOK, STEP_HOOK, UNIT_HOOK, HeadInputHook, PassthroughHook, StepHook,
+    ALL_HOOKS,
+    HEAD_INPUT_HOOK,
+    PASSTHROUGH_HOOK,
+    STEP_HOOK,
+    UNIT_HOOK,
+    HeadInputHook,
+    PassthroughHook,
+    StepHook,
     UnitHook,
 )
 from .engine.policy import PlanConfig, build_policy

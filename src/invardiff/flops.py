@@ -35,7 +35,9 @@ class FlopProfile:
 
     def to_dict(self) -> dict:
         return {
-            "config": self.config_name, "family": self.family, "full_step_flops": self.full_step,
+            "config": self.config_name,
+            "family": self.family,
+            "full_step_flops": self.full_step,
             "step_cached_flops": self.step_cached,
             "unit_flops": {b: {u: v.tolist() for u, v in units.items()} for b, units in self.units.items()},
         }
@@ -69,10 +71,13 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
     for spec in family.block_lists:
         blocks = len(getattr(model, spec.attr))
         units[spec.attr] = {
-            unit.name: np.array([
-                sum(counts.get(f"{spec.attr}.{layer}.{path}", 0) for path in unit.submodules)
-                for layer in range(blocks)
-            ], dtype=np.float64)
+            unit.name: np.array(
+                [
+                    sum(counts.get(f"{spec.attr}.{layer}.{path}", 0) for path in unit.submodules)
+                    for layer in range(blocks)
+                ],
+                dtype=np.float64,
+            )
             for unit in spec.units
         }
     num_layers = family.num_layers(model)

@@ -80,41 +80,107 @@ class ModelConfig:
         }
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "family": self.family, "dtype": self.dtype, "image_tokens": self.image_tokens,
-                "text_tokens": self.text_tokens, "batch": self.batch, "transformer": self.transformer_kwargs}
+        return {
+            "name": self.name,
+            "family": self.family,
+            "dtype": self.dtype,
+            "image_tokens": self.image_tokens,
+            "text_tokens": self.text_tokens,
+            "batch": self.batch,
+            "transformer": self.transformer_kwargs,
+        }
 
 
 def _flux(num_layers, num_single_layers, heads, head_dim, axes, joint_dim, pooled_dim, in_channels=64):
     return {
-        "patch_size": 1, "in_channels": in_channels, "num_layers": num_layers,
-        "num_single_layers": num_single_layers, "attention_head_dim": head_dim, "num_attention_heads": heads,
-        "joint_attention_dim": joint_dim, "pooled_projection_dim": pooled_dim, "guidance_embeds": True,
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "num_layers": num_layers,
+        "num_single_layers": num_single_layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": joint_dim,
+        "pooled_projection_dim": pooled_dim,
+        "guidance_embeds": True,
         "axes_dims_rope": axes,
     }
 
 
 def _dit(num_layers, heads, head_dim, sample_size, in_channels=4):
     return {
-        "num_attention_heads": heads, "attention_head_dim": head_dim, "in_channels": in_channels,
-        "out_channels": 2 * in_channels, "num_layers": num_layers, "sample_size": sample_size, "patch_size": 2,
-        "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_zero",
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": 2 * in_channels,
+        "num_layers": num_layers,
+        "sample_size": sample_size,
+        "patch_size": 2,
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_zero",
     }
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     config.name: config
     for config in [
-        ModelConfig("flux1-dev", "flux", _flux(19, 38, 24, 128, (16, 56, 56), 4096, 768), "bfloat16",
-                    image_tokens=4096, text_tokens=512, description="FLUX.1-dev at 1024x1024, 512 text tokens"),
-        ModelConfig("flux-bench", "flux", _flux(19, 38, 4, 64, (16, 24, 24), 256, 256),
-                    image_tokens=256, text_tokens=64,
-                    description="FLUX depth (19+38), hidden 256, 256 image + 64 text tokens (CPU benchmark)"),
-        ModelConfig("flux-tiny", "flux", _flux(2, 4, 2, 16, (4, 6, 6), 32, 32, in_channels=16),
-                    image_tokens=64, text_tokens=8, description="tests"),
-        ModelConfig("dit-xl-2", "dit", _dit(28, 16, 72, 32), "bfloat16", batch=2, steps=50,
-                    description="DiT-XL/2 at 256x256 (32x32 latent), one class with batched CFG"),
-        ModelConfig("dit-bench", "dit", _dit(28, 4, 64, 32), batch=2, steps=50,
-                    description="DiT depth (28), hidden 256, 256 tokens, batched CFG (CPU benchmark)"),
+        ModelConfig(
+            "flux1-dev",
+            "flux",
+            _flux(19, 38, 24, 128, (16, 56, 56), 4096, 768),
+            "bfloat16",
+            image_tokens=4096,
+            text_tokens=512,
+            description="FLUX.1-dev at 1024x1024, 512 text tokens",
+        ),
+        ModelConfig(
+            "flux-bench",
+            "flux",
+            _flux(19, 38, 4, 64, (16, 24, 24), 256, 256),
+            image_tokens=256,
+            text_tokens=64,
+            description="FLUX depth (19+38), hidden 256, 256 image + 64 text tokens (CPU benchmark)",
+        ),
+        ModelConfig(
+            "flux-tiny",
+            "flux",
+            _flux(2, 4, 2, 16, (4, 6, 6), 32, 32, in_channels=16),
+            image_tokens=64,
+            text_tokens=8,
+            description="tests",
+        ),
+        ModelConfig(
+            "flux-tiny-fulldepth",
+            "flux",
+            _flux(19, 38, 2, 16, (4, 6, 6), 32, 32, in_channels=16),
+            image_tokens=64,
+            text_tokens=8,
+            description="FLUX depth at hidden 32 (fast CLI tests)",
+        ),
+        ModelConfig(
+            "dit-xl-2",
+            "dit",
+            _dit(28, 16, 72, 32),
+            "bfloat16",
+            batch=2,
+            steps=50,
+            description="DiT-XL/2 at 256x256 (32x32 latent), one class with batched CFG",
+        ),
+        ModelConfig(
+            "dit-bench",
+            "dit",
+            _dit(28, 4, 64, 32),
+            batch=2,
+            steps=50,
+            description="DiT depth (28), hidden 256, 256 tokens, batched CFG (CPU benchmark)",
+        ),
+        ModelConfig(
+            "dit-tiny-fulldepth",
+            "dit",
+            _dit(28, 2, 16, 8),
+            batch=2,
+            steps=50,
+            description="DiT depth at hidden 32 (fast CLI tests)",
+        ),
         ModelConfig("dit-tiny", "dit", _dit(2, 2, 16, 8), batch=2, steps=50, description="tests"),
     ]
 }

@@ -25,9 +25,17 @@ _FAMILY_LAYOUT = {
 }
 # Names in the file name -> the thresholds they stand for (SPEC.md A.6).
 _NAME_KEYS = {
-    "stp": "num_inference_steps", "n": "nonskip_rate", "sth": "step_quantile", "th": "step_quantile",
-    "msa": "attn_quantile", "mlp": "ff_quantile", "attn": "attn_quantile", "ff": "ff_quantile",
-    "ctxff": "context_ff_quantile", "sattn": "single_attn_quantile", "smlp": "single_mlp_quantile",
+    "stp": "num_inference_steps",
+    "n": "nonskip_rate",
+    "sth": "step_quantile",
+    "th": "step_quantile",
+    "msa": "attn_quantile",
+    "mlp": "ff_quantile",
+    "attn": "attn_quantile",
+    "ff": "ff_quantile",
+    "ctxff": "context_ff_quantile",
+    "sattn": "single_attn_quantile",
+    "smlp": "single_mlp_quantile",
 }
 
 
@@ -73,8 +81,12 @@ def convert_official_book(path: str | Path, family: str) -> CachePlan:
     num_layers = {name: next(iter(kinds.values())).shape[1] for name, kinds in reuse.items()}
     provenance = {
         "policy": "invardiff-official-book",
-        "source": {"file": path.name, "sha256": hashlib.sha256(raw).hexdigest(),
-                   "repository": "github.com/zihaowu25/InvarDiff", "commit": "560db97"},
+        "source": {
+            "file": path.name,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "repository": "github.com/zihaowu25/InvarDiff",
+            "commit": "560db97",
+        },
         "thresholds": parse_book_name(path.name),
     }
     return CachePlan(
@@ -98,10 +110,12 @@ def _dit_reuse(book: dict) -> dict:
     for key in ("msa_cache_book", "mlp_cache_book"):
         if key not in book:
             raise PlanError(f"A DiT book needs {key!r}; this looks like a {_guess_family(book)} book.")
-    return {"transformer_blocks": {
-        "attn": _bool_array(book["msa_cache_book"], "msa_cache_book", 2),
-        "ff": _bool_array(book["mlp_cache_book"], "mlp_cache_book", 2),
-    }}
+    return {
+        "transformer_blocks": {
+            "attn": _bool_array(book["msa_cache_book"], "msa_cache_book", 2),
+            "ff": _bool_array(book["mlp_cache_book"], "mlp_cache_book", 2),
+        }
+    }
 
 
 def _flux_reuse(book: dict) -> dict:
@@ -109,8 +123,10 @@ def _flux_reuse(book: dict) -> dict:
         if key not in book:
             raise PlanError(f"A FLUX book needs {key!r}; this looks like a {_guess_family(book)} book.")
     dual = {k: _bool_array(v, f"transformer_cache_book.{k}", 2) for k, v in book["transformer_cache_book"].items()}
-    single = {k: _bool_array(v, f"single_transformer_cache_book.{k}", 2)
-              for k, v in book["single_transformer_cache_book"].items()}
+    single = {
+        k: _bool_array(v, f"single_transformer_cache_book.{k}", 2)
+        for k, v in book["single_transformer_cache_book"].items()
+    }
     ip_attn = dual.pop("ip_attn", None)
     if ip_attn is not None and not np.array_equal(ip_attn, dual.get("attn")):
         raise PlanError("The book's ip_attn differs from attn; IP-adapter plans are not supported.")

@@ -60,7 +60,7 @@ class ModelFacts:
     block_lists: tuple[BlockListFacts, ...]
 
     @classmethod
-    def for_family(cls, family: str, num_layers: dict[str, int]) -> "ModelFacts":
+    def for_family(cls, family: str, num_layers: dict[str, int]) -> ModelFacts:
         spec = get_family(family)
         lists = tuple(BlockListFacts(b.attr, num_layers[b.attr], b.module_kinds) for b in spec.block_lists)
         return cls(family, spec.transformer_class.__name__, lists)
@@ -102,7 +102,7 @@ class CachePlan:
 
     # ----- construction -----
     @classmethod
-    def reuse_nothing(cls, model: ModelFacts, num_inference_steps: int, **header) -> "CachePlan":
+    def reuse_nothing(cls, model: ModelFacts, num_inference_steps: int, **header) -> CachePlan:
         """A plan that computes everything: executing it must give output bit-identical to the stock model."""
         T = num_inference_steps
         reuse = {b.name: {k: np.zeros((T, b.num_layers), bool) for k in b.module_kinds} for b in model.block_lists}
@@ -142,7 +142,7 @@ class CachePlan:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "CachePlan":
+    def from_dict(cls, data: Any) -> CachePlan:
         """Rebuild a plan, validating everything; raises :class:`PlanError` naming the first problem found."""
         return _plan_from_dict(data)
 
@@ -151,7 +151,7 @@ class CachePlan:
         Path(path).write_text(text + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "CachePlan":
+    def load(cls, path: str | Path) -> CachePlan:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -229,7 +229,7 @@ def _model_from_dict(data: Any) -> ModelFacts:
     if names != expected_names:
         raise PlanError(f"model.block_lists for family {family!r} must be {expected_names}, got {names}.")
     facts = []
-    for entry, block_spec in zip(lists, spec.block_lists):
+    for entry, block_spec in zip(lists, spec.block_lists, strict=True):
         where = f"model.block_lists[{block_spec.attr}]"
         num_layers = _require(entry, "num_layers", int, where)
         if num_layers < 1:

@@ -34,9 +34,15 @@ def kind_stats(plan: CachePlan) -> list[KindStats]:
             matrix = plan.module_reuse[facts.name][kind]
             outside = matrix[executed]
             reused_steps = np.flatnonzero(executed & matrix.any(axis=1)).tolist()
-            stats.append(KindStats(
-                facts.name, kind, float(matrix.mean()), float(outside.mean()) if outside.size else 0.0, reused_steps,
-            ))
+            stats.append(
+                KindStats(
+                    facts.name,
+                    kind,
+                    float(matrix.mean()),
+                    float(outside.mean()) if outside.size else 0.0,
+                    reused_steps,
+                )
+            )
     return stats
 
 

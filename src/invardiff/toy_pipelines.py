@@ -36,8 +36,13 @@ def dit_scheduler() -> DDIMScheduler:
 def build_pipeline(config: ModelConfig, transformer: torch.nn.Module):
     if config.family == "flux":
         pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-            text_encoder_2=None, tokenizer_2=None, transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=None,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=transformer,
         )
     else:
         pipe = DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=dit_scheduler())
@@ -56,9 +61,18 @@ def pipeline_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: in
         return {
             "prompt_embeds": embeds.to(device, config.torch_dtype),
             "pooled_prompt_embeds": pooled.to(device, config.torch_dtype),
-            "height": side, "width": side, "num_inference_steps": num_inference_steps,
-            "guidance_scale": 3.5, "output_type": "latent", "generator": generator,
+            "height": side,
+            "width": side,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": 3.5,
+            "output_type": "latent",
+            "generator": generator,
         }
     labels = [(seed * 7 + i) % 1000 for i in range(max(1, config.batch // 2))]
-    return {"class_labels": labels, "num_inference_steps": num_inference_steps, "guidance_scale": 4.0,
-            "generator": generator, "output_type": "np"}
+    return {
+        "class_labels": labels,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": 4.0,
+        "generator": generator,
+        "output_type": "np",
+    }

@@ -35,6 +35,7 @@ from .timing import median
 BENCH_CONFIGS = {
     "cpu": {"flux": "flux-bench", "dit": "dit-bench"},
     "full": {"flux": "flux1-dev", "dit": "dit-xl-2"},
+    "tiny": {"flux": "flux-tiny-fulldepth", "dit": "dit-tiny-fulldepth"},  # overhead-bound: for tests only
 }
 
 
@@ -62,29 +63,31 @@ def bench_family(
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
 
     flops = profile_flops(config)
-    overhead = median([n / s for n, s in zip(per_round["reuse_nothing"], per_round["stock"])]) - 1.0
+    overhead = median([n / s for n, s in zip(per_round["reuse_nothing"], per_round["stock"], strict=True)]) - 1.0
     results = []
     for name, plan in plans.items():
-        measured = median([s / b for s, b in zip(per_round["stock"], per_round[name])])
+        measured = median([s / b for s, b in zip(per_round["stock"], per_round[name], strict=True)])
         ideal = ideal_speedup(plan, flops)
-        results.append({
-            "book": name,
-            "source": plan.provenance["source"]["file"],
-            "model_config": config.name,
-            "device": str(device),
-            "dtype": config.dtype,
-            "schedule": schedule,
-            "num_steps": steps,
-            "rounds": rounds,
-            "measured_speedup": measured,
-            "ideal_speedup": ideal,
-            "efficiency": measured / ideal,
-            "overhead": overhead,
-            "peak_cache_bytes": summaries[name].peak_cache_bytes,
-            "all_outputs_bytes": summaries[name].all_outputs_bytes,
-            "median_seconds": {v: median(per_round[v]) for v in ("stock", "reuse_nothing", name)},
-            "seconds_per_round": {v: per_round[v] for v in ("stock", "reuse_nothing", name)},
-        })
+        results.append(
+            {
+                "book": name,
+                "source": plan.provenance["source"]["file"],
+                "model_config": config.name,
+                "device": str(device),
+                "dtype": config.dtype,
+                "schedule": schedule,
+                "num_steps": steps,
+                "rounds": rounds,
+                "measured_speedup": measured,
+                "ideal_speedup": ideal,
+                "efficiency": measured / ideal,
+                "overhead": overhead,
+                "peak_cache_bytes": summaries[name].peak_cache_bytes,
+                "all_outputs_bytes": summaries[name].all_outputs_bytes,
+                "median_seconds": {v: median(per_round[v]) for v in ("stock", "reuse_nothing", name)},
+                "seconds_per_round": {v: per_round[v] for v in ("stock", "reuse_nothing", name)},
+            }
+        )
     return results
 
 

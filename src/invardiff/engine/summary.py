@@ -43,8 +43,9 @@ class BranchSummary:
             "module_counts": self.counts(),
             # One string per step, one character per layer: 'C' computed, 'R' reused, '-' not executed.
             "modules": {
-                block_list: {unit: ["".join("-CR"[v + 1] for v in row) for row in status]
-                             for unit, status in units.items()}
+                block_list: {
+                    unit: ["".join("-CR"[v + 1] for v in row) for row in status] for unit, status in units.items()
+                }
                 for block_list, units in self.unit_status.items()
             },
         }
@@ -84,6 +85,10 @@ def summarize(engine) -> EngineSummary:
             per_unit[unit.name][:, unit.layer] = state.unit_status[:, index]
         branches[name] = BranchSummary(name, state.step_status.copy(), unit_status)
     return EngineSummary(
-        engine.policy.describe(), engine.policy.num_steps, branches,
-        engine.cache_bytes, engine.peak_cache_bytes, engine.all_outputs_bytes,
+        engine.policy.describe(),
+        engine.policy.num_steps,
+        branches,
+        engine.cache_bytes,
+        engine.peak_cache_bytes,
+        engine.all_outputs_bytes,
     )

@@ -76,8 +76,8 @@ class FamilySpec:
     block_lists: tuple[BlockListSpec, ...]
     head_input: str
     timestep_scale: float
-    run_head: Callable[[torch.nn.Module, torch.Tensor, "TransformerCall"], Any]
-    input_signature: Callable[["TransformerCall"], tuple]
+    run_head: Callable[[torch.nn.Module, torch.Tensor, TransformerCall], Any]
+    input_signature: Callable[[TransformerCall], tuple]
 
     def block_list(self, attr: str) -> BlockListSpec:
         for block_list in self.block_lists:

@@ -1,0 +1,50 @@
+"""Write benchmark results as JSON plus a short markdown table."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .._version import __version__
+
+
+def write_results(results: list[dict], directory: Path, stem: str) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "invardiff": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    json_path = directory / f"{stem}.json"
+    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    md_path = directory / f"{stem}.md"
+    md_path.write_text(engine_table(results, meta))
+    return {"json": json_path, "markdown": md_path}
+
+
+def engine_table(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"Engine benchmark ({meta['date']}, torch {meta['torch']}, {meta['cuda_device'] or 'CPU'}, "
+        f"{meta['threads']} threads). Medians of per-round ratios; stock and reuse-nothing rows are per model.",
+        "",
+        "| book | model config | measured speedup | ideal speedup | efficiency | reuse-nothing overhead "
+        "| peak cache | all outputs of a step | stock s | book s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        seconds = r["median_seconds"]
+        lines.append(
+            f"| {r['book']} | {r['model_config']} ({r['dtype']}) | {r['measured_speedup']:.2f}x "
+            f"| {r['ideal_speedup']:.2f}x | {r['efficiency']:.3f} | {r['overhead']:+.2%} "
+            f"| {r['peak_cache_bytes'] / 2**20:.1f} MiB | {r['all_outputs_bytes'] / 2**20:.1f} MiB "
+            f"| {seconds['stock']:.2f} | {seconds[r['book']]:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""The ``invardiff`` command line.
+
+invardiff convert-official BOOK --family flux -o plan.json
+invardiff inspect plan.json --model-config flux1-dev [--json]
+invardiff plot plan.json -o plan.png
+invardiff bench-engine [--family flux dit] [--config cpu|full] [--device cpu|cuda] [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import __version__
+from ..plan import PlanError
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="invardiff", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"invardiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="reuse statistics of a plan, and its ideal speedup on a model config")
+    p.add_argument("plan")
+    p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(handler=commands.inspect_plan)
+
+    p = sub.add_parser("convert-official", help="convert an official InvarDiff cache book into a plan")
+    p.add_argument("book")
+    p.add_argument("--family", choices=["flux", "dit"], required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(handler=commands.convert_official)
+
+    p = sub.add_parser("plot", help="heatmaps of a plan's step gate and module reuse (PNG)")
+    p.add_argument("plan")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(handler=commands.plot)
+
+    p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")
+    p.add_argument("--family", nargs="+", choices=["flux", "dit"], default=["flux", "dit"])
+    p.add_argument("--books", nargs="+", help="official books by name, e.g. flux/fast dit/slow (default: all)")
+    p.add_argument(
+        "--config",
+        choices=["cpu", "full", "tiny"],
+        default="cpu",
+        help="cpu: real depth at hidden 256; full: FLUX.1-dev / DiT-XL/2 real configs (GPU); "
+        "tiny: real depth at hidden 32, overhead-bound, for tests",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up round")
+    p.add_argument(
+        "--schedule",
+        choices=["lockstep", "alternate"],
+        help="lockstep (default on CPU) or alternate (default on GPU); see invardiff.bench.engine",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON list")
+    p.set_defaults(handler=commands.bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (PlanError, ValueError, FileNotFoundError) as error:
+        print(f"invardiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def print_json(value) -> None:
+    print(json.dumps(value, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Shared helpers for the tests: tiny pipelines, hand-made plans, and an independent reference executor."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from invardiff import CachePlan, ModelFacts
+from invardiff.families import get_family
+from invardiff.model_configs import MODEL_CONFIGS
+from invardiff.toy_pipelines import build_pipeline, pipeline_call_kwargs
+
+
+def tiny_pipeline(family: str, seed: int = 0):
+    config = MODEL_CONFIGS[f"{family}-tiny"]
+    transformer = config.build_transformer(seed=seed)
+    return config, build_pipeline(config, transformer)
+
+
+def facts_for(transformer, family: str) -> ModelFacts:
+    return ModelFacts.for_family(family, get_family(family).num_layers(transformer))
+
+
+def plan_from_bits(facts: ModelFacts, step_cache: str, reuse: dict[str, dict[str, list[str]]] | None = None):
+    """Plan from readable strings; ``reuse[block_list][kind]`` lists rows, missing kinds reuse nothing."""
+    T = len(step_cache)
+    matrices = {}
+    for block in facts.block_lists:
+        matrices[block.name] = {}
+        for kind in block.module_kinds:
+            rows = (reuse or {}).get(block.name, {}).get(kind)
+            if rows is None:
+                matrices[block.name][kind] = np.zeros((T, block.num_layers), bool)
+            else:
+                matrices[block.name][kind] = np.array([[c == "1" for c in row] for row in rows])
+    return CachePlan(facts, T, np.array([c == "1" for c in step_cache]), matrices)
+
+
+def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
+    """Run a tiny pipeline; returns the final latents (Flux: packed; DiT: what the identity VAE decodes)."""
+    kwargs = {**pipeline_call_kwargs(config, steps, seed=seed), **overrides}
+    if config.family == "flux":
+        return pipe(**kwargs).images.clone()
+    captured = {}
+    original_decode = pipe.vae.decode
+
+    def recording_decode(latents, return_dict=True):
+        captured["latents"] = latents.clone()
+        return original_decode(latents, return_dict=return_dict)
+
+    pipe.vae.decode = recording_decode
+    try:
+        pipe(**kwargs)
+    finally:
+        del pipe.vae.decode
+    return captured["latents"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference executor: the plan semantics of SPEC.md A.4 written a second time, with plain torch forward hooks
+# and a replaced forward, sharing no code with the engine. Calls are assigned to (branch, step) by counting,
+# which the tests may do because they know the call pattern of the pipeline they run.
+# ---------------------------------------------------------------------------------------------------------------
+_UNIT_OUTPUT_MODULES = {  # per block list: (module whose output is cached, kinds ANDed)
+    "flux": {
+        "transformer_blocks": [("attn", ("attn", "context_attn")), ("ff", ("ff",)), ("ff_context", ("context_ff",))],
+        "single_transformer_blocks": [("attn", ("attn",)), ("act_mlp", ("mlp",))],
+    },
+    "dit": {"transformer_blocks": [("attn1", ("attn",)), ("ff", ("ff",))]},
+}
+
+
+class ReferenceExecutor:
+    def __init__(self, model, plan: CachePlan, family: str, branches_per_step: int = 1):
+        self.model, self.plan, self.family = model, plan, family
+        self.branches_per_step = branches_per_step
+        self.calls = 0
+        self.current = None  # (branch, step)
+        self.unit_cache = {}
+        self.hidden = {}
+        self.original_forward = model.forward
+        model.forward = self.forward
+        for block_list, units in _UNIT_OUTPUT_MODULES[family].items():
+            for layer, block in enumerate(getattr(model, block_list)):
+                for path, kinds in units:
+                    module = block.get_submodule(path)
+                    module.register_forward_hook(
+                        self._unit_hook(f"{block_list}.{layer}.{path}", block_list, layer, kinds)
+                    )
+        model.norm_out.register_forward_pre_hook(self._capture_hidden)
+
+    def _unit_hook(self, key, block_list, layer, kinds):
+        def hook(module, inputs, output):
+            branch, step = self.current
+            reuse = all(self.plan.module_reuse[block_list][kind][step, layer] for kind in kinds)
+            if reuse:
+                return self.unit_cache[(branch, key)]
+            self.unit_cache[(branch, key)] = output
+            return output
+
+        return hook
+
+    def _capture_hidden(self, module, inputs):
+        self.hidden[self.current[0]] = inputs[0]
+
+    def forward(self, *args, **kwargs):
+        branch = self.calls % self.branches_per_step
+        step = self.calls // self.branches_per_step
+        self.calls += 1
+        self.current = (branch, step)
+        if self.plan.step_cache[step]:
+            output = self._head(self.hidden[branch], kwargs)
+            return Transformer2DModelOutput(sample=output) if kwargs.get("return_dict", True) else (output,)
+        return self.original_forward(*args, **kwargs)
+
+    def _head(self, hidden, kwargs):
+        model = self.model
+        if self.family == "flux":
+            timestep = kwargs["timestep"].to(hidden.dtype) * 1000
+            guidance = kwargs["guidance"].to(hidden.dtype) * 1000
+            temb = model.time_text_embed(timestep, guidance, kwargs["pooled_projections"])
+            return model.proj_out(model.norm_out(hidden, temb))
+        embedding = model.transformer_blocks[0].norm1.emb(
+            kwargs["timestep"], kwargs["class_labels"], hidden_dtype=hidden.dtype
+        )
+        shift, scale = model.proj_out_1(F.silu(embedding)).chunk(2, dim=1)
+        x = model.proj_out_2(model.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
+        side, p, c = int(x.shape[1] ** 0.5), model.patch_size, model.out_channels
+        x = x.reshape(-1, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(-1, c, side * p, side * p)
+
+
+def reference_pipeline(config, transformer, plan, branches_per_step=1):
+    """A pipeline on a copy of ``transformer`` whose forward executes ``plan`` the reference way."""
+    clone = copy.deepcopy(transformer)
+    ReferenceExecutor(clone, plan, config.family, branches_per_step)
+    return build_pipeline(config, clone)
+
+
+def assert_close_reason(actual, expected):
+    # The engine and the reference run the same kernels in the same order; the tolerance only absorbs
+    # run-to-run differences of CPU kernels, not any difference in what is computed.
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

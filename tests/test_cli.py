@@ -1,0 +1,91 @@
+"""The command line: inspect prints SPEC.md A.7's fractions, JSON for scripts, conversion, plots, bench."""
+
+import json
+import re
+import struct
+
+import pytest
+
+from invardiff.cli.main import main
+from invardiff.official import bundled_books
+
+from test_official import EXPECTED
+
+
+def _convert(book, tmp_path, capsys):
+    out = tmp_path / (book.replace("/", "-") + ".json")
+    assert main(["convert-official", str(bundled_books()[book]), "--family", book.split("/")[0], "-o", str(out)]) == 0
+    capsys.readouterr()
+    return out
+
+
+@pytest.mark.parametrize("book", sorted(EXPECTED))
+def test_inspect_prints_the_spec_fractions(book, tmp_path, capsys):
+    plan = _convert(book, tmp_path, capsys)
+    assert main(["inspect", str(plan)]) == 0
+    text = capsys.readouterr().out
+    steps, fractions = EXPECTED[book]
+    assert f"step-cached: {len(steps)} {steps}" in text
+    for key, percent in fractions.items():
+        if book.startswith("dit"):
+            key = key.split(".")[1]  # a single block list: kinds are not prefixed
+        assert re.search(rf"^{re.escape(key)}\s+{percent:.1f}%", text, re.M), (key, text)
+
+
+def test_inspect_json_with_model_config(tmp_path, capsys):
+    plan = _convert("flux/fast", tmp_path, capsys)
+    assert main(["inspect", str(plan), "--json", "--model-config", "flux1-dev"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_steps"] == 28 and data["steps_reused"] == 17
+    assert round(100 * data["modules"]["transformer_blocks.context_ff"]["reuse_fraction"], 1) == 72.0
+    assert round(100 * data["modules"]["transformer_blocks.attn"]["reuse_fraction_outside_step_cache"], 1) == 36.4
+    assert 3.50 < data["ideal_speedup"] < 3.56
+
+
+def test_inspect_rejects_a_corrupt_plan(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert main(["inspect", str(bad)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tmp_path, capsys):
+    plan = _convert("dit/fast", tmp_path, capsys)
+    png = tmp_path / "plan.png"
+    assert main(["plot", str(plan), "-o", str(png)]) == 0
+    header = png.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", header[16:24])
+    assert width >= 800 and height >= 300
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["lockstep", "alternate"])
+def test_bench_engine_json_on_the_tiny_full_depth_models(schedule, tmp_path, capsys):
+    code = main(
+        [
+            "bench-engine",
+            "--config",
+            "tiny",
+            "--family",
+            "flux",
+            "--books",
+            "flux/fast",
+            "--rounds",
+            "1",
+            "--schedule",
+            schedule,
+            "--out",
+            str(tmp_path),
+            "--json",
+        ]
+    )
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["book"] for r in results] == ["flux/fast"]
+    result = results[0]
+    assert set(result) >= {"book", "measured_speedup", "ideal_speedup", "efficiency", "overhead", "peak_cache_bytes"}
+    assert result["efficiency"] == pytest.approx(result["measured_speedup"] / result["ideal_speedup"])
+    assert result["measured_speedup"] > 1.5  # 17 of 28 steps skip the whole block stack
+    assert 0 < result["peak_cache_bytes"] <= result["all_outputs_bytes"]
+    assert (tmp_path / "bench-engine-tiny-cpu.md").read_text().count("flux/fast") == 1

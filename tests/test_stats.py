@@ -1,0 +1,73 @@
+"""FLOP profiles and ideal speedups on hand-checkable numbers."""
+
+import numpy as np
+import pytest
+
+from invardiff import CachePlan, ModelFacts, ideal_speedup
+from invardiff.flops import FlopProfile, profile_flops
+from invardiff.model_configs import MODEL_CONFIGS
+from invardiff.official import bundled_books, convert_official_book
+
+from helpers import plan_from_bits
+
+
+def test_ideal_speedup_on_a_hand_made_profile():
+    facts = ModelFacts.for_family("dit", {"transformer_blocks": 2})
+    profile = FlopProfile(
+        "hand",
+        "dit",
+        {"transformer_blocks": 2},
+        full_step=100.0,
+        step_cached=4.0,
+        units={"transformer_blocks": {"attn": np.array([10.0, 10.0]), "ff": np.array([30.0, 30.0])}},
+    )
+    # Steps: 0 full (100), 1 step-cached (4), 2 reuses attn in both layers and ff in layer 1 (100 - 20 - 30 = 50),
+    # 3 full (100): 254 FLOPs against 4 x 100.
+    plan = plan_from_bits(
+        facts, "0100", {"transformer_blocks": {"attn": ["00", "11", "11", "00"], "ff": ["00", "11", "01", "00"]}}
+    )
+    assert ideal_speedup(plan, profile) == pytest.approx(400 / 254, rel=1e-12)
+
+
+def test_dit_unit_flops_match_the_matmul_count():
+    profile = profile_flops(MODEL_CONFIGS["dit-tiny"])
+    # dit-tiny: D = 32, 16 tokens (8x8 latent, patch 2), batch 2. FeedForward: D -> 4D -> D, 2 FLOPs per MAC.
+    tokens, D = 2 * 16, 32
+    assert profile.units["transformer_blocks"]["ff"].tolist() == [2 * tokens * (D * 4 * D) * 2] * 2
+    # Attention: q, k, v, out projections (4 D^2 per token) plus scores and values (2 N^2 D per sample).
+    attention = 2 * tokens * 4 * D * D + 2 * (2 * 2 * 16 * 16 * D)
+    assert profile.units["transformer_blocks"]["attn"].tolist() == [attention] * 2
+    assert profile.step_cached < profile.full_step
+
+
+def test_flux_single_block_proj_out_is_always_paid():
+    profile = profile_flops(MODEL_CONFIGS["flux-tiny"])
+    facts = ModelFacts.for_family("flux", {"transformer_blocks": 2, "single_transformer_blocks": 4})
+    everything = {
+        b.name: {k: ["0" * b.num_layers] + ["1" * b.num_layers] for k in b.module_kinds} for b in facts.block_lists
+    }
+    plan = plan_from_bits(facts, "00", everything)
+    saved = sum(v.sum() for units in profile.units.values() for v in units.values())
+    assert ideal_speedup(plan, profile) == pytest.approx(2 * profile.full_step / (2 * profile.full_step - saved))
+    # Reusing every unit still pays embeddings, modulation, proj_out of single blocks and the head.
+    assert profile.full_step - saved > 0.05 * profile.full_step
+
+
+@pytest.mark.parametrize(
+    "book,low,high",
+    [("flux/fast", 3.50, 3.56), ("flux/slow", 2.50, 2.56), ("dit/fast", 2.93, 2.99), ("dit/slow", 2.60, 2.65)],
+)
+def test_official_ideal_speedups_on_the_real_configs(book, low, high):
+    # SPEC.md A.7 estimates 3.54 / 2.53 / 2.96 / 2.63 from block FLOPs alone; ours also counts embeddings and head.
+    family = book.split("/")[0]
+    plan = convert_official_book(bundled_books()[book], family)
+    profile = profile_flops(MODEL_CONFIGS["flux1-dev" if family == "flux" else "dit-xl-2"])
+    assert low < ideal_speedup(plan, profile) < high
+
+
+def test_profile_rejects_a_plan_of_another_depth():
+    from invardiff import PlanError
+
+    plan = CachePlan.reuse_nothing(ModelFacts.for_family("dit", {"transformer_blocks": 3}), 4)
+    with pytest.raises(PlanError, match="expects 3 blocks"):
+        ideal_speedup(plan, profile_flops(MODEL_CONFIGS["dit-tiny"]))
