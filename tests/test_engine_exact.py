@@ -182,3 +182,23 @@ def test_peak_cache_bytes_follow_the_plan(family):
     assert peaks["nothing"] == 0
     assert peaks["step"] == hidden_bytes
     assert hidden_bytes < peaks["modules"] < all_outputs
+
+
+def test_meta_device_memory_equals_a_real_run():
+    from invardiff.bench.loop import Trajectory
+    from invardiff.memory import cache_memory
+    from invardiff.model_configs import MODEL_CONFIGS
+
+    config = MODEL_CONFIGS["flux-tiny"]
+    transformer = config.build_transformer()
+    plan = plan_from_bits(facts_for(transformer, "flux"), STEP_ONLY, FLUX_MODULES)
+    invardiff.enable(transformer, plan)
+    trajectory = Trajectory(transformer, config, T, torch.device("cpu"))
+    for step in range(T):
+        trajectory.step(step)
+    real = invardiff.summary(transformer)
+    assert cache_memory(plan, config) == {
+        "peak_cache_bytes": real.peak_cache_bytes,
+        "all_outputs_bytes": real.all_outputs_bytes,
+    }
+    assert 0 < real.peak_cache_bytes < real.all_outputs_bytes

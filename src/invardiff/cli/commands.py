@@ -13,16 +13,23 @@ from ..plan import CachePlan
 
 
 def inspect_plan(args) -> int:
+    from ..stats import plan_summary
+
     plan = CachePlan.load(args.plan)
-    flops = None
+    flops = config = None
+    if args.memory and not args.model_config:
+        raise ValueError("--memory needs --model-config (the shapes the memory depends on).")
     if args.model_config:
         from ..flops import profile_flops
         from ..model_configs import get_model_config
 
-        flops = profile_flops(get_model_config(args.model_config))
-    from ..stats import plan_summary
-
+        config = get_model_config(args.model_config)
+        flops = profile_flops(config)
     summary = plan_summary(plan, flops)
+    if args.memory:
+        from ..memory import cache_memory
+
+        summary.update(cache_memory(plan, config))
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -42,6 +49,11 @@ def inspect_plan(args) -> int:
         print(
             f"ideal speedup on {summary['model_config']}: {summary['ideal_speedup']:.3f}x "
             f"(FLOPs executed: {summary['compute_fraction']:.1%} of full compute)"
+        )
+    if args.memory:
+        print(
+            f"peak cache memory: {summary['peak_cache_bytes'] / 2**30:.3f} GiB (keeping every unit output and H "
+            f"of a step: {summary['all_outputs_bytes'] / 2**30:.3f} GiB)"
         )
     return 0
 

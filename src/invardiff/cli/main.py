@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="reuse statistics of a plan, and its ideal speedup on a model config")
     p.add_argument("plan")
     p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --model-config: peak cache memory of a run (engine on the meta device, no compute)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=commands.inspect_plan)
 
