@@ -123,14 +123,7 @@ class CachePlan:
             "format": PLAN_FORMAT,
             "format_version": PLAN_FORMAT_VERSION,
             "written_by": dict(self.written_by),
-            "model": {
-                "family": self.model.family,
-                "class": self.model.model_class,
-                "block_lists": [
-                    {"name": b.name, "num_layers": b.num_layers, "module_kinds": list(b.module_kinds)}
-                    for b in self.model.block_lists
-                ],
-            },
+            "model": self.model.to_dict(),
             "num_inference_steps": self.num_inference_steps,
             "scheduler": self.scheduler,
             "provenance": copy.deepcopy(self.provenance),

@@ -6,6 +6,8 @@ when asked for ``output_type="latent"`` (Flux) or decode trivially (DiT).
 
 from __future__ import annotations
 
+import string
+
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -33,17 +35,13 @@ def dit_scheduler() -> DDIMScheduler:
     return DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False)
 
 
-def build_pipeline(config: ModelConfig, transformer: torch.nn.Module):
+def build_pipeline(config: ModelConfig, transformer: torch.nn.Module, text_encoders: bool = False):
+    """A stock pipeline around ``transformer``; Flux with ``text_encoders`` gets tiny random CLIP and T5 encoders
+    with character-level tokenizers built in code, so that ``pipe(prompt=...)`` works offline."""
     if config.family == "flux":
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=None,
-            text_encoder=None,
-            tokenizer=None,
-            text_encoder_2=None,
-            tokenizer_2=None,
-            transformer=transformer,
-        )
+        names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        encoders = _tiny_text_encoders(config) if text_encoders else dict.fromkeys(names)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=transformer, **encoders)
     else:
         pipe = DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=dit_scheduler())
     pipe.set_progress_bar_config(disable=True)
@@ -76,3 +74,33 @@ def pipeline_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: in
         "generator": generator,
         "output_type": "np",
     }
+
+
+_CHARACTERS = list(string.ascii_lowercase + string.digits + " .,!?'-")
+
+
+def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in _CHARACTERS:
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(char + "</w>", len(vocab))
+    clip_tokenizer = CLIPTokenizer(
+        vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77,
+    )
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(char, -1.0) for char in _CHARACTERS] + [("\u2581" + char, -1.0) for char in _CHARACTERS]
+    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    kw = config.transformer_kwargs
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=kw["pooled_projection_dim"], intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(pieces), d_model=kw["joint_attention_dim"], d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+    ))
+    return {"text_encoder": clip.eval(), "tokenizer": clip_tokenizer, "text_encoder_2": t5.eval(),
+            "tokenizer_2": t5_tokenizer}

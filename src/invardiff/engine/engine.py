@@ -43,6 +43,7 @@ class CacheEngine:
         self.active: BranchState | None = None
         self.explicit_context = None  # set by invardiff.cache_context
         self.diffusers_context = None  # callable returning diffusers' current CacheContext (or None)
+        self.observer = None  # calibration: sees every computed unit output and every pre-head hidden state
         self._schedule = None
         self._schedule_values: np.ndarray | None = None
         self.cache_bytes = 0

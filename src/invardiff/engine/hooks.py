@@ -86,6 +86,8 @@ class HeadInputHook(ModelHook):
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
             if state.step == 0:
                 engine.note_step0_output(hidden)
+            if engine.observer is not None:
+                engine.observer.on_hidden(state, hidden)
             engine.store_hidden(state, hidden if engine.policy.keep_hidden_after[state.step] else None)
         return args, kwargs
 
@@ -143,4 +145,6 @@ class PassthroughHook(ModelHook):
 def _store_computed(engine, state, unit: int, output, keep: bool) -> None:
     if state.step == 0:
         engine.note_step0_output(output)
+    if engine.observer is not None:
+        engine.observer.on_unit(state, unit, output)
     engine.store_unit(state, unit, output if keep else None)

@@ -42,7 +42,7 @@ FLUX = register_family(
                 attr="transformer_blocks",
                 module_kinds=("attn", "context_attn", "ff", "context_ff"),
                 units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn"),
+                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
                     ReuseUnit("ff", ("ff",), "ff"),
                     ReuseUnit("context_ff", ("context_ff",), "ff_context"),
                 ),

@@ -26,12 +26,22 @@ class ReuseUnit:
         module: path of the submodule, relative to the block, whose output is the branch output before gating.
         passthrough: path of a submodule applied right after ``module`` whose output is what is cached (Flux single
             blocks cache ``act_mlp(proj_mlp(x))``); on reuse it passes the cached tensor through untouched.
+        kind_outputs: for each kind, the index of its feature in the unit's output tuple, or ``None`` for the whole
+            output (Flux joint attention returns ``(image, text)``: ``attn`` is index 0, ``context_attn`` 1).
+            Calibration measures each kind on its own feature.
     """
 
     name: str
     kinds: tuple[str, ...]
     module: str
     passthrough: str | None = None
+    kind_outputs: tuple[int | None, ...] | None = None
+
+    def kind_features(self, output) -> dict[str, "torch.Tensor"]:
+        """The feature of each kind in this unit's output."""
+        if self.kind_outputs is None:
+            return dict.fromkeys(self.kinds, output)
+        return {kind: output if i is None else output[i] for kind, i in zip(self.kinds, self.kind_outputs, strict=True)}
 
     @property
     def submodules(self) -> tuple[str, ...]:

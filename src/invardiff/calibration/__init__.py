@@ -1,0 +1,7 @@
+"""InvarDiff calibration: measure change rates with full compute, then build a cache plan (SPEC.md A.2-A.3)."""
+
+from .build import final_books, interplay, provisional_books, quantile_threshold, warmup_steps
+from .rates import CalibrationRates
+from .recorder import CalibrationError, RateRecorder
+from .run import calibrate
+from .thresholds import FAMILY_CALIBRATION, PRESETS, FamilyCalibration, InvarDiffThresholds, parse_thresholds, preset
