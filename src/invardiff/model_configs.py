@@ -157,6 +157,14 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
             description="FLUX depth at hidden 32 (fast CLI tests)",
         ),
         ModelConfig(
+            "flux-calib-1024",
+            "flux",
+            _flux(4, 8, 4, 64, (16, 24, 24), 256, 256),
+            image_tokens=1024,
+            text_tokens=64,
+            description="hidden 256, 4+8 blocks, 1024 image tokens (512x512 px): calibration memory benchmark",
+        ),
+        ModelConfig(
             "dit-xl-2",
             "dit",
             _dit(28, 16, 72, 32),

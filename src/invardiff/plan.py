@@ -65,6 +65,21 @@ class ModelFacts:
         lists = tuple(BlockListFacts(b.attr, num_layers[b.attr], b.module_kinds) for b in spec.block_lists)
         return cls(family, spec.transformer_class.__name__, lists)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "class": self.model_class,
+            "block_lists": [
+                {"name": b.name, "num_layers": b.num_layers, "module_kinds": list(b.module_kinds)}
+                for b in self.block_lists
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelFacts:
+        """Validate and rebuild; raises :class:`PlanError` naming the problem."""
+        return _model_from_dict(data)
+
 
 @dataclass
 class CachePlan:

@@ -65,3 +65,49 @@ def _default_title(plan: CachePlan) -> str:
         f"{plan.model.model_class}, {plan.num_inference_steps} steps: {source}\n"
         f"light: compute, dark: reuse, grey: step-cached (nothing executes)"
     )
+
+
+def plot_rates(rates, path: str | Path, thresholds=None) -> None:
+    """Write a PNG: the run-averaged step-rate curve (first pass and corrected) with the step threshold, then one
+    (layers x steps) heatmap of corrected rates per module kind, with the reused cells of the plan marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .calibration.build import module_level, quantile_threshold
+
+    thresholds = thresholds or rates.thresholds
+    plan = rates.build_plan(thresholds, correction="stored")
+    first_step, _ = rates.mean("first")
+    corrected_step, corrected_modules = rates.mean("corrected")
+    kinds = list(corrected_modules)
+    figure, axes = plt.subplots(1 + len(kinds), 1, figsize=(10, 2.6 + 1.9 * len(kinds)), squeeze=False)
+    axis = axes[0, 0]
+    steps = np.arange(rates.num_steps)
+    axis.plot(steps, first_step, "o-", ms=3, label="first pass")
+    step_rates = corrected_step if rates.family_options.correct_step else first_step
+    if rates.family_options.correct_step:
+        axis.plot(steps, corrected_step, "s-", ms=3, label="corrected")
+    threshold = quantile_threshold(step_rates, thresholds.step)
+    axis.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold (quantile {thresholds.step})")
+    cached = np.flatnonzero(plan.step_cache)
+    axis.plot(cached, step_rates[cached], "x", color="crimson", label="step-cached")
+    axis.set_title(f"step rate |H[t+1]-H[t]| / |H[t]-H[t-1]|, {rates.num_runs} runs", fontsize=9, loc="left")
+    axis.legend(fontsize=7, ncol=4)
+    for axis, kind in zip(axes[1:, 0], kinds, strict=True):
+        matrix = corrected_modules[kind].T  # (L, T)
+        image = axis.imshow(np.log2(matrix), aspect="auto", cmap="viridis", interpolation="nearest")
+        block_list, name = kind.split(".", 1)
+        reused = plan.module_reuse[block_list][name] & ~plan.step_cache[:, None]
+        layers, times = np.nonzero(reused.T)
+        axis.plot(times, layers, "s", ms=2.5, mfc="none", mec="crimson")
+        level = module_level(thresholds, rates.family_options, kind)
+        axis.set_title(f"{kind}: log2 corrected rate; squares = reused (quantile {level})", fontsize=9, loc="left")
+        axis.set_ylabel("layer")
+        axis.set_yticks(range(0, matrix.shape[0], max(1, matrix.shape[0] // 8)))
+        figure.colorbar(image, ax=axis, fraction=0.02)
+    axes[-1, 0].set_xlabel("step index j (0 = noisiest)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -87,20 +87,45 @@ def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
         vocab.setdefault(char, len(vocab))
         vocab.setdefault(char + "</w>", len(vocab))
     clip_tokenizer = CLIPTokenizer(
-        vocab=vocab, merges=[], unk_token="<|endoftext|>", bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77,
+        vocab=vocab,
+        merges=[],
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
     )
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [(char, -1.0) for char in _CHARACTERS] + [("\u2581" + char, -1.0) for char in _CHARACTERS]
     t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
     kw = config.transformer_kwargs
     torch.manual_seed(seed)
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=kw["pooled_projection_dim"], intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(pieces), d_model=kw["joint_attention_dim"], d_ff=64, d_kv=16, num_layers=2, num_heads=2,
-    ))
-    return {"text_encoder": clip.eval(), "tokenizer": clip_tokenizer, "text_encoder_2": t5.eval(),
-            "tokenizer_2": t5_tokenizer}
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=kw["pooled_projection_dim"],
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(pieces),
+            d_model=kw["joint_attention_dim"],
+            d_ff=64,
+            d_kv=16,
+            num_layers=2,
+            num_heads=2,
+        )
+    )
+    return {
+        "text_encoder": clip.eval(),
+        "tokenizer": clip_tokenizer,
+        "text_encoder_2": t5.eval(),
+        "tokenizer_2": t5_tokenizer,
+    }

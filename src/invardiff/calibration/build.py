@@ -62,7 +62,9 @@ def module_level(thresholds: InvarDiffThresholds, family: FamilyCalibration, kin
 
 
 def provisional_books(
-    step_rates: np.ndarray, module_rates: dict[str, np.ndarray], thresholds: InvarDiffThresholds,
+    step_rates: np.ndarray,
+    module_rates: dict[str, np.ndarray],
+    thresholds: InvarDiffThresholds,
     family: FamilyCalibration,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The first-pass booleans (SPEC.md A.3 step 3) that drive the second pass's frozen references."""
@@ -80,8 +82,11 @@ def provisional_books(
 
 
 def final_books(
-    first_step_rates: np.ndarray, corrected_step_rates: np.ndarray, corrected_module_rates: dict[str, np.ndarray],
-    thresholds: InvarDiffThresholds, family: FamilyCalibration,
+    first_step_rates: np.ndarray,
+    corrected_step_rates: np.ndarray,
+    corrected_module_rates: dict[str, np.ndarray],
+    thresholds: InvarDiffThresholds,
+    family: FamilyCalibration,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Final booleans (SPEC.md A.3 steps 5-6) from the corrected rates."""
     T = len(first_step_rates)

@@ -111,15 +111,18 @@ class CalibrationRates:
             "epsilon": self.epsilon,
             "provenance": self.provenance,
         }
-        arrays = {"header": np.array(json.dumps(header)), "first/step": self.first_step,
-                  "corrected/step": self.corrected_step}
+        arrays = {
+            "header": np.array(json.dumps(header)),
+            "first/step": self.first_step,
+            "corrected/step": self.corrected_step,
+        }
         arrays.update({f"first/{k}": v for k, v in self.first_modules.items()})
         arrays.update({f"corrected/{k}": v for k, v in self.corrected_modules.items()})
         with open(path, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CalibrationRates":
+    def load(cls, path: str | Path) -> CalibrationRates:
         try:
             archive = np.load(path, allow_pickle=False)
             header = json.loads(str(archive["header"]))
@@ -133,13 +136,17 @@ class CalibrationRates:
         model = ModelFacts.from_dict(header["model"])
         arrays = {name: archive[name] for name in archive.files if name != "header"}
         rates = cls(
-            model=model, num_steps=header["num_steps"],
+            model=model,
+            num_steps=header["num_steps"],
             thresholds=InvarDiffThresholds.from_dict(header["thresholds"]),
             family_options=FamilyCalibration(**header["family_options"]),
-            first_step=arrays.pop("first/step"), corrected_step=arrays.pop("corrected/step"),
+            first_step=arrays.pop("first/step"),
+            corrected_step=arrays.pop("corrected/step"),
             first_modules={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("first/")},
             corrected_modules={k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("corrected/")},
-            scheduler=header["scheduler"], epsilon=header["epsilon"], provenance=header["provenance"],
+            scheduler=header["scheduler"],
+            epsilon=header["epsilon"],
+            provenance=header["provenance"],
         )
         rates.validate()
         return rates
@@ -147,8 +154,10 @@ class CalibrationRates:
     def validate(self) -> None:
         N, T = self.first_step.shape
         if T != self.num_steps or self.corrected_step.shape != (N, T):
-            raise PlanError(f"Rates: step arrays must be (runs, {self.num_steps}), got {self.first_step.shape} and "
-                            f"{self.corrected_step.shape}.")
+            raise PlanError(
+                f"Rates: step arrays must be (runs, {self.num_steps}), got {self.first_step.shape} and "
+                f"{self.corrected_step.shape}."
+            )
         expected = {f"{b.name}.{k}": b.num_layers for b in self.model.block_lists for k in b.module_kinds}
         for name, modules in [("first", self.first_modules), ("corrected", self.corrected_modules)]:
             if sorted(modules) != sorted(expected):
@@ -160,4 +169,3 @@ class CalibrationRates:
 
 def _same_books(a, b) -> bool:
     return np.array_equal(a[0], b[0]) and all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
-

@@ -55,7 +55,11 @@ def calibrate(
     options = family_options or FAMILY_CALIBRATION[family.name]
     samples = _samples(family.name, prompts, class_labels, seeds)
     facts = ModelFacts.for_family(family.name, family.num_layers(transformer))
-    call_kwargs = {"num_inference_steps": num_inference_steps, **_default_kwargs(family.name), **(pipeline_kwargs or {})}
+    call_kwargs = {
+        "num_inference_steps": num_inference_steps,
+        **_default_kwargs(family.name),
+        **(pipeline_kwargs or {}),
+    }
 
     def run_pass(name: str, provisional=None) -> RateRecorder:
         api.enable(pipe, CachePlan.reuse_nothing(facts, num_inference_steps))
@@ -73,8 +77,9 @@ def calibrate(
         return recorder
 
     first_step, first_modules = run_pass("pass 1 (full compute)").rates()
-    stub = CalibrationRates(facts, num_inference_steps, thresholds, options, first_step, first_modules,
-                            first_step, first_modules)
+    stub = CalibrationRates(
+        facts, num_inference_steps, thresholds, options, first_step, first_modules, first_step, first_modules
+    )
     provisional_step, provisional_modules = stub.provisional()
     # Streams absent from `frozen` never freeze: FLUX does not correct its step stream.
     frozen = {"step": provisional_step} if options.correct_step else {}
@@ -82,8 +87,16 @@ def calibrate(
         frozen.update({(kind, layer): bits[:, layer] for layer in range(bits.shape[1])})
     corrected_step, corrected_modules = run_pass("pass 2 (resampling correction)", frozen).rates()
     rates = CalibrationRates(
-        facts, num_inference_steps, thresholds, options, first_step, first_modules, corrected_step,
-        corrected_modules, scheduler=type(pipe.scheduler).__name__, epsilon=epsilon,
+        facts,
+        num_inference_steps,
+        thresholds,
+        options,
+        first_step,
+        first_modules,
+        corrected_step,
+        corrected_modules,
+        scheduler=type(pipe.scheduler).__name__,
+        epsilon=epsilon,
         provenance=_provenance(pipe, samples, seeds, call_kwargs),
     )
     return rates.build_plan(), rates

@@ -33,7 +33,7 @@ class InvarDiffThresholds:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "InvarDiffThresholds":
+    def from_dict(cls, data: dict) -> InvarDiffThresholds:
         return cls(data["nonskip_rate"], data["step"], dict(data["modules"]))
 
 
@@ -72,10 +72,17 @@ FAMILY_CALIBRATION = {
 
 
 def _flux(nonskip, step, attn, ff, context_ff, single_attn, single_mlp):
-    return InvarDiffThresholds(nonskip, step, {
-        "transformer_blocks.attn": attn, "transformer_blocks.ff": ff, "transformer_blocks.context_ff": context_ff,
-        "single_transformer_blocks.attn": single_attn, "single_transformer_blocks.mlp": single_mlp,
-    })
+    return InvarDiffThresholds(
+        nonskip,
+        step,
+        {
+            "transformer_blocks.attn": attn,
+            "transformer_blocks.ff": ff,
+            "transformer_blocks.context_ff": context_ff,
+            "single_transformer_blocks.attn": single_attn,
+            "single_transformer_blocks.mlp": single_mlp,
+        },
+    )
 
 
 def _dit(nonskip, step, attn, ff):

@@ -69,11 +69,109 @@ def convert_official(args) -> int:
 
 
 def plot(args) -> int:
-    from ..plot import plot_plan
+    from ..plot import plot_plan, plot_rates
 
-    plot_plan(CachePlan.load(args.plan), args.output)
+    if Path(args.plan).suffix == ".npz":
+        from ..calibration import CalibrationRates
+
+        plot_rates(CalibrationRates.load(args.plan), args.output)
+    else:
+        plot_plan(CachePlan.load(args.plan), args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def calibrate(args) -> int:
+    from ..calibration import calibrate as run_calibration
+
+    pipe, family = _load_pipeline(args)
+    thresholds = _thresholds(args, family)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        inputs = {"prompts": prompts}
+    else:
+        inputs = {"class_labels": [int(c) for c in args.classes.split(",")]}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = {
+        "height": args.height,
+        "width": args.width,
+        "guidance_scale": args.guidance_scale,
+        "max_sequence_length": args.max_sequence_length,
+    }
+    extra = {k: v for k, v in extra.items() if v is not None}
+    bars = {}
+
+    def progress(name, done, total):
+        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, desc=name))
+        bar.update(1)
+        if done == total:
+            bar.close()
+
+    plan, rates = run_calibration(
+        pipe,
+        num_inference_steps=args.steps,
+        thresholds=thresholds,
+        seeds=seeds,
+        batch_size=args.batch_size,
+        pipeline_kwargs=extra,
+        progress=progress,
+        **inputs,
+    )
+    plan.save(args.output)
+    rates_path = rates_path_for(args.output)
+    rates.save(rates_path)
+    print(
+        f"wrote {args.output} ({int(plan.step_cache.sum())}/{plan.num_inference_steps} steps step-cached) "
+        f"and {rates_path} ({rates.num_runs} runs)"
+    )
+    return 0
+
+
+def build_plan(args) -> int:
+    from ..calibration import CalibrationRates
+
+    rates = CalibrationRates.load(args.rates)
+    thresholds = _thresholds(args, rates.model.family) if (args.preset or args.thresholds) else None
+    plan = rates.build_plan(thresholds, correction=args.correction)
+    plan.save(args.output)
+    print(
+        f"wrote {args.output} ({int(plan.step_cache.sum())}/{plan.num_inference_steps} steps step-cached, "
+        f"correction: {plan.provenance['correction']})"
+    )
+    return 0
+
+
+def rates_path_for(plan_path: str) -> Path:
+    path = Path(plan_path)
+    return path.with_name(path.stem + ".rates.npz")
+
+
+def _thresholds(args, family: str):
+    from ..calibration import parse_thresholds, preset
+
+    if args.thresholds:
+        return parse_thresholds(args.thresholds, family)
+    if args.preset:
+        return preset(family, args.preset)
+    raise ValueError("Give --preset NAME or --thresholds ... (see invardiff calibrate --help).")
+
+
+def _load_pipeline(args):
+    from ..families import resolve_family
+
+    if args.model_config:
+        from ..model_configs import get_model_config
+        from ..toy_pipelines import build_pipeline
+
+        config = get_model_config(args.model_config)
+        pipe = build_pipeline(config, config.build_transformer(args.device), text_encoders=True)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, resolve_family(pipe.transformer).name
 
 
 def bench_engine(args) -> int:

@@ -39,10 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(handler=commands.convert_official)
 
-    p = sub.add_parser("plot", help="heatmaps of a plan's step gate and module reuse (PNG)")
-    p.add_argument("plan")
+    p = sub.add_parser("plot", help="heatmaps of a plan (.json) or of calibration rates (.npz), as PNG")
+    p.add_argument("plan", help="a plan file, or a rates file written by calibrate")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(handler=commands.plot)
+
+    p = sub.add_parser("calibrate", help="InvarDiff calibration: two full-compute passes, then a plan")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pipeline", help="a local diffusers pipeline directory (FluxPipeline or DiTPipeline)")
+    source.add_argument("--model-config", help="a random-weight toy pipeline: flux-tiny, dit-tiny, flux-bench, ...")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompts", help="text file, one prompt per line (Flux)")
+    inputs.add_argument("--classes", help="comma-separated class ids (DiT), e.g. 207,360,387")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds; every input runs with every seed")
+    p.add_argument("--steps", type=int, required=True, help="num_inference_steps of the plan")
+    _add_threshold_args(p)
+    p.add_argument("--height", type=int, help="Flux image height in pixels")
+    p.add_argument("--width", type=int, help="Flux image width in pixels")
+    p.add_argument("--guidance-scale", type=float, help="default: Flux 3.5 (distilled), DiT 1.0 (no CFG, official)")
+    p.add_argument("--max-sequence-length", type=int, help="Flux T5 tokens (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration runs per pipeline call")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-o", "--output", required=True, help="plan path; the rates go beside it (.rates.npz)")
+    p.set_defaults(handler=commands.calibrate)
+
+    p = sub.add_parser("build-plan", help="rebuild a plan from a rates file without the model")
+    p.add_argument("rates")
+    _add_threshold_args(p)
+    p.add_argument(
+        "--correction",
+        choices=["exact", "stored", "none"],
+        default="exact",
+        help="exact: only at thresholds whose provisional plan was measured; stored: reuse the stored "
+        "corrected rates (approximate); none: first pass only",
+    )
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(handler=commands.build_plan)
 
     p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")
     p.add_argument("--family", nargs="+", choices=["flux", "dit"], default=["flux", "dit"])
@@ -66,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as one JSON list")
     p.set_defaults(handler=commands.bench_engine)
     return parser
+
+
+def _add_threshold_args(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", help="official preset: flux fast, medium-1, medium-2, slow; dit fast, slow")
+    group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,11 +37,13 @@ class ReuseUnit:
     passthrough: str | None = None
     kind_outputs: tuple[int | None, ...] | None = None
 
-    def kind_features(self, output) -> dict[str, "torch.Tensor"]:
+    def kind_features(self, output) -> dict[str, torch.Tensor]:
         """The feature of each kind in this unit's output."""
         if self.kind_outputs is None:
             return dict.fromkeys(self.kinds, output)
-        return {kind: output if i is None else output[i] for kind, i in zip(self.kinds, self.kind_outputs, strict=True)}
+        return {
+            kind: output if i is None else output[i] for kind, i in zip(self.kinds, self.kind_outputs, strict=True)
+        }
 
     @property
     def submodules(self) -> tuple[str, ...]:
