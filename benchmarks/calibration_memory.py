@@ -1,0 +1,103 @@
+"""Peak memory of a calibration on a Flux config with 1024 image tokens, at T and 2T steps.
+
+Each calibration runs in a fresh process that reports its own peak RSS, so the two figures are comparable.
+Calibration keeps two float32 features per stream and samples x steps x layers rates, so memory must not grow
+with the number of steps beyond the (tiny) rate arrays.
+
+    python benchmarks/calibration_memory.py --steps 10 --out benchmarks/results
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+CONFIG = "flux-calib-1024"
+PROMPTS = ["a red cat on a sofa", "blue sky over a small house", "a green tree in a field"]
+
+
+def child(steps: int) -> None:
+    import torch
+
+    from invardiff.calibration import calibrate
+    from invardiff.model_configs import MODEL_CONFIGS
+    from invardiff.toy_pipelines import build_pipeline
+
+    torch.set_num_threads(2)
+    config = MODEL_CONFIGS[CONFIG]
+    pipe = build_pipeline(config, config.build_transformer(), text_encoders=True)
+    pipe.set_progress_bar_config(disable=True)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    plan, rates = calibrate(
+        pipe,
+        num_inference_steps=steps,
+        thresholds="fast",
+        prompts=PROMPTS,
+        seeds=[42],
+        pipeline_kwargs={"height": 512, "width": 512, "max_sequence_length": 64},
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "steps": steps,
+                "peak_rss_mib": peak / 1024,
+                "rss_before_calibration_mib": baseline / 1024,
+                "seconds": seconds,
+                "runs": rates.num_runs,
+            }
+        )
+    )
+
+
+def main(args) -> None:
+    results = []
+    for steps in (args.steps, 2 * args.steps):
+        output = subprocess.run(
+            [sys.executable, __file__, "--child", str(steps)], check=True, capture_output=True, text=True
+        ).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    small, large = results
+    growth = large["peak_rss_mib"] / small["peak_rss_mib"] - 1
+    calibration_growth = (large["peak_rss_mib"] - large["rss_before_calibration_mib"]) / max(
+        1e-9, small["peak_rss_mib"] - small["rss_before_calibration_mib"]
+    ) - 1
+    summary = {
+        "config": CONFIG,
+        "image_tokens": 1024,
+        "prompts": len(PROMPTS),
+        "results": results,
+        "peak_growth": growth,
+        "growth_of_memory_added_by_calibration": calibration_growth,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration-memory.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = ["| steps | peak RSS (MiB) | RSS before calibration (MiB) | seconds |", "|---|---|---|---|"]
+    table += [
+        f"| {r['steps']} | {r['peak_rss_mib']:.0f} | {r['rss_before_calibration_mib']:.0f} | {r['seconds']:.1f} |"
+        for r in results
+    ]
+    table.append(
+        f"\nPeak RSS growth when the steps double: {growth:+.1%} (memory added by calibration: "
+        f"{calibration_growth:+.1%}). Config {CONFIG}: hidden 256, 4+8 blocks, 1024 image + 64 text tokens, "
+        f"{len(PROMPTS)} prompts in one batch."
+    )
+    (out / "calibration-memory.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="benchmarks/results")
+    parsed = parser.parse_args()
+    child(parsed.child) if parsed.child else main(parsed)
