@@ -24,8 +24,15 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel
 
 
 CONFIG = {
-    "num_attention_heads": 2, "attention_head_dim": 64, "in_channels": 1, "out_channels": 1, "num_layers": 6,
-    "sample_size": 16, "patch_size": 2, "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_zero",
+    "num_attention_heads": 2,
+    "attention_head_dim": 64,
+    "in_channels": 1,
+    "out_channels": 1,
+    "num_layers": 6,
+    "sample_size": 16,
+    "patch_size": 2,
+    "num_embeds_ada_norm": 1000,
+    "norm_type": "ada_norm_zero",
 }
 NULL_CLASS = 1000
 
@@ -89,8 +96,15 @@ def train(args) -> None:
 
 
 def _save(path, model, ema, optimizer, generator, step, losses, elapsed) -> None:
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "generator": generator.get_state(), "step": step, "losses": losses, "elapsed": elapsed}
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "step": step,
+        "losses": losses,
+        "elapsed": elapsed,
+    }
     torch.save(state, str(path) + ".tmp")
     Path(str(path) + ".tmp").replace(path)
 

@@ -20,7 +20,13 @@ class IdentityVAE(ModelMixin, ConfigMixin):
     """A stand-in VAE for pixel- or latent-space toys: ``decode`` returns its input (scaling factor 1)."""
 
     @register_to_config
-    def __init__(self, scaling_factor: float = 1.0, block_out_channels: tuple = (1,)):
+    def __init__(
+        self,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        block_out_channels: tuple = (1,),
+        latent_channels: int = 1,
+    ):
         super().__init__()
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
 

@@ -227,3 +227,76 @@ def _public_fields(result: dict) -> dict:
         "median_seconds",
     )
     return {key: result[key] for key in keys}
+
+
+def list_models(args) -> int:
+    from ..models import MODELS
+
+    rows = [
+        {
+            "name": m.name,
+            "family": m.family,
+            "pipeline": m.pipeline,
+            "steps": m.num_inference_steps,
+            "description": m.description,
+        }
+        for m in MODELS.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            print(f"{row['name']:14} {row['pipeline']:13} {row['steps']:3} steps  {row['description']}")
+    return 0
+
+
+def generate(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .. import api
+    from ..models import get, load
+
+    entry, pipe = get(args.model), load(args.model)
+    plan = CachePlan.load(args.plan) if args.plan else None
+    item = args.prompt if args.prompt is not None else args.class_id
+    if (entry.inputs == "prompt") != (args.prompt is not None):
+        raise ValueError(f"{args.model} takes {'--prompt' if entry.inputs == 'prompt' else '--class'}.")
+    steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if plan is not None:
+        api.enable(pipe, plan)
+    try:
+        images = pipe(**entry.call_kwargs(item, args.seed, num_inference_steps=steps, output_type="np")).images
+        if plan is not None:
+            (out / "summary.json").write_text(json.dumps(api.summary(pipe).to_dict(), indent=1) + "\n")
+    finally:
+        if plan is not None:
+            api.disable(pipe)
+    array = (np.asarray(images[0]) * 255).round().astype(np.uint8)
+    path = out / f"{args.model}-seed{args.seed}{'-plan' if plan else ''}.png"
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    print(f"wrote {path}" + (f" and {out / 'summary.json'}" if plan else ""))
+    return 0
+
+
+def demo(args) -> int:
+    from ..demo import run_demo, write_report
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tqdm(total=2 * args.rounds + 1, desc=f"demo {args.model}", disable=args.json) as bar:
+        report, images = run_demo(
+            args.model,
+            args.preset,
+            seeds,
+            args.rounds,
+            progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
+        )
+    paths = write_report(report, images, Path(args.out))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(paths["markdown"].read_text())
+        print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grid']}")
+    return 0
