@@ -22,7 +22,7 @@ from invardiff.plot import plot_rates
 
 
 def export(name: str, run: Path) -> Path:
-    target = get(name).directory
+    target = get(name, include_unbundled=True).directory
     target.mkdir(parents=True, exist_ok=True)
     for file in (run / "ema").iterdir():
         shutil.copy(file, target / file.name)
@@ -34,7 +34,7 @@ def export(name: str, run: Path) -> Path:
 
 
 def samples(name: str, pipe, seeds) -> tuple[torch.Tensor, list]:
-    entry = get(name)
+    entry = get(name, include_unbundled=True)
     images, cases = [], []
     if name == "dit-digits":
         for seed in seeds:
@@ -71,12 +71,12 @@ def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 
 def main(args) -> None:
     torch.manual_seed(0)
     target = export(args.name, Path(args.run))
-    entry = get(args.name)
-    pipe = load(args.name)
+    entry = get(args.name, include_unbundled=True)
+    pipe = load(args.name, include_unbundled=True)
     images, cases = samples(args.name, pipe, seeds=range(args.seeds))
     save_grid(images, target / "samples.png")
     trained = learning_score(args.name, images, cases)
-    random_pipe = load(args.name)
+    random_pipe = load(args.name, include_unbundled=True)
     for parameter in random_pipe.transformer.parameters():  # same architecture, random weights
         torch.nn.init.normal_(parameter, std=0.02)
     random_images, _ = samples(args.name, random_pipe, seeds=range(args.seeds))

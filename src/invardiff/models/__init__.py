@@ -1,3 +1,3 @@
 """Bundled trained reference models (``invardiff models``): load them with ``invardiff.models.load(name)``."""
 
-from .registry import MODELS, BundledModel, get, load
+from .registry import MODELS, UNBUNDLED, BundledModel, get, load

@@ -48,6 +48,23 @@ class BundledModel:
 
 
 MODELS = {
+    "dit-digits": BundledModel(
+        "dit-digits",
+        "dit",
+        "DiTPipeline",
+        "class-conditional DiT (6 blocks, hidden 128) on scikit-learn's 8x8 digits at 16x16",
+        num_inference_steps=50,
+        guidance_scale=1.5,
+        inputs="class",
+        examples=(0, 3, 5, 8),
+    ),
+}
+
+
+# flux-shapes (text-conditioned Flux on procedural shapes) has its pipeline, data and training script
+# (training/train_flux_shapes.py) but is not bundled yet: 40 minutes of CPU training learned the backgrounds and
+# textures but not yet the shapes (it fails its learning check), so it is not listed until a longer run passes.
+UNBUNDLED = {
     "flux-shapes": BundledModel(
         "flux-shapes",
         "flux",
@@ -63,28 +80,26 @@ MODELS = {
             "a green circle on the top, white background",
         ),
     ),
-    "dit-digits": BundledModel(
-        "dit-digits",
-        "dit",
-        "DiTPipeline",
-        "class-conditional DiT (6 blocks, hidden 128) on scikit-learn's 8x8 digits at 16x16",
-        num_inference_steps=50,
-        guidance_scale=1.5,
-        inputs="class",
-        examples=(0, 3, 5, 8),
-    ),
 }
 
 
-def get(name: str) -> BundledModel:
+def get(name: str, include_unbundled: bool = False) -> BundledModel:
+    if include_unbundled and name in UNBUNDLED:
+        return UNBUNDLED[name]
+    if name in UNBUNDLED:
+        raise ValueError(
+            f"Model {name!r} is not bundled yet (its training has not passed its learning check); bundled models: "
+            f"{sorted(MODELS)}. Train it with training/train_flux_shapes.py."
+        )
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; bundled models: {sorted(MODELS)} (see `invardiff models`).")
     return MODELS[name]
 
 
-def load(name: str, device: str | torch.device = "cpu"):
-    """The bundled model ``name`` as a diffusers pipeline on ``device`` (float32), loaded from package files."""
-    entry = get(name)
+def load(name: str, device: str | torch.device = "cpu", include_unbundled: bool = False):
+    """The bundled model ``name`` as a diffusers pipeline on ``device`` (float32), loaded from package files.
+    ``include_unbundled`` also loads a model under training from its package directory (training scripts)."""
+    entry = get(name, include_unbundled)
     if not (entry.directory / "diffusion_pytorch_model.safetensors").exists():
         raise FileNotFoundError(f"The weights of {name!r} are missing from {entry.directory}; reinstall invardiff.")
     if entry.family == "flux":
