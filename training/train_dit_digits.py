@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel
+
+from loop import train_for
 
 
 CONFIG = {
@@ -57,56 +57,19 @@ def train(args) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     generator = torch.Generator().manual_seed(args.seed)
-    step, losses, elapsed = 0, [], 0.0
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
-    start, last_save, running = time.time() - elapsed, time.time(), []
-    while time.time() - start < args.minutes * 60:
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(0, len(images), (args.batch_size,), generator=generator)
         x0, y = images[index], labels[index].clone()
         y[torch.rand(args.batch_size, generator=generator) < args.class_dropout] = NULL_CLASS
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, 1000, (args.batch_size,), generator=generator)
         prediction = model(scheduler.add_noise(x0, noise, t), timestep=t, class_labels=y).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-                target.lerp_(source, 1 - args.ema)
-        step += 1
-        running.append(loss.item())
-        if step % 50 == 0:
-            losses.append({"step": step, "loss": float(np.mean(running)), "minutes": (time.time() - start) / 60})
-            running = []
-            print(json.dumps(losses[-1]), flush=True)
-        if time.time() - last_save > 180:
-            _save(checkpoint, model, ema, optimizer, generator, step, losses, time.time() - start)
-            last_save = time.time()
-    _save(checkpoint, model, ema, optimizer, generator, step, losses, time.time() - start)
+        return F.mse_loss(prediction, noise)
+
+    losses = train_for(args.minutes, out, model, ema, optimizer, generator, loss_fn, args.ema, clip_grad=None)
     ema.save_pretrained(out / "ema", safe_serialization=True)
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "config": CONFIG, "losses": losses}, indent=1))
-
-
-def _save(path, model, ema, optimizer, generator, step, losses, elapsed) -> None:
-    state = {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "step": step,
-        "losses": losses,
-        "elapsed": elapsed,
-    }
-    torch.save(state, str(path) + ".tmp")
-    Path(str(path) + ".tmp").replace(path)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from invardiff.models import flux_shapes, shapes
+
+from loop import train_for
 
 
 def train(args) -> None:
@@ -36,17 +36,8 @@ def train(args) -> None:
     img_ids, txt_ids = flux_shapes.image_ids(), torch.zeros(flux_shapes.MAX_SEQUENCE_LENGTH, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
-    step, losses, elapsed = 0, [], 0.0
-    checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
-    start, last_save, running = time.time() - elapsed, time.time(), []
-    while time.time() - start < args.minutes * 60:
+
+    def loss_fn() -> torch.Tensor:
         images, prompts, _ = shapes.sample_batch(args.batch_size, generator)
         index = torch.tensor([prompt_index[p] for p in prompts])
         x0 = flux_shapes.pack(images)  # (B, 256, 12)
@@ -62,24 +53,9 @@ def train(args) -> None:
             img_ids=img_ids,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(prediction, noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            for target, source in zip(ema.parameters(), model.parameters(), strict=True):
-                target.lerp_(source, 1 - args.ema)
-        step += 1
-        running.append(loss.item())
-        if step % 50 == 0:
-            losses.append({"step": step, "loss": float(np.mean(running)), "minutes": (time.time() - start) / 60})
-            running = []
-            print(json.dumps(losses[-1]), flush=True)
-        if time.time() - last_save > 180:
-            _save(checkpoint, model, ema, optimizer, generator, step, losses, time.time() - start)
-            last_save = time.time()
-    _save(checkpoint, model, ema, optimizer, generator, step, losses, time.time() - start)
+        return F.mse_loss(prediction, noise - x0)
+
+    losses = train_for(args.minutes, out, model, ema, optimizer, generator, loss_fn, args.ema, clip_grad=1.0)
     ema.eval().save_pretrained(out / "ema", safe_serialization=True)
     # T5 ties encoder.embed_tokens to shared: store the tied weight once (load with strict=False).
     t5_state = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
@@ -91,20 +67,6 @@ def train(args) -> None:
     (out / "train_log.json").write_text(
         json.dumps({"args": vars(args), "config": flux_shapes.TRANSFORMER_CONFIG, "losses": losses}, indent=1)
     )
-
-
-def _save(path, model, ema, optimizer, generator, step, losses, elapsed) -> None:
-    state = {
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "step": step,
-        "losses": losses,
-        "elapsed": elapsed,
-    }
-    torch.save(state, str(path) + ".tmp")
-    Path(str(path) + ".tmp").replace(path)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ when asked for ``output_type="latent"`` (Flux) or decode trivially (DiT).
 
 from __future__ import annotations
 
-import string
-
 import torch
 from diffusers import DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -82,56 +80,12 @@ def pipeline_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: in
     }
 
 
-_CHARACTERS = list(string.ascii_lowercase + string.digits + " .,!?'-")
-
-
 def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from .models import text
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in _CHARACTERS:
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(char + "</w>", len(vocab))
-    clip_tokenizer = CLIPTokenizer(
-        vocab=vocab,
-        merges=[],
-        unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=77,
-    )
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(char, -1.0) for char in _CHARACTERS] + [("\u2581" + char, -1.0) for char in _CHARACTERS]
-    t5_tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    clip_tokenizer, t5_tokenizer = text.clip_tokenizer(), text.t5_tokenizer(words=[])
     kw = config.transformer_kwargs
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=kw["pooled_projection_dim"],
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+    clip, t5 = text.text_encoders(
+        len(clip_tokenizer), len(t5_tokenizer), kw["pooled_projection_dim"], seed, t5_width=kw["joint_attention_dim"]
     )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(pieces),
-            d_model=kw["joint_attention_dim"],
-            d_ff=64,
-            d_kv=16,
-            num_layers=2,
-            num_heads=2,
-        )
-    )
-    return {
-        "text_encoder": clip.eval(),
-        "tokenizer": clip_tokenizer,
-        "text_encoder_2": t5.eval(),
-        "tokenizer_2": t5_tokenizer,
-    }
+    return {"text_encoder": clip, "tokenizer": clip_tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tokenizer}

@@ -40,9 +40,11 @@ def t5_tokenizer(words: list[str]):
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0):
+def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0, t5_width: int | None = None):
+    """Random CLIP (hidden ``width``: the pooled projection) and T5 (``t5_width``, default ``width``) encoders."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    t5_width = t5_width or width
     torch.manual_seed(seed)
     clip = CLIPTextModel(
         CLIPTextConfig(
@@ -58,6 +60,8 @@ def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0):
         )
     )
     t5 = T5EncoderModel(
-        T5Config(vocab_size=t5_vocab, d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=2, num_heads=2)
+        T5Config(
+            vocab_size=t5_vocab, d_model=t5_width, d_ff=2 * t5_width, d_kv=t5_width // 2, num_layers=2, num_heads=2
+        )
     )
     return clip.eval().requires_grad_(False), t5.eval().requires_grad_(False)
