@@ -78,11 +78,6 @@ def test_demo_json_report(tmp_path, capsys):
     assert (tmp_path / "grid.png").exists() and (tmp_path / "report.md").exists()
 
 
-def test_unbundled_flux_shapes_is_a_clear_error():
-    with pytest.raises(ValueError, match="'flux-shapes' is not bundled yet"):
-        load("flux-shapes")
-
-
 def test_shapes_renderer_and_prompts():
     from invardiff.models import shapes
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.generate)
 
     p = sub.add_parser("demo", help="calibrate, plan, and compare accelerated vs full compute on a bundled model")
-    p.add_argument("--model", default="dit-digits", help="bundled model (flux-shapes is not bundled yet)")
+    p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes or dit-digits")
     p.add_argument("--preset", default="fast")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds for the fixed evaluation inputs")
     p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds after a warm-up")
