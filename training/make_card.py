@@ -98,7 +98,7 @@ def main(args) -> None:
     )
     retrain = {
         "dit-digits": "python training/train_dit_digits.py --minutes 40 --out training/runs/dit-digits",
-        "flux-shapes": "python training/train_flux_shapes.py --minutes 45 --out training/runs/flux-shapes",
+        "flux-shapes": "python training/train_flux_shapes.py --minutes 61 --batch-size 24 --out training/runs/flux-shapes",
     }
     card = f"""# {args.name}
 

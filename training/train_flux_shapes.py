@@ -4,7 +4,7 @@ Rectified flow as FLUX: x_s = (1 - s) x0 + s noise, the model predicts the veloc
 (logit-normal s), conditioned through the bundled frozen tiny T5 / CLIP text stack. AdamW 5e-4, EMA 0.999; the
 EMA weights are exported. Sampling: FluxPipeline with FlowMatchEulerDiscreteScheduler. Resumable.
 
-    python training/train_flux_shapes.py --minutes 45 --out training/runs/flux-shapes
+    python training/train_flux_shapes.py --minutes 61 --batch-size 24 --out training/runs/flux-shapes
 """
 
 from __future__ import annotations
