@@ -62,7 +62,7 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
     full_step = float(counts.get("", 0))
 
     head_counter = FlopCounterMode(display=False)
-    bound = TransformerCall(_forward_signature(model), (), call)
+    bound = TransformerCall(inspect.signature(model.forward), (), call)
     with torch.no_grad(), head_counter:
         family.run_head(model, captured["hidden"], bound)
     step_cached = float(sum(head_counter.get_flop_counts().get("Global", {}).values()))
@@ -89,7 +89,3 @@ def _strip_root(name: str) -> str:
     if name == "Global":
         return ""
     return name.split(".", 1)[1] if "." in name else "__root__"
-
-
-def _forward_signature(model):
-    return inspect.signature(model.forward)

@@ -172,9 +172,7 @@ class CacheEngine:
     def release(self) -> None:
         """Free every cached tensor, keeping the record of the last run for summaries."""
         for state in self.branches.values():
-            self._account(-state.cached_bytes())
-            state.clear_tensors()
-            state.step = None
+            self._abort(state)
 
     def reset(self) -> None:
         """Start over: free every cached tensor and forget the last run."""
