@@ -1,7 +1,8 @@
-"""invardiff: training-free caching for diffusion transformers on diffusers (InvarDiff cache plans)."""
+"""invardiff: training-free caching for diffusion transformers on diffusers (InvarDiff cache plans, DiCache)."""
 
 from ._version import __version__
 from .api import cache_context, disable, enable, enabled, is_enabled, reset, summary
+from .dicache import DiCacheConfig, PlanProbeConfig
 from .engine import EngineError, EngineSummary, PlanConfig, register_policy
 from .official import convert_official_book
 from .plan import CachePlan, ModelFacts, PlanError
@@ -10,10 +11,12 @@ from .stats import ideal_speedup, plan_summary
 
 __all__ = [
     "CachePlan",
+    "DiCacheConfig",
     "EngineError",
     "EngineSummary",
     "ModelFacts",
     "PlanConfig",
+    "PlanProbeConfig",
     "PlanError",
     "__version__",
     "cache_context",

@@ -8,6 +8,8 @@ import torch
 from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
+from .dicache.controller import ProbeController
+from .dicache.hooks import PROBE_BLOCK_HOOK, ProbeBlockHook
 from .engine.engine import CacheEngine
 from .engine.hooks import (
     ALL_HOOKS,
@@ -65,6 +67,8 @@ def enable(target, plan: CachePlan | object) -> None:
     units = _enumerate_units(transformer, family)
     policy = build_policy(config, family, transformer, units)
     engine = CacheEngine(transformer, family, policy, units, pipeline)
+    if getattr(policy, "full_reason", None) is not None:
+        engine.probe = ProbeController(engine, policy)
     _install_hooks(transformer, family, engine)
 
 
@@ -74,7 +78,7 @@ def disable(target) -> None:
     engine = _engine_or_raise(transformer)
     engine.reset()
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    for name in ALL_HOOKS:
+    for name in (*ALL_HOOKS, PROBE_BLOCK_HOOK):
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
 
@@ -157,6 +161,30 @@ def _enumerate_units(transformer, family: FamilySpec) -> list[UnitRef]:
 
 
 def _install_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
+    if engine.policy.uses_units:
+        _install_unit_hooks(transformer, family, engine)
+    if engine.probe is not None:
+        _install_probe_hooks(transformer, family, engine)
+    head = transformer.get_submodule(family.head_input)
+    HookRegistry.check_if_exists_or_initialize(head).register_hook(HeadInputHook(engine), HEAD_INPUT_HOOK)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(StepHook(engine), STEP_HOOK)
+    registry.invalidate_child_registries_cache()
+
+
+def _install_probe_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
+    depth = engine.policy.config.probe_depth
+    index = 0  # block position in execution order
+    for spec in family.block_lists:
+        for block in getattr(transformer, spec.attr):
+            roles = {"input"} if index == 0 else set()
+            roles |= {"probe"} if index == depth - 1 else ({"deep"} if index >= depth else set())
+            hook = ProbeBlockHook(engine, block, spec.image_output, spec.per_sample_args, roles)
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, PROBE_BLOCK_HOOK)
+            index += 1
+
+
+def _install_unit_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
     index = 0
     for spec in family.block_lists:
         for block in getattr(transformer, spec.attr):
@@ -169,8 +197,3 @@ def _install_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None
                     registry = HookRegistry.check_if_exists_or_initialize(second)
                     registry.register_hook(PassthroughHook(engine, index), PASSTHROUGH_HOOK)
                 index += 1
-    head = transformer.get_submodule(family.head_input)
-    HookRegistry.check_if_exists_or_initialize(head).register_hook(HeadInputHook(engine), HEAD_INPUT_HOOK)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(StepHook(engine), STEP_HOOK)
-    registry.invalidate_child_registries_cache()

@@ -44,6 +44,7 @@ class CacheEngine:
         self.explicit_context = None  # set by invardiff.cache_context
         self.diffusers_context = None  # callable returning diffusers' current CacheContext (or None)
         self.observer = None  # calibration: sees every computed unit output and every pre-head hidden state
+        self.probe = None  # the probe policies' controller (dicache.controller.ProbeController), else None
         self._schedule = None
         self._schedule_values: np.ndarray | None = None
         self.cache_bytes = 0
@@ -80,13 +81,20 @@ class CacheEngine:
 
     def _branch_for_step(self, name: str, step: int) -> BranchState:
         T = self.policy.num_steps
+        if T is None:
+            raise EngineError(
+                f"The {self.policy.name} policy does not know the run's step count: steps come from "
+                f"cache_context, not from a pipeline's scheduler. Set num_inference_steps in its config."
+            )
         if not 0 <= step < T:
             raise EngineError(
                 f"Step index {step} on branch {name!r} is outside the plan's {T} steps; the run makes more "
                 f"transformer calls than the plan has steps."
             )
         state = self.branches.get(name)
-        if state is None:
+        if state is None or state.num_steps != T:  # new branch, or a policy that follows the scheduler's length
+            if state is not None:
+                self._abort(state)
             state = self.branches[name] = BranchState(name, T, len(self.units))
         if step == 0:
             self._restart_branch(state)
@@ -144,6 +152,11 @@ class CacheEngine:
         old = state.hidden
         state.hidden = value
         self._account(tensor_bytes(value) - tensor_bytes(old))
+
+    def sync_probe_bytes(self, state: BranchState) -> None:
+        held = state.probe.held_bytes()
+        self._account(held - state.probe.accounted_bytes)
+        state.probe.accounted_bytes = held
 
     def note_step0_output(self, value) -> None:
         self.all_outputs_bytes += tensor_bytes(value)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from .state import COMPUTED, REUSED
+from .state import COMPUTED, REUSED, put_rows
 
 
 STEP_HOOK = "invardiff_step"
@@ -56,7 +56,9 @@ class StepHook(ModelHook):
         failed = True
         try:
             step = state.step
-            if engine.policy.step_cached[step]:
+            if engine.probe is not None:  # DiCache or plan+probe: the probe decides inside the forward
+                output = engine.probe.run_step(module, state, lambda: self.fn_ref.original_forward(*args, **kwargs))
+            elif engine.policy.step_cached[step]:
                 state.step_status[step] = REUSED
                 # run_head calls the head's first module, whose HeadInputHook keeps or drops H for this step.
                 output = engine.family.run_head(module, state.hidden, state.call)
@@ -84,6 +86,9 @@ class HeadInputHook(ModelHook):
         state = engine.active
         if state is not None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
+            if engine.probe is not None:  # put back the rows of samples that skipped the deep blocks
+                hidden = engine.probe.head_input(state, hidden)
+                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
             if state.step == 0:
                 engine.note_step0_output(hidden)
             if engine.observer is not None:
@@ -143,6 +148,14 @@ class PassthroughHook(ModelHook):
 
 
 def _store_computed(engine, state, unit: int, output, keep: bool) -> None:
+    if engine.policy.step_cached[state.step]:
+        # plan+probe: the probe vetoed the plan's reuse of this step, so the unit ran (maybe on some samples
+        # only). A later step may still reuse this unit's cache: refresh it, never drop it.
+        cached = state.units[unit]
+        if cached is not None:
+            subset = state.probe.subset
+            engine.store_unit(state, unit, output if subset is None else put_rows(cached, subset, output))
+        return
     if state.step == 0:
         engine.note_step0_output(output)
     if engine.observer is not None:

@@ -26,7 +26,8 @@ class CachePolicy:
     """
 
     name: str = "policy"
-    num_steps: int
+    uses_units: bool = True  # False: no layer-wise reuse, so the unit hooks are not installed
+    num_steps: int | None
     step_cached: list[bool]
     keep_hidden_after: list[bool]
     unit_reuse: list[list[bool]]

@@ -25,6 +25,7 @@ class BranchSummary:
     name: str
     step_status: np.ndarray
     unit_status: dict[str, dict[str, np.ndarray]]
+    probe: dict[str, np.ndarray] | None = None  # DiCache / plan+probe: (T, B) error, accumulator, gamma, decision
 
     def counts(self) -> dict[str, dict[str, dict[str, int]]]:
         return {
@@ -38,6 +39,7 @@ class BranchSummary:
     def to_dict(self) -> dict:
         return {
             "steps": [_STEP_NAMES[int(s)] for s in self.step_status],
+            **({"probe": _probe_dict(self.probe)} if self.probe is not None else {}),
             "steps_computed": int((self.step_status == COMPUTED).sum()),
             "steps_step_cached": int((self.step_status == REUSED).sum()),
             "module_counts": self.counts(),
@@ -49,6 +51,20 @@ class BranchSummary:
                 for block_list, units in self.unit_status.items()
             },
         }
+
+
+def _probe_dict(probe: dict[str, np.ndarray]) -> dict:
+    from ..dicache.controller import DECISIONS
+
+    def numbers(array):  # JSON has no NaN: "not measured" is null
+        return [[None if np.isnan(v) else float(v) for v in row] for row in array]
+
+    return {
+        "error": numbers(probe["error"]),
+        "accumulator": numbers(probe["accumulator"]),
+        "gamma": numbers(probe["gamma"]),
+        "decision": [[DECISIONS[v] if v >= 0 else "not_run" for v in row] for row in probe["decision"]],
+    }
 
 
 @dataclass
@@ -81,9 +97,10 @@ def summarize(engine) -> EngineSummary:
             per_unit = unit_status.setdefault(unit.block_list, {})
             if unit.name not in per_unit:
                 num_layers = 1 + max(u.layer for u in engine.units if u.block_list == unit.block_list)
-                per_unit[unit.name] = np.full((engine.policy.num_steps, num_layers), NOT_RUN, np.int8)
+                per_unit[unit.name] = np.full((state.num_steps, num_layers), NOT_RUN, np.int8)
             per_unit[unit.name][:, unit.layer] = state.unit_status[:, index]
-        branches[name] = BranchSummary(name, state.step_status.copy(), unit_status)
+        probe = state.probe.records() if state.probe is not None else None
+        branches[name] = BranchSummary(name, state.step_status.copy(), unit_status, probe)
     return EngineSummary(
         engine.policy.describe(),
         engine.policy.num_steps,

@@ -45,6 +45,7 @@ DIT = register_family(
                 attr="transformer_blocks",
                 module_kinds=("attn", "ff"),
                 units=(ReuseUnit("attn", ("attn",), "attn1"), ReuseUnit("ff", ("ff",), "ff")),
+                per_sample_args=("timestep", "class_labels"),
             ),
         ),
         head_input="norm_out",

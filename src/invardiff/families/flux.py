@@ -46,6 +46,8 @@ FLUX = register_family(
                     ReuseUnit("ff", ("ff",), "ff"),
                     ReuseUnit("context_ff", ("context_ff",), "ff_context"),
                 ),
+                image_output=1,
+                per_sample_args=("temb",),
             ),
             BlockListSpec(
                 attr="single_transformer_blocks",
@@ -54,6 +56,8 @@ FLUX = register_family(
                     ReuseUnit("attn", ("attn",), "attn"),
                     ReuseUnit("mlp", ("mlp",), "proj_mlp", passthrough="act_mlp"),
                 ),
+                image_output=1,
+                per_sample_args=("temb",),
             ),
         ),
         head_input="norm_out",

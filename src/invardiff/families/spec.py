@@ -52,11 +52,23 @@ class ReuseUnit:
 
 @dataclass(frozen=True)
 class BlockListSpec:
-    """A ``ModuleList`` of identical blocks on the transformer, e.g. ``transformer_blocks``."""
+    """A ``ModuleList`` of identical blocks on the transformer, e.g. ``transformer_blocks``.
+
+    Attributes:
+        attr: the attribute holding the list.
+        module_kinds: the plan module kinds of its blocks.
+        units: the reusable units of each block.
+        image_output: index of the image stream in a block's output tuple (Flux blocks return ``(text, image)``),
+            or ``None`` when a block returns one tensor. The DiCache probe reads it.
+        per_sample_args: the block ``forward`` arguments with one row per sample besides the hidden states, cut
+            to the computing samples when the deep blocks run on some samples only.
+    """
 
     attr: str
     module_kinds: tuple[str, ...]
     units: tuple[ReuseUnit, ...]
+    image_output: int | None = None
+    per_sample_args: tuple[str, ...] = ()
 
     def __post_init__(self):
         used = {kind for unit in self.units for kind in unit.kinds}

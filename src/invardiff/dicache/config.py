@@ -1,0 +1,133 @@
+"""Configs of the two probe policies: DiCache (SPEC.md Part B) and plan+probe (an InvarDiff plan vetoed online).
+
+Both are plain frozen dataclasses handed to :func:`invardiff.enable`; their builders are registered with
+``register_policy`` in ``policy.py``. The official per-model settings (SPEC.md B.5) are named presets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..plan import CachePlan
+
+
+ERRORS = ("delta_y", "delta_minus")
+COMPARISONS = ("<", "<=")
+
+
+def _check_probe_settings(threshold, probe_depth, error, skip_when, allow_inf: bool = False) -> None:
+    if math.isnan(threshold) or threshold < 0 or (math.isinf(threshold) and not allow_inf):
+        raise ValueError(f"threshold (delta) must be a finite number >= 0, got {threshold}.")
+    if not isinstance(probe_depth, int) or probe_depth < 1:
+        raise ValueError(f"probe_depth must be an integer >= 1 (the official default is 1), got {probe_depth!r}.")
+    if error not in ERRORS:
+        raise ValueError(f"error must be one of {ERRORS}, got {error!r}.")
+    if skip_when not in COMPARISONS:
+        raise ValueError(f"skip_when must be one of {COMPARISONS}, got {skip_when!r}.")
+
+
+@dataclass(frozen=True)
+class DiCacheConfig:
+    """DiCache: skip the deep layers while a shallow probe's accumulated change stays under ``threshold``.
+
+    Every post-warm-up step runs the first ``probe_depth`` blocks, adds the probe's relative L1 change to an
+    accumulator and, while it stays under ``threshold``, skips the rest of the network: the output is the last
+    computed residual extrapolated along the probe's trajectory (gamma in ``[1, gamma_max]``). A computed step
+    resumes from the probe's state and resets the accumulator. A larger threshold skips more steps: faster, further
+    from full compute. A skipped step costs the probe blocks and the head (1/57 of FLUX.1-dev's blocks at depth 1).
+
+    Args:
+        threshold (`float`): delta; skip while the accumulator compares under it (official FLUX default 0.4).
+        num_inference_steps (`int`, *optional*): the run's step count. With a pipeline it may be left out and is
+            read from the scheduler at every call; manual loops must give it (warm-up and the last step need it).
+        probe_depth (`int`): m, the number of leading blocks of the first block list that form the probe.
+        error (`str`): ``"delta_y"`` (probe change) or ``"delta_minus"`` (|probe change - input change|).
+        warmup_ratio (`float`): r; steps up to ``floor(r * N)`` are always computed.
+        warmup_inclusive (`bool`): FLUX's ``step <= floor(r * N)`` (True) or WAN/HunyuanVideo's ``<`` (False).
+        force_last_step (`bool`): always compute the last step (FLUX).
+        skip_when (`str`): ``"<"`` (FLUX, WAN) or ``"<="`` (HunyuanVideo): the comparison of accumulator and delta.
+        gamma_max (`float`): upper clip of the extrapolation step (1.5 FLUX/HunyuanVideo, 2 WAN).
+        per_sample (`bool`): each sample of a batch keeps its own accumulator, windows and decision, and the deep
+            layers run only on the samples that compute. False reproduces the official batch-global decision
+            (all statistics are means over the whole batch).
+    """
+
+    threshold: float
+    num_inference_steps: int | None = None
+    probe_depth: int = 1
+    error: str = "delta_y"
+    warmup_ratio: float = 0.2
+    warmup_inclusive: bool = True
+    force_last_step: bool = True
+    skip_when: str = "<"
+    gamma_max: float = 1.5
+    per_sample: bool = True
+
+    def __post_init__(self):
+        _check_probe_settings(self.threshold, self.probe_depth, self.error, self.skip_when)
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
+        if not (math.isfinite(self.gamma_max) and self.gamma_max >= 1.0):
+            raise ValueError(
+                f"gamma_max must be a finite number >= 1 (gamma is clipped to [1, gamma_max]), got {self.gamma_max}."
+            )
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}.")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DiCacheConfig:
+        """An official setting of SPEC.md B.5 (``flux``, ``flux-delta-minus``, ``hunyuanvideo``, ``wan2.1``),
+        with any field overridden, e.g. ``DiCacheConfig.preset("flux", threshold=0.2)``."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown DiCache preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return replace(PRESETS[name], **overrides)
+
+    def is_warmup(self, step: int, num_steps: int) -> bool:
+        boundary = math.floor(self.warmup_ratio * num_steps)
+        return step <= boundary if self.warmup_inclusive else step < boundary
+
+    def is_forced(self, step: int, num_steps: int) -> bool:
+        return self.force_last_step and step == num_steps - 1
+
+
+# SPEC.md B.5. DiT has no official DiCache setting; its default (``FAMILY_DEFAULT_PRESET``) uses FLUX's rules.
+PRESETS = {
+    "flux": DiCacheConfig(threshold=0.4),
+    "flux-delta-minus": DiCacheConfig(threshold=0.08, error="delta_minus", warmup_ratio=0.0),
+    "hunyuanvideo": DiCacheConfig(
+        threshold=0.1, warmup_inclusive=False, force_last_step=False, skip_when="<=", gamma_max=1.5
+    ),
+    "wan2.1": DiCacheConfig(threshold=0.08, warmup_inclusive=False, force_last_step=False, gamma_max=2.0),
+}
+FAMILY_DEFAULT_PRESET = {"flux": "flux", "dit": "flux"}
+
+
+@dataclass(frozen=True)
+class PlanProbeConfig:
+    """plan+probe: an InvarDiff plan proposes which steps to reuse; a DiCache probe vetoes a reuse online.
+
+    On the plan's compute steps nothing changes (layer-wise reuse included), and the probe output is recorded for
+    free. On a step the plan step-caches, the first ``probe_depth`` blocks run and their relative L1 change is
+    accumulated since the last computed step; while it stays under ``threshold`` the plan's reuse (the last
+    computed pre-head hidden state) stands, otherwise the step is computed (resuming from the probe), per sample
+    when ``per_sample``. Each vetoed step buys fidelity with one step of compute; each accepted step costs the
+    probe blocks on top of the plan.
+
+    Args:
+        plan (`CachePlan`): the plan that proposes reuse.
+        threshold (`float`): delta of the veto; ``inf`` accepts every proposal (the plan plus the probe's cost).
+        probe_depth, error, skip_when, per_sample: as in :class:`DiCacheConfig`.
+    """
+
+    plan: CachePlan
+    threshold: float
+    probe_depth: int = 1
+    error: str = "delta_y"
+    skip_when: str = "<"
+    per_sample: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.plan, CachePlan):
+            raise TypeError(f"PlanProbeConfig.plan must be a CachePlan, got {type(self.plan).__name__}.")
+        _check_probe_settings(self.threshold, self.probe_depth, self.error, self.skip_when, allow_inf=True)
