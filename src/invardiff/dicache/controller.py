@@ -142,10 +142,15 @@ class ProbeController:
         finite = np.isfinite(error)
         branch.accumulator += np.where(finite, error, 0.0)
         under = branch.accumulator < self.threshold if self.skip_when == "<" else branch.accumulator <= self.threshold
-        skip = finite & under
+        # DiCache extrapolates from finite residual windows only (reset by a non-finite computed step).
+        has_windows = branch.computed_steps > 0 if self.reuse == "extrapolate" else np.ones(branch.batch, bool)
+        if not self.per_sample:  # one decision for the batch
+            has_windows[:] = has_windows.all()
+        skip = finite & under & has_windows
         branch.error[step], branch.accumulated[step] = error, branch.accumulator
-        names = ("plan_reuse", "vetoed") if self.reuse == "plan" else ("skipped", "computed")
-        branch.decision[step] = np.where(skip, CODE[names[0]], np.where(finite, CODE[names[1]], CODE["non_finite"]))
+        skipped, computed = ("plan_reuse", "vetoed") if self.reuse == "plan" else ("skipped", "computed")
+        reasons = np.where(finite, np.where(has_windows, CODE[computed], CODE["no_reference"]), CODE["non_finite"])
+        branch.decision[step] = np.where(skip, CODE[skipped], reasons)
         branch.accumulator[~skip] = 0.0
         branch.compute = ~skip
         if skip.any():
@@ -197,4 +202,9 @@ class ProbeController:
             branch.probe_beta = torch.where(mask, branch.probe_alpha, branch.probe_beta)
             branch.full_alpha = torch.where(mask, full, branch.full_alpha)
             branch.probe_alpha = torch.where(mask, probe, branch.probe_alpha)
-        branch.computed_steps += branch.compute
+        # A sample whose residuals are not finite (NaN / inf features) must not be extrapolated from: its windows
+        # restart, so it computes until it has a finite residual again.
+        finite = (torch.isfinite(full).flatten(1).all(1) & torch.isfinite(probe).flatten(1).all(1)).cpu().numpy()
+        branch.computed_steps = np.where(
+            branch.compute, np.where(finite, branch.computed_steps + 1, 0), branch.computed_steps
+        )

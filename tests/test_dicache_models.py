@@ -1,0 +1,229 @@
+"""DiCache and plan+probe on stock diffusers Flux and DiT transformers (tiny random weights)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import invardiff
+from invardiff.engine import EngineError
+from invardiff.model_configs import MODEL_CONFIGS
+
+from helpers import facts_for, plan_from_bits, run_pipeline, tiny_pipeline
+
+
+T = 10
+FAMILIES = ["flux", "dit"]
+
+
+def _batched_call(family: str):
+    config = dataclasses.replace(MODEL_CONFIGS[f"{family}-tiny"], batch=2)
+    return config, config.build_transformer(seed=0), config.example_call(seed=3)
+
+
+def _row(call: dict, index: int) -> dict:
+    per_sample = (
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "timestep",
+        "guidance",
+        "class_labels",
+    )
+    return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
+
+
+@torch.no_grad()
+def _loop(transformer, family: str, call: dict, config=None, steps: int = T):
+    """Euler loop over a bare transformer; returns the final latents and, when enabled, the summary branch."""
+    latents = call["hidden_states"].clone()
+    if config is not None:
+        invardiff.enable(transformer, config)
+    try:
+        for step in range(steps):
+            fraction = 1.0 - step / steps
+            timestep = torch.full_like(call["timestep"], fraction if family == "flux" else int(fraction * 999))
+            kwargs = dict(call, hidden_states=latents, timestep=timestep)
+            if config is None:
+                (output,) = transformer(**kwargs)
+            else:
+                with invardiff.cache_context(transformer, "default", step_index=step):
+                    (output,) = transformer(**kwargs)
+            latents = latents - output[:, : latents.shape[1]] / steps
+        branch = invardiff.summary(transformer).branches["default"] if config is not None else None
+        return latents, branch
+    finally:
+        if config is not None:
+            invardiff.disable(transformer)
+
+
+def _only_branch(pipe):
+    (branch,) = invardiff.summary(pipe).branches.values()  # Flux: "cond"; DiT: "default" (batched CFG)
+    return branch
+
+
+def _decisions(branch) -> list[list[str]]:
+    return branch.to_dict()["probe"]["decision"]
+
+
+def _threshold_where_samples_disagree(transformer, family, call, make_config):
+    """The smallest grid threshold at which the two samples, run alone, decide differently at some step."""
+    for threshold in np.round(np.arange(0.005, 1.5, 0.005), 3):
+        config = make_config(float(threshold))
+        alone = [_decisions(_loop(transformer, family, _row(call, i), config)[1]) for i in range(2)]
+        if [row[0] for row in alone[0]] != [row[0] for row in alone[1]]:
+            return config, alone
+    raise AssertionError("no threshold makes the two samples decide differently")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_sample_decisions_equal_each_sample_run_alone(family):
+    _, transformer, call = _batched_call(family)
+    config, alone = _threshold_where_samples_disagree(
+        transformer,
+        family,
+        call,
+        lambda delta: invardiff.DiCacheConfig(threshold=delta, num_inference_steps=T, warmup_ratio=0.1),
+    )
+    batched, branch = _loop(transformer, family, call, config)
+    decisions = _decisions(branch)
+    assert [row[0] for row in decisions] == [row[0] for row in alone[0]]
+    assert [row[1] for row in decisions] == [row[0] for row in alone[1]]
+    assert any(row[0] != row[1] for row in decisions)  # a step where one skips and the other computes
+    for i in range(2):
+        solo, _ = _loop(transformer, family, _row(call, i), config)
+        # A batch of two and a batch of one take different matmul paths: float32 rounding only.
+        torch.testing.assert_close(batched[i : i + 1], solo, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_global_decision_is_shared_and_uses_batch_means(family):
+    _, transformer, call = _batched_call(family)
+    config = invardiff.DiCacheConfig(threshold=0.3, num_inference_steps=T, warmup_ratio=0.1, per_sample=False)
+    _, branch = _loop(transformer, family, call, config)
+    decisions = np.array(_decisions(branch))
+    assert (decisions[:, 0] == decisions[:, 1]).all()
+    assert "skipped" in decisions[:, 0]
+    error = branch.probe["error"]
+    measured = ~np.isnan(error[:, 0])
+    assert (error[measured, 0] == error[measured, 1]).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_threshold_zero_is_bit_identical_and_disable_restores(family):
+    config, pipe = tiny_pipeline(family)
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    stock = run_pipeline(pipe, config, T)
+    invardiff.enable(pipe, invardiff.DiCacheConfig(threshold=0.0))
+    assert torch.equal(run_pipeline(pipe, config, T), stock)  # every step computes, resuming from the probe
+    invardiff.disable(pipe)
+    invardiff.enable(pipe, invardiff.DiCacheConfig(threshold=1.0))
+    cached = run_pipeline(pipe, config, T)
+    assert _only_branch(pipe).step_status.tolist().count(1) >= 2  # it did skip
+    assert not torch.equal(cached, stock)
+    invardiff.disable(pipe)
+    assert torch.equal(run_pipeline(pipe, config, T), stock)
+    assert all(torch.equal(v, weights[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_probe_accepting_everything_equals_the_plan(family):
+    config, pipe = tiny_pipeline(family)
+    plan = plan_from_bits(facts_for(pipe.transformer, family), "0011011010")
+    invardiff.enable(pipe, plan)
+    with_plan = run_pipeline(pipe, config, T)
+    invardiff.disable(pipe)
+    invardiff.enable(pipe, invardiff.PlanProbeConfig(plan, threshold=float("inf")))
+    accepted = run_pipeline(pipe, config, T)
+    branch = _only_branch(pipe)
+    invardiff.disable(pipe)
+    assert torch.equal(accepted, with_plan)
+    assert branch.step_status.tolist() == [int(c) for c in "0011011010"]
+    decisions = {row[0] for row, cached in zip(_decisions(branch), "0011011010", strict=True) if cached == "1"}
+    assert decisions == {"plan_reuse"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_probe_vetoing_everything_computes_every_step(family):
+    config, pipe = tiny_pipeline(family)
+    stock = run_pipeline(pipe, config, T)
+    plan = plan_from_bits(facts_for(pipe.transformer, family), "0011011010")
+    invardiff.enable(pipe, invardiff.PlanProbeConfig(plan, threshold=0.0))
+    vetoed = run_pipeline(pipe, config, T)
+    branch = _only_branch(pipe)
+    invardiff.disable(pipe)
+    assert torch.equal(vetoed, stock)  # a step-only plan whose every reuse is vetoed is full compute
+    assert branch.step_status.tolist() == [0] * T
+    assert [row[0] for row in _decisions(branch)].count("vetoed") == 5
+
+
+def _module_plan(transformer, family):
+    # Step cache at 2-3 and 6-7; layer-wise reuse of every unit of block 0 at steps 4 and 8, which the vetoed
+    # steps before them refresh (and must not drop).
+    facts = facts_for(transformer, family)
+    reuse = {}
+    for block in facts.block_lists:
+        rows = ["0" * block.num_layers] * T
+        for step in (4, 8):
+            rows[step] = "1" + "0" * (block.num_layers - 1)
+        reuse[block.name] = dict.fromkeys(block.module_kinds, rows)
+    return plan_from_bits(facts, "0011001100", reuse)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_probe_per_sample_veto_equals_each_sample_alone(family):
+    _, transformer, call = _batched_call(family)
+    plan = _module_plan(transformer, family)
+    config, alone = _threshold_where_samples_disagree(
+        transformer, family, call, lambda delta: invardiff.PlanProbeConfig(plan, threshold=delta)
+    )
+    batched, branch = _loop(transformer, family, call, config)
+    decisions = _decisions(branch)
+    assert any(row[0] != row[1] for row in decisions)
+    assert {row[0] for row in decisions} >= {"vetoed", "plan_reuse"} or {row[1] for row in decisions} >= {
+        "vetoed",
+        "plan_reuse",
+    }
+    for i in range(2):
+        solo, _ = _loop(transformer, family, _row(call, i), config)
+        torch.testing.assert_close(batched[i : i + 1], solo, rtol=1e-4, atol=1e-5)
+
+
+def test_summary_json_covers_the_probe():
+    config, pipe = tiny_pipeline("flux")
+    invardiff.enable(pipe, invardiff.DiCacheConfig(threshold=1.0))
+    run_pipeline(pipe, config, T)
+    data = invardiff.summary(pipe).to_dict()
+    invardiff.disable(pipe)
+    assert data["policy"]["policy"] == "dicache" and data["policy"]["threshold"] == 1.0
+    probe = data["branches"]["cond"]["probe"]
+    assert len(probe["decision"]) == T and len(probe["decision"][0]) == 1
+    assert probe["decision"][:3] == [["warmup"]] * 3 and probe["decision"][-1] == ["last_step"]
+    assert probe["error"][0] == [None] and isinstance(probe["error"][3][0], float)
+    assert data["peak_cache_bytes"] > 0  # the references and the two residual pairs
+
+
+def test_bad_dicache_settings_are_rejected_with_the_fix():
+    config, pipe = tiny_pipeline("dit")
+    with pytest.raises(ValueError, match="probe_depth=2 does not fit"):
+        invardiff.enable(pipe, invardiff.DiCacheConfig(threshold=0.1, probe_depth=2))  # 2 blocks in all
+    with pytest.raises(ValueError, match="threshold"):
+        invardiff.DiCacheConfig(threshold=float("nan"))
+    with pytest.raises(ValueError, match="gamma_max"):
+        invardiff.DiCacheConfig(threshold=0.1, gamma_max=0.5)
+    with pytest.raises(ValueError, match="error must be one of"):
+        invardiff.DiCacheConfig(threshold=0.1, error="delta_x")
+    with pytest.raises(ValueError, match="Unknown DiCache preset"):
+        invardiff.DiCacheConfig.preset("sdxl")
+    invardiff.enable(pipe, invardiff.DiCacheConfig(threshold=0.1, num_inference_steps=7))
+    with pytest.raises(EngineError, match="num_inference_steps=7"):
+        run_pipeline(pipe, config, T)
+    invardiff.disable(pipe)
+    invardiff.enable(pipe.transformer, invardiff.DiCacheConfig(threshold=0.1))
+    with pytest.raises(EngineError, match="Set num_inference_steps"):
+        with invardiff.cache_context(pipe.transformer, "default", step_index=0):
+            pipe.transformer(**config.example_call())
+    invardiff.disable(pipe.transformer)
