@@ -256,28 +256,36 @@ def generate(args) -> int:
 
     from .. import api
     from ..models import get, load
+    from .policy_args import policy_config
 
     entry, pipe = get(args.model), load(args.model)
-    plan = CachePlan.load(args.plan) if args.plan else None
+    config = policy_config(args, entry.family)
     item = args.prompt if args.prompt is not None else args.class_id
     if (entry.inputs == "prompt") != (args.prompt is not None):
         raise ValueError(f"{args.model} takes {'--prompt' if entry.inputs == 'prompt' else '--class'}.")
+    plan = config if isinstance(config, CachePlan) else getattr(config, "plan", None)
     steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
-        api.enable(pipe, plan)
+    if config is not None:
+        api.enable(pipe, config)
     try:
-        images = pipe(**entry.call_kwargs(item, args.seed, num_inference_steps=steps, output_type="np")).images
-        if plan is not None:
+        kwargs = entry.call_kwargs(item, args.seed, batch=args.batch, num_inference_steps=steps, output_type="np")
+        images = pipe(**kwargs).images
+        if config is not None:
             (out / "summary.json").write_text(json.dumps(api.summary(pipe).to_dict(), indent=1) + "\n")
     finally:
-        if plan is not None:
+        if config is not None:
             api.disable(pipe)
-    array = (np.asarray(images[0]) * 255).round().astype(np.uint8)
-    path = out / f"{args.model}-seed{args.seed}{'-plan' if plan else ''}.png"
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-    print(f"wrote {path}" + (f" and {out / 'summary.json'}" if plan else ""))
+    policy = args.policy or ("plan" if args.plan else None)
+    suffix = f"-{policy.replace('+', '-')}" if policy else ""
+    paths = []
+    for index, image in enumerate(images):
+        array = (np.asarray(image) * 255).round().astype(np.uint8)
+        path = out / f"{args.model}-seed{args.seed + index}{suffix}.png"
+        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+        paths.append(str(path))
+    print(f"wrote {', '.join(paths)}" + (f" and {out / 'summary.json'}" if config is not None else ""))
     return 0
 
 
@@ -299,4 +307,50 @@ def demo(args) -> int:
     else:
         print(paths["markdown"].read_text())
         print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grid']}")
+    return 0
+
+
+def bench(args) -> int:
+    import platform
+    from datetime import datetime, timezone
+
+    import torch
+
+    from ..bench.bundled import bundled_points, sweep_inputs
+    from ..bench.peers import peer_points
+    from ..bench.sweep import run_sweep
+    from ..bench.sweep_report import append_jsonl, equal_speed_table, markdown_table, plot_pareto
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for model in args.model:
+        inputs = sweep_inputs(model, seeds, args.device)
+        with tqdm(desc=f"{model}: calibrating", total=None) as bar:
+            points = bundled_points(
+                model, tuple(args.methods), args.device, lambda message: bar.set_postfix_str(message), peer_points
+            )
+        jsonl = out / f"sweep-{model}.jsonl"
+        jsonl.unlink(missing_ok=True)
+        with tqdm(total=len(points), desc=f"{model}: sweep") as bar:
+
+            def on_result(result):
+                append_jsonl(result, jsonl)
+                bar.set_postfix_str(result["label"])
+                bar.update(1)
+
+            results = run_sweep(inputs, points, args.rounds, on_result)
+        meta = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})",
+            "threads": torch.get_num_threads(),
+            "images": len(inputs.cases),
+            "rounds": args.rounds,
+        }
+        table = markdown_table(model, results, meta) + "\n" + equal_speed_table(model, results)
+        (out / f"sweep-{model}.md").write_text(table)
+        plot_pareto(model, results, out / f"sweep-{model}.png")
+        print(table)
+        print(f"wrote {jsonl}, {out / f'sweep-{model}.md'} and {out / f'sweep-{model}.png'}")
     return 0

@@ -13,8 +13,10 @@ import json
 import sys
 
 from .. import __version__
+from ..bench.bundled import METHODS
 from ..plan import PlanError
 from . import commands
+from .policy_args import add_policy_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,14 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=commands.list_models)
 
-    p = sub.add_parser("generate", help="generate with a bundled model, optionally with a plan")
+    p = sub.add_parser(
+        "generate", help="generate with a bundled model, optionally with a cache policy (plan, dicache, plan+probe)"
+    )
     p.add_argument("--model", required=True, help="bundled model name (see `invardiff models`)")
-    p.add_argument("--plan", help="a plan to execute (its summary is written beside the image)")
+    add_policy_arguments(p)
     item = p.add_mutually_exclusive_group(required=True)
     item.add_argument("--prompt", help="text prompt (Flux models)")
     item.add_argument("--class", dest="class_id", type=int, help="class id (DiT models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="default: the model's (the plan's, with --plan)")
+    p.add_argument("--batch", type=int, default=1, help="images per pipeline call (seeds seed, seed+1, ...)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(handler=commands.generate)
 
@@ -99,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=commands.demo)
+
+    p = sub.add_parser("bench", help="speed-quality sweep vs full compute and peers on bundled models, with plots")
+    p.add_argument("--model", nargs="+", default=["flux-shapes", "dit-digits"], help="bundled model(s)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="invardiff: the presets; invardiff-grid: step x module quantile grid; dicache; plan+probe; peers",
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
+    p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds per point after a warm-up")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="benchmarks/results/sweep")
+    p.set_defaults(handler=commands.bench)
 
     p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")
     p.add_argument("--family", nargs="+", choices=["flux", "dit"], default=["flux", "dit"])

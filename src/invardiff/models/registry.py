@@ -32,11 +32,13 @@ class BundledModel:
     def directory(self) -> Path:
         return Path(str(resources.files("invardiff") / "models" / "weights" / self.name))
 
-    def call_kwargs(self, item, seed: int, **overrides) -> dict:
-        """Arguments of one pipeline call generating ``item`` (a prompt or a class id) with ``seed``."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+    def call_kwargs(self, item, seed: int, batch: int = 1, **overrides) -> dict:
+        """Arguments of one pipeline call generating ``item`` (a prompt or a class id) with ``seed``; with
+        ``batch`` > 1, that many images of ``item`` in one call, with seeds ``seed, seed + 1, ...``."""
+        generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(batch)]
+        generator = generators[0] if batch == 1 else generators
         key = {"prompt": "prompt", "class": "class_labels"}[self.inputs]
-        value = [item] if self.inputs == "class" else item
+        value = [item] * batch if self.inputs == "class" or batch > 1 else item
         kwargs = {
             key: value,
             "num_inference_steps": self.num_inference_steps,

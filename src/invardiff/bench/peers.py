@@ -1,0 +1,160 @@
+"""Peer caches as operating points, each through its own public API (../shared/PEERS.md, ENVIRONMENT.md 5).
+
+* diffusers (>= 0.36) hooks via ``transformer.enable_cache``: FirstBlockCache, MagCache (ratios from its own
+  ``calibrate=True`` mode on our calibration inputs) and TaylorSeer. They need ``CacheMixin`` and pipelines that
+  set ``cache_context``; DiTPipeline has neither, so on DiT they fail and the table says why.
+* cache-dit (optional ``cache-dit``): DBCache at its default (F8B0) and as F1B0 (= FBCache). It patches the model's
+  forward for good, so each point gets a fresh pipeline.
+
+What was computed is counted the same way for every peer: forward calls of the transformer blocks, against
+(transformer calls x blocks). Thresholds span "never skips" to "skips most" on the bundled models.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+
+import torch
+
+from ..demo import CALIBRATION
+from ..models import registry
+from .sweep import OperatingPoint
+
+
+FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
+MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24, 0.5)
+TAYLORSEER_INTERVALS = (2, 3, 5)
+DBCACHE_F1B0_THRESHOLDS = (0.08, 0.12, 0.2, 0.3, 0.5)
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+class BlockCallCounter:
+    """Counts transformer calls and block calls with plain forward pre-hooks (removed by ``remove``)."""
+
+    def __init__(self, transformer):
+        self.blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name, [])]
+        self.block_calls = self.transformer_calls = 0
+        self.handles = [transformer.register_forward_pre_hook(self._on_transformer)]
+        self.handles += [block.register_forward_pre_hook(self._on_block) for block in self.blocks]
+
+    def _on_transformer(self, module, args):
+        self.transformer_calls += 1
+
+    def _on_block(self, module, args):
+        self.block_calls += 1
+
+    def executed(self, pipe=None) -> dict:
+        possible = self.transformer_calls * len(self.blocks)
+        return {"blocks": {"block_calls_fraction": self.block_calls / possible if possible else None}}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _counted_point(method: str, label: str, enable, disable, settings: dict, fresh: bool = False) -> OperatingPoint:
+    counter: dict[str, BlockCallCounter] = {}
+
+    def attach(pipe):
+        enable(pipe)
+        counter["current"] = BlockCallCounter(pipe.transformer)
+
+        def detach():
+            counter["current"].remove()
+            disable(pipe)
+
+        return detach
+
+    return OperatingPoint(
+        method, label, attach, settings, fresh_pipeline=fresh, executed=lambda pipe: counter["current"].executed()
+    )
+
+
+def _diffusers_point(method: str, label: str, make_config, settings: dict) -> OperatingPoint:
+    def enable(pipe):
+        if not hasattr(pipe.transformer, "enable_cache"):
+            raise TypeError(
+                f"{type(pipe.transformer).__name__} has no diffusers CacheMixin (enable_cache), and "
+                f"{type(pipe).__name__} does not set cache_context: diffusers' cache hooks cannot run on it."
+            )
+        pipe.transformer.enable_cache(make_config())
+
+    return _counted_point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
+
+
+def calibrate_mag_ratios(name: str) -> list[float]:
+    """MagCache's own calibration mode on our calibration prompts; the printed ratios are averaged over runs."""
+    from diffusers.hooks import MagCacheConfig
+
+    entry = registry.get(name)
+    pipe = registry.load(name)
+    if not hasattr(pipe.transformer, "enable_cache"):
+        return []
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=entry.num_inference_steps))
+    runs = []
+    for item in CALIBRATION[name]:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            pipe(**entry.call_kwargs(item, 0))
+        line = next(
+            ln for ln in printed.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[MagCache")
+        )
+        runs.append(ast.literal_eval(line))
+    pipe.transformer.disable_cache()
+    return torch.tensor(runs).mean(0).tolist()
+
+
+def _cache_dit_point(label: str, settings: dict) -> OperatingPoint:
+    def enable(pipe):
+        import cache_dit
+
+        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**settings))
+
+    def disable(pipe):
+        import cache_dit
+
+        cache_dit.disable_cache(pipe)
+
+    return _counted_point("cache-dit", label, enable, disable, settings, fresh=True)
+
+
+def peer_points(name: str) -> list[OperatingPoint]:
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    steps = registry.get(name).num_inference_steps
+    points = [
+        _diffusers_point(
+            "diffusers-fbcache", f"FBCache thr={t:g}", lambda t=t: FirstBlockCacheConfig(threshold=t), {"threshold": t}
+        )
+        for t in FBCACHE_THRESHOLDS
+    ]
+    ratios = calibrate_mag_ratios(name)
+    for t in MAGCACHE_THRESHOLDS:
+        points.append(
+            _diffusers_point(
+                "diffusers-magcache",
+                f"MagCache thr={t:g}",
+                lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=ratios or None),
+                {"threshold": t, "max_skip_steps": 3, "retention_ratio": 0.2, "calibrated_ratios": len(ratios)},
+            )
+        )
+    for interval in TAYLORSEER_INTERVALS:
+        points.append(
+            _diffusers_point(
+                "diffusers-taylorseer",
+                f"TaylorSeer interval={interval}",
+                # float32 factors: the default bfloat16 is slow on CPU and would handicap the peer.
+                lambda i=interval: TaylorSeerCacheConfig(cache_interval=i, taylor_factors_dtype=torch.float32),
+                {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1},
+            )
+        )
+    points.append(_cache_dit_point("DBCache default (F8B0 thr=0.08)", {}))
+    points += [
+        _cache_dit_point(
+            f"DBCache F1B0 thr={t:g}", {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": t}
+        )
+        for t in DBCACHE_F1B0_THRESHOLDS
+    ]
+    return points

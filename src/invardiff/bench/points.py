@@ -1,0 +1,48 @@
+"""Operating points of invardiff's own policies: InvarDiff plans, DiCache, plan+probe."""
+
+from __future__ import annotations
+
+from .. import api
+from ..dicache import FAMILY_DEFAULT_PRESET, DiCacheConfig, PlanProbeConfig
+from ..plan import CachePlan
+from .sweep import OperatingPoint
+
+
+def _executed(pipe) -> dict:
+    """Per branch: how many steps ran the deep layers, and the step-by-step record."""
+    summary = api.summary(pipe)
+    return {
+        name: {
+            "steps_computed": int((branch.step_status == 0).sum()),
+            "steps": "".join("C" if s == 0 else "R" for s in branch.step_status),
+        }
+        for name, branch in summary.branches.items()
+    }
+
+
+def _point(method: str, label: str, config, settings: dict) -> OperatingPoint:
+    def attach(pipe):
+        api.enable(pipe, config)
+        return lambda: api.disable(pipe)
+
+    return OperatingPoint(method, label, attach, settings, executed=_executed)
+
+
+def plan_point(label: str, plan: CachePlan, settings: dict) -> OperatingPoint:
+    return _point("invardiff", label, plan, settings)
+
+
+def dicache_point(family: str, threshold: float | None = None, **overrides) -> OperatingPoint:
+    preset = FAMILY_DEFAULT_PRESET[family]
+    config = DiCacheConfig.preset(preset, **({"threshold": threshold} if threshold is not None else {}), **overrides)
+    official = threshold is None and not overrides
+    label = f"dicache δ={config.threshold:g}" + (" (official)" if official else "")
+    settings = {"preset": preset, "threshold": config.threshold, **overrides}
+    return _point("dicache", label, config, settings)
+
+
+def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float) -> OperatingPoint:
+    config = PlanProbeConfig(plan, threshold=threshold)
+    return _point(
+        "plan+probe", f"{plan_label} + probe δ={threshold:g}", config, {"plan": plan_label, "threshold": threshold}
+    )

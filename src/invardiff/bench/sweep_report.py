@@ -1,0 +1,113 @@
+"""Outputs of a speed-quality sweep: JSON lines, a markdown table, Pareto plots, and equal-speed interpolation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def append_jsonl(result: dict, path: Path) -> None:
+    with path.open("a") as stream:
+        stream.write(json.dumps(result) + "\n")
+
+
+def markdown_table(model: str, results: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Speed-quality sweep: {model}",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, {meta['device']}, {meta['threads']} threads; {meta['images']} images "
+        f"per run; speedups are medians of {meta['rounds']} rounds alternating with full compute after a warm-up; "
+        f"ideal = FLOPs of full compute / FLOPs of the point (torch FlopCounterMode). Metrics against full compute: "
+        f"mean (worst).",
+        "",
+        "| method | point | measured speedup | ideal speedup | PSNR dB | SSIM | LPIPS | computed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['method']} | {r['label']} | cannot run: {r['error']} | | | | | |")
+            continue
+        steps = _executed_text(r.get("executed"))
+        lines.append(
+            f"| {r['method']} | {r['label']} | {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+            f"| {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) | {r['ssim']:.4f} ({r['worst']['ssim']:.4f}) "
+            f"| {r['lpips']:.4f} ({r['worst']['lpips']:.4f}) | {steps} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _executed_text(executed: dict | None) -> str:
+    parts = []
+    for name, record in (executed or {}).items():
+        if "steps_computed" in record:
+            parts.append(f"{record['steps_computed']} steps ({name})")
+        elif record.get("block_calls_fraction") is not None:
+            parts.append(f"{record['block_calls_fraction']:.0%} of block calls")
+    return ", ".join(parts) or "n/a"
+
+
+def _curves(results: list[dict]) -> dict[str, list[dict]]:
+    curves: dict[str, list[dict]] = {}
+    for r in results:
+        if "error" not in r:
+            curves.setdefault(r["method"], []).append(r)
+    return {method: sorted(points, key=lambda r: r["measured_speedup"]) for method, points in curves.items()}
+
+
+def pareto_front(points: list[dict], metric: str) -> list[dict]:
+    """Points not beaten on both speed and ``metric`` by another point of the same method, by speedup."""
+    better = (lambda a, b: a < b) if metric == "lpips" else (lambda a, b: a > b)
+    front = []
+    for p in sorted(points, key=lambda r: -r["measured_speedup"]):
+        if not front or better(p[metric], front[-1][metric]):
+            front.append(p)
+    return sorted(front, key=lambda r: r["measured_speedup"])
+
+
+def at_speedup(points: list[dict], metric: str, speedup: float) -> float | None:
+    """``metric`` at ``speedup``, interpolated linearly along the method's Pareto front; None outside its range."""
+    front = pareto_front(points, metric)
+    xs = [p["measured_speedup"] for p in front]
+    if not front or speedup < xs[0] or speedup > xs[-1]:
+        return None
+    return float(np.interp(speedup, xs, [p[metric] for p in front]))
+
+
+def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5)) -> str:
+    lines = [f"## {model}: quality at equal measured speedup (interpolated along each method's Pareto front)", ""]
+    header = "| method | " + " | ".join(f"LPIPS @ {s:g}x | PSNR @ {s:g}x" for s in speedups) + " |"
+    lines += [header, "|---|" + "---|---|" * len(speedups)]
+    for method, points in _curves(results).items():
+        cells = []
+        for s in speedups:
+            lp, ps = at_speedup(points, "lpips", s), at_speedup(points, "psnr", s)
+            cells += ["—" if lp is None else f"{lp:.4f}", "—" if ps is None else f"{ps:.2f}"]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(model: str, results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, points in _curves(results).items():
+        for axis, metric in zip(axes, ("lpips", "psnr"), strict=True):
+            xs = [p["measured_speedup"] for p in points]
+            axis.scatter(xs, [p[metric] for p in points], s=14, alpha=0.5)
+            front = pareto_front(points, metric)
+            axis.plot([p["measured_speedup"] for p in front], [p[metric] for p in front], marker="o", label=method)
+    axes[0].set_ylabel("LPIPS vs full compute (lower is better)")
+    axes[1].set_ylabel("PSNR vs full compute, dB (higher is better)")
+    for axis in axes:
+        axis.set_xlabel("measured speedup (x)")
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    figure.suptitle(f"{model}: speed vs fidelity (lines: each method's Pareto front)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,55 @@
+"""Command-line options that choose a cache policy (plan, DiCache, plan+probe) and build its config."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..dicache import FAMILY_DEFAULT_PRESET, PRESETS, DiCacheConfig, PlanProbeConfig
+from ..plan import CachePlan
+
+
+POLICIES = ("plan", "dicache", "plan+probe")
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cache policy")
+    group.add_argument("--plan", help="an InvarDiff plan (policy plan or plan+probe)")
+    group.add_argument(
+        "--policy", choices=POLICIES, help="default: plan when --plan is given, else full compute (no cache)"
+    )
+    group.add_argument(
+        "--dicache-preset", choices=sorted(PRESETS), help="official DiCache setting (default: the family's)"
+    )
+    group.add_argument("--threshold", type=float, help="delta: DiCache skip threshold / plan+probe veto threshold")
+    group.add_argument("--probe-depth", type=int, help="m, the probe's number of leading blocks (default 1)")
+    group.add_argument("--error", choices=["delta_y", "delta_minus"], help="DiCache error indicator")
+    group.add_argument("--warmup-ratio", type=float, help="DiCache warm-up ratio r")
+    group.add_argument("--gamma-max", type=float, help="DiCache upper clip of gamma")
+    group.add_argument(
+        "--batch-global", action="store_true", help="one decision for the whole batch (official) instead of per sample"
+    )
+
+
+def policy_config(args, family: str):
+    """The config to pass to ``invardiff.enable`` (``None``: full compute), from the options above."""
+    policy = args.policy or ("plan" if args.plan else None)
+    if policy is None:
+        return None
+    plan = CachePlan.load(args.plan) if args.plan else None
+    if policy in ("plan", "plan+probe") and plan is None:
+        raise ValueError(f"--policy {policy} needs --plan PLAN.json (make one with `invardiff calibrate`).")
+    if policy == "plan":
+        return plan
+    overrides = {
+        "probe_depth": args.probe_depth,
+        "error": args.error,
+        "per_sample": False if args.batch_global else None,
+    }
+    if policy == "plan+probe":
+        if args.threshold is None:
+            raise ValueError("--policy plan+probe needs --threshold DELTA (the veto threshold; try 0.3).")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return PlanProbeConfig(plan, threshold=args.threshold, **overrides)
+    overrides.update(threshold=args.threshold, warmup_ratio=args.warmup_ratio, gamma_max=args.gamma_max)
+    preset = args.dicache_preset or FAMILY_DEFAULT_PRESET[family]
+    return DiCacheConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})

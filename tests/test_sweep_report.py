@@ -1,0 +1,45 @@
+"""Equal-speed interpolation and Pareto fronts of the speed-quality sweep, on hand-made points."""
+
+from __future__ import annotations
+
+import pytest
+
+from invardiff.bench.sweep_report import at_speedup, equal_speed_table, markdown_table, pareto_front
+
+
+def _p(speedup, lpips, psnr, method="m"):
+    return {
+        "method": method,
+        "label": f"{speedup}",
+        "measured_speedup": speedup,
+        "lpips": lpips,
+        "psnr": psnr,
+        "ssim": 0.9,
+        "ideal_speedup": speedup,
+        "worst": {"lpips": lpips, "psnr": psnr, "ssim": 0.9},
+    }
+
+
+POINTS = [_p(1.5, 0.01, 35.0), _p(2.2, 0.05, 30.0), _p(2.0, 0.08, 28.0), _p(3.0, 0.09, 25.0)]
+
+
+def test_pareto_front_drops_dominated_points():
+    # (2.0, 0.08) is slower and worse than (2.2, 0.05): dominated.
+    assert [p["measured_speedup"] for p in pareto_front(POINTS, "lpips")] == [1.5, 2.2, 3.0]
+    assert [p["measured_speedup"] for p in pareto_front(POINTS, "psnr")] == [1.5, 2.2, 3.0]
+
+
+def test_at_speedup_interpolates_linearly_along_the_front():
+    # 2.0x lies 5/7 of the way from 1.5x (0.01) to 2.2x (0.05): 0.01 + 0.04 * 5/7.
+    assert at_speedup(POINTS, "lpips", 2.0) == pytest.approx(0.01 + 0.04 * 5 / 7)
+    # 2.5x lies 3/8 of the way from 2.2x (30 dB) to 3.0x (25 dB).
+    assert at_speedup(POINTS, "psnr", 2.5) == pytest.approx(30.0 - 5.0 * 3 / 8)
+    assert at_speedup(POINTS, "lpips", 3.5) is None  # never that fast: no extrapolation
+
+
+def test_tables_say_when_a_peer_cannot_run():
+    results = POINTS + [{"method": "peer", "label": "x", "settings": {}, "error": "TypeError('no CacheMixin')"}]
+    meta = {"date": "d", "torch": "t", "device": "cpu", "threads": 2, "images": 8, "rounds": 3}
+    assert "cannot run: TypeError('no CacheMixin')" in markdown_table("model", results, meta)
+    table = equal_speed_table("model", results)
+    assert "| m | 0.0386 | 31.43 | 0.0650 | 28.12 |" in table
