@@ -19,7 +19,7 @@ METHODS = ("invardiff", "invardiff-grid", "dicache", "plan+probe", "peers")
 DICACHE_THRESHOLDS = {"flux": (0.1, 0.2, 0.8, 1.5), "dit": (0.1, 0.2, 0.8, 1.5)}
 PLAN_PROBE_THRESHOLDS = (0.1, 0.3)
 # InvarDiff grid in the spirit of the paper's 35-point figure (SPEC.md A.8): step quantile x module bundles.
-GRID_STEP_LEVELS = (0.5, 0.6, 0.7, 0.8)
+GRID_STEP_LEVELS = (0.5, 0.65, 0.8)
 GRID_MODULE_LEVELS = (0.0, 0.4, 0.68)
 
 

@@ -31,13 +31,16 @@ BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
 class BlockCallCounter:
-    """Counts transformer calls and block calls with plain forward pre-hooks (removed by ``remove``)."""
+    """Counts transformer calls and attention computations (calls of each block's ``to_q``), with plain forward
+    pre-hooks removed by ``remove``. Counting ``to_q`` rather than the block sees work skipped by hooks that
+    replace a block's forward (FirstBlockCache, cache-dit) and by hooks below it (TaylorSeer)."""
 
     def __init__(self, transformer):
-        self.blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name, [])]
+        blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name, [])]
+        self.blocks = [getattr(b, "attn", None) or b.attn1 for b in blocks]
         self.block_calls = self.transformer_calls = 0
         self.handles = [transformer.register_forward_pre_hook(self._on_transformer)]
-        self.handles += [block.register_forward_pre_hook(self._on_block) for block in self.blocks]
+        self.handles += [attn.to_q.register_forward_pre_hook(self._on_block) for attn in self.blocks]
 
     def _on_transformer(self, module, args):
         self.transformer_calls += 1
@@ -47,7 +50,7 @@ class BlockCallCounter:
 
     def executed(self, pipe=None) -> dict:
         possible = self.transformer_calls * len(self.blocks)
-        return {"blocks": {"block_calls_fraction": self.block_calls / possible if possible else None}}
+        return {"attention": {"block_calls_fraction": self.block_calls / possible if possible else None}}
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -110,7 +113,20 @@ def _cache_dit_point(label: str, settings: dict) -> OperatingPoint:
     def enable(pipe):
         import cache_dit
 
-        cache_dit.enable_cache(pipe, cache_config=cache_dit.DBCacheConfig(**settings))
+        target = pipe
+        if type(pipe).__name__ not in ("FluxPipeline", "DiTPipeline") and hasattr(
+            pipe.transformer, "single_transformer_blocks"
+        ):
+            # A FluxPipeline subclass (flux-shapes): cache-dit wants an explicit BlockAdapter, built here exactly
+            # as its own Flux adapter does (both block lists, ForwardPattern.Pattern_1).
+            target = cache_dit.BlockAdapter(
+                pipe=pipe,
+                transformer=pipe.transformer,
+                blocks=[pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks],
+                forward_pattern=[cache_dit.ForwardPattern.Pattern_1, cache_dit.ForwardPattern.Pattern_1],
+                check_forward_pattern=True,
+            )
+        cache_dit.enable_cache(target, cache_config=cache_dit.DBCacheConfig(**settings))
 
     def disable(pipe):
         import cache_dit

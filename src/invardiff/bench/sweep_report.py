@@ -44,7 +44,7 @@ def _executed_text(executed: dict | None) -> str:
         if "steps_computed" in record:
             parts.append(f"{record['steps_computed']} steps ({name})")
         elif record.get("block_calls_fraction") is not None:
-            parts.append(f"{record['block_calls_fraction']:.0%} of block calls")
+            parts.append(f"{record['block_calls_fraction']:.0%} of attention calls")
     return ", ".join(parts) or "n/a"
 
 

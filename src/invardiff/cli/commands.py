@@ -334,7 +334,7 @@ def bench(args) -> int:
         jsonl.unlink(missing_ok=True)
         with tqdm(total=len(points), desc=f"{model}: sweep") as bar:
 
-            def on_result(result):
+            def on_result(result, jsonl=jsonl):
                 append_jsonl(result, jsonl)
                 bar.set_postfix_str(result["label"])
                 bar.update(1)
