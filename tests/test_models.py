@@ -101,3 +101,16 @@ def test_flux_shapes_pipeline_takes_prompts_offline(no_network):
     generator = torch.Generator().manual_seed(0)
     images, _, attributes = shapes.sample_batch(12, generator)
     assert checks.shape_colour_accuracy((images + 1) / 2, attributes) == 1.0
+
+
+def test_generate_with_dicache_and_plan_probe_policies(tmp_path, capsys):
+    base = ["generate", "--model", "dit-digits", "--class", "3", "--steps", "10"]
+    assert main([*base, "--policy", "dicache", "--threshold", "0.5", "--batch", "2", "-o", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["policy"]["policy"] == "dicache" and summary["policy"]["threshold"] == 0.5
+    decisions = summary["branches"]["default"]["probe"]["decision"]
+    assert len(decisions) == 10 and len(decisions[0]) == 4  # 2 images x (cond, uncond) rows, each decided alone
+    assert decisions[:3] == [["warmup"] * 4] * 3  # floor(0.2 * 10) = 2, inclusive: steps 0-2
+    assert (tmp_path / "dit-digits-seed1-dicache.png").exists()
+    assert main([*base, "--policy", "plan+probe", "--threshold", "0.3", "-o", str(tmp_path)]) == 2
+    assert "--policy plan+probe needs --plan" in capsys.readouterr().err

@@ -41,8 +41,9 @@ def enable(target, plan: CachePlan | object) -> None:
         target: a pipeline with ``transformer`` and ``scheduler`` (steps come from its scheduler, state resets at
             every pipeline call), or a bare transformer (then wrap each call in :func:`cache_context` with a
             ``step_index``).
-        plan (`CachePlan` or a registered policy config such as `PlanConfig`): what to execute. It is validated
-            against the model here and against the step count at the start of every run.
+        plan (`CachePlan`, `DiCacheConfig`, `PlanProbeConfig` or another registered policy config): what to
+            execute. It is validated against the model here and against the step count at the start of every run.
+            DiCache decides online per sample from a shallow probe; plan+probe lets that probe veto a plan's reuse.
 
     Example:
         ```python
