@@ -60,6 +60,13 @@ def run_point(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, 
     except Exception as error:  # a peer that cannot run on this model: the table says so, and why
         return {"method": point.method, "label": point.label, "settings": point.settings, "error": repr(error)}
     try:
+        return _measure(inputs, baseline, full, point, pipe, detach, rounds)
+    except Exception as error:  # e.g. a peer whose config does not fit the model, found only when it runs
+        return {"method": point.method, "label": point.label, "settings": point.settings, "error": repr(error)}
+
+
+def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, pipe, detach, rounds: int) -> dict:
+    try:
         images: dict[str, torch.Tensor] = {}
 
         def run(variant: str) -> float:
@@ -104,13 +111,20 @@ def run_sweep(
     points: list[OperatingPoint],
     rounds: int = 3,
     on_result: Callable[[dict], None] | None = None,
+    done: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Run every point; ``on_result`` sees each result as soon as it is measured (progress, JSON lines)."""
+    """Run every point; ``on_result`` sees each result as soon as it is measured (progress, JSON lines).
+
+    ``done`` maps labels to results of an interrupted sweep (its JSON lines): those points are not run again.
+    """
     baseline = inputs.load_pipeline()
     flops, images = count_flops(lambda: inputs.generate(baseline))
     full = {"images": images, "flops": flops, "pipeline": inputs.load_pipeline()}
     results = []
     for point in points:
+        if done and point.label in done:
+            results.append(done[point.label])
+            continue
         result = run_point(inputs, baseline, full, point, rounds)
         results.append(result)
         if on_result is not None:

@@ -331,7 +331,11 @@ def bench(args) -> int:
                 model, tuple(args.methods), args.device, lambda message: bar.set_postfix_str(message), peer_points
             )
         jsonl = out / f"sweep-{model}.jsonl"
-        jsonl.unlink(missing_ok=True)
+        done = {}
+        if args.resume and jsonl.exists():
+            done = {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+        else:
+            jsonl.unlink(missing_ok=True)
         with tqdm(total=len(points), desc=f"{model}: sweep") as bar:
 
             def on_result(result, jsonl=jsonl):
@@ -339,7 +343,8 @@ def bench(args) -> int:
                 bar.set_postfix_str(result["label"])
                 bar.update(1)
 
-            results = run_sweep(inputs, points, args.rounds, on_result)
+            bar.update(len(done))
+            results = run_sweep(inputs, points, args.rounds, on_result, done)
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,

@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds per point after a warm-up")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/sweep")
+    p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
     p.set_defaults(handler=commands.bench)
 
     p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")
