@@ -1,4 +1,4 @@
-"""The speed-quality sweep on a bundled trained model: which operating points, calibrated how."""
+"""The speed-quality sweep on a target (bundled model or user pipeline): which operating points, calibrated how."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 
 from ..calibration import calibrate
 from ..calibration.thresholds import PRESETS, InvarDiffThresholds
-from ..demo import CALIBRATION, _generate
-from ..models import registry
+from ..demo import _generate
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
+from .targets import SweepTarget
 
 
 METHODS = ("invardiff", "invardiff-grid", "dicache", "plan+probe", "peers")
@@ -23,24 +23,31 @@ GRID_STEP_LEVELS = (0.5, 0.65, 0.8)
 GRID_MODULE_LEVELS = (0.0, 0.4, 0.68)
 
 
-def sweep_inputs(name: str, seeds: list[int], device: str = "cpu") -> SweepInputs:
-    entry = registry.get(name)
+CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
+
+
+def sweep_inputs(target: SweepTarget, seeds: list[int], device: str = "cpu") -> SweepInputs:
+    entry = target.entry
     cases = [(item, seed) for seed in seeds for item in entry.examples]
     return SweepInputs(
-        model=name,
-        load_pipeline=lambda: registry.load(name, device),
+        model=target.name,
+        load_pipeline=target.load,
         generate=lambda pipe: _generate(pipe, entry, cases),
         cases=[{"input": item, "seed": seed} for item, seed in cases],
         device=torch.device(device),
     )
 
 
-def _calibrate(name: str, thresholds, device: str):
-    entry = registry.get(name)
-    pipe = registry.load(name, device)
-    inputs = {"prompts": CALIBRATION[name]} if entry.inputs == "prompt" else {"class_labels": CALIBRATION[name]}
+def _calibrate(target: SweepTarget, thresholds):
+    seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
+    pipe = target.load()
     plan, _ = calibrate(
-        pipe, num_inference_steps=entry.num_inference_steps, thresholds=thresholds, seeds=[0], **inputs
+        pipe,
+        num_inference_steps=target.entry.num_inference_steps,
+        thresholds=thresholds,
+        seeds=seeds,
+        pipeline_kwargs={"guidance_scale": target.entry.guidance_scale} if target.family == "flux" else None,
+        **target.calibration_kwargs(),
     )
     return plan
 
@@ -55,37 +62,44 @@ def _grid(family: str) -> list[tuple[str, InvarDiffThresholds]]:
     return grid
 
 
-def bundled_points(
-    name: str,
+def sweep_points(
+    target: SweepTarget,
     methods: tuple[str, ...],
-    device: str = "cpu",
     progress: Callable[[str], None] | None = None,
-    peer_points: Callable[[str], list[OperatingPoint]] | None = None,
+    peer_points: Callable[[SweepTarget], list[OperatingPoint]] | None = None,
 ) -> list[OperatingPoint]:
-    """The operating points of ``methods`` on bundled model ``name`` (plans are calibrated here)."""
+    """The operating points of ``methods`` on ``target`` (plans are calibrated here)."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; expected some of {METHODS}.")
-    family = registry.get(name).family
+    family = target.family
     note = progress or (lambda message: None)
     points, plans = [], {}
     if {"invardiff", "plan+probe"} & set(methods):
         for preset in PRESETS[family]:
             note(f"calibrating {preset}")
-            plans[preset] = _calibrate(name, preset, device)
+            plans[preset] = _calibrate(target, preset)
     if "invardiff" in methods:
         points += [plan_point(f"invardiff {p}", plan, {"preset": p}) for p, plan in plans.items()]
     if "invardiff-grid" in methods:
         for label, thresholds in _grid(family):
             note(f"calibrating {label}")
-            points.append(plan_point(f"invardiff {label}", _calibrate(name, thresholds, device), thresholds.to_dict()))
+            points.append(plan_point(f"invardiff {label}", _calibrate(target, thresholds), thresholds.to_dict()))
+    # Per-sample and batch-global decisions differ only when a call carries several rows: DiTPipeline batches
+    # the CFG branches, so there both modes are measured; flux-shapes calls carry one row.
+    modes = (True, False) if family == "dit" else (True,)
     if "dicache" in methods:
-        points.append(dicache_point(family))
-        points += [dicache_point(family, threshold) for threshold in DICACHE_THRESHOLDS[family]]
+        for per_sample in modes:
+            points.append(dicache_point(family, per_sample=per_sample))
+            points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS[family]]
     if "plan+probe" in methods:
-        points += [plan_probe_point("fast", plans["fast"], delta) for delta in PLAN_PROBE_THRESHOLDS]
+        points += [
+            plan_probe_point("fast", plans["fast"], delta, per_sample)
+            for per_sample in modes
+            for delta in PLAN_PROBE_THRESHOLDS
+        ]
     if "peers" in methods:
         if peer_points is None:
             raise ValueError("peers requested but no peer point builder given")
-        points += peer_points(name)
+        points += peer_points(target)
     return points

@@ -18,9 +18,8 @@ import io
 
 import torch
 
-from ..demo import CALIBRATION
-from ..models import registry
 from .sweep import OperatingPoint
+from .targets import SweepTarget
 
 
 FBCACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -87,17 +86,17 @@ def _diffusers_point(method: str, label: str, make_config, settings: dict) -> Op
     return _counted_point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
 
 
-def calibrate_mag_ratios(name: str) -> list[float]:
-    """MagCache's own calibration mode on our calibration prompts; the printed ratios are averaged over runs."""
+def calibrate_mag_ratios(target: SweepTarget) -> list[float]:
+    """MagCache's own calibration mode on the target's calibration inputs; the printed ratios are averaged."""
     from diffusers.hooks import MagCacheConfig
 
-    entry = registry.get(name)
-    pipe = registry.load(name)
+    entry = target.entry
+    pipe = target.load()
     if not hasattr(pipe.transformer, "enable_cache"):
         return []
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=entry.num_inference_steps))
     runs = []
-    for item in CALIBRATION[name]:
+    for item in target.calibration:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             pipe(**entry.call_kwargs(item, 0))
@@ -136,17 +135,17 @@ def _cache_dit_point(label: str, settings: dict) -> OperatingPoint:
     return _counted_point("cache-dit", label, enable, disable, settings, fresh=True)
 
 
-def peer_points(name: str) -> list[OperatingPoint]:
+def peer_points(target: SweepTarget) -> list[OperatingPoint]:
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
-    steps = registry.get(name).num_inference_steps
+    steps = target.entry.num_inference_steps
     points = [
         _diffusers_point(
             "diffusers-fbcache", f"FBCache thr={t:g}", lambda t=t: FirstBlockCacheConfig(threshold=t), {"threshold": t}
         )
         for t in FBCACHE_THRESHOLDS
     ]
-    ratios = calibrate_mag_ratios(name)
+    ratios = calibrate_mag_ratios(target)
     for t in MAGCACHE_THRESHOLDS:
         points.append(
             _diffusers_point(

@@ -35,10 +35,11 @@ def plan_point(label: str, plan: CachePlan, settings: dict) -> OperatingPoint:
 def dicache_point(family: str, threshold: float | None = None, **overrides) -> OperatingPoint:
     preset = FAMILY_DEFAULT_PRESET[family]
     config = DiCacheConfig.preset(preset, **({"threshold": threshold} if threshold is not None else {}), **overrides)
-    official = threshold is None and not overrides
+    official = threshold is None and not (set(overrides) - {"per_sample"})
     label = f"dicache δ={config.threshold:g}" + (" (official)" if official else "")
+    label += " batch-global" if not config.per_sample else ""
     settings = {"preset": preset, "threshold": config.threshold, **overrides}
-    return _point("dicache", label, config, settings)
+    return _point("dicache" if config.per_sample else "dicache-batch-global", label, config, settings)
 
 
 def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float) -> OperatingPoint:

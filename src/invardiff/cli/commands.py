@@ -316,19 +316,34 @@ def bench(args) -> int:
 
     import torch
 
-    from ..bench.bundled import bundled_points, sweep_inputs
+    from ..bench.bundled import sweep_inputs, sweep_points
     from ..bench.peers import peer_points
     from ..bench.sweep import run_sweep
     from ..bench.sweep_report import append_jsonl, equal_speed_table, markdown_table, plot_pareto
+    from ..bench.targets import bundled_target, pipeline_target
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    for model in args.model:
-        inputs = sweep_inputs(model, seeds, args.device)
+    if args.pipeline:
+        if bool(args.prompts) == bool(args.classes):
+            raise ValueError("--pipeline needs either --prompts FILE (Flux) or --classes 1,2,3 (DiT).")
+        items = (
+            [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            if args.prompts
+            else [int(c) for c in args.classes.split(",")]
+        )
+        if not args.steps:
+            raise ValueError("--pipeline needs --steps N (the sampling step count to benchmark).")
+        targets = [pipeline_target(args.pipeline, items, args.steps, args.guidance, args.device)]
+    else:
+        targets = [bundled_target(model, args.device) for model in args.model]
+    for target in targets:
+        model = target.name
+        inputs = sweep_inputs(target, seeds, args.device)
         with tqdm(desc=f"{model}: calibrating", total=None) as bar:
-            points = bundled_points(
-                model, tuple(args.methods), args.device, lambda message: bar.set_postfix_str(message), peer_points
+            points = sweep_points(
+                target, tuple(args.methods), lambda message: bar.set_postfix_str(message), peer_points
             )
         jsonl = out / f"sweep-{model}.jsonl"
         done = {}

@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/sweep")
     p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
+    p.add_argument("--pipeline", help="instead of bundled models: a saved diffusers Flux / DiT pipeline directory")
+    p.add_argument("--prompts", help="with --pipeline (Flux): a text file, one prompt per line")
+    p.add_argument("--classes", help="with --pipeline (DiT): comma-separated class ids")
+    p.add_argument("--steps", type=int, help="with --pipeline: sampling steps")
+    p.add_argument("--guidance", type=float, default=3.5, help="with --pipeline: guidance scale (default 3.5)")
     p.set_defaults(handler=commands.bench)
 
     p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")

@@ -1,0 +1,66 @@
+"""What a sweep runs on: a bundled model, or any diffusers Flux / DiT pipeline directory a user points it at."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..demo import CALIBRATION
+from ..families import resolve_family
+from ..models import registry
+from ..models.registry import BundledModel
+
+
+@dataclass(frozen=True)
+class SweepTarget:
+    """``entry`` says how to sample (steps, guidance, inputs, the evaluation examples); ``load`` builds a fresh
+    pipeline; ``calibration`` are the inputs calibrations run on (kept apart from the evaluation examples)."""
+
+    entry: BundledModel
+    load: Callable[[], object]
+    calibration: tuple
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def family(self) -> str:
+        return self.entry.family
+
+    def calibration_kwargs(self) -> dict:
+        key = "prompts" if self.entry.inputs == "prompt" else "class_labels"
+        return {key: list(self.calibration)}
+
+
+def bundled_target(name: str, device: str = "cpu") -> SweepTarget:
+    return SweepTarget(registry.get(name), lambda: registry.load(name, device), tuple(CALIBRATION[name]))
+
+
+def pipeline_target(
+    path: str,
+    inputs: list,
+    num_inference_steps: int,
+    guidance_scale: float,
+    device: str = "cpu",
+    calibration: list | None = None,
+) -> SweepTarget:
+    """A saved diffusers pipeline (``save_pretrained`` layout, loaded with ``local_files_only``). ``inputs`` are
+    prompts (Flux) or class ids (DiT); calibration runs on ``calibration`` or, by default, on the same inputs
+    (with other seeds than the evaluation's)."""
+    from diffusers import DiffusionPipeline
+
+    def load():
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+
+    family = resolve_family(load().transformer).name
+    kind = "prompt" if family == "flux" else "class"
+    if (kind == "prompt") != all(isinstance(item, str) for item in inputs):
+        raise ValueError(f"{path} is a {family} pipeline: give it {'--prompts' if kind == 'prompt' else '--classes'}.")
+    entry = BundledModel(
+        Path(path).name, family, "user pipeline", str(path), num_inference_steps, guidance_scale, kind, tuple(inputs)
+    )
+    return SweepTarget(entry, load, tuple(calibration or inputs))
