@@ -17,9 +17,11 @@ from .targets import SweepTarget
 METHODS = ("invardiff", "invardiff-grid", "dicache", "plan+probe", "peers")
 # DiCache thresholds besides the official 0.4 (SPEC.md B.5), chosen to span slow to fast on the bundled models.
 DICACHE_THRESHOLDS = {"flux": (0.1, 0.2, 0.8, 1.5), "dit": (0.1, 0.2, 0.8, 1.5)}
-PLAN_PROBE_THRESHOLDS = (0.1, 0.3)
+PLAN_PROBE_THRESHOLDS = (0.1, 0.2, 0.3)
+# plan+probe also runs on an aggressive plan, whose bad reuses the probe should veto (step 0.8, modules 0.68).
+AGGRESSIVE = (0.8, 0.68)
 # InvarDiff grid in the spirit of the paper's 35-point figure (SPEC.md A.8): step quantile x module bundles.
-GRID_STEP_LEVELS = (0.5, 0.65, 0.8)
+GRID_STEP_LEVELS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
 GRID_MODULE_LEVELS = (0.0, 0.4, 0.68)
 
 
@@ -52,14 +54,14 @@ def _calibrate(target: SweepTarget, thresholds):
     return plan
 
 
-def _grid(family: str) -> list[tuple[str, InvarDiffThresholds]]:
+def _grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffThresholds]:
     base = next(iter(PRESETS[family].values()))
-    grid = []
-    for step in GRID_STEP_LEVELS:
-        for level in GRID_MODULE_LEVELS:
-            thresholds = InvarDiffThresholds(base.nonskip_rate, step, dict.fromkeys(base.modules, level))
-            grid.append((f"grid step={step:g} modules={level:g}", thresholds))
-    return grid
+    thresholds = InvarDiffThresholds(base.nonskip_rate, step, dict.fromkeys(base.modules, level))
+    return f"grid step={step:g} modules={level:g}", thresholds
+
+
+def _grid(family: str) -> list[tuple[str, InvarDiffThresholds]]:
+    return [_grid_point(family, step, level) for step in GRID_STEP_LEVELS for level in GRID_MODULE_LEVELS]
 
 
 def sweep_points(
@@ -93,8 +95,12 @@ def sweep_points(
             points.append(dicache_point(family, per_sample=per_sample))
             points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS[family]]
     if "plan+probe" in methods:
+        label, thresholds = _grid_point(family, *AGGRESSIVE)
+        note(f"calibrating {label}")
+        plans[label] = _calibrate(target, thresholds)
         points += [
-            plan_probe_point("fast", plans["fast"], delta, per_sample)
+            plan_probe_point(plan_label, plans[plan_label], delta, per_sample)
+            for plan_label in ("fast", label)
             for per_sample in modes
             for delta in PLAN_PROBE_THRESHOLDS
         ]

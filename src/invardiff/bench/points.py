@@ -42,8 +42,8 @@ def dicache_point(family: str, threshold: float | None = None, **overrides) -> O
     return _point("dicache" if config.per_sample else "dicache-batch-global", label, config, settings)
 
 
-def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float) -> OperatingPoint:
-    config = PlanProbeConfig(plan, threshold=threshold)
-    return _point(
-        "plan+probe", f"{plan_label} + probe δ={threshold:g}", config, {"plan": plan_label, "threshold": threshold}
-    )
+def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float, per_sample: bool = True) -> OperatingPoint:
+    config = PlanProbeConfig(plan, threshold=threshold, per_sample=per_sample)
+    method = "plan+probe" if per_sample else "plan+probe-batch-global"
+    label = f"{plan_label} + probe δ={threshold:g}" + ("" if per_sample else " batch-global")
+    return _point(method, label, config, {"plan": plan_label, "threshold": threshold, "per_sample": per_sample})
