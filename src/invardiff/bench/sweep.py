@@ -1,8 +1,9 @@
 """Speed-quality sweep: operating points of several caches against full compute, on one pipeline, in one process.
 
 Each point runs on its own copy of the pipeline (a cache's hooks never reach the baseline). Per point: one warm-up
-of both, then ``rounds`` rounds alternating full compute and the point (order flipped every round); the measured
-speedup is the median of the per-round ratios. The ideal speedup is measured, not modelled: the FLOPs of one run
+run of the point (the FLOP-counted one; the baseline is warm from the start of the sweep), then ``rounds`` rounds
+alternating full compute and the point (order flipped every round); the measured speedup is the median of the
+per-round ratios. The ideal speedup is measured, not modelled: the FLOPs of one run
 under ``torch.utils.flop_counter`` (matmuls and attention) against full compute's, which counts what any cache,
 ours or a peer's, actually skipped. Fidelity: PSNR / SSIM / LPIPS of every image against full compute's.
 """
@@ -74,12 +75,12 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
             seconds, images[variant] = timed(lambda: inputs.generate(target), inputs.device)
             return seconds
 
-        run("full"), run("point")  # warm-up
+        # The warm-up run of the point is its FLOP-counted run; the baseline is already warm (run_sweep ran it).
+        flops, _ = count_flops(lambda: inputs.generate(pipe))
         times = {"full": [], "point": []}
         for index in range(rounds):
             for variant in ("full", "point") if index % 2 == 0 else ("point", "full"):
                 times[variant].append(run(variant))
-        flops, _ = count_flops(lambda: inputs.generate(pipe))
         executed = point.executed(pipe) if point.executed is not None else None
     finally:
         detach()
