@@ -227,3 +227,26 @@ def test_bad_dicache_settings_are_rejected_with_the_fix():
         with invardiff.cache_context(pipe.transformer, "default", step_index=0):
             pipe.transformer(**config.example_call())
     invardiff.disable(pipe.transformer)
+
+
+def test_flux_true_cfg_branches_keep_their_own_accumulators():
+    config, pipe = tiny_pipeline("flux")
+    extra = {
+        "true_cfg_scale": 2.0,
+        "negative_prompt_embeds": torch.randn(1, config.text_tokens, 32, generator=torch.Generator().manual_seed(5)),
+        "negative_pooled_prompt_embeds": torch.randn(1, 32, generator=torch.Generator().manual_seed(6)),
+    }
+    with invardiff.enabled(pipe, invardiff.DiCacheConfig(threshold=0.6, warmup_ratio=0.1)):
+        run_pipeline(pipe, config, T, **extra)
+        branches = invardiff.summary(pipe).branches
+    assert sorted(branches) == ["cond", "uncond"]
+    assert not np.array_equal(branches["cond"].probe["error"], branches["uncond"].probe["error"], equal_nan=True)
+    for branch in branches.values():
+        error, accumulator = branch.probe["error"][:, 0], branch.probe["accumulator"][:, 0]
+        decisions = [row[0] for row in _decisions(branch)]
+        assert "skipped" in decisions
+        for t in range(1, T):
+            if decisions[t] in ("skipped", "computed"):
+                # A_t = A_{t-1} + e_t after a skip of this branch, e_t after a computed step (reset to 0).
+                carried = accumulator[t - 1] if decisions[t - 1] == "skipped" else 0.0
+                assert accumulator[t] == pytest.approx(carried + error[t], rel=1e-9)
