@@ -104,6 +104,12 @@ class ProbeController:
 
     # ----- called by the step hook -----
     def run_step(self, transformer, state, forward):
+        for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+            if state.call.arguments.get(name) is not None:
+                raise NotImplementedError(
+                    f"invardiff {self.policy.name}: ControlNet residuals ({name}) are added between the blocks the "
+                    f"probe skips; this combination is not supported. Disable invardiff for ControlNet pipelines."
+                )
         if state.probe is None or state.step == 0:
             state.probe = ProbeBranch(state.num_steps, state.call["hidden_states"].shape[0])
         branch = state.probe
