@@ -29,7 +29,8 @@ def _point(method: str, label: str, config, settings: dict) -> OperatingPoint:
 
 
 def plan_point(label: str, plan: CachePlan, settings: dict) -> OperatingPoint:
-    return _point("invardiff", label, plan, settings)
+    method = "invardiff-capped" if "max_step_run" in settings else "invardiff"
+    return _point(method, label, plan, settings)
 
 
 def dicache_point(family: str, threshold: float | None = None, **overrides) -> OperatingPoint:

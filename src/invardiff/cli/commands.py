@@ -133,6 +133,10 @@ def build_plan(args) -> int:
     rates = CalibrationRates.load(args.rates)
     thresholds = _thresholds(args, rates.model.family) if (args.preset or args.thresholds) else None
     plan = rates.build_plan(thresholds, correction=args.correction)
+    if args.max_step_run is not None:
+        from ..plan_transforms import cap_step_runs
+
+        plan = cap_step_runs(plan, args.max_step_run)
     plan.save(args.output)
     print(
         f"wrote {args.output} ({int(plan.step_cache.sum())}/{plan.num_inference_steps} steps step-cached, "
@@ -263,7 +267,7 @@ def generate(args) -> int:
     item = args.prompt if args.prompt is not None else args.class_id
     if (entry.inputs == "prompt") != (args.prompt is not None):
         raise ValueError(f"{args.model} takes {'--prompt' if entry.inputs == 'prompt' else '--class'}.")
-    plan = config if isinstance(config, CachePlan) else getattr(config, "plan", None)
+    plan = getattr(config, "plan", None)
     steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact: only at thresholds whose provisional plan was measured; stored: reuse the stored "
         "corrected rates (approximate); none: first pass only",
     )
+    p.add_argument(
+        "--max-step-run",
+        type=int,
+        help="at most this many consecutive step-cached steps (a computed step is forced after each run); "
+        "a deviation from the official plan, recorded in its provenance",
+    )
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(handler=commands.build_plan)
 

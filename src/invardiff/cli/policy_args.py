@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..dicache import FAMILY_DEFAULT_PRESET, PRESETS, DiCacheConfig, PlanProbeConfig
+from ..engine.policy import PlanConfig
 from ..plan import CachePlan
 
 
@@ -28,6 +29,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batch-global", action="store_true", help="one decision for the whole batch (official) instead of per sample"
     )
+    group.add_argument(
+        "--step-reuse",
+        choices=["state", "residual"],
+        default="state",
+        help="plan: a step-cached step reuses H (official) or adds the residual H - x to the current input",
+    )
 
 
 def policy_config(args, family: str):
@@ -39,7 +46,7 @@ def policy_config(args, family: str):
     if policy in ("plan", "plan+probe") and plan is None:
         raise ValueError(f"--policy {policy} needs --plan PLAN.json (make one with `invardiff calibrate`).")
     if policy == "plan":
-        return plan
+        return PlanConfig(plan, step_reuse=args.step_reuse)
     overrides = {
         "probe_depth": args.probe_depth,
         "error": args.error,

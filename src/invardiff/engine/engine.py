@@ -35,6 +35,7 @@ class EngineError(RuntimeError):
 class CacheEngine:
     def __init__(self, transformer, family: FamilySpec, policy: CachePolicy, units: list[UnitRef], pipeline=None):
         self.family = family
+        self.transformer = transformer
         self.policy = policy
         self.units = units
         self.pipeline = pipeline

@@ -60,8 +60,11 @@ class StepHook(ModelHook):
                 output = engine.probe.run_step(module, state, lambda: self.fn_ref.original_forward(*args, **kwargs))
             elif engine.policy.step_cached[step]:
                 state.step_status[step] = REUSED
+                hidden = state.hidden
+                if engine.policy.step_reuse == "residual":  # the kept value is the residual H - x
+                    hidden = engine.family.embed_input(module, state.call) + hidden
                 # run_head calls the head's first module, whose HeadInputHook keeps or drops H for this step.
-                output = engine.family.run_head(module, state.hidden, state.call)
+                output = engine.family.run_head(module, hidden, state.call)
             else:
                 state.step_status[step] = COMPUTED
                 output = self.fn_ref.original_forward(*args, **kwargs)
@@ -93,8 +96,18 @@ class HeadInputHook(ModelHook):
                 engine.note_step0_output(hidden)
             if engine.observer is not None:
                 engine.observer.on_hidden(state, hidden)
-            engine.store_hidden(state, hidden if engine.policy.keep_hidden_after[state.step] else None)
+            engine.store_hidden(state, self._kept_value(state, hidden))
         return args, kwargs
+
+    def _kept_value(self, state, hidden):
+        policy = self.engine.policy
+        if not policy.keep_hidden_after[state.step]:
+            return None
+        if policy.step_reuse == "state":
+            return hidden
+        if policy.step_cached[state.step]:
+            return state.hidden  # a reused step: the residual carries on unchanged
+        return hidden - self.engine.family.embed_input(self.engine.transformer, state.call)  # R = H - x
 
 
 class UnitHook(ModelHook):

@@ -27,6 +27,7 @@ class CachePolicy:
 
     name: str = "policy"
     uses_units: bool = True  # False: no layer-wise reuse, so the unit hooks are not installed
+    step_reuse: str = "state"  # what a step-cached step reuses: H itself, or the residual H - x (PlanConfig)
     num_steps: int | None
     step_cached: list[bool]
     keep_hidden_after: list[bool]
@@ -61,22 +62,36 @@ def build_policy(config, family: FamilySpec, transformer: torch.nn.Module, units
     return builder(config, family, transformer, units)
 
 
+STEP_REUSE = ("state", "residual")
+
+
 @dataclass(frozen=True)
 class PlanConfig:
     """Execute a fixed :class:`CachePlan` step-first, then layer-wise (InvarDiff, SPEC.md A.4).
 
     Args:
         plan (`CachePlan`): the plan; it must match the model's family and depth and the run's step count.
+        step_reuse (`str`): what a step-cached step reuses. ``"state"`` (official, SPEC.md A.4 and C.1 item 9):
+            the last computed pre-head hidden state H itself; the current latent is ignored. ``"residual"``: the
+            last computed residual H - x added to the current step's block-stack input x (the patch embedding of
+            the current latent, one extra embedding per step), so a reused step follows the latent like
+            TeaCache / MagCache do. Same speed; a deviation from the official code, off by default.
     """
 
     plan: CachePlan
+    step_reuse: str = "state"
+
+    def __post_init__(self):
+        if self.step_reuse not in STEP_REUSE:
+            raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {self.step_reuse!r}.")
 
 
 class PlanPolicy(CachePolicy):
     name = "plan"
 
-    def __init__(self, plan: CachePlan, units):
+    def __init__(self, plan: CachePlan, units, step_reuse: str = "state"):
         self.plan = plan
+        self.step_reuse = step_reuse
         self.num_steps = plan.num_inference_steps
         executed = ~plan.step_cache
         self.step_cached = plan.step_cache.tolist()
@@ -93,7 +108,7 @@ class PlanPolicy(CachePolicy):
         self.plan.check_num_steps(num_steps)
 
     def describe(self) -> dict:
-        return {"policy": self.name, "provenance": self.plan.provenance}
+        return {"policy": self.name, "step_reuse": self.step_reuse, "provenance": self.plan.provenance}
 
 
 def _keep_after(reuse: np.ndarray, executed: np.ndarray) -> np.ndarray:
@@ -113,4 +128,6 @@ def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, unit
         config.plan.check_model(family.name, family.num_layers(transformer))
     except PlanError as error:
         raise PlanError(f"{error} (model: {type(transformer).__name__})") from None
-    return PlanPolicy(config.plan, units)
+    if config.step_reuse == "residual" and family.embed_input is None:
+        raise ValueError(f"step_reuse='residual' is not available for the {family.name} family (no embed_input).")
+    return PlanPolicy(config.plan, units, config.step_reuse)

@@ -52,5 +52,6 @@ DIT = register_family(
         timestep_scale=1.0,
         run_head=_run_head,
         input_signature=_input_signature,
+        embed_input=lambda transformer, call: transformer.pos_embed(call["hidden_states"]),  # (B, N, D)
     )
 )

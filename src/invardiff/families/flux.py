@@ -64,5 +64,6 @@ FLUX = register_family(
         timestep_scale=1000.0,
         run_head=_run_head,
         input_signature=_input_signature,
+        embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
     )
 )

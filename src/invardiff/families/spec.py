@@ -93,6 +93,8 @@ class FamilySpec:
         run_head: ``run_head(transformer, hidden, call)`` runs the conditioning and the output head on a cached
             pre-head hidden state with the current call's timestep and returns what ``forward`` would return.
         input_signature: ``input_signature(call)`` returns the shape facts that must stay constant within a run.
+        embed_input: ``embed_input(transformer, call)`` returns the block-stack input x (the patch-embedded image
+            tokens), for residual step reuse; ``None`` if the family does not support it.
     """
 
     name: str
@@ -102,6 +104,7 @@ class FamilySpec:
     timestep_scale: float
     run_head: Callable[[torch.nn.Module, torch.Tensor, TransformerCall], Any]
     input_signature: Callable[[TransformerCall], tuple]
+    embed_input: Callable[[torch.nn.Module, TransformerCall], torch.Tensor] | None = None
 
     def block_list(self, attr: str) -> BlockListSpec:
         for block_list in self.block_lists:
