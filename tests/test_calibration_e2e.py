@@ -81,6 +81,11 @@ def test_build_plan_at_other_thresholds_needs_an_explicit_correction(tmp_path, c
     assert not slow.step_cache[:2].any()  # n_ns = floor(0.22 * 10) = 2
     assert main(["build-plan", str(rates), "-o", str(tmp_path / "same.json")]) == 0
     assert (tmp_path / "same.json").read_bytes() == path.read_bytes()
+    assert main(["build-plan", str(rates), "--max-step-run", "1", "-o", str(tmp_path / "capped.json")]) == 0
+    capped, same = CachePlan.load(tmp_path / "capped.json"), CachePlan.load(path)
+    assert capped.provenance["max_step_run"] == 1
+    assert not (capped.step_cache[1:] & capped.step_cache[:-1]).any()  # never two step-cached steps in a row
+    assert (capped.step_cache <= same.step_cache).all()
 
 
 def test_library_calibrate_runs_per_sample_and_rejects_wrong_inputs():

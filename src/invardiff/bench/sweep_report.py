@@ -56,33 +56,34 @@ def _curves(results: list[dict]) -> dict[str, list[dict]]:
     return {method: sorted(points, key=lambda r: r["measured_speedup"]) for method, points in curves.items()}
 
 
-def pareto_front(points: list[dict], metric: str) -> list[dict]:
+def pareto_front(points: list[dict], metric: str, speed: str = "measured_speedup") -> list[dict]:
     """Points not beaten on both speed and ``metric`` by another point of the same method, by speedup."""
     better = (lambda a, b: a < b) if metric == "lpips" else (lambda a, b: a > b)
     front = []
-    for p in sorted(points, key=lambda r: -r["measured_speedup"]):
+    for p in sorted(points, key=lambda r: -r[speed]):
         if not front or better(p[metric], front[-1][metric]):
             front.append(p)
-    return sorted(front, key=lambda r: r["measured_speedup"])
+    return sorted(front, key=lambda r: r[speed])
 
 
-def at_speedup(points: list[dict], metric: str, speedup: float) -> float | None:
+def at_speedup(points: list[dict], metric: str, speedup: float, speed: str = "measured_speedup") -> float | None:
     """``metric`` at ``speedup``, interpolated linearly along the method's Pareto front; None outside its range."""
-    front = pareto_front(points, metric)
-    xs = [p["measured_speedup"] for p in front]
+    front = pareto_front(points, metric, speed)
+    xs = [p[speed] for p in front]
     if not front or speedup < xs[0] or speedup > xs[-1]:
         return None
     return float(np.interp(speedup, xs, [p[metric] for p in front]))
 
 
-def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5)) -> str:
-    lines = [f"## {model}: quality at equal measured speedup (interpolated along each method's Pareto front)", ""]
+def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5), speed: str = "measured_speedup") -> str:
+    kind = "measured" if speed == "measured_speedup" else "ideal (FLOP-counted, noise-free)"
+    lines = [f"## {model}: quality at equal {kind} speedup (interpolated along each method's Pareto front)", ""]
     header = "| method | " + " | ".join(f"LPIPS @ {s:g}x | PSNR @ {s:g}x" for s in speedups) + " |"
     lines += [header, "|---|" + "---|---|" * len(speedups)]
     for method, points in _curves(results).items():
         cells = []
         for s in speedups:
-            lp, ps = at_speedup(points, "lpips", s), at_speedup(points, "psnr", s)
+            lp, ps = at_speedup(points, "lpips", s, speed), at_speedup(points, "psnr", s, speed)
             cells += ["—" if lp is None else f"{lp:.4f}", "—" if ps is None else f"{ps:.2f}"]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -320,10 +320,8 @@ def bench(args) -> int:
 
     import torch
 
-    from ..bench.bundled import sweep_inputs, sweep_points
-    from ..bench.peers import peer_points
-    from ..bench.sweep import run_sweep
-    from ..bench.sweep_report import append_jsonl, equal_speed_table, markdown_table, plot_pareto
+    from ..bench.bundled import sweep_inputs
+    from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
     from ..bench.targets import bundled_target, pipeline_target
 
     out = Path(args.out)
@@ -344,26 +342,12 @@ def bench(args) -> int:
         targets = [bundled_target(model, args.device) for model in args.model]
     for target in targets:
         model = target.name
-        inputs = sweep_inputs(target, seeds, args.device)
-        with tqdm(desc=f"{model}: calibrating", total=None) as bar:
-            points = sweep_points(
-                target, tuple(args.methods), lambda message: bar.set_postfix_str(message), peer_points
-            )
         jsonl = out / f"sweep-{model}.jsonl"
-        done = {}
-        if args.resume and jsonl.exists():
-            done = {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+        inputs = sweep_inputs(target, seeds, args.device)
+        if args.report_only:  # tables and plots again from the JSON lines, nothing is run
+            results = [json.loads(line) for line in jsonl.read_text().splitlines()]
         else:
-            jsonl.unlink(missing_ok=True)
-        with tqdm(total=len(points), desc=f"{model}: sweep") as bar:
-
-            def on_result(result, jsonl=jsonl):
-                append_jsonl(result, jsonl)
-                bar.set_postfix_str(result["label"])
-                bar.update(1)
-
-            bar.update(len(done))
-            results = run_sweep(inputs, points, args.rounds, on_result, done)
+            results = _run_bench(args, target, inputs, jsonl)
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -372,9 +356,39 @@ def bench(args) -> int:
             "images": len(inputs.cases),
             "rounds": args.rounds,
         }
-        table = markdown_table(model, results, meta) + "\n" + equal_speed_table(model, results)
+        table = "\n".join(
+            [
+                markdown_table(model, results, meta),
+                equal_speed_table(model, results),
+                equal_speed_table(model, results, speed="ideal_speedup"),
+            ]
+        )
         (out / f"sweep-{model}.md").write_text(table)
         plot_pareto(model, results, out / f"sweep-{model}.png")
         print(table)
         print(f"wrote {jsonl}, {out / f'sweep-{model}.md'} and {out / f'sweep-{model}.png'}")
     return 0
+
+
+def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
+    from ..bench.bundled import sweep_points
+    from ..bench.peers import peer_points
+    from ..bench.sweep import run_sweep
+    from ..bench.sweep_report import append_jsonl
+
+    done = {}
+    if args.resume and jsonl.exists():
+        done = {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    else:
+        jsonl.unlink(missing_ok=True)
+    with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
+        points = sweep_points(target, tuple(args.methods), lambda message: bar.set_postfix_str(message), peer_points)
+    with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
+        bar.update(len(done))
+
+        def on_result(result):
+            append_jsonl(result, jsonl)
+            bar.set_postfix_str(result["label"])
+            bar.update(1)
+
+        return run_sweep(inputs, points, args.rounds, on_result, done)

@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/sweep")
     p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
+    p.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON lines")
     p.add_argument("--pipeline", help="instead of bundled models: a saved diffusers Flux / DiT pipeline directory")
     p.add_argument("--prompts", help="with --pipeline (Flux): a text file, one prompt per line")
     p.add_argument("--classes", help="with --pipeline (DiT): comma-separated class ids")
