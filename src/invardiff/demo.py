@@ -14,7 +14,7 @@ from . import api
 from .bench.timing import median, timed
 from .calibration import calibrate
 from .flops import profile_flops
-from .metrics import lpips, psnr, ssim
+from .metrics import fidelity
 from .model_configs import ModelConfig
 from .models import registry
 from .stats import ideal_speedup
@@ -76,7 +76,6 @@ def run_demo(
     full, cached, summary = outputs["full"], outputs["cached"], summaries["cached"]
     flops = profile_flops(_model_config(name, pipe))
     ratios = [f / c for f, c in zip(times["full"], times["cached"], strict=True)]
-    per_image = {"psnr": psnr(cached, full), "ssim": ssim(cached, full), "lpips": lpips(cached, full)}
     report = {
         "model": name,
         "preset": preset_name,
@@ -85,15 +84,7 @@ def run_demo(
         "measured_speedup": median(ratios),
         "ideal_speedup": ideal_speedup(plan, flops),
         "seconds": {"full": median(times["full"]), "cached": median(times["cached"])},
-        "psnr": float(per_image["psnr"].mean()),
-        "ssim": float(per_image["ssim"].mean()),
-        "lpips": float(per_image["lpips"].mean()),
-        "worst": {
-            "psnr": float(per_image["psnr"].min()),
-            "ssim": float(per_image["ssim"].min()),
-            "lpips": float(per_image["lpips"].max()),
-        },
-        "per_image": {k: v.tolist() for k, v in per_image.items()},
+        **fidelity(cached, full),
         "steps_step_cached": int(plan.step_cache.sum()),
         "peak_cache_bytes": summary.peak_cache_bytes,
         "plan_provenance": plan.provenance,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..metrics import lpips, psnr, ssim
+from ..metrics import fidelity
 from .timing import median, timed
 
 
@@ -84,8 +84,6 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
         executed = point.executed(pipe) if point.executed is not None else None
     finally:
         detach()
-    cached, reference = images["point"], full["images"]
-    per_image = {"psnr": psnr(cached, reference), "ssim": ssim(cached, reference), "lpips": lpips(cached, reference)}
     return {
         "method": point.method,
         "label": point.label,
@@ -93,15 +91,7 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
         "measured_speedup": median([f / c for f, c in zip(times["full"], times["point"], strict=True)]),
         "ideal_speedup": full["flops"] / flops,
         "seconds": {"full": median(times["full"]), "point": median(times["point"])},
-        "psnr": float(per_image["psnr"].mean()),
-        "ssim": float(per_image["ssim"].mean()),
-        "lpips": float(per_image["lpips"].mean()),
-        "worst": {
-            "psnr": float(per_image["psnr"].min()),
-            "ssim": float(per_image["ssim"].min()),
-            "lpips": float(per_image["lpips"].max()),
-        },
-        "per_image": {name: values.tolist() for name, values in per_image.items()},
+        **fidelity(images["point"], full["images"]),
         "executed": executed,
         "rounds": rounds,
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..engine.engine import EngineError
-from ..engine.policy import CachePolicy, PlanConfig, PlanPolicy, _build_plan_policy, register_policy
+from ..engine.policy import CachePolicy, PlanPolicy, check_plan_fits, register_policy
 from ..families import FamilySpec
 from .config import DiCacheConfig, PlanProbeConfig
 
@@ -89,5 +89,5 @@ def _build_dicache_policy(config: DiCacheConfig, family: FamilySpec, transformer
 @register_policy(PlanProbeConfig)
 def _build_plan_probe_policy(config: PlanProbeConfig, family: FamilySpec, transformer, units) -> PlanProbePolicy:
     _check_probe_depth(config.probe_depth, family, transformer)
-    _build_plan_policy(PlanConfig(config.plan), family, transformer, units)  # the plan's own checks
+    check_plan_fits(config.plan, family, transformer)
     return PlanProbePolicy(config, units)

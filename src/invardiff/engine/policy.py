@@ -120,14 +120,19 @@ def _keep_after(reuse: np.ndarray, executed: np.ndarray) -> np.ndarray:
     return keep
 
 
-@register_policy(PlanConfig)
-def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, units) -> PlanPolicy:
-    if not isinstance(config.plan, CachePlan):
-        raise TypeError(f"PlanConfig.plan must be a CachePlan, got {type(config.plan).__name__}.")
+def check_plan_fits(plan: CachePlan, family: FamilySpec, transformer) -> None:
+    """Raise unless ``plan`` is a CachePlan for this family and these layer counts."""
+    if not isinstance(plan, CachePlan):
+        raise TypeError(f"The plan must be a CachePlan, got {type(plan).__name__}.")
     try:
-        config.plan.check_model(family.name, family.num_layers(transformer))
+        plan.check_model(family.name, family.num_layers(transformer))
     except PlanError as error:
         raise PlanError(f"{error} (model: {type(transformer).__name__})") from None
+
+
+@register_policy(PlanConfig)
+def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, units) -> PlanPolicy:
+    check_plan_fits(config.plan, family, transformer)
     if config.step_reuse == "residual" and family.embed_input is None:
         raise ValueError(f"step_reuse='residual' is not available for the {family.name} family (no embed_input).")
     return PlanPolicy(config.plan, units, config.step_reuse)

