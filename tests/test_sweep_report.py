@@ -43,3 +43,12 @@ def test_tables_say_when_a_peer_cannot_run():
     assert "cannot run: TypeError('no CacheMixin')" in markdown_table("model", results, meta)
     table = equal_speed_table("model", results)
     assert "| m | 0.0386 | 31.43 | 0.0650 | 28.12 |" in table
+
+
+def test_a_front_faster_than_the_target_shows_its_slowest_point():
+    fast = [_p(2.3, 0.005, 39.0, "capped"), _p(2.6, 0.007, 37.0, "capped")]
+    table = equal_speed_table("model", fast)
+    # Below the slow end (2.3x) the 2x cells show that point; 2.5x interpolates: 0.005 + 0.002 * 2/3.
+    assert "| capped | 0.0050 (at 2.30x) | 39.00 (at 2.30x) | 0.0063 | 37.67 |" in table
+    slow = [_p(1.2, 0.001, 45.0, "slow"), _p(1.6, 0.002, 41.0, "slow")]
+    assert "| slow | — | — | — | — |" in equal_speed_table("model", slow)

@@ -75,16 +75,36 @@ def at_speedup(points: list[dict], metric: str, speedup: float, speed: str = "me
     return float(np.interp(speedup, xs, [p[metric] for p in front]))
 
 
+def _cell(points: list[dict], metric: str, speedup: float, speed: str, digits: int) -> str:
+    """The interpolated value; past the front's slow end, the slowest front point's value and its speedup.
+
+    A method whose slowest point is already faster than ``speedup`` gives at least that quality at that speed
+    (its curve just does not reach down to it), so that point is shown with its speedup instead of a blank.
+    """
+    value = at_speedup(points, metric, speedup, speed)
+    if value is not None:
+        return f"{value:.{digits}f}"
+    front = pareto_front(points, metric, speed)
+    if front and speedup < front[0][speed]:
+        return f"{front[0][metric]:.{digits}f} (at {front[0][speed]:.2f}x)"
+    return "—"
+
+
 def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5), speed: str = "measured_speedup") -> str:
     kind = "measured" if speed == "measured_speedup" else "ideal (FLOP-counted, noise-free)"
-    lines = [f"## {model}: quality at equal {kind} speedup (interpolated along each method's Pareto front)", ""]
+    lines = [
+        f"## {model}: quality at equal {kind} speedup (interpolated along each method's Pareto front)",
+        "",
+        "— : the method never reaches that speedup. (at Nx): its slowest Pareto point is already faster; its "
+        "quality is shown.",
+        "",
+    ]
     header = "| method | " + " | ".join(f"LPIPS @ {s:g}x | PSNR @ {s:g}x" for s in speedups) + " |"
     lines += [header, "|---|" + "---|---|" * len(speedups)]
     for method, points in _curves(results).items():
         cells = []
         for s in speedups:
-            lp, ps = at_speedup(points, "lpips", s, speed), at_speedup(points, "psnr", s, speed)
-            cells += ["—" if lp is None else f"{lp:.4f}", "—" if ps is None else f"{ps:.2f}"]
+            cells += [_cell(points, "lpips", s, speed, 4), _cell(points, "psnr", s, speed, 2)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
