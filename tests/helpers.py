@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+import invardiff
 from invardiff import CachePlan, ModelFacts
 from invardiff.families import get_family
 from invardiff.model_configs import MODEL_CONFIGS
@@ -58,6 +60,68 @@ def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
     finally:
         del pipe.vae.decode
     return captured["latents"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bare-transformer loops for the probe policies: a batch of two different samples, cut into rows, and an Euler loop
+# that steps the transformer directly (no pipeline), so a test sees every call.
+# ---------------------------------------------------------------------------------------------------------------
+T_PROBE = 10
+
+
+def batched_call(family: str):
+    config = dataclasses.replace(MODEL_CONFIGS[f"{family}-tiny"], batch=2)
+    return config, config.build_transformer(seed=0), config.example_call(seed=3)
+
+
+def row_of(call: dict, index: int) -> dict:
+    per_sample = (
+        "hidden_states",
+        "encoder_hidden_states",
+        "pooled_projections",
+        "timestep",
+        "guidance",
+        "class_labels",
+    )
+    return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
+
+
+@torch.no_grad()
+def euler_loop(transformer, family: str, call: dict, config=None, steps: int = T_PROBE):
+    """Euler loop over a bare transformer; returns the final latents and, when enabled, the summary branch."""
+    latents = call["hidden_states"].clone()
+    if config is not None:
+        invardiff.enable(transformer, config)
+    try:
+        for step in range(steps):
+            fraction = 1.0 - step / steps
+            timestep = torch.full_like(call["timestep"], fraction if family == "flux" else int(fraction * 999))
+            kwargs = dict(call, hidden_states=latents, timestep=timestep)
+            if config is None:
+                (output,) = transformer(**kwargs)
+            else:
+                with invardiff.cache_context(transformer, "default", step_index=step):
+                    (output,) = transformer(**kwargs)
+            latents = latents - output[:, : latents.shape[1]] / steps
+        branch = invardiff.summary(transformer).branches["default"] if config is not None else None
+        return latents, branch
+    finally:
+        if config is not None:
+            invardiff.disable(transformer)
+
+
+def probe_decisions(branch) -> list[list[str]]:
+    return branch.to_dict()["probe"]["decision"]
+
+
+def threshold_where_samples_disagree(transformer, family, call, make_config):
+    """The smallest grid threshold at which the two samples, run alone, decide differently at some step."""
+    for threshold in np.round(np.arange(0.005, 1.5, 0.005), 3):
+        config = make_config(float(threshold))
+        alone = [probe_decisions(euler_loop(transformer, family, row_of(call, i), config)[1]) for i in range(2)]
+        if [row[0] for row in alone[0]] != [row[0] for row in alone[1]]:
+            return config, alone
+    raise AssertionError("no threshold makes the two samples decide differently")
 
 
 # ---------------------------------------------------------------------------------------------------------------

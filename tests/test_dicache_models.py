@@ -2,62 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 import invardiff
 from invardiff.engine import EngineError
-from invardiff.model_configs import MODEL_CONFIGS
 
-from helpers import facts_for, plan_from_bits, run_pipeline, tiny_pipeline
+from helpers import (
+    T_PROBE,
+    batched_call,
+    euler_loop,
+    facts_for,
+    plan_from_bits,
+    probe_decisions,
+    row_of,
+    run_pipeline,
+    threshold_where_samples_disagree,
+    tiny_pipeline,
+)
 
 
-T = 10
+T = T_PROBE
 FAMILIES = ["flux", "dit"]
-
-
-def _batched_call(family: str):
-    config = dataclasses.replace(MODEL_CONFIGS[f"{family}-tiny"], batch=2)
-    return config, config.build_transformer(seed=0), config.example_call(seed=3)
-
-
-def _row(call: dict, index: int) -> dict:
-    per_sample = (
-        "hidden_states",
-        "encoder_hidden_states",
-        "pooled_projections",
-        "timestep",
-        "guidance",
-        "class_labels",
-    )
-    return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
-
-
-@torch.no_grad()
-def _loop(transformer, family: str, call: dict, config=None, steps: int = T):
-    """Euler loop over a bare transformer; returns the final latents and, when enabled, the summary branch."""
-    latents = call["hidden_states"].clone()
-    if config is not None:
-        invardiff.enable(transformer, config)
-    try:
-        for step in range(steps):
-            fraction = 1.0 - step / steps
-            timestep = torch.full_like(call["timestep"], fraction if family == "flux" else int(fraction * 999))
-            kwargs = dict(call, hidden_states=latents, timestep=timestep)
-            if config is None:
-                (output,) = transformer(**kwargs)
-            else:
-                with invardiff.cache_context(transformer, "default", step_index=step):
-                    (output,) = transformer(**kwargs)
-            latents = latents - output[:, : latents.shape[1]] / steps
-        branch = invardiff.summary(transformer).branches["default"] if config is not None else None
-        return latents, branch
-    finally:
-        if config is not None:
-            invardiff.disable(transformer)
 
 
 def _only_branch(pipe):
@@ -65,46 +32,32 @@ def _only_branch(pipe):
     return branch
 
 
-def _decisions(branch) -> list[list[str]]:
-    return branch.to_dict()["probe"]["decision"]
-
-
-def _threshold_where_samples_disagree(transformer, family, call, make_config):
-    """The smallest grid threshold at which the two samples, run alone, decide differently at some step."""
-    for threshold in np.round(np.arange(0.005, 1.5, 0.005), 3):
-        config = make_config(float(threshold))
-        alone = [_decisions(_loop(transformer, family, _row(call, i), config)[1]) for i in range(2)]
-        if [row[0] for row in alone[0]] != [row[0] for row in alone[1]]:
-            return config, alone
-    raise AssertionError("no threshold makes the two samples decide differently")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_sample_decisions_equal_each_sample_run_alone(family):
-    _, transformer, call = _batched_call(family)
-    config, alone = _threshold_where_samples_disagree(
+    _, transformer, call = batched_call(family)
+    config, alone = threshold_where_samples_disagree(
         transformer,
         family,
         call,
         lambda delta: invardiff.DiCacheConfig(threshold=delta, num_inference_steps=T, warmup_ratio=0.1),
     )
-    batched, branch = _loop(transformer, family, call, config)
-    decisions = _decisions(branch)
+    batched, branch = euler_loop(transformer, family, call, config)
+    decisions = probe_decisions(branch)
     assert [row[0] for row in decisions] == [row[0] for row in alone[0]]
     assert [row[1] for row in decisions] == [row[0] for row in alone[1]]
     assert any(row[0] != row[1] for row in decisions)  # a step where one skips and the other computes
     for i in range(2):
-        solo, _ = _loop(transformer, family, _row(call, i), config)
+        solo, _ = euler_loop(transformer, family, row_of(call, i), config)
         # A batch of two and a batch of one take different matmul paths: float32 rounding only.
         torch.testing.assert_close(batched[i : i + 1], solo, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_global_decision_is_shared_and_uses_batch_means(family):
-    _, transformer, call = _batched_call(family)
+    _, transformer, call = batched_call(family)
     config = invardiff.DiCacheConfig(threshold=0.3, num_inference_steps=T, warmup_ratio=0.1, per_sample=False)
-    _, branch = _loop(transformer, family, call, config)
-    decisions = np.array(_decisions(branch))
+    _, branch = euler_loop(transformer, family, call, config)
+    decisions = np.array(probe_decisions(branch))
     assert (decisions[:, 0] == decisions[:, 1]).all()
     assert "skipped" in decisions[:, 0]
     error = branch.probe["error"]
@@ -142,7 +95,7 @@ def test_plan_probe_accepting_everything_equals_the_plan(family):
     invardiff.disable(pipe)
     assert torch.equal(accepted, with_plan)
     assert branch.step_status.tolist() == [int(c) for c in "0011011010"]
-    decisions = {row[0] for row, cached in zip(_decisions(branch), "0011011010", strict=True) if cached == "1"}
+    decisions = {row[0] for row, cached in zip(probe_decisions(branch), "0011011010", strict=True) if cached == "1"}
     assert decisions == {"plan_reuse"}
 
 
@@ -157,7 +110,7 @@ def test_plan_probe_vetoing_everything_computes_every_step(family):
     invardiff.disable(pipe)
     assert torch.equal(vetoed, stock)  # a step-only plan whose every reuse is vetoed is full compute
     assert branch.step_status.tolist() == [0] * T
-    assert [row[0] for row in _decisions(branch)].count("vetoed") == 5
+    assert [row[0] for row in probe_decisions(branch)].count("vetoed") == 5
 
 
 def _module_plan(transformer, family):
@@ -175,20 +128,20 @@ def _module_plan(transformer, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plan_probe_per_sample_veto_equals_each_sample_alone(family):
-    _, transformer, call = _batched_call(family)
+    _, transformer, call = batched_call(family)
     plan = _module_plan(transformer, family)
-    config, alone = _threshold_where_samples_disagree(
+    config, alone = threshold_where_samples_disagree(
         transformer, family, call, lambda delta: invardiff.PlanProbeConfig(plan, threshold=delta)
     )
-    batched, branch = _loop(transformer, family, call, config)
-    decisions = _decisions(branch)
+    batched, branch = euler_loop(transformer, family, call, config)
+    decisions = probe_decisions(branch)
     assert any(row[0] != row[1] for row in decisions)
     assert {row[0] for row in decisions} >= {"vetoed", "plan_reuse"} or {row[1] for row in decisions} >= {
         "vetoed",
         "plan_reuse",
     }
     for i in range(2):
-        solo, _ = _loop(transformer, family, _row(call, i), config)
+        solo, _ = euler_loop(transformer, family, row_of(call, i), config)
         torch.testing.assert_close(batched[i : i + 1], solo, rtol=1e-4, atol=1e-5)
 
 
@@ -243,7 +196,7 @@ def test_flux_true_cfg_branches_keep_their_own_accumulators():
     assert not np.array_equal(branches["cond"].probe["error"], branches["uncond"].probe["error"], equal_nan=True)
     for branch in branches.values():
         error, accumulator = branch.probe["error"][:, 0], branch.probe["accumulator"][:, 0]
-        decisions = [row[0] for row in _decisions(branch)]
+        decisions = [row[0] for row in probe_decisions(branch)]
         assert "skipped" in decisions
         for t in range(1, T):
             if decisions[t] in ("skipped", "computed"):

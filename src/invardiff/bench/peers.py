@@ -6,8 +6,7 @@
 * cache-dit (optional ``cache-dit``): DBCache at its default (F8B0) and as F1B0 (= FBCache). It patches the model's
   forward for good, so each point gets a fresh pipeline.
 
-What was computed is counted the same way for every peer: forward calls of the transformer blocks, against
-(transformer calls x blocks). Thresholds span "never skips" to "skips most" on the bundled models.
+What was computed is counted by the sweep itself, the same way for every method (``block_calls.py``).
 """
 
 from __future__ import annotations
@@ -29,52 +28,14 @@ FBCACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
 MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24, 0.5)
 TAYLORSEER_INTERVALS = (2, 3, 5)
 DBCACHE_F1B0_THRESHOLDS = (0.12, 0.2, 0.3, 0.5, 0.8)
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
 
 
-class BlockCallCounter:
-    """Counts transformer calls and attention computations (calls of each block's ``to_q``), with plain forward
-    pre-hooks removed by ``remove``. Counting ``to_q`` rather than the block sees work skipped by hooks that
-    replace a block's forward (FirstBlockCache, cache-dit) and by hooks below it (TaylorSeer)."""
-
-    def __init__(self, transformer):
-        blocks = [b for name in BLOCK_LISTS for b in getattr(transformer, name, [])]
-        self.blocks = [getattr(b, "attn", None) or b.attn1 for b in blocks]
-        self.block_calls = self.transformer_calls = 0
-        self.handles = [transformer.register_forward_pre_hook(self._on_transformer)]
-        self.handles += [attn.to_q.register_forward_pre_hook(self._on_block) for attn in self.blocks]
-
-    def _on_transformer(self, module, args):
-        self.transformer_calls += 1
-
-    def _on_block(self, module, args):
-        self.block_calls += 1
-
-    def executed(self, pipe=None) -> dict:
-        possible = self.transformer_calls * len(self.blocks)
-        return {"attention": {"block_calls_fraction": self.block_calls / possible if possible else None}}
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _counted_point(method: str, label: str, enable, disable, settings: dict, fresh: bool = False) -> OperatingPoint:
-    counter: dict[str, BlockCallCounter] = {}
-
+def _point(method: str, label: str, enable, disable, settings: dict, fresh: bool = False) -> OperatingPoint:
     def attach(pipe):
         enable(pipe)
-        counter["current"] = BlockCallCounter(pipe.transformer)
+        return lambda: disable(pipe)
 
-        def detach():
-            counter["current"].remove()
-            disable(pipe)
-
-        return detach
-
-    return OperatingPoint(
-        method, label, attach, settings, fresh_pipeline=fresh, executed=lambda pipe: counter["current"].executed()
-    )
+    return OperatingPoint(method, label, attach, settings, fresh_pipeline=fresh)
 
 
 def _diffusers_point(method: str, label: str, make_config, settings: dict) -> OperatingPoint:
@@ -86,7 +47,7 @@ def _diffusers_point(method: str, label: str, make_config, settings: dict) -> Op
             )
         pipe.transformer.enable_cache(make_config())
 
-    return _counted_point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
+    return _point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
 
 
 def calibrate_mag_ratios(target: SweepTarget) -> list[float]:
@@ -135,7 +96,7 @@ def _cache_dit_point(label: str, settings: dict) -> OperatingPoint:
 
         cache_dit.disable_cache(pipe)
 
-    return _counted_point("cache-dit", label, enable, disable, settings, fresh=True)
+    return _point("cache-dit", label, enable, disable, settings, fresh=True)
 
 
 def peer_points(target: SweepTarget) -> list[OperatingPoint]:

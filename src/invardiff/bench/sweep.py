@@ -3,9 +3,11 @@
 Each point runs on its own copy of the pipeline (a cache's hooks never reach the baseline). Per point: one warm-up
 run of the point (the FLOP-counted one; the baseline is warm from the start of the sweep), then ``rounds`` rounds
 alternating full compute and the point (order flipped every round); the measured speedup is the median of the
-per-round ratios. The ideal speedup is measured, not modelled: the FLOPs of one run
-under ``torch.utils.flop_counter`` (matmuls and attention) against full compute's, which counts what any cache,
-ours or a peer's, actually skipped. Fidelity: PSNR / SSIM / LPIPS of every image against full compute's.
+per-round ratios. The ideal speedup is measured, not modelled: the FLOPs of one run under
+``torch.utils.flop_counter`` (matmuls and attention) against full compute's, which counts what any cache, ours or a
+peer's, actually skipped. Which work ran is counted the same way for every method too (attention computations,
+``block_calls.py``), next to a method's own record of its steps. Fidelity: PSNR / SSIM / LPIPS of every image
+against full compute's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..metrics import fidelity
+from .block_calls import AttentionCallCounter
 from .timing import median, timed
 
 
@@ -25,7 +28,8 @@ class OperatingPoint:
     """One cache setting. ``attach(pipe)`` enables it on ``pipe`` and returns a function that disables it.
 
     ``settings`` is recorded as is; ``fresh_pipeline`` asks for a new pipeline (caches that patch the model for
-    good); ``executed(pipe)`` (optional) reports which steps / blocks were computed in the last run.
+    good); ``executed(pipe)`` (optional) reports the method's own record of what it computed in the last run
+    (per-step decisions); the sweep adds the fraction of attention computations for every point.
     """
 
     method: str
@@ -67,6 +71,7 @@ def run_point(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, 
 
 
 def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, pipe, detach, rounds: int) -> dict:
+    counter = AttentionCallCounter(pipe.transformer)
     try:
         images: dict[str, torch.Tensor] = {}
 
@@ -81,8 +86,10 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
         for index in range(rounds):
             for variant in ("full", "point") if index % 2 == 0 else ("point", "full"):
                 times[variant].append(run(variant))
-        executed = point.executed(pipe) if point.executed is not None else None
+        executed = point.executed(pipe) if point.executed is not None else {}
+        executed["attention"] = {"computed_fraction": counter.fraction}
     finally:
+        counter.remove()
         detach()
     return {
         "method": point.method,

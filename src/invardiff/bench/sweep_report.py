@@ -43,8 +43,9 @@ def _executed_text(executed: dict | None) -> str:
     for name, record in (executed or {}).items():
         if "steps_computed" in record:
             parts.append(f"{record['steps_computed']} steps ({name})")
-        elif record.get("block_calls_fraction") is not None:
-            parts.append(f"{record['block_calls_fraction']:.0%} of attention calls")
+        fraction = record.get("computed_fraction")
+        if fraction is not None:
+            parts.append(f"{fraction:.0%} of attention computations")
     return ", ".join(parts) or "n/a"
 
 
