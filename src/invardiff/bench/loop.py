@@ -3,10 +3,13 @@
 The loop makes the transformer calls a pipeline would make (Flux: packed latents, distilled guidance 3.5;
 DiT: batched CFG on a class and the null class) and advances the latents with a plain Euler update on a linear
 time grid. Only the transformer call is timed; the update is the same for every variant, so it cannot bias a
-ratio. Steps come from ``invardiff.cache_context(step_index=i)`` when invardiff is enabled.
+ratio. Steps come from ``invardiff.cache_context(step_index=i)`` when invardiff is enabled; ``context`` replaces that
+for other caches (diffusers' hooks want ``transformer.cache_context("cond")`` around each call).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -16,8 +19,16 @@ from .timing import timed
 
 
 class Trajectory:
-    def __init__(self, transformer: torch.nn.Module, config: ModelConfig, num_steps: int, device: torch.device):
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        config: ModelConfig,
+        num_steps: int,
+        device: torch.device,
+        context: Callable | None = None,
+    ):
         self.transformer = transformer
+        self.context = context
         self.config = config
         self.num_steps = num_steps
         self.device = device
@@ -28,6 +39,12 @@ class Trajectory:
     def restart(self) -> None:
         self.latents = self.call["hidden_states"].clone()
         self.seconds = 0.0
+
+    def run(self) -> None:
+        """A whole run from the first step; ``seconds`` is then its transformer time."""
+        self.restart()
+        for index in range(self.num_steps):
+            self.step(index)
 
     def step(self, index: int) -> None:
         """Run denoising step ``index``: one timed transformer call, then the Euler update."""
@@ -44,6 +61,9 @@ class Trajectory:
 
     @torch.no_grad()
     def _forward(self, call: dict, index: int):
+        if self.context is not None:
+            with self.context(self.transformer, index):
+                return self.transformer(**call)
         if not api.is_enabled(self.transformer):
             return self.transformer(**call)
         with api.cache_context(self.transformer, "default", step_index=index):

@@ -12,7 +12,8 @@ import torch
 from .._version import __version__
 
 
-def write_results(results: list[dict], directory: Path, stem: str) -> dict[str, Path]:
+def write_results(results: list[dict], directory: Path, stem: str, table=None) -> dict[str, Path]:
+    """``stem``.json (results and machine facts) and ``stem``.md (``table(results, meta)``, default the books')."""
     directory.mkdir(parents=True, exist_ok=True)
     meta = {
         "invardiff": __version__,
@@ -26,7 +27,7 @@ def write_results(results: list[dict], directory: Path, stem: str) -> dict[str, 
     json_path = directory / f"{stem}.json"
     json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md_path = directory / f"{stem}.md"
-    md_path.write_text(engine_table(results, meta))
+    md_path.write_text((table or engine_table)(results, meta))
     return {"json": json_path, "markdown": md_path}
 
 

@@ -191,6 +191,8 @@ def bench_engine(args) -> int:
     unknown = sorted(set(books) - set(available))
     if unknown:
         raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}.")
+    if args.peers:
+        return _bench_engine_peers(args, device, [b for b in books if b.startswith("flux/")])
     results = []
     for family in args.family:
         family_books = [b for b in books if b.startswith(family + "/")]
@@ -209,6 +211,30 @@ def bench_engine(args) -> int:
     paths = write_results(results, Path(args.out), f"bench-engine-{args.config}-{device.type}")
     if args.json:
         print(json.dumps([_public_fields(r) for r in results], indent=1))
+    else:
+        print(paths["markdown"].read_text())
+        print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def _bench_engine_peers(args, device, books: list[str]) -> int:
+    from ..bench.engine_peers import bench_flux_peers, peers_table
+    from ..bench.report import write_results
+
+    if not books:
+        raise ValueError("--peers runs on Flux only (diffusers' cache hooks cannot run on DiT): give Flux books.")
+    with tqdm(total=args.rounds + 1, desc="bench-engine peers (flux)", disable=args.json) as bar:
+        results = bench_flux_peers(
+            args.config,
+            books,
+            device,
+            args.rounds,
+            progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
+        )
+    stem = f"bench-engine-peers-{args.config}-{device.type}"
+    paths = write_results(results, Path(args.out), stem, table=peers_table)
+    if args.json:
+        print(json.dumps(results, indent=1))
     else:
         print(paths["markdown"].read_text())
         print(f"wrote {paths['json']} and {paths['markdown']}")

@@ -3,7 +3,7 @@
 invardiff convert-official BOOK --family flux -o plan.json
 invardiff inspect plan.json --model-config flux1-dev [--json]
 invardiff plot plan.json -o plan.png
-invardiff bench-engine [--family flux dit] [--config cpu|full] [--device cpu|cuda] [--rounds 3] [--json]
+invardiff bench-engine [--family flux dit] [--config cpu|full] [--device cpu|cuda] [--rounds 3] [--peers] [--json]
 """
 
 from __future__ import annotations
@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="lockstep (default on CPU) or alternate (default on GPU); see invardiff.bench.engine",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="Flux only: the books and the peers (diffusers FirstBlockCache, MagCache, TaylorSeer; cache-dit "
+        "DBCache F1B0) at several settings on one loop, whole runs alternating with full compute; writes "
+        "bench-engine-peers-CONFIG-DEVICE.{json,md}",
+    )
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
     p.add_argument("--json", action="store_true", help="print the results as one JSON list")
     p.set_defaults(handler=commands.bench_engine)
