@@ -17,10 +17,8 @@ and its context is refreshed before every run).
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import copy
-import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +31,7 @@ from ..official import bundled_books, convert_official_book
 from .block_calls import AttentionCallCounter
 from .engine import BENCH_CONFIGS
 from .loop import Trajectory
+from .peers import mag_ratios_printed_by
 from .timing import median
 
 
@@ -100,18 +99,15 @@ def _cache_dit_variant(threshold: float, steps: int) -> LoopVariant:
 
 
 def calibrate_mag_ratios(stock: torch.nn.Module, config, steps: int, device: torch.device) -> list[float]:
-    """MagCache's own calibration mode over one run of the loop; it prints the ratios, which are parsed back."""
+    """MagCache's own calibration mode over one run of the loop."""
     from diffusers.hooks import MagCacheConfig
 
     stock.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
-    printed = io.StringIO()
+    trajectory = Trajectory(stock, config, steps, device, context=lambda t, step: t.cache_context("cond"))
     try:
-        with contextlib.redirect_stdout(printed):
-            Trajectory(stock, config, steps, device, context=lambda t, step: t.cache_context("cond")).run()
+        return mag_ratios_printed_by(trajectory.run)
     finally:
         stock.disable_cache()
-    line = next(ln for ln in printed.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[MagCache"))
-    return ast.literal_eval(line)
 
 
 def peer_variants(stock: torch.nn.Module, config, steps: int, device: torch.device) -> list[LoopVariant]:

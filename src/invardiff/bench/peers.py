@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+from collections.abc import Callable
 
 import torch
 
@@ -50,8 +51,17 @@ def _diffusers_point(method: str, label: str, make_config, settings: dict) -> Op
     return _point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
 
 
+def mag_ratios_printed_by(run: Callable[[], object]) -> list[float]:
+    """MagCache's calibration mode reports its ratios only by printing them at the end of a run: capture, parse."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run()
+    line = next(ln for ln in printed.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[MagCache"))
+    return ast.literal_eval(line)
+
+
 def calibrate_mag_ratios(target: SweepTarget) -> list[float]:
-    """MagCache's own calibration mode on the target's calibration inputs; the printed ratios are averaged."""
+    """MagCache's own calibration mode on the target's calibration inputs; the ratios are averaged over inputs."""
     from diffusers.hooks import MagCacheConfig
 
     entry = target.entry
@@ -59,15 +69,7 @@ def calibrate_mag_ratios(target: SweepTarget) -> list[float]:
     if not hasattr(pipe.transformer, "enable_cache"):
         return []
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=entry.num_inference_steps))
-    runs = []
-    for item in target.calibration:
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            pipe(**entry.call_kwargs(item, 0))
-        line = next(
-            ln for ln in printed.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[MagCache")
-        )
-        runs.append(ast.literal_eval(line))
+    runs = [mag_ratios_printed_by(lambda item=item: pipe(**entry.call_kwargs(item, 0))) for item in target.calibration]
     pipe.transformer.disable_cache()
     return torch.tensor(runs).mean(0).tolist()
 

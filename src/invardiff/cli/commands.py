@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -218,6 +219,7 @@ def bench_engine(args) -> int:
 
 
 def _bench_engine_peers(args, device, books: list[str]) -> int:
+    _quiet_cache_dit()
     from ..bench.engine_peers import bench_flux_peers, peers_table
     from ..bench.report import write_results
 
@@ -340,7 +342,14 @@ def demo(args) -> int:
     return 0
 
 
+def _quiet_cache_dit() -> None:
+    # cache-dit logs every enable_cache on stdout (INFO and WARNING), which would interleave with the progress bars
+    # and break --json; it reads its level once, at import. A level the user set is kept.
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+
+
 def bench(args) -> int:
+    _quiet_cache_dit()
     import platform
     from datetime import datetime, timezone
 
