@@ -124,6 +124,19 @@ def threshold_where_samples_disagree(transformer, family, call, make_config):
     raise AssertionError("no threshold makes the two samples decide differently")
 
 
+def dicache_where_samples_disagree(family: str):
+    """A batch of two different samples, and DiCache (10 % warm-up) at the smallest threshold at which the two,
+    run alone, decide differently at some step. Returns (transformer, call, config, decisions of each alone)."""
+    _, transformer, call = batched_call(family)
+    config, alone = threshold_where_samples_disagree(
+        transformer,
+        family,
+        call,
+        lambda delta: invardiff.DiCacheConfig(threshold=delta, num_inference_steps=T_PROBE, warmup_ratio=0.1),
+    )
+    return transformer, call, config, alone
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reference executor: the plan semantics of SPEC.md A.4 written a second time, with plain torch forward hooks
 # and a replaced forward, sharing no code with the engine. Calls are assigned to (branch, step) by counting,

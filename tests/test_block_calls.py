@@ -9,17 +9,27 @@ import invardiff
 from invardiff.bench.block_calls import AttentionCallCounter
 
 from helpers import (
-    batched_call,
+    dicache_where_samples_disagree,
     euler_loop,
     facts_for,
     plan_from_bits,
     run_pipeline,
-    threshold_where_samples_disagree,
     tiny_pipeline,
 )
 
 
 STEPS = "00110110"  # steps 2, 3, 5 and 6 reuse the whole step: 4 of 8 steps run the blocks
+
+
+def _count(pipe, config, plan) -> AttentionCallCounter:
+    """One pipeline run with ``plan`` enabled, counted."""
+    invardiff.enable(pipe, plan)
+    try:
+        with AttentionCallCounter(pipe.transformer) as counter:
+            run_pipeline(pipe, config, len(STEPS))
+    finally:
+        invardiff.disable(pipe)
+    return counter
 
 
 def test_a_plan_counts_computed_steps_and_units():
@@ -28,11 +38,7 @@ def test_a_plan_counts_computed_steps_and_units():
     config, pipe = tiny_pipeline("dit")
     attn = ["00", "00", "00", "00", "01", "00", "00", "00"]
     plan = plan_from_bits(facts_for(pipe.transformer, "dit"), STEPS, {"transformer_blocks": {"attn": attn}})
-    invardiff.enable(pipe, plan)
-    counter = AttentionCallCounter(pipe.transformer)
-    run_pipeline(pipe, config, len(STEPS))
-    counter.remove()
-    invardiff.disable(pipe)
+    counter = _count(pipe, config, plan)
     assert counter.fraction == 7 / 16
     # config.batch counts transformer rows: one class label, batched with its unconditional twin.
     assert counter.rows_possible == 8 * 2 * config.batch  # steps x blocks x rows
@@ -41,27 +47,16 @@ def test_a_plan_counts_computed_steps_and_units():
 def test_flux_counts_both_block_lists():
     # Flux tiny: 2 dual + 4 single blocks, step reuse only: exactly half the attention computations.
     config, pipe = tiny_pipeline("flux")
-    invardiff.enable(pipe, plan_from_bits(facts_for(pipe.transformer, "flux"), STEPS))
-    counter = AttentionCallCounter(pipe.transformer)
-    run_pipeline(pipe, config, len(STEPS))
-    counter.remove()
-    invardiff.disable(pipe)
+    counter = _count(pipe, config, plan_from_bits(facts_for(pipe.transformer, "flux"), STEPS))
     assert (counter.rows_computed, counter.rows_possible) == (4 * 6, 8 * 6)
 
 
 @pytest.mark.parametrize("family", ["flux", "dit"])
 def test_per_sample_dicache_counts_only_the_rows_that_ran_the_deep_blocks(family):
     # Where one sample skips and the other computes, the deep blocks run on one row: the count must see that.
-    _, transformer, call = batched_call(family)
-    config, _ = threshold_where_samples_disagree(
-        transformer,
-        family,
-        call,
-        lambda delta: invardiff.DiCacheConfig(threshold=delta, num_inference_steps=10, warmup_ratio=0.1),
-    )
-    counter = AttentionCallCounter(transformer)
-    _, branch = euler_loop(transformer, family, call, config)
-    counter.remove()
+    transformer, call, config, _ = dicache_where_samples_disagree(family)
+    with AttentionCallCounter(transformer) as counter:
+        _, branch = euler_loop(transformer, family, call, config)
     blocks = counter.num_blocks
     skipped = np.array(branch.to_dict()["probe"]["decision"]) == "skipped"  # (steps, rows)
     # Every row runs the probe's blocks; rows that skip do not run the deep ones.

@@ -12,6 +12,7 @@ from invardiff.engine import EngineError
 from helpers import (
     T_PROBE,
     batched_call,
+    dicache_where_samples_disagree,
     euler_loop,
     facts_for,
     plan_from_bits,
@@ -34,13 +35,7 @@ def _only_branch(pipe):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_per_sample_decisions_equal_each_sample_run_alone(family):
-    _, transformer, call = batched_call(family)
-    config, alone = threshold_where_samples_disagree(
-        transformer,
-        family,
-        call,
-        lambda delta: invardiff.DiCacheConfig(threshold=delta, num_inference_steps=T, warmup_ratio=0.1),
-    )
+    transformer, call, config, alone = dicache_where_samples_disagree(family)
     batched, branch = euler_loop(transformer, family, call, config)
     decisions = probe_decisions(branch)
     assert [row[0] for row in decisions] == [row[0] for row in alone[0]]

@@ -13,7 +13,7 @@ class AttentionCallCounter:
     ``sum(rows into to_q) / (sum(rows per transformer call) x blocks)``. Counting ``to_q`` rather than blocks sees
     work skipped by hooks that replace a block's forward (FirstBlockCache, cache-dit, our step reuse), below it
     (TaylorSeer, our layer-wise reuse) and on part of a batch (per-sample DiCache running the deep blocks on the
-    computing rows only). Plain forward pre-hooks, removed by ``remove``.
+    computing rows only). Plain forward pre-hooks, removed by ``remove`` or on leaving a ``with`` block.
     """
 
     def __init__(self, transformer):
@@ -35,6 +35,12 @@ class AttentionCallCounter:
     @property
     def fraction(self) -> float | None:
         return self.rows_computed / self.rows_possible if self.rows_possible else None
+
+    def __enter__(self) -> AttentionCallCounter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -73,10 +73,6 @@ def _grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffT
     return f"grid step={step:g} modules={level:g}", thresholds
 
 
-def _grid(family: str) -> list[tuple[str, InvarDiffThresholds]]:
-    return [_grid_point(family, step, level) for step in GRID_STEP_LEVELS for level in GRID_MODULE_LEVELS]
-
-
 def sweep_points(
     target: SweepTarget,
     methods: tuple[str, ...],
@@ -101,8 +97,9 @@ def sweep_points(
     def grid_plan(step: float, level: float):
         # Calibration is deterministic, so the grid, the capped plans and plan+probe share one per level pair.
         if (step, level) not in grid_plans:
-            note(f"calibrating {_grid_point(family, step, level)[0]}")
-            grid_plans[step, level] = _calibrate(target, _grid_point(family, step, level)[1])
+            label, thresholds = _grid_point(family, step, level)
+            note(f"calibrating {label}")
+            grid_plans[step, level] = _calibrate(target, thresholds)
         return grid_plans[step, level]
 
     if "invardiff-grid" in methods:

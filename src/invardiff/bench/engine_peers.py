@@ -147,7 +147,6 @@ def bench_flux_peers(
     books: list[str],
     device: torch.device,
     rounds: int,
-    include_peers: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Full compute, the official Flux ``books`` and the peers on one loop; one result dict per variant."""
@@ -155,9 +154,7 @@ def bench_flux_peers(
     plans = {name: convert_official_book(bundled_books()[name], "flux") for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     stock = config.build_transformer(device)
-    variants = [book_variant(name, plan) for name, plan in plans.items()]
-    if include_peers:
-        variants += peer_variants(stock, config, steps, device)
+    variants = [book_variant(name, plan) for name, plan in plans.items()] + peer_variants(stock, config, steps, device)
     return run_variants(stock, config, variants, steps, device, rounds, progress)
 
 
@@ -166,30 +163,38 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
     full = LoopVariant("full", "full compute", lambda transformer: lambda: None)
     everything = [full, *variants]
     groups = {v.copy_group: copy.deepcopy(stock) for v in everything if v.copy_group is not None}
-    copies = {v.label: stock if v.copy_group is None else groups[v.copy_group] for v in everything}
-    trajectories = {v.label: Trajectory(copies[v.label], config, steps, device, context=v.context) for v in everything}
+    trajectories = {
+        v.label: Trajectory(groups.get(v.copy_group, stock), config, steps, device, context=v.context)
+        for v in everything
+    }
 
-    def run(variant: LoopVariant, count: bool = False):
-        transformer = copies[variant.label]
-        detach = variant.attach(transformer)
+    @contextlib.contextmanager
+    def attached(variant: LoopVariant):
+        trajectory = trajectories[variant.label]
+        detach = variant.attach(trajectory.transformer)
         try:
-            if not count:
-                trajectories[variant.label].run()
-                return trajectories[variant.label].seconds
-            counter = AttentionCallCounter(transformer)
-            with FlopCounterMode(display=False) as flops:
-                trajectories[variant.label].run()
-            counter.remove()
-            return flops.get_total_flops(), counter.fraction
+            yield trajectory
         finally:
             detach()
 
-    counted = {v.label: run(v, count=True) for v in everything}
+    def count(variant: LoopVariant) -> tuple[int, float]:
+        """FLOPs and attention fraction of one run (a run outside the timed rounds)."""
+        with attached(variant) as trajectory, AttentionCallCounter(trajectory.transformer) as counter:
+            with FlopCounterMode(display=False) as flops:
+                trajectory.run()
+        return flops.get_total_flops(), counter.fraction
+
+    def timed_run(variant: LoopVariant) -> float:
+        with attached(variant) as trajectory:
+            trajectory.run()
+        return trajectory.seconds
+
+    counted = {v.label: count(v) for v in everything}
     seconds: dict[str, list[float]] = {v.label: [] for v in everything}
     for round_index in range(rounds + 1):  # round 0 is the warm-up
         shift = round_index % len(everything)
         for variant in everything[shift:] + everything[:shift]:
-            elapsed = run(variant)
+            elapsed = timed_run(variant)
             if round_index > 0:
                 seconds[variant.label].append(elapsed)
         if progress is not None:

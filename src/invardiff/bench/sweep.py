@@ -71,7 +71,6 @@ def run_point(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, 
 
 
 def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, pipe, detach, rounds: int) -> dict:
-    counter = AttentionCallCounter(pipe.transformer)
     try:
         images: dict[str, torch.Tensor] = {}
 
@@ -80,8 +79,10 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
             seconds, images[variant] = timed(lambda: inputs.generate(target), inputs.device)
             return seconds
 
-        # The warm-up run of the point is its FLOP-counted run; the baseline is already warm (run_sweep ran it).
-        flops, _ = count_flops(lambda: inputs.generate(pipe))
+        # The warm-up run of the point is its counted run (FLOPs and attention computations), so the counting
+        # hooks stay out of the timed rounds; the baseline is already warm (run_sweep ran it).
+        with AttentionCallCounter(pipe.transformer) as counter:
+            flops, _ = count_flops(lambda: inputs.generate(pipe))
         times = {"full": [], "point": []}
         for index in range(rounds):
             for variant in ("full", "point") if index % 2 == 0 else ("point", "full"):
@@ -89,7 +90,6 @@ def _measure(inputs: SweepInputs, baseline, full: dict, point: OperatingPoint, p
         executed = point.executed(pipe) if point.executed is not None else {}
         executed["attention"] = {"computed_fraction": counter.fraction}
     finally:
-        counter.remove()
         detach()
     return {
         "method": point.method,

