@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
-from diffusers.hooks import HookRegistry
 from diffusers.hooks.hooks import CacheContext
 
-from .dicache.controller import ProbeController
-from .dicache.hooks import PROBE_BLOCK_HOOK, ProbeBlockHook
 from .engine.engine import CacheEngine
-from .engine.hooks import (
-    ALL_HOOKS,
-    HEAD_INPUT_HOOK,
-    PASSTHROUGH_HOOK,
-    STEP_HOOK,
-    UNIT_HOOK,
-    HeadInputHook,
-    PassthroughHook,
-    StepHook,
-    UnitHook,
-)
-from .engine.policy import PlanConfig, build_policy
-from .engine.state import UnitRef
+from .engine.install import attached_engine, enumerate_units, install_hooks, remove_hooks
+from .engine.policy import build_policy
 from .engine.summary import EngineSummary, summarize
-from .families import FamilySpec, resolve_family
+from .families import resolve_family
 from .plan import CachePlan
+from .policies import load_builtin_policies
+
+
+logger = logging.getLogger(__name__)
 
 
 def enable(target, plan: CachePlan | object) -> None:
@@ -56,21 +47,19 @@ def enable(target, plan: CachePlan | object) -> None:
     """
     transformer, pipeline = _resolve_target(target)
     family = resolve_family(transformer)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    if registry.get_hook(STEP_HOOK) is not None:
+    if attached_engine(transformer) is not None:
         raise ValueError("invardiff is already enabled on this transformer; call invardiff.disable(...) first.")
     if getattr(transformer, "is_cache_enabled", False):
         raise ValueError(
             f"A diffusers cache ({type(transformer._cache_config).__name__}) is enabled on this transformer; "
             f"call transformer.disable_cache() before enabling invardiff."
         )
-    config = PlanConfig(plan) if isinstance(plan, CachePlan) else plan
-    units = _enumerate_units(transformer, family)
-    policy = build_policy(config, family, transformer, units)
+    load_builtin_policies()
+    units = enumerate_units(transformer, family)
+    policy = build_policy(plan, family, transformer, units)
     engine = CacheEngine(transformer, family, policy, units, pipeline)
-    if getattr(policy, "full_reason", None) is not None:
-        engine.probe = ProbeController(engine, policy)
-    _install_hooks(transformer, family, engine)
+    install_hooks(transformer, family, engine)
+    logger.info("invardiff enabled on %s (%s family): %s", type(transformer).__name__, family.name, policy.describe())
 
 
 def disable(target) -> None:
@@ -78,15 +67,13 @@ def disable(target) -> None:
     transformer, _ = _resolve_target(target)
     engine = _engine_or_raise(transformer)
     engine.reset()
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    for name in (*ALL_HOOKS, PROBE_BLOCK_HOOK):
-        registry.remove_hook(name, recurse=True)
-    registry.invalidate_child_registries_cache()
+    remove_hooks(transformer)
+    logger.info("invardiff disabled on %s", type(transformer).__name__)
 
 
 def is_enabled(target) -> bool:
     transformer, _ = _resolve_target(target)
-    return _engine(transformer) is not None
+    return attached_engine(transformer) is not None
 
 
 @contextmanager
@@ -113,12 +100,11 @@ def cache_context(target, name: str = "default", step_index: int | None = None):
     """
     transformer, _ = _resolve_target(target)
     engine = _engine_or_raise(transformer)
-    previous = engine.explicit_context
-    engine.explicit_context = CacheContext(name, step_index=step_index)
+    engine.push_context(CacheContext(name, step_index=step_index))
     try:
         yield
     finally:
-        engine.explicit_context = previous
+        engine.pop_context()
 
 
 def summary(target) -> EngineSummary:
@@ -139,62 +125,8 @@ def _resolve_target(target) -> tuple[torch.nn.Module, object | None]:
     )
 
 
-def _engine(transformer) -> CacheEngine | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
-    hook = registry.get_hook(STEP_HOOK) if registry is not None else None
-    return hook.engine if hook is not None else None
-
-
 def _engine_or_raise(transformer) -> CacheEngine:
-    engine = _engine(transformer)
+    engine = attached_engine(transformer)
     if engine is None:
         raise ValueError("invardiff is not enabled on this transformer; call invardiff.enable(...) first.")
     return engine
-
-
-def _enumerate_units(transformer, family: FamilySpec) -> list[UnitRef]:
-    return [
-        UnitRef(spec.attr, layer, unit.name, unit.kinds)
-        for spec in family.block_lists
-        for layer in range(len(getattr(transformer, spec.attr)))
-        for unit in spec.units
-    ]
-
-
-def _install_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
-    if engine.policy.uses_units:
-        _install_unit_hooks(transformer, family, engine)
-    if engine.probe is not None:
-        _install_probe_hooks(transformer, family, engine)
-    head = transformer.get_submodule(family.head_input)
-    HookRegistry.check_if_exists_or_initialize(head).register_hook(HeadInputHook(engine), HEAD_INPUT_HOOK)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(StepHook(engine), STEP_HOOK)
-    registry.invalidate_child_registries_cache()
-
-
-def _install_probe_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
-    depth = engine.policy.config.probe_depth
-    index = 0  # block position in execution order
-    for spec in family.block_lists:
-        for block in getattr(transformer, spec.attr):
-            roles = {"input"} if index == 0 else set()
-            roles |= {"probe"} if index == depth - 1 else ({"deep"} if index >= depth else set())
-            hook = ProbeBlockHook(engine, block, spec.image_output, spec.per_sample_args, roles)
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, PROBE_BLOCK_HOOK)
-            index += 1
-
-
-def _install_unit_hooks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
-    index = 0
-    for spec in family.block_lists:
-        for block in getattr(transformer, spec.attr):
-            for unit in spec.units:
-                producer = block.get_submodule(unit.module)
-                hook = UnitHook(engine, index, stores_output=unit.passthrough is None)
-                HookRegistry.check_if_exists_or_initialize(producer).register_hook(hook, UNIT_HOOK)
-                if unit.passthrough is not None:
-                    second = block.get_submodule(unit.passthrough)
-                    registry = HookRegistry.check_if_exists_or_initialize(second)
-                    registry.register_hook(PassthroughHook(engine, index), PASSTHROUGH_HOOK)
-                index += 1

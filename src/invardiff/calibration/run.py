@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
 from .. import api
 from .._version import __version__
-from ..families import resolve_family
+from ..families import PipelineSpec, get_family, resolve_family
+from ..engine.install import enumerate_units
 from ..plan import CachePlan, ModelFacts
 from .rates import CalibrationRates
+from .record_policy import RecordConfig
 from .recorder import RateRecorder
 from .thresholds import FAMILY_CALIBRATION, FamilyCalibration, InvarDiffThresholds, preset
 
@@ -24,7 +27,9 @@ def calibrate(
     prompts: list[str] | None = None,
     class_labels: list[int] | None = None,
     seeds: list[int] = (42,),
-    batch_size: int = 8,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    offload: str | None = None,
     pipeline_kwargs: dict | None = None,
     family_options: FamilyCalibration | None = None,
     epsilon: float = 1e-8,
@@ -44,6 +49,12 @@ def calibrate(
         pipeline_kwargs: extra arguments of every pipeline call (resolution, guidance_scale...). DiT calibrates
             without classifier-free guidance by default (``guidance_scale=1``), as the official code does.
         family_options: deviations from the family's official behaviour (default: the official behaviour).
+        batch_size: calibration runs per pipeline call; ``None``: the largest whose estimated calibration memory
+            (reference features, scalars, the float32 working buffer) fits ``memory_budget``, see
+            :func:`invardiff.calibration.batching.auto_batch_size`.
+        memory_budget: bytes for the calibration's features when ``batch_size`` is ``None`` (default: half the
+            free device memory on CUDA, 8 GiB otherwise). The model's own activations are not part of it.
+        offload: ``"cpu"`` keeps the reference features in host memory (see :class:`RateRecorder`).
 
     Returns:
         The plan, and the rates artifact from which plans can be rebuilt without the model.
@@ -61,19 +72,18 @@ def calibrate(
         **(pipeline_kwargs or {}),
     }
 
+    if batch_size is None:
+        from .batching import auto_batch_size
+
+        batch_size = auto_batch_size(pipe, family.name, len(samples), call_kwargs, memory_budget, offload)
+
     def run_pass(name: str, provisional=None) -> RateRecorder:
-        api.enable(pipe, CachePlan.reuse_nothing(facts, num_inference_steps))
-        engine = api._engine_or_raise(transformer)
-        recorder = RateRecorder(engine.units, family, num_inference_steps, provisional, epsilon)
-        engine.observer = recorder
-        try:
+        with recording(pipe, facts, num_inference_steps, provisional, epsilon, offload) as recorder:
             batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
             for index, batch in enumerate(batches):
                 _call(pipe, family.name, batch, call_kwargs)
                 if progress is not None:
                     progress(name, index + 1, len(batches))
-        finally:
-            api.disable(pipe)
         return recorder
 
     first_step, first_modules = run_pass("pass 1 (full compute)").rates()
@@ -102,11 +112,27 @@ def calibrate(
     return rates.build_plan(), rates
 
 
+@contextmanager
+def recording(target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None):
+    """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step;
+    on exit the engine is removed and the recorder's reference features are freed (its rates stay)."""
+    transformer = getattr(target, "transformer", target)
+    family = resolve_family(transformer)
+    recorder = RateRecorder(enumerate_units(transformer, family), family, num_steps, provisional, epsilon, offload)
+    api.enable(target, RecordConfig(CachePlan.reuse_nothing(facts, num_steps), recorder))
+    try:
+        yield recorder
+        recorder.finish()  # the last step's rates to the host (and their NaN check)
+    finally:
+        api.disable(target)
+        recorder.release()
+
+
 def _samples(family: str, prompts, class_labels, seeds) -> list[tuple]:
-    inputs = prompts if family == "flux" else class_labels
-    other = class_labels if family == "flux" else prompts
-    if not inputs or other:
-        wanted = "prompts" if family == "flux" else "class_labels"
+    given = {"prompts": prompts, "class_labels": class_labels}
+    wanted = _pipeline(family).inputs.calibrate_arg
+    inputs = given.pop(wanted)
+    if not inputs or any(given.values()):
         raise ValueError(f"Calibrating a {family} pipeline needs {wanted} (and not the other kind of input).")
     if not seeds:
         raise ValueError("Calibration needs at least one seed.")
@@ -114,16 +140,20 @@ def _samples(family: str, prompts, class_labels, seeds) -> list[tuple]:
 
 
 def _default_kwargs(family: str) -> dict:
-    return {"output_type": "latent"} if family == "flux" else {"guidance_scale": 1.0, "output_type": "np"}
+    return dict(_pipeline(family).calibration_kwargs)
 
 
 def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict) -> None:
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in batch]
     inputs = [item for item, _ in batch]
-    if family == "flux":
-        pipe(prompt=inputs, generator=generators, **call_kwargs)
-    else:
-        pipe(class_labels=inputs, generator=generators, **call_kwargs)
+    pipe(**{_pipeline(family).inputs.pipeline_arg: inputs}, generator=generators, **call_kwargs)
+
+
+def _pipeline(family: str) -> PipelineSpec:
+    spec = get_family(family).pipeline
+    if spec is None:
+        raise ValueError(f"Model family {family!r} describes no pipeline (FamilySpec.pipeline) to calibrate on.")
+    return spec
 
 
 def _provenance(pipe, samples, seeds, call_kwargs) -> dict:

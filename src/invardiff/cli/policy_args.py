@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..dicache import FAMILY_DEFAULT_PRESET, PRESETS, DiCacheConfig, PlanProbeConfig
-from ..engine.policy import PlanConfig
+from ..dicache import PRESETS, DiCacheConfig, PlanProbeConfig
+from ..policies.plan import PlanConfig
+from ..families import get_family
 from ..plan import CachePlan
 
 
@@ -58,5 +59,5 @@ def policy_config(args, family: str):
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return PlanProbeConfig(plan, threshold=args.threshold, **overrides)
     overrides.update(threshold=args.threshold, warmup_ratio=args.warmup_ratio, gamma_max=args.gamma_max)
-    preset = args.dicache_preset or FAMILY_DEFAULT_PRESET[family]
+    preset = args.dicache_preset or get_family(family).dicache_preset
     return DiCacheConfig.preset(preset, **{k: v for k, v in overrides.items() if v is not None})

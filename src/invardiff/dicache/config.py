@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ..families import LazyTable, families
 from ..plan import CachePlan
 
 
@@ -91,7 +92,7 @@ class DiCacheConfig:
         return self.force_last_step and step == num_steps - 1
 
 
-# SPEC.md B.5. DiT has no official DiCache setting; its default (``FAMILY_DEFAULT_PRESET``) uses FLUX's rules.
+# SPEC.md B.5. DiT has no official DiCache setting; its default (``FamilySpec.dicache_preset``) uses FLUX's rules.
 PRESETS = {
     "flux": DiCacheConfig(threshold=0.4),
     "flux-delta-minus": DiCacheConfig(threshold=0.08, error="delta_minus", warmup_ratio=0.0),
@@ -100,7 +101,8 @@ PRESETS = {
     ),
     "wan2.1": DiCacheConfig(threshold=0.08, warmup_inclusive=False, force_last_step=False, gamma_max=2.0),
 }
-FAMILY_DEFAULT_PRESET = {"flux": "flux", "dit": "flux"}
+# Each family's default preset (``FamilySpec.dicache_preset``), by family name.
+FAMILY_DEFAULT_PRESET = LazyTable(lambda: {spec.name: spec.dicache_preset for spec in families()})
 
 
 @dataclass(frozen=True)

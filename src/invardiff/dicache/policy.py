@@ -1,37 +1,29 @@
-"""The two probe policies, registered with the engine's policy registry.
-
-Their static lists (``step_cached`` ...) are what the engine's hooks read for the plan part; the probe part is
-``full_reason(step)``: a reason to compute the step without asking the probe, or ``None`` to let it decide.
-"""
+"""The two probe policies, registered with the engine's policy registry: DiCache and plan+probe."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from ..engine.engine import EngineError
-from ..engine.policy import CachePolicy, PlanPolicy, check_plan_fits, register_policy
+from ..engine.policy import StepAction, register_policy
+from ..engine.state import put_rows
 from ..families import FamilySpec
+from ..policies.plan import PlanPolicy, check_plan_fits
 from .config import DiCacheConfig, PlanProbeConfig
+from .probe import ProbePolicy
 
 
-class DiCachePolicy(CachePolicy):
+class DiCachePolicy(ProbePolicy):
+    """Every step runs the probe; skipped samples get their residual extrapolated (SPEC.md Part B)."""
+
     name = "dicache"
     reuse = "extrapolate"
-    uses_units = False  # no layer-wise reuse: unit hooks are not installed
 
     def __init__(self, config: DiCacheConfig):
-        self.config = config
-        self.num_steps = None
-        if config.num_inference_steps is not None:
-            self._set_steps(config.num_inference_steps)
+        super().__init__(config)
+        self.num_steps = config.num_inference_steps
 
-    def _set_steps(self, num_steps: int) -> None:
-        self.num_steps = num_steps
-        self.step_cached = [False] * num_steps
-        self.keep_hidden_after = [False] * num_steps
-        self.unit_reuse, self.unit_keep_after = [], []
-
-    def check_num_steps(self, num_steps: int) -> None:
+    def start_run(self, num_steps: int) -> None:
         fixed = self.config.num_inference_steps
         if fixed is not None and num_steps != fixed:
             raise EngineError(
@@ -39,7 +31,11 @@ class DiCachePolicy(CachePolicy):
                 f"pass num_inference_steps={fixed} to the pipeline, or leave num_inference_steps unset in the "
                 f"config to follow the scheduler."
             )
-        self._set_steps(num_steps)
+        self.num_steps = num_steps
+
+    def begin_step(self, state) -> StepAction:
+        self.check_call(state)
+        return StepAction.PROBE
 
     def full_reason(self, step: int) -> str | None:
         if self.config.is_warmup(step, self.num_steps):
@@ -48,20 +44,44 @@ class DiCachePolicy(CachePolicy):
             return "last_step"
         return None
 
+    def head_input(self, state, hidden):
+        return self.assemble(state, hidden), None
+
     def describe(self) -> dict:
         return {"policy": self.name, **dataclasses.asdict(self.config)}
 
 
-class PlanProbePolicy(PlanPolicy):
+class PlanProbePolicy(ProbePolicy, PlanPolicy):
+    """The plan's compute steps run as planned (the probe output is recorded for free); on a step the plan
+    step-caches the probe runs and vetoes the reuse, per sample, when its accumulated change reaches delta."""
+
     name = "plan+probe"
     reuse = "plan"
 
     def __init__(self, config: PlanProbeConfig, units):
-        super().__init__(config.plan, units)
-        self.config = config
+        PlanPolicy.__init__(self, config.plan, units)
+        ProbePolicy.__init__(self, config)
+
+    def begin_step(self, state) -> StepAction:
+        self.check_call(state)
+        return StepAction.PROBE if self.step_cached[state.step] else StepAction.COMPUTE
 
     def full_reason(self, step: int) -> str | None:
         return None if self.step_cached[step] else "plan_compute"
+
+    def unit_to_keep(self, state, unit: int, output):
+        if not self.step_cached[state.step]:
+            return PlanPolicy.unit_to_keep(self, state, unit, output)
+        # The probe vetoed the plan's reuse of this step, so the unit ran (maybe on some samples only). A later
+        # step may still reuse this unit's cache: refresh it, never drop it.
+        cached = state.units[unit]
+        if cached is None:
+            return None
+        return output if state.compute_rows is None else put_rows(cached, state.compute_rows, output)
+
+    def head_input(self, state, hidden):
+        hidden = self.assemble(state, hidden)
+        return hidden, self._kept_hidden(state, hidden)
 
     def describe(self) -> dict:
         settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.name != "plan"}

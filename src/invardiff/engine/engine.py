@@ -1,13 +1,15 @@
 """The cache engine: resolves the step and branch of every transformer call and owns the cached tensors.
 
 One engine is attached to one transformer by :func:`invardiff.enable`. Its hooks (``hooks.py``) call into it; a
-policy (``policy.py``) tells it what to do. The step index of a call comes from, in this order:
+runtime policy (``policy.py``) decides what to do. The step index of a call comes from, in this order:
 
 1. an explicit ``step_index`` given by the caller (``invardiff.cache_context(transformer, name, step_index=i)`` or
    diffusers' ``transformer.cache_context(name, step_index=i)``);
 2. the pipeline passed to ``enable``: its scheduler's timesteps. A new ``timesteps`` tensor means a new pipeline
-   call (``set_timesteps`` ran): all state resets, and the schedule's length must equal the plan's step count.
-   Each call's timestep must be the next step of its branch's schedule; anything else is an error, never drift.
+   call (``set_timesteps`` ran): all state resets, and the policy checks the schedule's length. Calls are
+   counted per branch; that each call's timestep is its step's entry of the schedule is checked on the device
+   and read back once, at the branch's last step (``TimestepCheck``), so that the check costs no host sync per
+   call. A call that does not follow the schedule is an error, never drift.
 
 CFG: each ``cache_context`` name (``"cond"``, ``"uncond"``) has its own state; a call without a context name uses
 one ``"default"`` state, which is right for pipelines that batch the branches (DiT).
@@ -16,20 +18,73 @@ one ``"default"`` state, which is right for pipelines that batch the branches (D
 from __future__ import annotations
 
 import inspect
+import logging
 
-import numpy as np
+import torch
 
 from ..families import FamilySpec, TransformerCall
 from ..plan import PlanError
-from .policy import CachePolicy
+from .policy import CachePolicy, StepAction
 from .state import COMPUTED, NOT_RUN, REUSED, BranchState, UnitRef, tensor_bytes
 
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BRANCH = "default"
 
 
 class EngineError(RuntimeError):
     """A run does not follow the plan (wrong step order, batch size or resolution change, ...)."""
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """Reading a value of a tensor on ``device`` costs no device synchronisation (the CPU)."""
+    return device.type == "cpu"
+
+
+class TimestepCheck:
+    """Checks on the device that each call's timestep is its step's entry of the scheduler's schedule.
+
+    The nearest schedule entry must be the expected one (ties within a relative 1e-6). Mismatches are folded into
+    one small device tensor; :meth:`verify` reads it back (one host sync) and raises on the first bad call. On the
+    CPU, where that read is free, every call is verified at once.
+    """
+
+    def __init__(self, timesteps: torch.Tensor, scale: float):
+        self.values = timesteps.detach().float()  # on the scheduler's device; never read on the host per call
+        self.scale = scale
+        self.first_bad: torch.Tensor | None = None  # (3,): [bad, step, timestep] of the first bad call
+        self.pending = False
+
+    def add(self, timestep, step: int, branch: str) -> None:
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([float(timestep)])
+        t = timestep.detach().float().reshape(-1).to(self.values.device) * self.scale  # (B,)
+        distance = (self.values - t[0]).abs()
+        tolerance = 1e-6 * t[0].abs().clamp_min(1.0)
+        bad = (distance[step] > distance.min() + tolerance) | (t != t[0]).any()
+        record = torch.stack([bad.float(), torch.full((), float(step), device=t.device), t[0]])
+        self.first_bad = record if self.first_bad is None else torch.where(self.first_bad[0] > 0, self.first_bad, record)
+        self.pending = True
+        if host_reads_are_free(self.values.device):
+            self.verify(branch)
+
+    def verify(self, branch: str) -> None:
+        if not self.pending:
+            return
+        self.pending = False
+        bad, step, timestep = self.first_bad.tolist()  # the one host sync of the run
+        self.first_bad = None
+        if not bad:
+            return
+        step = int(step)
+        wanted = f"step {step} (timestep {self.values[step].item():.6g})" if step < len(self.values) else "no step"
+        raise EngineError(
+            f"Transformer call on branch {branch!r} has timestep {timestep:.6g}, but the scheduler's schedule says "
+            f"{wanted}. The pipeline does not make one transformer call per scheduler step in order (second-order "
+            f"scheduler, img2img strength, different timesteps within one batch, or a custom loop?). Pass the step "
+            f"explicitly with invardiff.cache_context(transformer, name, step_index=i)."
+        )
 
 
 class CacheEngine:
@@ -42,22 +97,30 @@ class CacheEngine:
         self.signature = inspect.signature(transformer.forward)
         self.branches: dict[str, BranchState] = {}
         self.active: BranchState | None = None
-        self.explicit_context = None  # set by invardiff.cache_context
-        self.diffusers_context = None  # callable returning diffusers' current CacheContext (or None)
-        self.observer = None  # calibration: sees every computed unit output and every pre-head hidden state
-        self.probe = None  # the probe policies' controller (dicache.controller.ProbeController), else None
+        self._contexts: list = []  # invardiff.cache_context, innermost last
+        self._pipeline_context = None  # what diffusers' transformer.cache_context(...) set
         self._schedule = None
-        self._schedule_values: np.ndarray | None = None
+        self._checks: dict[str, TimestepCheck] = {}
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
         self.all_outputs_bytes = 0  # what keeping every unit output and H of one step would take
 
+    # ----- contexts -----
+    def push_context(self, context) -> None:
+        self._contexts.append(context)
+
+    def pop_context(self) -> None:
+        self._contexts.pop()
+
+    def set_pipeline_context(self, context) -> None:
+        self._pipeline_context = context
+
     # ----- call lifecycle (called by the step hook) -----
     def begin_call(self, args: tuple, kwargs: dict) -> BranchState:
         call = TransformerCall(self.signature, args, kwargs)
-        context = self.explicit_context or (self.diffusers_context() if self.diffusers_context else None)
-        name = getattr(context, "name", context) or DEFAULT_BRANCH
-        explicit_step = getattr(context, "step_index", None) if context is not None else None
+        context = self._contexts[-1] if self._contexts else self._pipeline_context
+        name = getattr(context, "name", None) or DEFAULT_BRANCH
+        explicit_step = getattr(context, "step_index", None)
         step = explicit_step if explicit_step is not None else self._step_from_schedule(call, name)
         state = self._branch_for_step(name, step)
         signature = self.family.input_signature(call)
@@ -71,14 +134,28 @@ class CacheEngine:
                 f"start a new pipeline call (or call invardiff.reset) to change them."
             )
         state.step, state.call = step, call
+        if step == 0:
+            state.policy_state = self.policy.new_branch(state)
+        state.action = self.policy.begin_step(state)
+        if self.policy.uses_units:
+            state.unit_reuse, state.unit_keep = self.policy.unit_actions(state)
         self.active = state
         return state
 
     def end_call(self, state: BranchState, failed: bool) -> None:
         self.active = None
-        state.call = None
         if failed:
+            state.end_call()
             self._abort(state)
+            return
+        state.step_status[state.step] = REUSED if state.skip_all or state.action == StepAction.REUSE else COMPUTED
+        self.policy.end_step(state)
+        state.end_call()
+        held = self.policy.held_bytes(state.policy_state)
+        self._account(held - state.policy_bytes)
+        state.policy_bytes = held
+        if state.step == state.num_steps - 1 and state.name in self._checks:
+            self._checks[state.name].verify(state.name)
 
     def _branch_for_step(self, name: str, step: int) -> BranchState:
         T = self.policy.num_steps
@@ -88,6 +165,8 @@ class CacheEngine:
                 f"cache_context, not from a pipeline's scheduler. Set num_inference_steps in its config."
             )
         if not 0 <= step < T:
+            if name in self._checks:
+                self._checks[name].verify(name)  # a schedule mismatch explains this better
             raise EngineError(
                 f"Step index {step} on branch {name!r} is outside the plan's {T} steps; the run makes more "
                 f"transformer calls than the plan has steps."
@@ -119,29 +198,17 @@ class CacheEngine:
             raise EngineError("The pipeline's scheduler has no timesteps; was set_timesteps called?")
         if timesteps is not self._schedule:
             # set_timesteps made a new schedule: this is the start of a new pipeline call.
-            values = np.asarray(timesteps.detach().float().cpu(), dtype=np.float64)
-            self.policy.check_num_steps(len(values))
-            self._schedule, self._schedule_values = timesteps, values
+            self.policy.start_run(len(timesteps))
             self.reset()
-        return self._match_timestep(call, name)
-
-    def _match_timestep(self, call: TransformerCall, name: str) -> int:
-        values = self._schedule_values
-        timestep = call.timestep_values(self.family.timestep_scale).numpy()
-        if not np.allclose(timestep, timestep[0]):
-            raise EngineError(f"The samples of one call have different timesteps {timestep.tolist()}; unsupported.")
+            self._schedule = timesteps
         state = self.branches.get(name)
-        expected = 0 if state is None or state.step is None else state.step + 1
-        distance = np.abs(values - timestep[0])
-        if expected < len(values) and distance[expected] <= distance.min() + 1e-6 * max(1.0, abs(timestep[0])):
-            return expected
-        wanted = f"step {expected} (timestep {values[expected]:.6g})" if expected < len(values) else "no more steps"
-        raise EngineError(
-            f"Transformer call on branch {name!r} has timestep {timestep[0]:.6g}, but the scheduler's schedule "
-            f"says {wanted}. The pipeline does not make one transformer call per scheduler step in order "
-            f"(second-order scheduler, img2img strength, or a custom loop?). Pass the step explicitly with "
-            f"invardiff.cache_context(transformer, name, step_index=i)."
-        )
+        step = 0 if state is None or state.step is None else state.step + 1
+        check = self._checks.get(name)
+        if check is None or step == 0:
+            check = self._checks[name] = TimestepCheck(timesteps, self.family.timestep_scale)
+        if step < len(timesteps):
+            check.add(call["timestep"], step, name)
+        return step
 
     # ----- cached tensors (called by the hooks) -----
     def store_unit(self, state: BranchState, unit: int, value) -> None:
@@ -154,11 +221,6 @@ class CacheEngine:
         state.hidden = value
         self._account(tensor_bytes(value) - tensor_bytes(old))
 
-    def sync_probe_bytes(self, state: BranchState) -> None:
-        held = state.probe.held_bytes()
-        self._account(held - state.probe.accounted_bytes)
-        state.probe.accounted_bytes = held
-
     def note_step0_output(self, value) -> None:
         self.all_outputs_bytes += tensor_bytes(value)
 
@@ -167,9 +229,16 @@ class CacheEngine:
         self.peak_cache_bytes = max(self.peak_cache_bytes, self.cache_bytes)
 
     # ----- resets -----
-    def _restart_branch(self, state: BranchState) -> None:
+    def _clear_tensors(self, state: BranchState) -> None:
         self._account(-state.cached_bytes())
-        state.clear_tensors()
+        state.hidden = None
+        state.units = [None] * len(state.units)
+        if state.policy_state is not None:
+            self.policy.drop_tensors(state.policy_state)  # its records stay for summaries
+        state.policy_bytes = 0
+
+    def _restart_branch(self, state: BranchState) -> None:
+        self._clear_tensors(state)
         state.step, state.signature = None, None
         state.step_status[:] = NOT_RUN
         state.unit_status[:] = NOT_RUN
@@ -179,9 +248,9 @@ class CacheEngine:
 
     def _abort(self, state: BranchState) -> None:
         # A failed call leaves half-updated caches: drop them so that only a fresh run can continue.
-        self._account(-state.cached_bytes())
-        state.clear_tensors()
+        self._clear_tensors(state)
         state.step = None
+        self._checks.pop(state.name, None)
 
     def release(self) -> None:
         """Free every cached tensor, keeping the record of the last run for summaries."""
@@ -192,6 +261,8 @@ class CacheEngine:
         """Start over: free every cached tensor and forget the last run."""
         self.release()
         self.branches.clear()
+        self._checks.clear()
+        self._schedule = None
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
         self.all_outputs_bytes = 0

@@ -1,44 +1,126 @@
-"""Policies decide, per step and per reusable unit, whether to compute or reuse; the engine executes the decision.
+"""The runtime policy interface: what the engine asks, per call, per unit and at the head, and nothing else.
 
-A policy is built from a config by the function registered for the config's type (``register_policy``), so that a
-new policy (DiCache comes next) plugs into the same hooks without touching ``enable``/``disable``.
+The engine owns the run (steps, branches, cached tensors, memory accounting) and the hooks; a policy owns the
+decisions. Per transformer call the engine asks :meth:`CachePolicy.begin_step` for a :class:`StepAction`:
+
+* ``COMPUTE``: the forward runs; each reusable unit computes or reuses as :meth:`CachePolicy.unit_actions` says.
+* ``REUSE``: only the conditioning and the output head run, on :meth:`CachePolicy.reused_hidden`.
+* ``PROBE``: the forward runs; after the first ``probe_depth`` blocks :meth:`CachePolicy.decide` sees the
+  block-stack input and the probe output and says which samples run the remaining blocks. The others pass
+  through those blocks untouched (no exception unwinds the model's forward) and get their pre-head state from
+  the policy at the head (:meth:`CachePolicy.head_input`).
+
+A policy is built from a user-facing config by the builder registered for the config's type
+(:func:`register_policy`); the engine never imports a policy module. Policies keep their per-branch state in
+the object :meth:`CachePolicy.new_branch` returns, and report the tensors it holds through
+:meth:`CachePolicy.held_bytes` so that the engine's memory accounting stays complete.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..families import FamilySpec
-from ..plan import CachePlan, PlanError
-from ..stats import unit_reuse
+
+class StepAction(enum.IntEnum):
+    COMPUTE = 0
+    REUSE = 1
+    PROBE = 2
+
+
+@dataclass
+class ProbeDecision:
+    """What :meth:`CachePolicy.decide` returns after the probe blocks.
+
+    Attributes:
+        compute_rows: indices (on the features' device) of the samples that run the remaining blocks when only
+            some do; ``None`` when every sample does, or none does.
+        skip_all: no sample runs the remaining blocks.
+    """
+
+    compute_rows: torch.Tensor | None = None
+    skip_all: bool = False
+
+
+COMPUTE_ALL = ProbeDecision()
 
 
 class CachePolicy:
-    """Per-run decisions, read by the engine's hooks through plain Python lists (the hot path stays cheap).
+    """Base class of runtime policies. Subclasses override what they use; the defaults compute everything.
 
-    ``step_cached[t]``: run only the conditioning and the head on the cached pre-head hidden state.
-    ``keep_hidden_after[t]``: keep H after step ``t`` because a later step reuses it before H is next computed.
-    ``unit_reuse[u][t]`` / ``unit_keep_after[u][t]``: the same for reusable unit ``u`` (engine unit order).
+    Attributes:
+        name: short name written into summaries.
+        num_steps: the run's step count, or ``None`` until :meth:`start_run` learns it from a scheduler.
+        uses_units: install unit hooks (layer-wise reuse); ``False`` keeps the hot path free of them.
+        probe_depth: install block hooks and call :meth:`decide` after this many leading blocks; ``None``: no probe.
+        record_labels: for each per-step record of :meth:`records` whose values are codes, the name of each code.
     """
 
     name: str = "policy"
-    uses_units: bool = True  # False: no layer-wise reuse, so the unit hooks are not installed
-    step_reuse: str = "state"  # what a step-cached step reuses: H itself, or the residual H - x (PlanConfig)
-    num_steps: int | None
-    step_cached: list[bool]
-    keep_hidden_after: list[bool]
-    unit_reuse: list[list[bool]]
-    unit_keep_after: list[list[bool]]
+    num_steps: int | None = None
+    uses_units: bool = False
+    probe_depth: int | None = None
+    record_labels: dict[str, Sequence[str]] = {}
 
-    def check_num_steps(self, num_steps: int) -> None:
-        raise NotImplementedError
+    # ----- run lifecycle -----
+    def start_run(self, num_steps: int) -> None:
+        """A pipeline call with ``num_steps`` scheduler steps starts; raise if the policy cannot run it."""
+        if self.num_steps is not None and num_steps != self.num_steps:
+            raise ValueError(f"The {self.name} policy runs {self.num_steps} steps; this run has {num_steps}.")
+
+    def new_branch(self, state) -> object | None:
+        """Per-branch policy state, made at step 0 of each run of a CFG branch (``state.call`` is the call)."""
+        return None
+
+    def begin_step(self, state) -> StepAction:
+        """The action of this call (``state.step``, ``state.call``, ``state.policy_state`` are set)."""
+        return StepAction.COMPUTE
+
+    # ----- units (only when ``uses_units``) -----
+    def unit_actions(self, state) -> tuple[Sequence[bool], Sequence[bool]]:
+        """``(reuse, keep)`` for every unit at this step: reuse its cached output; keep its output afterwards."""
+        raise NotImplementedError(f"{type(self).__name__} sets uses_units but does not implement unit_actions.")
+
+    def unit_to_keep(self, state, unit: int, output):
+        """What to cache after unit ``unit`` computed ``output`` (``None``: nothing). Default: ``keep[unit]``."""
+        return output if state.unit_keep[unit] else None
+
+    # ----- head -----
+    def reused_hidden(self, transformer: torch.nn.Module, state) -> torch.Tensor:
+        """The pre-head hidden state of a ``REUSE`` step."""
+        raise NotImplementedError(f"{type(self).__name__} returned StepAction.REUSE but has no reused_hidden.")
+
+    def head_input(self, state, hidden: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """``(hidden for the head, value to cache as state.hidden)`` on a forward that reached the head.
+
+        ``hidden`` holds only the computing rows when a probe let some samples skip (``state.compute_rows``)."""
+        return hidden, None
+
+    # ----- probe (only when ``probe_depth``) -----
+    def decide(self, state, block_input: torch.Tensor, probe: torch.Tensor) -> ProbeDecision:
+        """After the probe blocks: ``block_input`` is x (the first block's image tokens), ``probe`` its output."""
+        return COMPUTE_ALL
+
+    # ----- bookkeeping -----
+    def end_step(self, state) -> None:
+        """The call finished without error."""
+
+    def held_bytes(self, policy_state) -> int:
+        """Bytes of tensors the policy keeps from one step to the next (for the engine's memory accounting)."""
+        return 0
+
+    def drop_tensors(self, policy_state) -> None:
+        """Free every tensor held in ``policy_state``; its records stay for summaries."""
+
+    def records(self, policy_state) -> dict | None:
+        """Per-step, per-sample records for :func:`invardiff.summary` (arrays ``(T, B)``), or ``None``."""
+        return None
 
     def describe(self) -> dict:
-        raise NotImplementedError
+        return {"policy": self.name}
 
 
 _POLICY_BUILDERS: dict[type, Callable] = {}
@@ -54,85 +136,9 @@ def register_policy(config_cls: type):
     return decorator
 
 
-def build_policy(config, family: FamilySpec, transformer: torch.nn.Module, units) -> CachePolicy:
+def build_policy(config, family, transformer: torch.nn.Module, units) -> CachePolicy:
     builder = _POLICY_BUILDERS.get(type(config))
     if builder is None:
-        known = ", ".join(cls.__name__ for cls in _POLICY_BUILDERS) or "none"
+        known = ", ".join(cls.__name__ for cls in _POLICY_BUILDERS)
         raise TypeError(f"Unsupported cache config {type(config).__name__}; expected a CachePlan or one of: {known}.")
     return builder(config, family, transformer, units)
-
-
-STEP_REUSE = ("state", "residual")
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """Execute a fixed :class:`CachePlan` step-first, then layer-wise (InvarDiff, SPEC.md A.4).
-
-    Args:
-        plan (`CachePlan`): the plan; it must match the model's family and depth and the run's step count.
-        step_reuse (`str`): what a step-cached step reuses. ``"state"`` (official, SPEC.md A.4 and C.1 item 9):
-            the last computed pre-head hidden state H itself; the current latent is ignored. ``"residual"``: the
-            last computed residual H - x added to the current step's block-stack input x (the patch embedding of
-            the current latent, one extra embedding per step), so a reused step follows the latent like
-            TeaCache / MagCache do. Same speed; a deviation from the official code, off by default.
-    """
-
-    plan: CachePlan
-    step_reuse: str = "state"
-
-    def __post_init__(self):
-        if self.step_reuse not in STEP_REUSE:
-            raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {self.step_reuse!r}.")
-
-
-class PlanPolicy(CachePolicy):
-    name = "plan"
-
-    def __init__(self, plan: CachePlan, units, step_reuse: str = "state"):
-        self.plan = plan
-        self.step_reuse = step_reuse
-        self.num_steps = plan.num_inference_steps
-        executed = ~plan.step_cache
-        self.step_cached = plan.step_cache.tolist()
-        # H is kept only while the next step is step-cached (SPEC.md A.4: state reuse of the last computed H).
-        self.keep_hidden_after = np.append(plan.step_cache[1:], False).tolist()
-        effective = {facts.name: unit_reuse(plan, facts.name) for facts in plan.model.block_lists}
-        self.unit_reuse, self.unit_keep_after = [], []
-        for unit in units:
-            reuse = effective[unit.block_list][unit.name][:, unit.layer] & executed
-            self.unit_reuse.append(reuse.tolist())
-            self.unit_keep_after.append(_keep_after(reuse, executed).tolist())
-
-    def check_num_steps(self, num_steps: int) -> None:
-        self.plan.check_num_steps(num_steps)
-
-    def describe(self) -> dict:
-        return {"policy": self.name, "step_reuse": self.step_reuse, "provenance": self.plan.provenance}
-
-
-def _keep_after(reuse: np.ndarray, executed: np.ndarray) -> np.ndarray:
-    # After executed step t, the output is needed iff the next executed step reuses it; otherwise that step
-    # recomputes (or the run ends) and the memory can go right away.
-    keep = np.zeros_like(reuse)
-    steps = np.flatnonzero(executed)
-    keep[steps[:-1]] = reuse[steps[1:]]
-    return keep
-
-
-def check_plan_fits(plan: CachePlan, family: FamilySpec, transformer) -> None:
-    """Raise unless ``plan`` is a CachePlan for this family and these layer counts."""
-    if not isinstance(plan, CachePlan):
-        raise TypeError(f"The plan must be a CachePlan, got {type(plan).__name__}.")
-    try:
-        plan.check_model(family.name, family.num_layers(transformer))
-    except PlanError as error:
-        raise PlanError(f"{error} (model: {type(transformer).__name__})") from None
-
-
-@register_policy(PlanConfig)
-def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, units) -> PlanPolicy:
-    check_plan_fits(config.plan, family, transformer)
-    if config.step_reuse == "residual" and family.embed_input is None:
-        raise ValueError(f"step_reuse='residual' is not available for the {family.name} family (no embed_input).")
-    return PlanPolicy(config.plan, units, config.step_reuse)

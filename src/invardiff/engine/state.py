@@ -55,9 +55,12 @@ class BranchState:
     Attributes:
         step: the step being executed, or that was last executed; ``None`` before the first step of a run.
         hidden: the cached pre-head hidden state H, or ``None``.
-        probe: the probe policies' references, accumulators and residual windows, or ``None``.
         units: the cached output of each unit (engine unit order), or ``None``.
+        policy_state: what the policy keeps for this branch (``CachePolicy.new_branch``), or ``None``.
         step_status / unit_status: what was executed, for :func:`invardiff.summary`.
+
+    Per call (set by the engine, read by the hooks and the policy): ``call``, ``action``, ``unit_reuse`` /
+    ``unit_keep`` (the policy's unit actions), ``block_input``, ``compute_rows`` / ``skip_all`` (a probe's decision).
     """
 
     def __init__(self, name: str, num_steps: int, num_units: int):
@@ -68,16 +71,19 @@ class BranchState:
         self.signature: tuple | None = None
         self.hidden = None
         self.units: list = [None] * num_units
-        self.probe = None  # the DiCache / plan+probe state of this branch (dicache.controller.ProbeBranch)
+        self.policy_state = None
+        self.policy_bytes = 0  # the policy's held bytes as last accounted
+        self.action = None
+        self.unit_reuse = self.unit_keep = ()
+        self.block_input = None  # the first block's image tokens x, while a probe policy runs
+        self.compute_rows: torch.Tensor | None = None
+        self.skip_all = False
         self.step_status = np.full(num_steps, NOT_RUN, dtype=np.int8)
         self.unit_status = np.full((num_steps, num_units), NOT_RUN, dtype=np.int8)
 
     def cached_bytes(self) -> int:
-        probe_bytes = self.probe.accounted_bytes if self.probe is not None else 0
-        return tensor_bytes(self.hidden) + sum(tensor_bytes(value) for value in self.units) + probe_bytes
+        return tensor_bytes(self.hidden) + sum(tensor_bytes(value) for value in self.units) + self.policy_bytes
 
-    def clear_tensors(self) -> None:
-        self.hidden = None
-        if self.probe is not None:
-            self.probe.drop_tensors()  # its records stay for summaries
-        self.units = [None] * len(self.units)
+    def end_call(self) -> None:
+        self.call = self.action = self.block_input = None
+        self.compute_rows, self.skip_all = None, False

@@ -25,7 +25,8 @@ class BranchSummary:
     name: str
     step_status: np.ndarray
     unit_status: dict[str, dict[str, np.ndarray]]
-    probe: dict[str, np.ndarray] | None = None  # DiCache / plan+probe: (T, B) error, accumulator, gamma, decision
+    probe: dict[str, np.ndarray] | None = None  # the policy's (T, B) records, e.g. DiCache's error and decision
+    labels: dict[str, tuple[str, ...]] | None = None  # names of the codes in coded records
 
     def counts(self) -> dict[str, dict[str, dict[str, int]]]:
         return {
@@ -39,7 +40,7 @@ class BranchSummary:
     def to_dict(self) -> dict:
         return {
             "steps": [_STEP_NAMES[int(s)] for s in self.step_status],
-            **({"probe": _probe_dict(self.probe)} if self.probe is not None else {}),
+            **({"probe": _records_dict(self.probe, self.labels or {})} if self.probe is not None else {}),
             "steps_computed": int((self.step_status == COMPUTED).sum()),
             "steps_step_cached": int((self.step_status == REUSED).sum()),
             "module_counts": self.counts(),
@@ -53,18 +54,14 @@ class BranchSummary:
         }
 
 
-def _probe_dict(probe: dict[str, np.ndarray]) -> dict:
-    from ..dicache.controller import DECISIONS
-
+def _records_dict(records: dict[str, np.ndarray], labels: dict[str, tuple[str, ...]]) -> dict:
     def numbers(array):  # JSON has no NaN: "not measured" is null
         return [[None if np.isnan(v) else float(v) for v in row] for row in array]
 
-    return {
-        "error": numbers(probe["error"]),
-        "accumulator": numbers(probe["accumulator"]),
-        "gamma": numbers(probe["gamma"]),
-        "decision": [[DECISIONS[v] if v >= 0 else "not_run" for v in row] for row in probe["decision"]],
-    }
+    def names(array, label):
+        return [[label[v] if v >= 0 else "not_run" for v in row] for row in array]
+
+    return {key: names(array, labels[key]) if key in labels else numbers(array) for key, array in records.items()}
 
 
 @dataclass
@@ -99,8 +96,9 @@ def summarize(engine) -> EngineSummary:
                 num_layers = 1 + max(u.layer for u in engine.units if u.block_list == unit.block_list)
                 per_unit[unit.name] = np.full((state.num_steps, num_layers), NOT_RUN, np.int8)
             per_unit[unit.name][:, unit.layer] = state.unit_status[:, index]
-        probe = state.probe.records() if state.probe is not None else None
-        branches[name] = BranchSummary(name, state.step_status.copy(), unit_status, probe)
+        records = engine.policy.records(state.policy_state) if state.policy_state is not None else None
+        labels = dict(engine.policy.record_labels) if records is not None else None
+        branches[name] = BranchSummary(name, state.step_status.copy(), unit_status, records, labels)
     return EngineSummary(
         engine.policy.describe(),
         engine.policy.num_steps,

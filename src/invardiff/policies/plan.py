@@ -1,0 +1,130 @@
+"""The InvarDiff plan policy: a fixed :class:`CachePlan`, executed step-first, then layer-wise (SPEC.md A.4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..engine.policy import CachePolicy, StepAction, register_policy
+from ..families import FamilySpec
+from ..plan import CachePlan, PlanError
+from ..stats import unit_reuse
+
+
+STEP_REUSE = ("state", "residual")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Execute a fixed :class:`CachePlan` step-first, then layer-wise (InvarDiff, SPEC.md A.4).
+
+    Args:
+        plan (`CachePlan`): the plan; it must match the model's family and depth and the run's step count.
+        step_reuse (`str`): what a step-cached step reuses. ``"state"`` (official, SPEC.md A.4 and C.1 item 9):
+            the last computed pre-head hidden state H itself; the current latent is ignored. ``"residual"``: the
+            last computed residual H - x added to the current step's block-stack input x (the patch embedding of
+            the current latent, one extra embedding per step), so a reused step follows the latent like
+            TeaCache / MagCache do. Same speed; a deviation from the official code, off by default.
+    """
+
+    plan: CachePlan
+    step_reuse: str = "state"
+
+    def __post_init__(self):
+        if self.step_reuse not in STEP_REUSE:
+            raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {self.step_reuse!r}.")
+
+
+class PlanPolicy(CachePolicy):
+    """Decisions read from per-step Python lists made once at enable time: the hot path is a list lookup.
+
+    ``step_cached[t]``: run only the conditioning and the head on the cached pre-head hidden state.
+    ``keep_hidden_after[t]``: keep H after step ``t`` because a later step reuses it before H is next computed.
+    ``unit_reuse[t][u]`` / ``unit_keep[t][u]``: the same for reusable unit ``u`` (engine unit order).
+    """
+
+    name = "plan"
+    uses_units = True
+
+    def __init__(self, plan: CachePlan, units, step_reuse: str = "state", embed_input=None):
+        self.plan = plan
+        self.step_reuse = step_reuse
+        self.embed_input = embed_input  # embed_input(call): the block-stack input x, for residual step reuse
+        self.num_steps = plan.num_inference_steps
+        executed = ~plan.step_cache
+        self.step_cached = plan.step_cache.tolist()
+        # H is kept only while the next step is step-cached (SPEC.md A.4: state reuse of the last computed H).
+        self.keep_hidden_after = np.append(plan.step_cache[1:], False).tolist()
+        effective = {facts.name: unit_reuse(plan, facts.name) for facts in plan.model.block_lists}
+        reuse = np.zeros((self.num_steps, len(units)), dtype=bool)
+        keep = np.zeros_like(reuse)
+        for index, unit in enumerate(units):
+            reuse[:, index] = effective[unit.block_list][unit.name][:, unit.layer] & executed
+            keep[:, index] = _keep_after(reuse[:, index], executed)
+        self.unit_reuse, self.unit_keep = reuse.tolist(), keep.tolist()
+
+    def start_run(self, num_steps: int) -> None:
+        self.plan.check_num_steps(num_steps)
+
+    def begin_step(self, state) -> StepAction:
+        return StepAction.REUSE if self.step_cached[state.step] else StepAction.COMPUTE
+
+    def unit_actions(self, state):
+        return self.unit_reuse[state.step], self.unit_keep[state.step]
+
+    def reused_hidden(self, transformer, state) -> torch.Tensor:
+        if state.hidden is None:
+            raise RuntimeError(f"invardiff: the plan reuses step {state.step} but no hidden state is cached.")
+        if self.step_reuse == "residual":  # the kept value is the residual H - x
+            return self.embed_input(state.call) + state.hidden
+        return state.hidden
+
+    def head_input(self, state, hidden):
+        return hidden, self._kept_hidden(state, hidden)
+
+    def _kept_hidden(self, state, hidden):
+        if not self.keep_hidden_after[state.step]:
+            return None
+        if self.step_reuse == "state":
+            return hidden
+        if self.step_cached[state.step]:
+            return state.hidden  # a reused step: the residual carries on unchanged
+        return hidden - self.embed_input(state.call)  # R = H - x
+
+    def describe(self) -> dict:
+        return {"policy": self.name, "step_reuse": self.step_reuse, "provenance": self.plan.provenance}
+
+
+def _keep_after(reuse: np.ndarray, executed: np.ndarray) -> np.ndarray:
+    # After executed step t, the output is needed iff the next executed step reuses it; otherwise that step
+    # recomputes (or the run ends) and the memory can go right away.
+    keep = np.zeros_like(reuse)
+    steps = np.flatnonzero(executed)
+    keep[steps[:-1]] = reuse[steps[1:]]
+    return keep
+
+
+def check_plan_fits(plan: CachePlan, family: FamilySpec, transformer) -> None:
+    """Raise unless ``plan`` is a CachePlan for this family and these layer counts."""
+    if not isinstance(plan, CachePlan):
+        raise TypeError(f"The plan must be a CachePlan, got {type(plan).__name__}.")
+    try:
+        plan.check_model(family.name, family.num_layers(transformer))
+    except PlanError as error:
+        raise PlanError(f"{error} (model: {type(transformer).__name__})") from None
+
+
+@register_policy(PlanConfig)
+def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, units) -> PlanPolicy:
+    check_plan_fits(config.plan, family, transformer)
+    if config.step_reuse == "residual" and family.embed_input is None:
+        raise ValueError(f"step_reuse='residual' is not available for the {family.name} family (no embed_input).")
+    embed = None if family.embed_input is None else (lambda call: family.embed_input(transformer, call))
+    return PlanPolicy(config.plan, units, config.step_reuse, embed)
+
+
+@register_policy(CachePlan)
+def _build_from_plan(plan: CachePlan, family: FamilySpec, transformer, units) -> PlanPolicy:
+    return _build_plan_policy(PlanConfig(plan), family, transformer, units)
