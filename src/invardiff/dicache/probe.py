@@ -131,7 +131,7 @@ class ProbePolicy(CachePolicy):
         skip = finite & under & has_windows
         gamma = self._gamma(branch, block_input, probe)
         packed = torch.stack([error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma])
-        error_h, accumulated_h, skip_h, finite_h, windows_h, gamma_h = packed.cpu().numpy()  # the one host sync
+        error_h, accumulated_h, skip_h, finite_h, windows_h, gamma_h = np.array(packed.tolist())  # the one sync
         skip_h, finite_h, windows_h = skip_h > 0, finite_h > 0, windows_h > 0
         branch.accumulator = torch.where(skip, accumulated, 0.0)
         branch.error[step], branch.accumulated[step] = error_h, accumulated_h
