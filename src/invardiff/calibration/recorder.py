@@ -115,7 +115,9 @@ class RateRecorder:
         feature = feature.detach()  # (B, ...) in the model's dtype
         if k >= 1:
             if stream.reference is None:
-                raise CalibrationError(f"Step {k} of {_name(key)} arrived without step {k - 1}; runs must be complete.")
+                raise CalibrationError(
+                    f"Step {k} of {_name(key)} arrived without step {k - 1}; runs must be complete."
+                )
             change = _l1_distance(feature, stream.reference)  # (B,) |f_k - curr|_1, float32, on the device
             if k >= 2:
                 j = k - 1
@@ -131,7 +133,8 @@ class RateRecorder:
     def _keep(self, feature: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
         """``feature`` as the new reference: copied into the old reference's buffer when it fits, so that the
         recorder owns its memory (no alias of a model output) and allocates nothing after a run's first step."""
-        device = torch.device("cpu") if self.offload == "cpu" else feature.device
+        offloaded = self.offload == "cpu" and feature.device.type != "meta"  # meta: memory estimates
+        device = torch.device("cpu") if offloaded else feature.device
         fits = (
             reference is not None
             and reference.shape == feature.shape
@@ -167,8 +170,13 @@ class RateRecorder:
         self.finished.append(streams)
 
     def finish(self) -> None:
-        """End of the pass: move the last rates to the host and free every reference feature."""
+        """End of the pass: move the last rates to the host, then :meth:`release`."""
         self._flush()
+        self.release()
+
+    def release(self) -> None:
+        """Free every reference feature (runs in progress end); the rates on the host stay."""
+        self._pending, self._pending_step = [], None
         for branch in list(self.branches):
             self._finish_run(branch)
         self.last_step.clear()

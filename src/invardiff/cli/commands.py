@@ -16,6 +16,10 @@ from ..plan import CachePlan
 def inspect_plan(args) -> int:
     from ..stats import plan_summary
 
+    if args.calibration_memory:
+        return _calibration_memory(args)
+    if args.plan is None:
+        raise ValueError("inspect needs a plan file (or --calibration-memory with --model-config).")
     plan = CachePlan.load(args.plan)
     flops = config = None
     if args.memory and not args.model_config:
@@ -56,6 +60,27 @@ def inspect_plan(args) -> int:
             f"peak cache memory: {summary['peak_cache_bytes'] / 2**30:.3f} GiB (keeping every unit output and H "
             f"of a step: {summary['all_outputs_bytes'] / 2**30:.3f} GiB)"
         )
+    return 0
+
+
+def _calibration_memory(args) -> int:
+    from ..memory import calibration_memory
+    from ..model_configs import get_model_config
+
+    if not args.model_config or args.plan is not None:
+        raise ValueError("--calibration-memory needs --model-config (the shapes) and no plan.")
+    config = get_model_config(args.model_config)
+    estimate = {"model_config": config.name, "dtype": config.dtype, **calibration_memory(config)}
+    if args.json:
+        print(json.dumps(estimate, indent=1))
+        return 0
+    gib = {k: v / 2**30 for k, v in estimate.items() if isinstance(v, int) and k != "streams"}
+    print(f"calibration features per sample on {config.name} ({config.description or config.family}), {config.dtype}:")
+    print(f"  reference features ({estimate['streams']} streams, one each): {gib['references']:.3f} GiB")
+    print(f"  float32 working buffer of the largest stream:   {gib['working']:.3f} GiB")
+    print(f"  per-sample scalars:                              {estimate['scalars']} bytes")
+    former = gib["two_float32_references"]
+    print(f"  total: {gib['total']:.3f} GiB (two float32 features per stream, the former recorder: {former:.3f} GiB)")
     return 0
 
 
@@ -114,6 +139,8 @@ def calibrate(args) -> int:
         thresholds=thresholds,
         seeds=seeds,
         batch_size=args.batch_size,
+        memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30),
+        offload=args.offload,
         pipeline_kwargs=extra,
         progress=progress,
         **inputs,

@@ -2,6 +2,7 @@
 
 invardiff convert-official BOOK --family flux -o plan.json
 invardiff inspect plan.json --model-config flux1-dev [--json]
+invardiff inspect --calibration-memory --model-config flux1-dev [--json]
 invardiff plot plan.json -o plan.png
 invardiff bench-engine [--family flux dit] [--config cpu|full] [--device cpu|cuda] [--rounds 3] [--peers] [--json]
 """
@@ -25,8 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="reuse statistics of a plan, and its ideal speedup on a model config")
-    p.add_argument("plan")
+    p.add_argument("plan", nargs="?", help="a plan file (not with --calibration-memory)")
     p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
+    p.add_argument(
+        "--calibration-memory",
+        action="store_true",
+        help="instead of a plan: calibration feature memory per sample on --model-config (meta device)",
+    )
     p.add_argument(
         "--memory",
         action="store_true",
@@ -60,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="Flux image width in pixels")
     p.add_argument("--guidance-scale", type=float, help="default: Flux 3.5 (distilled), DiT 1.0 (no CFG, official)")
     p.add_argument("--max-sequence-length", type=int, help="Flux T5 tokens (default: the pipeline's)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration runs per pipeline call")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="calibration runs per pipeline call (default: the most whose calibration features fit the budget)",
+    )
+    p.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="with the default batch size: GiB for the calibration features (default: half the free CUDA memory, "
+        "8 on CPU)",
+    )
+    p.add_argument("--offload", choices=["cpu"], help="keep the calibration reference features in host memory")
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output", required=True, help="plan path; the rates go beside it (.rates.npz)")
     p.set_defaults(handler=commands.calibrate)

@@ -1,0 +1,79 @@
+"""The calibration batch size from memory: the most runs per pipeline call whose features fit a budget."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
+
+from ..model_configs import ModelConfig
+
+
+logger = logging.getLogger(__name__)
+
+HOST_BUDGET = 8 * 2**30  # bytes: the default budget when the features live in host memory (CPU, or offloaded)
+DEVICE_FRACTION = 0.5  # of the free CUDA memory: the rest is for the model's activations at that batch
+
+
+def auto_batch_size(
+    pipe, family: str, num_samples: int, call_kwargs: dict, budget: int | None = None, offload: str | None = None
+) -> int:
+    """The largest batch (at most ``num_samples``, at least 1) whose estimated calibration memory fits ``budget``.
+
+    The per-sample estimate is :func:`invardiff.memory.calibration_memory` at the shapes of the pipeline call
+    (measured on the meta device). ``budget`` defaults to half the free memory of the transformer's CUDA device
+    (the other half for the activations), or :data:`HOST_BUDGET` when the references live in host memory.
+    """
+    from ..memory import calibration_memory
+
+    config = pipeline_call_config(pipe, family, call_kwargs)
+    estimate = calibration_memory(config, offload)
+    device = pipe.transformer.device
+    on_device = device.type == "cuda" and offload != "cpu"
+    if budget is None:
+        budget = int(torch.cuda.mem_get_info(device)[0] * DEVICE_FRACTION) if on_device else HOST_BUDGET
+    rows = config.batch  # transformer rows per calibration sample (DiT with CFG: 2)
+    per_sample = estimate["total"] * rows
+    batch = max(1, min(num_samples, budget // max(1, per_sample)))
+    message = (
+        "calibration batch size %d of %d runs: %s of calibration features per sample "
+        "(%s references in %s, %s working), budget %s"
+    )
+    where = "host memory" if (offload == "cpu" or device.type == "cpu") else str(device)
+    args = (batch, num_samples, _size(per_sample), _size(estimate["references"] * rows), where)
+    args += (_size(estimate["working"] * rows), _size(budget))
+    if per_sample > budget:
+        logger.warning(message + ": one sample exceeds the budget", *args)
+    else:
+        logger.info(message, *args)
+    return batch
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} bytes"
+
+
+def pipeline_call_config(pipe, family: str, call_kwargs: dict) -> ModelConfig:
+    """The transformer's config with the input shapes of one calibration sample of the pipeline call (``batch``:
+    its transformer rows)."""
+    transformer = pipe.transformer
+    cls = FluxTransformer2DModel if family == "flux" else DiTTransformer2DModel
+    kwargs = {
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in cls.extract_init_dict(dict(transformer.config))[0].items()
+    }
+    dtype = str(transformer.dtype).removeprefix("torch.")
+    if family == "flux":
+        pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
+        default_side = pipe.default_sample_size * pipe.vae_scale_factor
+        height = call_kwargs.get("height") or default_side
+        width = call_kwargs.get("width") or default_side
+        tokens = (height // pixels_per_token) * (width // pixels_per_token)
+        text = call_kwargs.get("max_sequence_length") or 512
+        return ModelConfig("calibration", "flux", kwargs, dtype, image_tokens=tokens, text_tokens=text)
+    cfg = call_kwargs.get("guidance_scale", 4.0) > 1  # DiTPipeline batches the null class with each sample
+    return ModelConfig("calibration", "dit", kwargs, dtype, batch=2 if cfg else 1)
