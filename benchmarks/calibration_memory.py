@@ -1,10 +1,13 @@
-"""Peak memory of a calibration on a Flux config with 1024 image tokens, at T and 2T steps.
+"""Calibration memory: the per-sample estimate at real sizes, and the peak RSS of a toy calibration at T and 2T steps.
 
-Each calibration runs in a fresh process that reports its own peak RSS, so the two figures are comparable.
-Calibration keeps two float32 features per stream and samples x steps x layers rates, so memory must not grow
-with the number of steps beyond the (tiny) rate arrays.
+The estimate (``invardiff.memory.calibration_memory``, the recorder itself on the meta device) gives the bytes of
+calibration features per sample at FLUX.1-dev 1024x1024 and DiT-XL/2, against the former recorder's two float32
+features per stream. The RSS part runs each calibration in a fresh process that reports its own peak RSS, so the
+two figures are comparable: calibration keeps one feature per stream and samples x steps x layers rates, so
+memory must not grow with the number of steps beyond the (tiny) rate arrays.
 
-    python benchmarks/calibration_memory.py --steps 10 --out benchmarks/results
+    python benchmarks/calibration_memory.py --estimate-only --out benchmarks/results   # seconds
+    python benchmarks/calibration_memory.py --steps 10 --out benchmarks/results        # + the RSS runs
 """
 
 import argparse
@@ -18,6 +21,7 @@ from pathlib import Path
 
 CONFIG = "flux-calib-1024"
 PROMPTS = ["a red cat on a sofa", "blue sky over a small house", "a green tree in a field"]
+ESTIMATE_CONFIGS = ["flux1-dev", "dit-xl-2"]
 
 
 def child(steps: int) -> None:
@@ -39,6 +43,7 @@ def child(steps: int) -> None:
         thresholds="fast",
         prompts=PROMPTS,
         seeds=[42],
+        batch_size=len(PROMPTS),
         pipeline_kwargs={"height": 512, "width": 512, "max_sequence_length": 64},
     )
     seconds = time.perf_counter() - start
@@ -56,7 +61,35 @@ def child(steps: int) -> None:
     )
 
 
+def estimates(out: Path) -> None:
+    from invardiff.memory import calibration_memory
+    from invardiff.model_configs import MODEL_CONFIGS
+
+    rows = {name: calibration_memory(MODEL_CONFIGS[name]) for name in ESTIMATE_CONFIGS}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration-memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    gib = 2**30
+    table = [
+        "| config | streams | references (GiB) | working (GiB) | total per sample (GiB) | former: two float32 (GiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        table.append(
+            f"| {name} | {row['streams']} | {row['references'] / gib:.3f} | {row['working'] / gib:.3f} | "
+            f"{row['total'] / gib:.3f} | {row['two_float32_references'] / gib:.3f} |"
+        )
+    table.append(
+        "\nPer sample (per row of the transformer batch), model dtype bfloat16; measured by the calibration "
+        "recorder on the meta device (`invardiff inspect --calibration-memory --model-config NAME`)."
+    )
+    (out / "calibration-memory-estimate.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
 def main(args) -> None:
+    estimates(Path(args.out))
+    if args.estimate_only:
+        return
     results = []
     for steps in (args.steps, 2 * args.steps):
         output = subprocess.run(
@@ -98,5 +131,6 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--estimate-only", action="store_true", help="only the per-sample estimates (seconds)")
     parsed = parser.parse_args()
     child(parsed.child) if parsed.child else main(parsed)
