@@ -9,7 +9,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext
 
 from .engine.engine import CacheEngine
-from .engine.install import attached_engine, enumerate_units, install_hooks, remove_hooks
+from .engine.install import attached_engine, enumerate_units, install, uninstall, unwrap
 from .engine.policy import build_policy
 from .engine.summary import EngineSummary, summarize
 from .families import resolve_family
@@ -58,7 +58,7 @@ def enable(target, plan: CachePlan | object) -> None:
     units = enumerate_units(transformer, family)
     policy = build_policy(plan, family, transformer, units)
     engine = CacheEngine(transformer, family, policy, units, pipeline)
-    install_hooks(transformer, family, engine)
+    install(transformer, family, engine)
     logger.info("invardiff enabled on %s (%s family): %s", type(transformer).__name__, family.name, policy.describe())
 
 
@@ -67,7 +67,7 @@ def disable(target) -> None:
     transformer, _ = _resolve_target(target)
     engine = _engine_or_raise(transformer)
     engine.reset()
-    remove_hooks(transformer)
+    uninstall(transformer)
     logger.info("invardiff disabled on %s", type(transformer).__name__)
 
 
@@ -115,10 +115,10 @@ def summary(target) -> EngineSummary:
 
 def _resolve_target(target) -> tuple[torch.nn.Module, object | None]:
     if isinstance(target, torch.nn.Module):
-        return target, None
+        return unwrap(target), None
     transformer = getattr(target, "transformer", None)
     if isinstance(transformer, torch.nn.Module) and hasattr(target, "scheduler"):
-        return transformer, target
+        return unwrap(transformer), target
     raise TypeError(
         f"Expected a diffusers pipeline (with .transformer and .scheduler) or a transformer module, "
         f"got {type(target).__name__}."

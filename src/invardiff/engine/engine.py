@@ -24,6 +24,9 @@ import torch
 
 from ..families import FamilySpec, TransformerCall
 from ..plan import PlanError
+from .adapters import COMPUTE as COMPUTE_MODE
+from .adapters import INACTIVE
+from .adapters import REUSE as REUSE_MODE
 from .policy import CachePolicy, StepAction
 from .state import COMPUTED, NOT_RUN, REUSED, BranchState, UnitRef, tensor_bytes
 
@@ -104,6 +107,11 @@ class CacheEngine:
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
         self.all_outputs_bytes = 0  # what keeping every unit output and H of one step would take
+        # Set by install: the adapted modules whose mode the engine sets around each call (adapters.py).
+        self.unit_modules: list[tuple] = []  # per unit: its producer and, if any, its pass-through stage
+        self.blocks: list = []  # probe policies: every block in execution order, its static role, the deep ones
+        self.block_roles: list[int] = []
+        self.deep_blocks: list = []
 
     # ----- contexts -----
     def push_context(self, context) -> None:
@@ -139,11 +147,31 @@ class CacheEngine:
         state.action = self.policy.begin_step(state)
         if self.policy.uses_units:
             state.unit_reuse, state.unit_keep = self.policy.unit_actions(state)
+        self._set_modes(state)
         self.active = state
         return state
 
+    def _set_modes(self, state: BranchState | None) -> None:
+        # The adapters read their mode as a constant (one compiled graph per mode): set it around every call.
+        if state is None:
+            for modules in self.unit_modules:
+                for module in modules:
+                    module._invardiff_mode = INACTIVE
+        else:
+            for reuse, modules in zip(state.unit_reuse, self.unit_modules, strict=True):
+                for module in modules:
+                    module._invardiff_mode = REUSE_MODE if reuse else COMPUTE_MODE
+        for block, role in zip(self.blocks, self.block_roles, strict=True):
+            block._invardiff_mode = role if state is not None else INACTIVE
+
+    def set_deep_blocks(self, mode: int) -> None:
+        """After the probe's decision: how the remaining blocks run (adapters.SKIP, SUBSET or plain)."""
+        for block in self.deep_blocks:
+            block._invardiff_mode = mode
+
     def end_call(self, state: BranchState, failed: bool) -> None:
         self.active = None
+        self._set_modes(None)
         if failed:
             state.end_call()
             self._abort(state)

@@ -1,0 +1,256 @@
+"""Unit and block adapters: how the engine acts inside the blocks, in a form that ``torch.compile`` can share.
+
+Each reusable unit (``attn``, ``ff``, ...) and, for probe policies, each block gets a subclass of its own class
+(same name, so ``compile_repeated_blocks`` still finds the blocks) whose ``forward`` reads one small int attribute,
+``_invardiff_mode``, set by the engine before each call, and reaches the engine only through functions marked
+``torch.compiler.disable``. Why not diffusers' hooks here: a hook replaces each module instance's ``forward`` with
+its own ``functools.partial``, on which Dynamo guards by identity, so a regionally compiled model recompiles for
+every block and hits the recompile limit. A class-level ``forward`` is the same for every block, so the compiled
+graphs are shared: a block compiles one graph per distinct mode it sees, whatever the depth or the plan (the bound
+is stated in :func:`graph_bound`). Decisions are never made inside a compiled region: the mode is a constant there,
+and each call out to the engine is a graph break.
+
+Modes of a unit: ``INACTIVE`` (not in a run: the stock forward), ``COMPUTE``, ``REUSE``. Modes of a block are bit
+flags: ``INPUT`` (record the block-stack input x), ``PROBE`` (decide after this block), ``SKIP`` (no sample
+computes: hand the inputs on), ``SUBSET`` (only some samples compute: cut their per-sample arguments).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockRegistry
+
+from .state import COMPUTED, REUSED, take_rows
+
+
+INACTIVE, COMPUTE, REUSE = 0, 1, 2  # unit modes
+INPUT, PROBE, SKIP, SUBSET = 1, 2, 4, 8  # block mode flags
+_ATTRIBUTES = ("_invardiff_mode", "_invardiff_slot")
+
+
+class UnitSlot:
+    """What a unit's adapter needs from the engine: which unit it is and whether it stores the unit's output."""
+
+    def __init__(self, engine, unit: int, marks_status: bool, stores_output: bool):
+        self.engine = engine
+        self.unit = unit
+        self.marks_status = marks_status  # the producer marks computed; a pass-through stage does not
+        self.stores_output = stores_output  # False when a pass-through stage stores the unit's final output
+
+
+class BlockSlot:
+    """What a block's adapter needs for the probe: its per-sample arguments and the layout of its output."""
+
+    def __init__(self, engine, block, per_sample_args: tuple[str, ...], image_output: int | None):
+        self.engine = engine
+        self.image_output = image_output  # index of the image stream in the block's output tuple, None: a tensor
+        self.per_sample_args = per_sample_args
+        self.passthrough = _passthrough_layout(block, image_output)
+        base = getattr(type(block), "_invardiff_base", type(block))
+        parameters = list(inspect.signature(base.forward).parameters)[1:]  # without self
+        names = {*per_sample_args, *(name for name, _ in self.passthrough)}
+        missing = names - set(parameters)
+        if missing:
+            raise ValueError(f"{type(block).__name__}.forward has no argument(s) {sorted(missing)}.")
+        self.positions = {name: parameters.index(name) for name in names}
+
+    def argument(self, name: str, args: tuple, kwargs: dict):
+        if name in kwargs:
+            return kwargs[name]
+        position = self.positions[name]
+        return args[position] if position < len(args) else None
+
+
+# ----- the engine side of the adapters: called out of compiled regions -----
+@torch.compiler.disable
+def _reused_output(module):
+    slot = module._invardiff_slot
+    engine, unit = slot.engine, slot.unit
+    state = engine.active
+    if not slot.marks_status:
+        raise AssertionError("a pass-through stage is never asked for a reused output")
+    output = state.units[unit]
+    if output is None:
+        raise RuntimeError(f"invardiff: no cached output for {engine.units[unit].fqn} at step {state.step}.")
+    if not state.unit_keep[unit]:
+        engine.store_unit(state, unit, None)
+    state.unit_status[state.step, unit] = REUSED
+    return output
+
+
+@torch.compiler.disable
+def _computed_output(module, output) -> None:
+    slot = module._invardiff_slot
+    engine, unit = slot.engine, slot.unit
+    state = engine.active
+    if slot.marks_status:
+        state.unit_status[state.step, unit] = COMPUTED
+    if slot.stores_output:
+        if state.step == 0:
+            engine.note_step0_output(output)
+        engine.store_unit(state, unit, engine.policy.unit_to_keep(state, unit, output))
+
+
+@torch.compiler.disable
+def _record_input(module, args: tuple, kwargs: dict) -> None:
+    slot = module._invardiff_slot
+    slot.engine.active.block_input = slot.argument(slot.passthrough[-1][0], args, kwargs)  # image tokens x
+
+
+@torch.compiler.disable
+def _cut_rows(module, args: tuple, kwargs: dict):
+    slot = module._invardiff_slot
+    rows = slot.engine.active.compute_rows
+    args, kwargs = list(args), dict(kwargs)
+    for name in slot.per_sample_args:
+        if name in kwargs:
+            kwargs[name] = take_rows(kwargs[name], rows)
+        elif slot.positions[name] < len(args):
+            args[slot.positions[name]] = take_rows(args[slot.positions[name]], rows)
+    return tuple(args), kwargs
+
+
+@torch.compiler.disable
+def _identity(module, args: tuple, kwargs: dict):
+    slot = module._invardiff_slot
+    if len(slot.passthrough) == 1:
+        return slot.argument(slot.passthrough[0][0], args, kwargs)
+    output = [None] * len(slot.passthrough)
+    for name, index in slot.passthrough:
+        output[index] = slot.argument(name, args, kwargs)
+    return tuple(output)
+
+
+@torch.compiler.disable
+def _after_probe(module, output):
+    slot = module._invardiff_slot
+    engine = slot.engine
+    state = engine.active
+    image = output if slot.image_output is None else output[slot.image_output]
+    decision = engine.policy.decide(state, state.block_input, image)
+    state.compute_rows, state.skip_all = decision.compute_rows, decision.skip_all
+    engine.set_deep_blocks(SKIP if decision.skip_all else SUBSET if decision.compute_rows is not None else 0)
+    return output if decision.compute_rows is None else take_rows(output, decision.compute_rows)
+
+
+# ----- the adapter classes -----
+def _unit_class(base: type) -> type:
+    base_forward = base.forward
+
+    def forward(self, *args, **kwargs):
+        mode = self._invardiff_mode
+        if mode == REUSE:
+            return _reused_output(self)
+        output = base_forward(self, *args, **kwargs)
+        if mode == COMPUTE:
+            _computed_output(self, output)
+        return output
+
+    return _subclass(base, forward)
+
+
+def _passthrough_class(base: type) -> type:
+    base_forward = base.forward
+
+    def forward(self, *args, **kwargs):
+        mode = self._invardiff_mode
+        if mode == REUSE:
+            return args[0]  # the unit's producer already returned the cached final output
+        output = base_forward(self, *args, **kwargs)
+        if mode == COMPUTE:
+            _computed_output(self, output)
+        return output
+
+    return _subclass(base, forward)
+
+
+def _block_class(base: type) -> type:
+    base_forward = base.forward
+
+    def forward(self, *args, **kwargs):
+        mode = self._invardiff_mode
+        if mode & SKIP:
+            return _identity(self, args, kwargs)
+        if mode & INPUT:
+            _record_input(self, args, kwargs)
+        if mode & SUBSET:
+            args, kwargs = _cut_rows(self, args, kwargs)
+        output = base_forward(self, *args, **kwargs)
+        if mode & PROBE:
+            output = _after_probe(self, output)
+        return output
+
+    return _subclass(base, forward)
+
+
+_CLASSES: dict[tuple[str, type], type] = {}  # one adapter class per (kind, class): shared compiled code
+
+
+def _subclass(base: type, forward) -> type:
+    forward.__wrapped__ = base.forward  # so that inspect.signature sees the real arguments
+    return type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__, "_invardiff_base": base})
+
+
+def adapt(module: torch.nn.Module, kind: str, slot) -> None:
+    """Give ``module`` the adapter class of ``kind`` (``unit``, ``passthrough``, ``block``), in mode INACTIVE."""
+    if "forward" in vars(module):
+        raise ValueError(
+            f"{type(module).__name__} at this position already has a patched forward (another hook or cache, e.g. "
+            f"diffusers' enable_cache, TaylorSeer or group offloading, installed before invardiff); remove it first "
+            f"or enable invardiff before it."
+        )
+    if hasattr(type(module), "_invardiff_base"):
+        raise ValueError(f"{type(module).__name__} is already adapted by invardiff.")
+    base = type(module)
+    key = (kind, base)
+    if key not in _CLASSES:
+        make = {"unit": _unit_class, "passthrough": _passthrough_class, "block": _block_class}[kind]
+        _CLASSES[key] = make(base)
+    module.__class__ = _CLASSES[key]
+    module._invardiff_mode = INACTIVE
+    module._invardiff_slot = slot
+
+
+def restore(module: torch.nn.Module) -> None:
+    """Undo :func:`adapt`: the module's own class again and no invardiff attribute."""
+    base = getattr(type(module), "_invardiff_base", None)
+    if base is None:
+        return
+    module.__class__ = base
+    for name in _ATTRIBUTES:
+        module.__dict__.pop(name, None)
+
+
+def graph_bound(num_units_per_block: int, probe: bool) -> int:
+    """An upper bound on the graphs one block class compiles under ``compile_repeated_blocks`` in a run.
+
+    Every call out to the engine is a graph break, so a block splits into one graph before its first unit and
+    one after each unit. Each segment is specialised on the mode of the unit that ends it (compute or reuse), and
+    for a probe policy on the block's mode (plain, input, probe, input+probe, skip, subset). Shape changes (a
+    subset of samples) add one dynamic-shape recompile at most.
+    """
+    segments = num_units_per_block + 1
+    return segments * 2 * (6 if probe else 1) + (1 if probe else 0)
+
+
+def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]]:
+    """``[(argument, output index)]`` of what a block returns, image stream last: diffusers' block metadata where it
+    has the block class, else a block that returns its ``hidden_states`` only (``image_output`` None)."""
+    base = getattr(type(block), "_invardiff_base", type(block))
+    try:
+        meta = TransformerBlockRegistry.get(base)
+    except ValueError:
+        if image_output is not None:
+            raise NotImplementedError(
+                f"{base.__name__} returns a tuple but diffusers' TransformerBlockRegistry does not describe it, so "
+                f"its pass-through output is unknown; register it with TransformerBlockRegistry.register."
+            ) from None
+        return [("hidden_states", 0)]
+    if meta.return_encoder_hidden_states_index is None:
+        return [(meta.hidden_states_argument_name, 0)]
+    return [
+        (meta.encoder_hidden_states_argument_name, meta.return_encoder_hidden_states_index),
+        (meta.hidden_states_argument_name, meta.return_hidden_states_index),
+    ]
