@@ -89,3 +89,46 @@ def test_bench_engine_json_on_the_tiny_full_depth_models(schedule, tmp_path, cap
     assert result["measured_speedup"] > 1.5  # 17 of 28 steps skip the whole block stack
     assert 0 < result["peak_cache_bytes"] <= result["all_outputs_bytes"]
     assert (tmp_path / "bench-engine-tiny-cpu.md").read_text().count("flux/fast") == 1
+
+
+def test_version_and_help_do_not_import_the_bench_stack():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from invardiff.cli.main import main\n"
+        "for argv in (['--version'], ['--help'], ['bench', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('invardiff.bench', 'invardiff.metrics', 'cache_dit')))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert "invardiff 0" in done.stdout and "--methods" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_bench_methods_are_checked_when_parsed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--methods", "dicache", "teacache"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'teacache'" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_device_given(monkeypatch, tmp_path, capsys):
+    import invardiff.demo
+
+    calls = {}
+
+    def fake_run_demo(name, preset, seeds, rounds, device="cpu", progress=None):
+        calls.update(name=name, device=device)
+        return {"report": True}, {}
+
+    monkeypatch.setattr(invardiff.demo, "run_demo", fake_run_demo)
+    monkeypatch.setattr(invardiff.demo, "write_report", lambda report, images, out: {})
+    assert main(["demo", "--model", "dit-digits", "--device", "meta", "--json", "--out", str(tmp_path)]) == 0
+    assert calls == {"name": "dit-digits", "device": "meta"}
+    assert json.loads(capsys.readouterr().out) == {"report": True}

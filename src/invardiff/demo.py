@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import api
-from .bench.timing import median, timed
+from .bench.timing import Variant, measure_rounds, whole_run
 from .calibration import calibrate
 from .flops import profile_flops
 from .metrics import fidelity
@@ -53,37 +53,34 @@ def run_demo(
 
     outputs, summaries = {}, {}
 
-    def generate(variant: str) -> float:
+    def generate(variant: str) -> Callable[[int], float]:
         # The images of the last timed run are the ones evaluated (the runs are deterministic).
-        if variant == "cached":
-            api.enable(pipe, plan)
-        try:
-            seconds, outputs[variant] = timed(lambda: _generate(pipe, entry, cases), torch.device(device))
-            if variant == "cached":
-                summaries[variant] = api.summary(pipe)
-        finally:
-            if variant == "cached":
-                api.disable(pipe)
-        return seconds
+        return whole_run(lambda: outputs.__setitem__(variant, _generate(pipe, entry, cases)), device)
 
-    generate("full"), generate("cached")  # warm-up
-    times = {"full": [], "cached": []}
-    for round_index in range(rounds):
-        order = ["full", "cached"] if round_index % 2 == 0 else ["cached", "full"]
-        for variant in order:
-            times[variant].append(generate(variant))
-            note(f"round {round_index + 1}/{rounds}: {variant}")
+    def detach() -> None:
+        try:
+            summaries["cached"] = api.summary(pipe)
+        finally:
+            api.disable(pipe)
+
+    times = measure_rounds(
+        [
+            Variant("full", generate("full")),
+            Variant("cached", generate("cached"), start=lambda: api.enable(pipe, plan), finish=detach),
+        ],
+        rounds,
+        on_round=lambda index: note("warm-up" if index == 0 else f"round {index}/{rounds}"),
+    )
     full, cached, summary = outputs["full"], outputs["cached"], summaries["cached"]
     flops = profile_flops(_model_config(name, pipe))
-    ratios = [f / c for f, c in zip(times["full"], times["cached"], strict=True)]
     report = {
         "model": name,
         "preset": preset_name,
         "num_inference_steps": entry.num_inference_steps,
         "cases": [{"input": item, "seed": seed} for item, seed in cases],
-        "measured_speedup": median(ratios),
+        "measured_speedup": times.median_ratio("full", "cached"),
         "ideal_speedup": ideal_speedup(plan, flops),
-        "seconds": {"full": median(times["full"]), "cached": median(times["cached"])},
+        "seconds": {"full": times.median_seconds("full"), "cached": times.median_seconds("cached")},
         **fidelity(cached, full),
         "steps_step_cached": int(plan.step_cache.sum()),
         "peak_cache_bytes": summary.peak_cache_bytes,
@@ -146,5 +143,5 @@ def _save_grid(full: torch.Tensor, cached: torch.Tensor, path: Path, scale: int 
     rows = [torch.cat(list(batch), dim=-1) for batch in (full, cached)]  # (C, H, N*W)
     grid = torch.cat(rows, dim=-2)
     grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    array = (grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
     Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)

@@ -28,7 +28,7 @@ from ..official import bundled_books, convert_official_book
 from ..plan import CachePlan
 from ..stats import ideal_speedup
 from .loop import Trajectory
-from .timing import median
+from .timing import Variant, measure_rounds
 
 
 # Which model config each family runs on, per benchmark size.
@@ -56,17 +56,24 @@ def bench_family(
     variants = {"stock": None, "reuse_nothing": CachePlan.reuse_nothing(any_plan.model, steps), **plans}
     stock = config.build_transformer(device)
     if schedule == "lockstep":
-        per_round, summaries = _run_lockstep(stock, config, variants, steps, device, rounds, progress)
+        timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device)
     elif schedule == "alternate":
-        per_round, summaries = _run_alternating(stock, config, variants, steps, device, rounds, progress)
+        timed_variants, summaries = _alternating_variants(stock, config, variants, steps, device)
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
 
+    def on_round(index: int) -> None:
+        if progress is not None:
+            progress(f"{config.name}: round {index}/{rounds}" + (" (warm-up)" if index == 0 else ""))
+
+    times = measure_rounds(timed_variants, rounds, steps=steps, schedule=schedule, on_round=on_round)
+    per_round = times.seconds
+
     flops = profile_flops(config)
-    overhead = median([n / s for n, s in zip(per_round["reuse_nothing"], per_round["stock"], strict=True)]) - 1.0
+    overhead = times.median_ratio("reuse_nothing", "stock") - 1.0
     results = []
     for name, plan in plans.items():
-        measured = median([s / b for s, b in zip(per_round["stock"], per_round[name], strict=True)])
+        measured = times.median_ratio("stock", name)
         ideal = ideal_speedup(plan, flops)
         results.append(
             {
@@ -84,57 +91,68 @@ def bench_family(
                 "overhead": overhead,
                 "peak_cache_bytes": summaries[name].peak_cache_bytes,
                 "all_outputs_bytes": summaries[name].all_outputs_bytes,
-                "median_seconds": {v: median(per_round[v]) for v in ("stock", "reuse_nothing", name)},
+                "median_seconds": {v: times.median_seconds(v) for v in ("stock", "reuse_nothing", name)},
                 "seconds_per_round": {v: per_round[v] for v in ("stock", "reuse_nothing", name)},
             }
         )
     return results
 
 
-def _run_lockstep(stock, config, variants, steps, device, rounds, progress):
-    trajectories = {}
+def _lockstep_variants(stock, config, variants, steps, device):
+    """Every variant on its own copy of the weights, its plan enabled for good; summaries read after each round."""
+    summaries = {}
+    timed_variants = []
     for name, plan in variants.items():
         transformer = stock if plan is None else copy.deepcopy(stock)
         if plan is not None:
             api.enable(transformer, plan)
-        trajectories[name] = Trajectory(transformer, config, steps, device)
-    names = list(trajectories)
-    per_round = {name: [] for name in names}
-    for round_index in range(rounds + 1):  # round 0 is the warm-up
-        for trajectory in trajectories.values():
-            trajectory.restart()
-        for step in range(steps):
-            shift = (round_index * steps + step) % len(names)
-            for name in names[shift:] + names[:shift]:
-                trajectories[name].step(step)
-        if round_index > 0:
-            for name in names:
-                per_round[name].append(trajectories[name].seconds)
-        if progress is not None:
-            progress(f"{config.name}: round {round_index}/{rounds}" + (" (warm-up)" if round_index == 0 else ""))
-    summaries = {name: api.summary(t.transformer) for name, t in trajectories.items() if variants[name] is not None}
-    return per_round, summaries
+        trajectory = Trajectory(transformer, config, steps, device)
+        finish = _summary_recorder(summaries, name, transformer) if plan is not None else _nothing
+        timed_variants.append(Variant(name, _timed_step(trajectory), start=trajectory.restart, finish=finish))
+    return timed_variants, summaries
 
 
-def _run_alternating(stock, config, variants, steps, device, rounds, progress):
+def _summary_recorder(summaries: dict, name: str, transformer) -> Callable[[], None]:
+    return lambda: summaries.__setitem__(name, api.summary(transformer))
+
+
+def _alternating_variants(stock, config, variants, steps, device):
+    """One transformer: each whole run enables its plan first and disables it after (reading its summary)."""
     trajectory = Trajectory(stock, config, steps, device)
-    names = list(variants)
-    per_round = {name: [] for name in names}
     summaries = {}
-    for round_index in range(rounds + 1):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            plan = variants[name]
+
+    def start(plan) -> Callable[[], None]:
+        def enable() -> None:
             if plan is not None:
                 api.enable(stock, plan)
             trajectory.restart()
-            for step in range(steps):
-                trajectory.step(step)
+
+        return enable
+
+    def finish(name, plan) -> Callable[[], None]:
+        def disable() -> None:
             if plan is not None:
                 summaries[name] = api.summary(stock)
                 api.disable(stock)
-            if round_index > 0:
-                per_round[name].append(trajectory.seconds)
-        if progress is not None:
-            progress(f"{config.name}: round {round_index}/{rounds}" + (" (warm-up)" if round_index == 0 else ""))
-    return per_round, summaries
+
+        return disable
+
+    timed_variants = [
+        Variant(name, _timed_step(trajectory), start(plan), finish(name, plan)) for name, plan in variants.items()
+    ]
+    return timed_variants, summaries
+
+
+def _timed_step(trajectory: Trajectory) -> Callable[[int], float]:
+    """Step ``index`` of ``trajectory``; returns the seconds of its transformer call (synchronized: loop.py)."""
+
+    def step(index: int) -> float:
+        before = trajectory.seconds
+        trajectory.step(index)
+        return trajectory.seconds - before
+
+    return step
+
+
+def _nothing() -> None:
+    return None

@@ -1,12 +1,17 @@
-"""Peer caches as operating points, each through its own public API (../shared/PEERS.md, ENVIRONMENT.md 5).
+"""The peer caches, each defined once, through its own public API (../shared/PEERS.md, ENVIRONMENT.md 5).
+
+Both benchmarks that run peers take them from here: the speed-quality sweep (``invardiff bench``, on pipelines:
+``points.peer_points``) and the engine loop (``invardiff bench-engine --peers``, on a bare transformer:
+``engine_peers.peer_variants``). A :class:`Peer` attaches to a transformer, or to its pipeline when there is one.
 
 * diffusers (>= 0.36) hooks via ``transformer.enable_cache``: FirstBlockCache, MagCache (ratios from its own
-  ``calibrate=True`` mode on our calibration inputs) and TaylorSeer. They need ``CacheMixin`` and pipelines that
-  set ``cache_context``; DiTPipeline has neither, so on DiT they fail and the table says why.
-* cache-dit (optional ``cache-dit``): DBCache at its default (F8B0) and as F1B0 (= FBCache). It patches the model's
-  forward for good, so each point gets a fresh pipeline.
-
-What was computed is counted by the sweep itself, the same way for every method (``block_calls.py``).
+  ``calibrate=True`` mode, :func:`calibrate_mag_ratios`) and TaylorSeer. They need ``CacheMixin`` and a
+  ``transformer.cache_context`` around each call: FluxPipeline sets it, the engine loop sets it
+  (:attr:`Peer.call_context`); DiT has neither, so on DiT they cannot run and the sweep's table says why.
+* cache-dit (optional ``cache-dit``): DBCache at its default (F8B0) and as F1B0 (= FBCache), on the pipeline or on
+  the transformer alone. ``cache_dit.disable_cache`` restores the original forward (checked in
+  ``tests/test_peers.py``), so it attaches and detaches around each run like the others and shares the baseline's
+  weights.
 """
 
 from __future__ import annotations
@@ -15,40 +20,182 @@ import ast
 import contextlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from .sweep import OperatingPoint
-from .targets import SweepTarget
+
+PIPELINE = "pipeline"  # the sweep: bundled trained models, or a user's saved pipeline
+LOOP = "loop"  # bench-engine --peers: FLUX.1-dev's depth with random weights (model_configs flux-bench / flux1-dev)
+KINDS = (PIPELINE, LOOP)
+
+# Settings per peer and target kind. The kinds differ because the first block's residual changes differently
+# between steps. On the small trained models of the sweep, the 2026-11-22 sweep had FBCache 0.05 computing every
+# block (1.00x ideal) and DBCache F1B0 0.08 91 % of them, while F1B0 stopped at 1.9x ideal on flux-shapes, hence
+# 0.8 at the fast end. On the loop's random weights the residual changes a lot: on flux-bench FBCache and DBCache
+# F1B0 computed every block up to a threshold of 0.2 and 82-86 % at 0.4, and MagCache stops at 2.54x (its
+# max_skip_steps=3) from 0.12 on; these settings make each peer's skipped work reach the books' (2.5-3.4x ideal).
+# A DBCache threshold of None is cache-dit's default configuration (F8B0, threshold 0.08).
+SETTINGS = {
+    PIPELINE: {
+        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5),
+        "diffusers-magcache": (0.06, 0.12, 0.24, 0.5),
+        "diffusers-taylorseer": (2, 3, 5),
+        "cache-dit": (None, 0.12, 0.2, 0.3, 0.5, 0.8),
+    },
+    LOOP: {
+        "diffusers-fbcache": (0.2, 0.4, 0.6, 0.8),
+        "diffusers-magcache": (0.06, 0.12, 0.24),
+        "diffusers-taylorseer": (2, 3, 5),
+        "cache-dit": (0.2, 0.4, 0.6, 0.8),
+    },
+}
+METHODS = tuple(SETTINGS[PIPELINE])
 
 
-# Thresholds chosen so that every point skips work on the bundled models: in the 2026-11-22 sweep FBCache 0.05
-# computed every block (1.00x ideal) and DBCache F1B0 0.08 91% of them, while F1B0 stopped at 1.9x ideal on
-# flux-shapes, hence 0.8 at the fast end.
-FBCACHE_THRESHOLDS = (0.1, 0.2, 0.3, 0.5)
-MAGCACHE_THRESHOLDS = (0.06, 0.12, 0.24, 0.5)
-TAYLORSEER_INTERVALS = (2, 3, 5)
-DBCACHE_F1B0_THRESHOLDS = (0.12, 0.2, 0.3, 0.5, 0.8)
+@dataclass(frozen=True)
+class Peer:
+    """One peer at one setting. ``attach(transformer, pipe)`` enables it (on ``pipe`` when given, which must own
+    ``transformer``) and returns the function that disables it; ``call_context(transformer)`` is what a loop without
+    a pipeline wraps each transformer call in (pipelines set their own); ``settings`` is recorded as is."""
+
+    method: str
+    label: str
+    settings: dict
+    attach: Callable[[torch.nn.Module, object | None], Callable[[], None]]
+    call_context: Callable[[torch.nn.Module], contextlib.AbstractContextManager] = lambda t: contextlib.nullcontext()
 
 
-def _point(method: str, label: str, enable, disable, settings: dict, fresh: bool = False) -> OperatingPoint:
-    def attach(pipe):
-        enable(pipe)
-        return lambda: disable(pipe)
+def peers(kind: str, num_inference_steps: int, mag_ratios: list[float] | None = None) -> list[Peer]:
+    """Every peer at the settings of target ``kind`` (``"pipeline"`` or ``"loop"``). ``mag_ratios`` are MagCache's
+    calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses diffusers' default (Flux) ratios."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown target kind {kind!r}; expected one of {KINDS}.")
+    settings = SETTINGS[kind]
+    return [
+        *(fbcache(t) for t in settings["diffusers-fbcache"]),
+        *(magcache(t, num_inference_steps, mag_ratios) for t in settings["diffusers-magcache"]),
+        *(taylorseer(i) for i in settings["diffusers-taylorseer"]),
+        *(dbcache(t, num_inference_steps) for t in settings["cache-dit"]),
+    ]
 
-    return OperatingPoint(method, label, attach, settings, fresh_pipeline=fresh)
+
+def fbcache(threshold: float) -> Peer:
+    def config(transformer):
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        return FirstBlockCacheConfig(threshold=threshold)
+
+    return _diffusers_peer("diffusers-fbcache", f"FBCache thr={threshold:g}", config, {"threshold": threshold})
 
 
-def _diffusers_point(method: str, label: str, make_config, settings: dict) -> OperatingPoint:
-    def enable(pipe):
-        if not hasattr(pipe.transformer, "enable_cache"):
-            raise TypeError(
-                f"{type(pipe.transformer).__name__} has no diffusers CacheMixin (enable_cache), and "
-                f"{type(pipe).__name__} does not set cache_context: diffusers' cache hooks cannot run on it."
-            )
-        pipe.transformer.enable_cache(make_config())
+def magcache(threshold: float, num_inference_steps: int, mag_ratios: list[float] | None) -> Peer:
+    def config(transformer):
+        from diffusers.hooks import MagCacheConfig
 
-    return _point(method, label, enable, lambda pipe: pipe.transformer.disable_cache(), settings)
+        ratios = mag_ratios or None  # None: diffusers' default ratios
+        return MagCacheConfig(threshold=threshold, num_inference_steps=num_inference_steps, mag_ratios=ratios)
+
+    settings = {
+        "threshold": threshold,
+        "max_skip_steps": 3,
+        "retention_ratio": 0.2,
+        "calibrated_ratios": len(mag_ratios or ()),
+    }
+    return _diffusers_peer("diffusers-magcache", f"MagCache thr={threshold:g}", config, settings)
+
+
+def taylorseer(interval: int) -> Peer:
+    def config(transformer):
+        from diffusers.hooks import TaylorSeerCacheConfig
+
+        # Taylor factors in the model's dtype: the default bfloat16 is slow on CPU and would handicap the peer
+        # on the float32 models.
+        return TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=transformer.dtype)
+
+    settings = {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1}
+    return _diffusers_peer("diffusers-taylorseer", f"TaylorSeer interval={interval}", config, settings)
+
+
+def dbcache(threshold: float | None, num_inference_steps: int) -> Peer:
+    """cache-dit DBCache: its default (F8B0 thr=0.08) when ``threshold`` is None, else F1B0 at ``threshold``."""
+    if threshold is None:
+        label, settings = "DBCache default (F8B0 thr=0.08)", {}
+    else:
+        label = f"DBCache F1B0 thr={threshold:g}"
+        settings = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": threshold}
+
+    def attach(transformer, pipe=None):
+        import cache_dit
+
+        if pipe is None:  # the transformer alone: it has no pipeline to tell it the step count
+            target, config = transformer, cache_dit.DBCacheConfig(**settings, num_inference_steps=num_inference_steps)
+        else:
+            target, config = _cache_dit_target(pipe), cache_dit.DBCacheConfig(**settings)
+        order = list(transformer._modules)
+        cache_dit.enable_cache(target, cache_config=config)
+
+        def detach() -> None:
+            cache_dit.disable_cache(pipe if pipe is not None else transformer)
+            # cache-dit swaps the block lists in with unittest.mock.patch.object on every call, which re-registers
+            # them last among the transformer's children; diffusers' FirstBlockCache takes the first block of the
+            # first list in that order as its head block, so a later FBCache run would fail. Restore the order.
+            transformer._modules = {name: transformer._modules[name] for name in order} | transformer._modules
+
+        return detach
+
+    return Peer("cache-dit", label, settings, attach)
+
+
+def _cache_dit_target(pipe):
+    import cache_dit
+
+    if type(pipe).__name__ in ("FluxPipeline", "DiTPipeline") or not hasattr(
+        pipe.transformer, "single_transformer_blocks"
+    ):
+        return pipe
+    # A FluxPipeline subclass (flux-shapes): cache-dit wants an explicit BlockAdapter, built here exactly as its
+    # own Flux adapter does (both block lists, ForwardPattern.Pattern_1).
+    return cache_dit.BlockAdapter(
+        pipe=pipe,
+        transformer=pipe.transformer,
+        blocks=[pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks],
+        forward_pattern=[cache_dit.ForwardPattern.Pattern_1, cache_dit.ForwardPattern.Pattern_1],
+        check_forward_pattern=True,
+    )
+
+
+def _diffusers_peer(method: str, label: str, make_config: Callable, settings: dict) -> Peer:
+    def attach(transformer, pipe=None):
+        _require_cache_mixin(transformer, pipe)
+        transformer.enable_cache(make_config(transformer))
+        return transformer.disable_cache
+
+    return Peer(method, label, settings, attach, call_context=lambda transformer: transformer.cache_context("cond"))
+
+
+def _require_cache_mixin(transformer, pipe=None) -> None:
+    if not hasattr(transformer, "enable_cache"):
+        where = f", and {type(pipe).__name__} does not set cache_context" if pipe is not None else ""
+        raise TypeError(
+            f"{type(transformer).__name__} has no diffusers CacheMixin (enable_cache){where}: diffusers' cache hooks "
+            "cannot run on it."
+        )
+
+
+def calibrate_mag_ratios(transformer, num_inference_steps: int, runs: list[Callable[[], object]]) -> list[float]:
+    """MagCache's own calibration mode over ``runs`` (whole sampling runs through ``transformer``, each setting
+    ``cache_context`` as a pipeline does); the ratios are averaged over runs. Without ``CacheMixin``: ``[]``."""
+    from diffusers.hooks import MagCacheConfig
+
+    if not hasattr(transformer, "enable_cache"):
+        return []
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps))
+    try:
+        ratios = [mag_ratios_printed_by(run) for run in runs]
+    finally:
+        transformer.disable_cache()
+    return torch.tensor(ratios).mean(0).tolist()
 
 
 def mag_ratios_printed_by(run: Callable[[], object]) -> list[float]:
@@ -58,84 +205,3 @@ def mag_ratios_printed_by(run: Callable[[], object]) -> list[float]:
         run()
     line = next(ln for ln in printed.getvalue().splitlines() if ln.startswith("[") and not ln.startswith("[MagCache"))
     return ast.literal_eval(line)
-
-
-def calibrate_mag_ratios(target: SweepTarget) -> list[float]:
-    """MagCache's own calibration mode on the target's calibration inputs; the ratios are averaged over inputs."""
-    from diffusers.hooks import MagCacheConfig
-
-    entry = target.entry
-    pipe = target.load()
-    if not hasattr(pipe.transformer, "enable_cache"):
-        return []
-    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=entry.num_inference_steps))
-    runs = [mag_ratios_printed_by(lambda item=item: pipe(**entry.call_kwargs(item, 0))) for item in target.calibration]
-    pipe.transformer.disable_cache()
-    return torch.tensor(runs).mean(0).tolist()
-
-
-def _cache_dit_point(label: str, settings: dict) -> OperatingPoint:
-    def enable(pipe):
-        import cache_dit
-
-        target = pipe
-        if type(pipe).__name__ not in ("FluxPipeline", "DiTPipeline") and hasattr(
-            pipe.transformer, "single_transformer_blocks"
-        ):
-            # A FluxPipeline subclass (flux-shapes): cache-dit wants an explicit BlockAdapter, built here exactly
-            # as its own Flux adapter does (both block lists, ForwardPattern.Pattern_1).
-            target = cache_dit.BlockAdapter(
-                pipe=pipe,
-                transformer=pipe.transformer,
-                blocks=[pipe.transformer.transformer_blocks, pipe.transformer.single_transformer_blocks],
-                forward_pattern=[cache_dit.ForwardPattern.Pattern_1, cache_dit.ForwardPattern.Pattern_1],
-                check_forward_pattern=True,
-            )
-        cache_dit.enable_cache(target, cache_config=cache_dit.DBCacheConfig(**settings))
-
-    def disable(pipe):
-        import cache_dit
-
-        cache_dit.disable_cache(pipe)
-
-    return _point("cache-dit", label, enable, disable, settings, fresh=True)
-
-
-def peer_points(target: SweepTarget) -> list[OperatingPoint]:
-    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
-
-    steps = target.entry.num_inference_steps
-    points = [
-        _diffusers_point(
-            "diffusers-fbcache", f"FBCache thr={t:g}", lambda t=t: FirstBlockCacheConfig(threshold=t), {"threshold": t}
-        )
-        for t in FBCACHE_THRESHOLDS
-    ]
-    ratios = calibrate_mag_ratios(target)
-    for t in MAGCACHE_THRESHOLDS:
-        points.append(
-            _diffusers_point(
-                "diffusers-magcache",
-                f"MagCache thr={t:g}",
-                lambda t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=ratios or None),
-                {"threshold": t, "max_skip_steps": 3, "retention_ratio": 0.2, "calibrated_ratios": len(ratios)},
-            )
-        )
-    for interval in TAYLORSEER_INTERVALS:
-        points.append(
-            _diffusers_point(
-                "diffusers-taylorseer",
-                f"TaylorSeer interval={interval}",
-                # float32 factors: the default bfloat16 is slow on CPU and would handicap the peer.
-                lambda i=interval: TaylorSeerCacheConfig(cache_interval=i, taylor_factors_dtype=torch.float32),
-                {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1},
-            )
-        )
-    points.append(_cache_dit_point("DBCache default (F8B0 thr=0.08)", {}))
-    points += [
-        _cache_dit_point(
-            f"DBCache F1B0 thr={t:g}", {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": t}
-        )
-        for t in DBCACHE_F1B0_THRESHOLDS
-    ]
-    return points

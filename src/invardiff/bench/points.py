@@ -1,11 +1,15 @@
-"""Operating points of invardiff's own policies: InvarDiff plans, DiCache, plan+probe."""
+"""Operating points of the sweep: invardiff's own policies (InvarDiff plans, DiCache, plan+probe) and the peers
+(``peers.py``) on the target's pipeline."""
 
 from __future__ import annotations
 
 from .. import api
-from ..dicache import FAMILY_DEFAULT_PRESET, DiCacheConfig, PlanProbeConfig
+from ..dicache import DiCacheConfig, PlanProbeConfig
+from ..families import get_family
 from ..plan import CachePlan
+from . import peers
 from .sweep import OperatingPoint
+from .targets import SweepTarget
 
 
 def _executed(pipe) -> dict:
@@ -34,7 +38,7 @@ def plan_point(label: str, plan: CachePlan, settings: dict) -> OperatingPoint:
 
 
 def dicache_point(family: str, threshold: float | None = None, **overrides) -> OperatingPoint:
-    preset = FAMILY_DEFAULT_PRESET[family]
+    preset = get_family(family).dicache_preset
     config = DiCacheConfig.preset(preset, **({"threshold": threshold} if threshold is not None else {}), **overrides)
     official = threshold is None and not (set(overrides) - {"per_sample"})
     label = f"dicache δ={config.threshold:g}" + (" (official)" if official else "")
@@ -48,3 +52,16 @@ def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float, per_sam
     method = "plan+probe" if per_sample else "plan+probe-batch-global"
     label = f"{plan_label} + probe δ={threshold:g}" + ("" if per_sample else " batch-global")
     return _point(method, label, config, {"plan": plan_label, "threshold": threshold, "per_sample": per_sample})
+
+
+def peer_points(target: SweepTarget) -> list[OperatingPoint]:
+    """Every peer at the pipeline settings; MagCache's ratios from its calibration mode on the target's
+    calibration inputs."""
+    entry, pipe = target.entry, target.load()
+    runs = [lambda item=item: pipe(**entry.call_kwargs(item, 0)) for item in target.calibration]
+    ratios = peers.calibrate_mag_ratios(pipe.transformer, entry.num_inference_steps, runs)
+    return [_peer_point(peer) for peer in peers.peers(peers.PIPELINE, entry.num_inference_steps, ratios)]
+
+
+def _peer_point(peer: peers.Peer) -> OperatingPoint:
+    return OperatingPoint(peer.method, peer.label, lambda pipe: peer.attach(pipe.transformer, pipe), peer.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ from ..models.registry import BundledModel
 
 @dataclass(frozen=True)
 class SweepTarget:
-    """``entry`` says how to sample (steps, guidance, inputs, the evaluation examples); ``load`` builds a fresh
-    pipeline; ``calibration`` are the inputs calibrations run on (kept apart from the evaluation examples)."""
+    """``entry`` says how to sample (steps, guidance, inputs, the evaluation examples); ``load`` returns the
+    target's pipeline, loaded on the first call and shared by every later one (calibrations, the peers' calibration
+    and the sweep run on it, each leaving it as it found it: one copy of the weights, however large);
+    ``calibration`` are the inputs calibrations run on (kept apart from the evaluation examples)."""
 
     entry: BundledModel
     load: Callable[[], object]
@@ -35,7 +38,8 @@ class SweepTarget:
 
 
 def bundled_target(name: str, device: str = "cpu") -> SweepTarget:
-    return SweepTarget(registry.get(name), lambda: registry.load(name, device), tuple(CALIBRATION[name]))
+    load = functools.cache(lambda: registry.load(name, device))
+    return SweepTarget(registry.get(name), load, tuple(CALIBRATION[name]))
 
 
 def pipeline_target(
@@ -51,6 +55,7 @@ def pipeline_target(
     (with other seeds than the evaluation's)."""
     from diffusers import DiffusionPipeline
 
+    @functools.cache
     def load():
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)

@@ -352,12 +352,13 @@ def demo(args) -> int:
     from ..demo import run_demo, write_report
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    with tqdm(total=2 * args.rounds + 1, desc=f"demo {args.model}", disable=args.json) as bar:
+    with tqdm(total=args.rounds + 2, desc=f"demo {args.model}", disable=args.json) as bar:  # calibration, warm-up
         report, images = run_demo(
             args.model,
             args.preset,
             seeds,
             args.rounds,
+            device=args.device,
             progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
         )
     paths = write_report(report, images, Path(args.out))
@@ -377,7 +378,6 @@ def _quiet_cache_dit() -> None:
 
 def bench(args) -> int:
     _quiet_cache_dit()
-    import platform
     from datetime import datetime, timezone
 
     from ..bench.bundled import sweep_inputs
@@ -411,7 +411,7 @@ def bench(args) -> int:
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})",
+            "device": _device_name(torch.device(args.device)),
             "threads": torch.get_num_threads(),
             "images": len(inputs.cases),
             "rounds": args.rounds,
@@ -430,9 +430,15 @@ def bench(args) -> int:
     return 0
 
 
+def _device_name(device: torch.device) -> str:
+    import platform
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
+
+
 def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
-    from ..bench.bundled import sweep_points
-    from ..bench.peers import peer_points
+    from ..bench.bundled import METHODS, sweep_points
+    from ..bench.points import peer_points
     from ..bench.sweep import run_sweep
     from ..bench.sweep_report import append_jsonl
 
@@ -442,7 +448,8 @@ def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
     else:
         jsonl.unlink(missing_ok=True)
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
-        points = sweep_points(target, tuple(args.methods), lambda message: bar.set_postfix_str(message), peer_points)
+        methods = tuple(args.methods or METHODS)
+        points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
         bar.update(len(done))
 

