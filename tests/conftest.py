@@ -3,6 +3,7 @@ import torch
 
 
 def pytest_collection_modifyitems(config, items):
+    _skip_inductor_unless_asked(config, items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -14,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-inductor", action="store_true", help="also run the torch.compile (inductor) tests")
+
+
+def _skip_inductor_unless_asked(config, items):
+    if config.getoption("--run-inductor"):
+        return
+    skip = pytest.mark.skip(reason="compiles with inductor (minutes); run: python -m pytest -q --run-inductor -m inductor")
+    for item in items:
+        if "inductor" in item.keywords:
+            item.add_marker(skip)
