@@ -13,6 +13,7 @@ import torch
 from . import api
 from .bench.timing import Variant, measure_rounds, whole_run
 from .calibration import calibrate
+from .families import INPUT_KINDS
 from .flops import profile_flops
 from .metrics import fidelity
 from .model_configs import ModelConfig
@@ -45,7 +46,7 @@ def run_demo(
     pipe = registry.load(name, device)
     note = progress or (lambda message: None)
     note("calibrating")
-    inputs = {"prompts": CALIBRATION[name]} if entry.inputs == "prompt" else {"class_labels": CALIBRATION[name]}
+    inputs = {INPUT_KINDS[entry.inputs].calibrate_arg: CALIBRATION[name]}
     plan, rates = calibrate(
         pipe, num_inference_steps=entry.num_inference_steps, thresholds=preset_name, seeds=[0], **inputs
     )
@@ -102,15 +103,9 @@ def _generate(pipe, entry, cases) -> torch.Tensor:
 
 
 def _model_config(name: str, pipe) -> ModelConfig:
+    entry = registry.get(name)
     config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
-    kwargs = {
-        k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in config.items()
-        if k in type(pipe.transformer).extract_init_dict(config)[0]
-    }
-    if name == "flux-shapes":
-        return ModelConfig(name, "flux", kwargs, image_tokens=256, text_tokens=16, batch=1)
-    return ModelConfig(name, "dit", kwargs, batch=2)
+    return ModelConfig.from_transformer_config(name, entry.family, config, **entry.call_shape)
 
 
 def write_report(report: dict, images: dict, out: Path) -> dict[str, Path]:

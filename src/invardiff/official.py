@@ -2,8 +2,8 @@
 
 The books are bare boolean lists whose parameters live only in the file name (SPEC.md A.6, C.1 item 11). The
 converter maps them onto :class:`CachePlan` with the official semantics and records the file name, its parsed
-parameters and the file's SHA-256 as provenance. ``ip_attn`` (IP-adapter attention, absent without an adapter) is
-dropped after checking that it equals ``attn``, as it does in every shipped book.
+parameters and the file's SHA-256 as provenance. How a family's books are laid out, and which are shipped, is in
+the family file (``FamilySpec.official``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .families import OfficialSpec, families
 from .plan import CachePlan, ModelFacts, PlanError
 
 
-_FAMILY_LAYOUT = {
-    "dit": {"step": "step_cache_book", "scheduler": "DDIMScheduler"},
-    "flux": {"step": "step_cache_book", "scheduler": "FlowMatchEulerDiscreteScheduler"},
-}
 # Names in the file name -> the thresholds they stand for (SPEC.md A.6).
 _NAME_KEYS = {
     "stp": "num_inference_steps",
@@ -42,15 +39,15 @@ _NAME_KEYS = {
 def bundled_books() -> dict[str, Path]:
     """The official books shipped with invardiff, keyed ``"<family>/<mode>"`` (e.g. ``"flux/fast"``)."""
     root = Path(str(resources.files("invardiff") / "reference_books"))
-    modes = {
-        "flux/fast": "flux1-dev/cache_books_stp28_n0.1_th0.7_attn0.68_ff0.68_ctxff0.68_sattn0.68_smlp0.68.json",
-        "flux/medium-1": "flux1-dev/cache_books_stp28_n0.1_th0.7_attn0.68_ff0_ctxff0_sattn0.68_smlp0.json",
-        "flux/medium-2": "flux1-dev/cache_books_stp28_n0.15_th0.7_attn0.68_ff0_ctxff0_sattn0.7_smlp0.json",
-        "flux/slow": "flux1-dev/cache_books_stp28_n0.22_th0.72_attn0.68_ff0.66_ctxff0_sattn0.68_smlp0.62.json",
-        "dit/fast": "dit-xl2/cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json",
-        "dit/slow": "dit-xl2/cache_books_stp50_n0.0_sth0.61_msa0.2_mlp0.2.json",
+    return {
+        f"{family}/{mode}": root / relative
+        for family, layout in _layouts().items()
+        for mode, relative in layout.books.items()
     }
-    return {name: root / relative for name, relative in modes.items()}
+
+
+def _layouts() -> dict[str, OfficialSpec]:
+    return {spec.name: spec.official for spec in families() if spec.official is not None}
 
 
 def parse_book_name(name: str) -> dict[str, float]:
@@ -67,8 +64,10 @@ def parse_book_name(name: str) -> dict[str, float]:
 def convert_official_book(path: str | Path, family: str) -> CachePlan:
     """Convert an official InvarDiff cache book (DiT-XL/2 or FLUX.1-dev) into a :class:`CachePlan`."""
     path = Path(path)
-    if family not in _FAMILY_LAYOUT:
-        raise PlanError(f"Unknown family {family!r} for an official book; expected one of {sorted(_FAMILY_LAYOUT)}.")
+    layouts = _layouts()
+    if family not in layouts:
+        raise PlanError(f"Unknown family {family!r} for an official book; expected one of {sorted(layouts)}.")
+    layout = layouts[family]
     raw = path.read_bytes()
     try:
         book = json.loads(raw)
@@ -76,8 +75,11 @@ def convert_official_book(path: str | Path, family: str) -> CachePlan:
         raise PlanError(f"{path} is not valid JSON ({error}).") from None
     if not isinstance(book, dict) or "step_cache_book" not in book:
         raise PlanError(f"{path} is not an official InvarDiff cache book (no 'step_cache_book').")
-    step_cache = _bool_array(book["step_cache_book"], "step_cache_book", ndim=1)
-    reuse = _dit_reuse(book) if family == "dit" else _flux_reuse(book)
+    step_cache = book_array(book["step_cache_book"], "step_cache_book", ndim=1)
+    for key in layout.keys:
+        if key not in book:
+            raise PlanError(f"A {layout.label} book needs {key!r}; this looks like a {_guess_family(book)} book.")
+    reuse = layout.reuse(book)
     num_layers = {name: next(iter(kinds.values())).shape[1] for name, kinds in reuse.items()}
     provenance = {
         "policy": "invardiff-official-book",
@@ -94,44 +96,19 @@ def convert_official_book(path: str | Path, family: str) -> CachePlan:
         num_inference_steps=len(step_cache),
         step_cache=step_cache,
         module_reuse=reuse,
-        scheduler=_FAMILY_LAYOUT[family]["scheduler"],
+        scheduler=layout.scheduler,
         provenance=provenance,
     )
 
 
-def _bool_array(value, name: str, ndim: int) -> np.ndarray:
+def book_array(value, name: str, ndim: int) -> np.ndarray:
+    """Field ``name`` of a book as a boolean array of ``ndim`` dimensions; raise :class:`PlanError` otherwise."""
     array = np.asarray(value)
     if array.ndim != ndim or array.dtype != bool:
         raise PlanError(f"Official book field {name!r} must be a {ndim}-D list of booleans, got shape {array.shape}.")
     return array
 
 
-def _dit_reuse(book: dict) -> dict:
-    for key in ("msa_cache_book", "mlp_cache_book"):
-        if key not in book:
-            raise PlanError(f"A DiT book needs {key!r}; this looks like a {_guess_family(book)} book.")
-    return {
-        "transformer_blocks": {
-            "attn": _bool_array(book["msa_cache_book"], "msa_cache_book", 2),
-            "ff": _bool_array(book["mlp_cache_book"], "mlp_cache_book", 2),
-        }
-    }
-
-
-def _flux_reuse(book: dict) -> dict:
-    for key in ("transformer_cache_book", "single_transformer_cache_book"):
-        if key not in book:
-            raise PlanError(f"A FLUX book needs {key!r}; this looks like a {_guess_family(book)} book.")
-    dual = {k: _bool_array(v, f"transformer_cache_book.{k}", 2) for k, v in book["transformer_cache_book"].items()}
-    single = {
-        k: _bool_array(v, f"single_transformer_cache_book.{k}", 2)
-        for k, v in book["single_transformer_cache_book"].items()
-    }
-    ip_attn = dual.pop("ip_attn", None)
-    if ip_attn is not None and not np.array_equal(ip_attn, dual.get("attn")):
-        raise PlanError("The book's ip_attn differs from attn; IP-adapter plans are not supported.")
-    return {"transformer_blocks": dual, "single_transformer_blocks": single}
-
-
 def _guess_family(book: dict) -> str:
-    return "FLUX" if "transformer_cache_book" in book else "DiT" if "msa_cache_book" in book else "unknown"
+    labels = [layout.label for layout in _layouts().values() if all(key in book for key in layout.keys)]
+    return labels[0] if labels else "unknown"

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 
 from ..calibration import calibrate
-from ..calibration.thresholds import PRESETS, InvarDiffThresholds
+from ..calibration.thresholds import PRESETS, InvarDiffThresholds, uniform_thresholds
 from ..demo import _generate
+from ..families import get_family
 from ..plan_transforms import cap_step_runs
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
@@ -17,8 +18,8 @@ from .targets import SweepTarget
 
 METHODS = ("invardiff", "invardiff-grid", "invardiff-capped", "dicache", "plan+probe", "peers")
 # DiCache thresholds besides the official 0.4 (SPEC.md B.5), chosen to span slow to fast on the bundled models
-# (1.5 was measured too: it collapses, 22.9 dB on flux-shapes and 10.2 dB on dit-digits).
-DICACHE_THRESHOLDS = {"flux": (0.1, 0.2, 0.8), "dit": (0.1, 0.2, 0.8)}
+# (1.5 was measured too: it collapses, 22.9 dB on flux-shapes and 10.2 dB on dit-digits). The same for every family.
+DICACHE_THRESHOLDS = (0.1, 0.2, 0.8)
 # plan+probe runs on the fast preset and on an aggressive plan (step 0.8, modules 0.68), whose bad reuses the
 # probe should veto. Thresholds per plan and family: points that measured the same executed steps as another
 # point (or as the plan alone) in the 2026-11-22 sweep are left out to keep the default sweep under 30 minutes
@@ -29,6 +30,8 @@ PLAN_PROBE_THRESHOLDS = {
     "flux": {"fast": (0.1, 0.2, 0.3)},
     "dit": {"fast": (0.1,), AGGRESSIVE: (0.1, 0.2, 0.3)},
 }
+# Families not listed: the aggressive plan, a grid plan, which every family has (presets may be missing).
+DEFAULT_PLAN_PROBE_THRESHOLDS = {AGGRESSIVE: (0.1, 0.2, 0.3)}
 # InvarDiff grid in the spirit of the paper's 35-point figure (SPEC.md A.8): step quantile x module bundles.
 GRID_STEP_LEVELS = (0.5, 0.6, 0.7, 0.8)
 GRID_MODULE_LEVELS = (0.0, 0.4, 0.68)
@@ -61,16 +64,22 @@ def _calibrate(target: SweepTarget, thresholds):
         num_inference_steps=target.entry.num_inference_steps,
         thresholds=thresholds,
         seeds=seeds,
-        pipeline_kwargs={"guidance_scale": target.entry.guidance_scale} if target.family == "flux" else None,
+        pipeline_kwargs=_calibration_guidance(target),
         **target.calibration_kwargs(),
     )
     return plan
 
 
+def _calibration_guidance(target: SweepTarget) -> dict | None:
+    # Calibrate at the sampling guidance scale, unless the family's official calibration fixes one (DiT
+    # calibrates without classifier-free guidance).
+    if "guidance_scale" in get_family(target.family).pipeline.calibration_kwargs:
+        return None
+    return {"guidance_scale": target.entry.guidance_scale}
+
+
 def _grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffThresholds]:
-    base = next(iter(PRESETS[family].values()))
-    thresholds = InvarDiffThresholds(base.nonskip_rate, step, dict.fromkeys(base.modules, level))
-    return f"grid step={step:g} modules={level:g}", thresholds
+    return f"grid step={step:g} modules={level:g}", uniform_thresholds(family, step, level)
 
 
 def sweep_points(
@@ -114,15 +123,15 @@ def sweep_points(
                 plan = cap_step_runs(grid_plan(step, level), max_run)
                 settings = {**thresholds.to_dict(), "max_step_run": max_run}
                 points.append(plan_point(f"invardiff {label} max-run={max_run}", plan, settings))
-    # Per-sample and batch-global decisions differ only when a call carries several rows: DiTPipeline batches
-    # the CFG branches, so there both modes are measured; flux-shapes calls carry one row.
-    modes = (True, False) if family == "dit" else (True,)
+    # Per-sample and batch-global decisions differ only when a call carries several rows: pipelines that batch
+    # the CFG branches (DiTPipeline) get both modes measured; flux-shapes calls carry one row.
+    modes = (True, False) if get_family(family).pipeline.batched_cfg else (True,)
     if "dicache" in methods:
         for per_sample in modes:
             points.append(dicache_point(family, per_sample=per_sample))
-            points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS[family]]
+            points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS]
     if "plan+probe" in methods:
-        for plan_key, deltas in PLAN_PROBE_THRESHOLDS[family].items():
+        for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, DEFAULT_PLAN_PROBE_THRESHOLDS).items():
             if isinstance(plan_key, str):
                 plan_label, plan = plan_key, plans[plan_key]
             else:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .. import api
+from ..families import LazyTable, families
 from ..flops import profile_flops
 from ..model_configs import MODEL_CONFIGS
 from ..official import bundled_books, convert_official_book
@@ -31,12 +32,18 @@ from .loop import Trajectory
 from .timing import Variant, measure_rounds
 
 
-# Which model config each family runs on, per benchmark size.
-BENCH_CONFIGS = {
-    "cpu": {"flux": "flux-bench", "dit": "dit-bench"},
-    "full": {"flux": "flux1-dev", "dit": "dit-xl-2"},
-    "tiny": {"flux": "flux-tiny-fulldepth", "dit": "dit-tiny-fulldepth"},  # overhead-bound: for tests only
-}
+# Which model config each family runs on, per benchmark size: ``{size: {family: config name}}``, from the family
+# files (``FamilySpec.configs.bench``; ``"tiny"`` is overhead-bound, for tests only).
+BENCH_CONFIGS = LazyTable(
+    lambda: {
+        size: {spec.name: spec.configs.bench[size] for spec in families() if size in _bench_sizes(spec)}
+        for size in ("cpu", "full", "tiny")
+    }
+)
+
+
+def _bench_sizes(spec) -> dict[str, str]:
+    return spec.configs.bench if spec.configs else {}
 
 
 def bench_family(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .. import api
+from ..families import get_family
 from ..model_configs import ModelConfig
 from .timing import timed
 
@@ -33,6 +34,7 @@ class Trajectory:
         self.num_steps = num_steps
         self.device = device
         self.call = config.example_call(device, seed=0)
+        self.call_timestep = get_family(config.family).configs.call_timestep
         self.latents = self.call["hidden_states"].clone()
         self.seconds = 0.0
 
@@ -50,10 +52,7 @@ class Trajectory:
         """Run denoising step ``index``: one timed transformer call, then the Euler update."""
         fraction = 1.0 - index / self.num_steps  # 1 -> 1/T, like the flow-matching sigmas
         call = dict(self.call, hidden_states=self.latents)
-        if self.config.family == "flux":
-            call["timestep"] = torch.full_like(self.call["timestep"], fraction)
-        else:
-            call["timestep"] = torch.full_like(self.call["timestep"], int(fraction * 999))
+        call["timestep"] = self.call_timestep(fraction, self.call["timestep"])
         seconds, output = timed(lambda: self._forward(call, index), self.device)
         self.seconds += seconds
         prediction = output[0][:, : self.latents.shape[1]]  # DiT predicts (eps, variance): keep eps

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..demo import CALIBRATION
-from ..families import resolve_family
+from ..families import INPUT_KINDS, resolve_family
 from ..models import registry
 from ..models.registry import BundledModel
 
@@ -33,8 +33,7 @@ class SweepTarget:
         return self.entry.family
 
     def calibration_kwargs(self) -> dict:
-        key = "prompts" if self.entry.inputs == "prompt" else "class_labels"
-        return {key: list(self.calibration)}
+        return {INPUT_KINDS[self.entry.inputs].calibrate_arg: list(self.calibration)}
 
 
 def bundled_target(name: str, device: str = "cpu") -> SweepTarget:
@@ -61,11 +60,14 @@ def pipeline_target(
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
-    family = resolve_family(load().transformer).name
-    kind = "prompt" if family == "flux" else "class"
+    family = resolve_family(load().transformer)
+    if family.pipeline is None:
+        raise ValueError(f"{path} is a {family.name} pipeline, whose family describes no pipeline calls.")
+    kind = family.pipeline.input_kind
     if (kind == "prompt") != all(isinstance(item, str) for item in inputs):
-        raise ValueError(f"{path} is a {family} pipeline: give it {'--prompts' if kind == 'prompt' else '--classes'}.")
+        raise ValueError(f"{path} is a {family.name} pipeline: give it {INPUT_KINDS[kind].cli_flag}.")
+    name = Path(path).name
     entry = BundledModel(
-        Path(path).name, family, "user pipeline", str(path), num_inference_steps, guidance_scale, kind, tuple(inputs)
+        name, family.name, "user pipeline", str(path), num_inference_steps, guidance_scale, kind, tuple(inputs)
     )
     return SweepTarget(entry, load, tuple(calibration or inputs))

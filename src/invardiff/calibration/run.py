@@ -10,8 +10,8 @@ import torch
 
 from .. import api
 from .._version import __version__
-from ..families import PipelineSpec, get_family, resolve_family
 from ..engine.install import enumerate_units
+from ..families import PipelineSpec, get_family, resolve_family
 from ..plan import CachePlan, ModelFacts
 from .rates import CalibrationRates
 from .record_policy import RecordConfig

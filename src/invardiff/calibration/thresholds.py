@@ -6,7 +6,10 @@ further from full compute. ``nonskip_rate`` is the warm-up fraction of steps tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+
+from ..families import LazyTable, families, get_family
 
 
 @dataclass(frozen=True)
@@ -61,55 +64,41 @@ class FamilyCalibration:
         return asdict(self)
 
 
-FAMILY_CALIBRATION = {
-    "flux": FamilyCalibration(
-        correct_step=False,
-        provisional_module_warmup=False,
-        tied_kinds={"transformer_blocks.context_attn": "transformer_blocks.attn"},
-    ),
-    "dit": FamilyCalibration(correct_step=True, provisional_module_warmup=True),
-}
+# The official behaviour of SPEC.md A.3 (DiT, Wan): the calibration of a family that does not say otherwise.
+DEFAULT_CALIBRATION = FamilyCalibration(correct_step=True, provisional_module_warmup=True)
 
-
-def _flux(nonskip, step, attn, ff, context_ff, single_attn, single_mlp):
-    return InvarDiffThresholds(
-        nonskip,
-        step,
-        {
-            "transformer_blocks.attn": attn,
-            "transformer_blocks.ff": ff,
-            "transformer_blocks.context_ff": context_ff,
-            "single_transformer_blocks.attn": single_attn,
-            "single_transformer_blocks.mlp": single_mlp,
-        },
-    )
-
-
-def _dit(nonskip, step, attn, ff):
-    return InvarDiffThresholds(nonskip, step, {"transformer_blocks.attn": attn, "transformer_blocks.ff": ff})
-
-
-# The official presets (SPEC.md A.8): FLUX README speed modes, DiT README modes.
-PRESETS: dict[str, dict[str, InvarDiffThresholds]] = {
-    "flux": {
-        "fast": _flux(0.1, 0.7, 0.68, 0.68, 0.68, 0.68, 0.68),
-        "medium-1": _flux(0.1, 0.7, 0.68, 0, 0, 0.68, 0),
-        "medium-2": _flux(0.15, 0.7, 0.68, 0, 0, 0.7, 0),
-        "slow": _flux(0.22, 0.72, 0.68, 0.66, 0, 0.68, 0.62),
-    },
-    "dit": {
-        "fast": _dit(0.0, 0.63, 0.22, 0.22),
-        "slow": _dit(0.0, 0.61, 0.2, 0.2),
-    },
-}
+# Read from the family files (``FamilySpec.calibration`` and ``.presets``): ``{family: ...}``.
+FAMILY_CALIBRATION = LazyTable(lambda: {spec.name: spec.calibration or DEFAULT_CALIBRATION for spec in families()})
+PRESETS: Mapping[str, dict[str, InvarDiffThresholds]] = LazyTable(
+    lambda: {spec.name: spec.presets for spec in families()}
+)
 
 
 def preset(family: str, name: str) -> InvarDiffThresholds:
-    if family not in PRESETS:
-        raise ValueError(f"No presets for family {family!r}; families with presets: {sorted(PRESETS)}.")
-    if name not in PRESETS[family]:
-        raise ValueError(f"Unknown {family} preset {name!r}; available: {sorted(PRESETS[family])}.")
-    return PRESETS[family][name]
+    """The official preset ``name`` of ``family`` (e.g. ``preset("flux", "fast")``)."""
+    presets = PRESETS.get(family)
+    if not presets:
+        with_presets = sorted(f for f, p in PRESETS.items() if p)
+        raise ValueError(f"No presets for family {family!r}; families with presets: {with_presets}.")
+    if name not in presets:
+        raise ValueError(f"Unknown {family} preset {name!r}; available: {sorted(presets)}.")
+    return presets[name]
+
+
+def module_keys(family: str) -> list[str]:
+    """The ``"<block_list>.<kind>"`` keys a family's thresholds set: every module kind but the tied ones."""
+    spec = get_family(family)
+    tied = FAMILY_CALIBRATION[family].tied_kinds
+    keys = [f"{b.attr}.{kind}" for b in spec.block_lists for kind in b.module_kinds]
+    return sorted(key for key in keys if key not in tied)
+
+
+def uniform_thresholds(family: str, step: float, level: float) -> InvarDiffThresholds:
+    """Step level ``step`` and one quantile level for every module kind, with the warm-up of the family's first
+    preset (none if it has no presets)."""
+    presets = PRESETS.get(family) or {}
+    nonskip = next(iter(presets.values())).nonskip_rate if presets else 0.0
+    return InvarDiffThresholds(nonskip, step, dict.fromkeys(module_keys(family), level))
 
 
 def parse_thresholds(text: str, family: str) -> InvarDiffThresholds:
@@ -125,7 +114,7 @@ def parse_thresholds(text: str, family: str) -> InvarDiffThresholds:
         raise ValueError("Thresholds need step=LEVEL (and optionally nonskip=RATE and <block_list>.<kind>=LEVEL).")
     nonskip = values.pop("nonskip", 0.0)
     step = values.pop("step")
-    known = set(next(iter(PRESETS[family].values())).modules) if family in PRESETS else set(values)
+    known = set(module_keys(family)) if family in PRESETS else set(values)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown module kinds {unknown} for family {family!r}; expected some of {sorted(known)}.")

@@ -14,6 +14,7 @@ import json
 import sys
 
 from .. import __version__
+from ..families import families
 from ..plan import PlanError
 from . import commands
 from .policy_args import add_policy_arguments
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert-official", help="convert an official InvarDiff cache book into a plan")
     p.add_argument("book")
-    p.add_argument("--family", choices=["flux", "dit"], required=True)
+    p.add_argument("--family", choices=_official_families(), required=True)
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(handler=commands.convert_official)
 
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.bench)
 
     p = sub.add_parser("bench-engine", help="engine speed vs stock on the official books")
-    p.add_argument("--family", nargs="+", choices=["flux", "dit"], default=["flux", "dit"])
+    p.add_argument("--family", nargs="+", choices=_official_families(), default=_official_families())
     p.add_argument("--books", nargs="+", help="official books by name, e.g. flux/fast dit/slow (default: all)")
     p.add_argument(
         "--config",
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_threshold_args(parser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--preset", help="official preset: flux fast, medium-1, medium-2, slow; dit fast, slow")
+    group.add_argument("--preset", help=f"official preset: {_preset_names()}")
     group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
 
 
@@ -193,6 +194,15 @@ def _sweep_method(name: str) -> str:
     if name not in METHODS:
         raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
     return name
+
+
+def _official_families() -> list[str]:
+    # Families whose official InvarDiff code ships cache books (convert-official, bench-engine).
+    return [spec.name for spec in families() if spec.official is not None]
+
+
+def _preset_names() -> str:
+    return "; ".join(f"{spec.name} {', '.join(spec.presets)}" for spec in families() if spec.presets)
 
 
 def main(argv: list[str] | None = None) -> int:

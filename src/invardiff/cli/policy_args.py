@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from ..dicache import PRESETS, DiCacheConfig, PlanProbeConfig
-from ..policies.plan import PlanConfig
 from ..families import get_family
 from ..plan import CachePlan
+from ..policies.plan import PlanConfig
 
 
 POLICIES = ("plan", "dicache", "plan+probe")

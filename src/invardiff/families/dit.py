@@ -4,17 +4,23 @@ Each block's self-attention (``attn1``, kind ``attn``) and MLP (``ff``, kind ``f
 modulation, the gates, the final adaLN and the linear head are always recomputed. The step cache holds the tokens
 entering ``norm_out``. Classifier-free guidance is batched by ``DiTPipeline`` (one call, both halves), so the two
 halves share one plan and each cached tensor holds both, aligned by batch position.
+
+Around the engine: class-conditional pipelines (``DiTPipeline``), the official DiT-XL/2 presets and books
+(SPEC.md A.6, A.8), and random-weight configs from DiT-XL/2 down to test size.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel
+from diffusers import DDIMScheduler, DiTTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
+from ..model_configs import ModelConfig
+from ..official import book_array
 from . import register_family
-from .spec import BlockListSpec, FamilySpec, ReuseUnit
+from .spec import BlockListSpec, ConfigSpec, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit
 
 
 def _run_head(transformer, hidden, call):
@@ -36,6 +42,120 @@ def _input_signature(call):
     return (tuple(call["hidden_states"].shape),)
 
 
+def _thresholds(nonskip, step, attn, ff):
+    return InvarDiffThresholds(nonskip, step, {"transformer_blocks.attn": attn, "transformer_blocks.ff": ff})
+
+
+# The official presets (SPEC.md A.8): the DiT README modes.
+PRESETS = {"fast": _thresholds(0.0, 0.63, 0.22, 0.22), "slow": _thresholds(0.0, 0.61, 0.2, 0.2)}
+
+
+def _call_timestep(fraction: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, int(fraction * 999))  # an integer DDPM step
+
+
+def _example_call(config: ModelConfig, device, fraction: float, randn) -> dict:
+    kw, B = config.transformer_kwargs, config.batch
+    side = kw["sample_size"]
+    return {
+        "hidden_states": randn(B, kw["in_channels"], side, side),
+        "timestep": torch.full((B,), int(fraction * 999), device=device, dtype=torch.long),
+        "class_labels": torch.arange(B, device=device) % kw["num_embeds_ada_norm"],
+        "return_dict": False,
+    }
+
+
+def transformer_kwargs(num_layers, heads, head_dim, sample_size, in_channels=4):
+    """``DiTTransformer2DModel`` arguments of a DiT-XL/2-like transformer (patch size 2, learned sigma)."""
+    return {
+        "num_attention_heads": heads,
+        "attention_head_dim": head_dim,
+        "in_channels": in_channels,
+        "out_channels": 2 * in_channels,
+        "num_layers": num_layers,
+        "sample_size": sample_size,
+        "patch_size": 2,
+        "num_embeds_ada_norm": 1000,
+        "norm_type": "ada_norm_zero",
+    }
+
+
+NAMED_CONFIGS = (
+    ModelConfig(
+        "dit-xl-2",
+        "dit",
+        transformer_kwargs(28, 16, 72, 32),
+        "bfloat16",
+        batch=2,
+        steps=50,
+        description="DiT-XL/2 at 256x256 (32x32 latent), one class with batched CFG",
+    ),
+    ModelConfig(
+        "dit-bench",
+        "dit",
+        transformer_kwargs(28, 4, 64, 32),
+        batch=2,
+        steps=50,
+        description="DiT depth (28), hidden 256, 256 tokens, batched CFG (CPU benchmark)",
+    ),
+    ModelConfig(
+        "dit-tiny-fulldepth",
+        "dit",
+        transformer_kwargs(28, 2, 16, 8),
+        batch=2,
+        steps=50,
+        description="DiT depth at hidden 32 (fast CLI tests)",
+    ),
+    ModelConfig("dit-tiny", "dit", transformer_kwargs(2, 2, 16, 8), batch=2, steps=50, description="tests"),
+)
+
+
+def _scheduler() -> DDIMScheduler:
+    # DiT's diffusion: linear betas 1e-4..0.02 over 1000 steps, DDIM without x0 clipping (clip_denoised=False).
+    return DDIMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+
+
+def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
+    from diffusers import DiTPipeline
+
+    from ..toy_pipelines import IdentityVAE
+
+    return DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=_scheduler())
+
+
+def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, device) -> dict:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    labels = [(seed * 7 + i) % 1000 for i in range(max(1, config.batch // 2))]  # batch = labels x CFG halves
+    return {
+        "class_labels": labels,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": 4.0,
+        "generator": generator,
+        "output_type": "np",
+    }
+
+
+def _official_reuse(book: dict) -> dict:
+    return {
+        "transformer_blocks": {
+            "attn": book_array(book["msa_cache_book"], "msa_cache_book", 2),
+            "ff": book_array(book["mlp_cache_book"], "mlp_cache_book", 2),
+        }
+    }
+
+
+OFFICIAL = OfficialSpec(
+    label="DiT",
+    scheduler="DDIMScheduler",
+    keys=("msa_cache_book", "mlp_cache_book"),
+    reuse=_official_reuse,
+    books={
+        "fast": "dit-xl2/cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json",
+        "slow": "dit-xl2/cache_books_stp50_n0.0_sth0.61_msa0.2_mlp0.2.json",
+    },
+)
+
+
 DIT = register_family(
     FamilySpec(
         name="dit",
@@ -53,5 +173,26 @@ DIT = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.pos_embed(call["hidden_states"]),  # (B, N, D)
+        calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
+        presets=PRESETS,
+        dicache_preset="flux",  # no official DiCache setting for DiT: FLUX's rules
+        pipeline=PipelineSpec(
+            input_kind="class",
+            output_type="np",
+            scheduler=_scheduler,
+            # The official code calibrates without classifier-free guidance.
+            calibration_kwargs={"guidance_scale": 1.0, "output_type": "np"},
+            batched_cfg=True,
+            build_toy=_build_toy,
+            toy_call_kwargs=_toy_call_kwargs,
+        ),
+        configs=ConfigSpec(
+            example_call=_example_call,
+            call_timestep=_call_timestep,
+            json_defaults={"batch": 2, "steps": 50},  # one class with batched CFG, the DiT README's 50 steps
+            named=NAMED_CONFIGS,
+            bench={"cpu": "dit-bench", "full": "dit-xl-2", "tiny": "dit-tiny-fulldepth"},
+        ),
+        official=OFFICIAL,
     )
 )

@@ -5,15 +5,25 @@ Dual blocks: the joint attention (image and text together) is one call, reused o
 and image separately since diffusers 0.35): ``attn`` and ``mlp`` = ``act_mlp(proj_mlp(x))``; their ``proj_out``
 over the concatenation, the norm and the gate are always paid. The step cache holds the image tokens entering
 ``norm_out``.
+
+Around the engine: text-conditioned pipelines (``FluxPipeline``, distilled guidance as an input), the official
+FLUX.1-dev presets and books (SPEC.md A.6, A.8), and random-weight configs from FLUX.1-dev down to test size.
 """
 
 from __future__ import annotations
 
-from diffusers import FluxTransformer2DModel
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
+from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
+from ..model_configs import ModelConfig
+from ..official import book_array
+from ..plan import PlanError
 from . import register_family
-from .spec import BlockListSpec, FamilySpec, ReuseUnit
+from .spec import BlockListSpec, ConfigSpec, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit, image_output_index
 
 
 def _run_head(transformer, hidden, call):
@@ -33,6 +43,175 @@ def _input_signature(call):
     return (tuple(call["hidden_states"].shape), tuple(call["encoder_hidden_states"].shape))
 
 
+def _thresholds(nonskip, step, attn, ff, context_ff, single_attn, single_mlp):
+    return InvarDiffThresholds(
+        nonskip,
+        step,
+        {
+            "transformer_blocks.attn": attn,
+            "transformer_blocks.ff": ff,
+            "transformer_blocks.context_ff": context_ff,
+            "single_transformer_blocks.attn": single_attn,
+            "single_transformer_blocks.mlp": single_mlp,
+        },
+    )
+
+
+# The official presets (SPEC.md A.8): the FLUX README speed modes.
+PRESETS = {
+    "fast": _thresholds(0.1, 0.7, 0.68, 0.68, 0.68, 0.68, 0.68),
+    "medium-1": _thresholds(0.1, 0.7, 0.68, 0, 0, 0.68, 0),
+    "medium-2": _thresholds(0.15, 0.7, 0.68, 0, 0, 0.7, 0),
+    "slow": _thresholds(0.22, 0.72, 0.68, 0.66, 0, 0.68, 0.62),
+}
+
+
+def _call_timestep(fraction: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, fraction)  # the pipeline passes the flow-matching sigma, t / 1000
+
+
+def _example_call(config: ModelConfig, device, fraction: float, randn) -> dict:
+    kw, B, dtype = config.transformer_kwargs, config.batch, config.torch_dtype
+    return {
+        "hidden_states": randn(B, config.image_tokens, kw["in_channels"]),
+        "encoder_hidden_states": randn(B, config.text_tokens, kw["joint_attention_dim"]),
+        "pooled_projections": randn(B, kw["pooled_projection_dim"]),
+        "timestep": torch.full((B,), fraction, device=device, dtype=dtype),
+        "guidance": torch.full((B,), 3.5, device=device, dtype=dtype) if kw.get("guidance_embeds") else None,
+        "img_ids": torch.zeros(config.image_tokens, 3, device=device),
+        "txt_ids": torch.zeros(config.text_tokens, 3, device=device),
+        "return_dict": False,
+    }
+
+
+def transformer_kwargs(num_layers, num_single_layers, heads, head_dim, axes, joint_dim, pooled_dim, in_channels=64):
+    """``FluxTransformer2DModel`` arguments of a FLUX.1-dev-like transformer (guidance-distilled, patch size 1)."""
+    return {
+        "patch_size": 1,
+        "in_channels": in_channels,
+        "num_layers": num_layers,
+        "num_single_layers": num_single_layers,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": joint_dim,
+        "pooled_projection_dim": pooled_dim,
+        "guidance_embeds": True,
+        "axes_dims_rope": axes,
+    }
+
+
+NAMED_CONFIGS = (
+    ModelConfig(
+        "flux1-dev",
+        "flux",
+        transformer_kwargs(19, 38, 24, 128, (16, 56, 56), 4096, 768),
+        "bfloat16",
+        image_tokens=4096,
+        text_tokens=512,
+        description="FLUX.1-dev at 1024x1024, 512 text tokens",
+    ),
+    ModelConfig(
+        "flux-bench",
+        "flux",
+        transformer_kwargs(19, 38, 4, 64, (16, 24, 24), 256, 256),
+        image_tokens=256,
+        text_tokens=64,
+        description="FLUX depth (19+38), hidden 256, 256 image + 64 text tokens (CPU benchmark)",
+    ),
+    ModelConfig(
+        "flux-tiny",
+        "flux",
+        transformer_kwargs(2, 4, 2, 16, (4, 6, 6), 32, 32, in_channels=16),
+        image_tokens=64,
+        text_tokens=8,
+        description="tests",
+    ),
+    ModelConfig(
+        "flux-tiny-fulldepth",
+        "flux",
+        transformer_kwargs(19, 38, 2, 16, (4, 6, 6), 32, 32, in_channels=16),
+        image_tokens=64,
+        text_tokens=8,
+        description="FLUX depth at hidden 32 (fast CLI tests)",
+    ),
+    ModelConfig(
+        "flux-calib-1024",
+        "flux",
+        transformer_kwargs(4, 8, 4, 64, (16, 24, 24), 256, 256),
+        image_tokens=1024,
+        text_tokens=64,
+        description="hidden 256, 4+8 blocks, 1024 image tokens (512x512 px): calibration memory benchmark",
+    ),
+)
+
+
+def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
+    # Without text encoders the pipeline runs from prompt_embeds; with them, tiny random CLIP and T5 encoders with
+    # tokenizers built in code make `pipe(prompt=...)` work offline.
+    from diffusers import FluxPipeline
+
+    names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    encoders = _tiny_text_encoders(config) if text_encoders else dict.fromkeys(names)
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, transformer=transformer, **encoders)
+
+
+def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, device) -> dict:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    kw = config.transformer_kwargs
+    side = int(config.image_tokens**0.5) * 16  # 16 px per packed latent token (VAE x8, 2x2 packing)
+    embeds = torch.randn(config.batch, config.text_tokens, kw["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(config.batch, kw["pooled_projection_dim"], generator=generator)
+    return {
+        "prompt_embeds": embeds.to(device, config.torch_dtype),
+        "pooled_prompt_embeds": pooled.to(device, config.torch_dtype),
+        "height": side,
+        "width": side,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": 3.5,
+        "output_type": "latent",  # packed latents: there is no VAE
+        "generator": generator,
+    }
+
+
+def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
+    from ..models import text
+
+    clip_tokenizer, t5_tokenizer = text.clip_tokenizer(), text.t5_tokenizer(words=[])
+    kw = config.transformer_kwargs
+    clip, t5 = text.text_encoders(
+        len(clip_tokenizer), len(t5_tokenizer), kw["pooled_projection_dim"], seed, t5_width=kw["joint_attention_dim"]
+    )
+    return {"text_encoder": clip, "tokenizer": clip_tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tokenizer}
+
+
+def _official_reuse(book: dict) -> dict:
+    dual = {k: book_array(v, f"transformer_cache_book.{k}", 2) for k, v in book["transformer_cache_book"].items()}
+    single = {
+        k: book_array(v, f"single_transformer_cache_book.{k}", 2)
+        for k, v in book["single_transformer_cache_book"].items()
+    }
+    # ip_attn (IP-adapter attention, absent without an adapter) equals attn in every shipped book.
+    ip_attn = dual.pop("ip_attn", None)
+    if ip_attn is not None and not np.array_equal(ip_attn, dual.get("attn")):
+        raise PlanError("The book's ip_attn differs from attn; IP-adapter plans are not supported.")
+    return {"transformer_blocks": dual, "single_transformer_blocks": single}
+
+
+_BOOKS = "flux1-dev/cache_books_stp28_"
+OFFICIAL = OfficialSpec(
+    label="FLUX",
+    scheduler="FlowMatchEulerDiscreteScheduler",
+    keys=("transformer_cache_book", "single_transformer_cache_book"),
+    reuse=_official_reuse,
+    books={
+        "fast": _BOOKS + "n0.1_th0.7_attn0.68_ff0.68_ctxff0.68_sattn0.68_smlp0.68.json",
+        "medium-1": _BOOKS + "n0.1_th0.7_attn0.68_ff0_ctxff0_sattn0.68_smlp0.json",
+        "medium-2": _BOOKS + "n0.15_th0.7_attn0.68_ff0_ctxff0_sattn0.7_smlp0.json",
+        "slow": _BOOKS + "n0.22_th0.72_attn0.68_ff0.66_ctxff0_sattn0.68_smlp0.62.json",
+    },
+)
+
+
 FLUX = register_family(
     FamilySpec(
         name="flux",
@@ -46,7 +225,7 @@ FLUX = register_family(
                     ReuseUnit("ff", ("ff",), "ff"),
                     ReuseUnit("context_ff", ("context_ff",), "ff_context"),
                 ),
-                image_output=1,
+                image_output=image_output_index(FluxTransformerBlock),
                 per_sample_args=("temb",),
             ),
             BlockListSpec(
@@ -56,7 +235,7 @@ FLUX = register_family(
                     ReuseUnit("attn", ("attn",), "attn"),
                     ReuseUnit("mlp", ("mlp",), "proj_mlp", passthrough="act_mlp"),
                 ),
-                image_output=1,
+                image_output=image_output_index(FluxSingleTransformerBlock),
                 per_sample_args=("temb",),
             ),
         ),
@@ -65,5 +244,30 @@ FLUX = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        # The official FLUX code keeps its first-pass step gate, forces only step 0 (and the last step) in the
+        # provisional module books, and ties context_attn to attn (the joint attention is one call).
+        calibration=FamilyCalibration(
+            correct_step=False,
+            provisional_module_warmup=False,
+            tied_kinds={"transformer_blocks.context_attn": "transformer_blocks.attn"},
+        ),
+        presets=PRESETS,
+        dicache_preset="flux",
+        pipeline=PipelineSpec(
+            input_kind="prompt",
+            output_type="pt",
+            scheduler=FlowMatchEulerDiscreteScheduler,
+            calibration_kwargs={"output_type": "latent"},  # the decoded images are not needed
+            build_toy=_build_toy,
+            toy_call_kwargs=_toy_call_kwargs,
+        ),
+        configs=ConfigSpec(
+            example_call=_example_call,
+            call_timestep=_call_timestep,
+            json_defaults={"image_tokens": 4096, "text_tokens": 512},  # 1024x1024 px, 512 T5 tokens
+            named=NAMED_CONFIGS,
+            bench={"cpu": "flux-bench", "full": "flux1-dev", "tiny": "flux-tiny-fulldepth"},
+        ),
+        official=OFFICIAL,
     )
 )

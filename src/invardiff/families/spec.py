@@ -2,17 +2,24 @@
 
 A family file (``flux.py``, ``dit.py``) only fills these dataclasses and writes the few lines of model code that
 cannot be data: reading the timestep of a call, and running the output head on a cached hidden state. Everything
-else (hooks, plans, statistics, FLOP profiles) is generic and reads the spec.
+else (hooks, plans, statistics, FLOP profiles) is generic and reads the spec. The optional parts describe what the
+tools around the engine need: calibration defaults (:attr:`FamilySpec.calibration`, presets), the stock pipeline
+(:class:`PipelineSpec`), random-weight configs (:class:`ConfigSpec`) and the official books (:class:`OfficialSpec`).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+
+if TYPE_CHECKING:
+    from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
+    from ..model_configs import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,13 @@ class FamilySpec:
         input_signature: ``input_signature(call)`` returns the shape facts that must stay constant within a run.
         embed_input: ``embed_input(transformer, call)`` returns the block-stack input x (the patch-embedded image
             tokens), for residual step reuse; ``None`` if the family does not support it.
+        calibration: how the family's official code builds plans; ``None``: the official DiT/Wan behaviour
+            (``invardiff.calibration.thresholds.DEFAULT_CALIBRATION``).
+        presets: the official calibration presets by name (first: the default of sweeps); may be empty.
+        dicache_preset: the DiCache preset the family runs with by default (a name in ``invardiff.dicache.PRESETS``).
+        pipeline: how the stock diffusers pipeline is called; ``None`` if the family has none.
+        configs: random-weight configs and example calls (FLOP profiles, memory, benchmarks); ``None`` if none.
+        official: layout of the official InvarDiff cache books; ``None`` if the official code has none.
     """
 
     name: str
@@ -105,6 +119,12 @@ class FamilySpec:
     run_head: Callable[[torch.nn.Module, torch.Tensor, TransformerCall], Any]
     input_signature: Callable[[TransformerCall], tuple]
     embed_input: Callable[[torch.nn.Module, TransformerCall], torch.Tensor] | None = None
+    calibration: FamilyCalibration | None = field(default=None, hash=False)
+    presets: dict[str, InvarDiffThresholds] = field(default_factory=dict, hash=False)
+    dicache_preset: str = "flux"  # DiT has no official DiCache setting either: FLUX's rules are the generic ones
+    pipeline: PipelineSpec | None = field(default=None, hash=False)
+    configs: ConfigSpec | None = field(default=None, hash=False)
+    official: OfficialSpec | None = field(default=None, hash=False)
 
     def block_list(self, attr: str) -> BlockListSpec:
         for block_list in self.block_lists:
@@ -114,6 +134,116 @@ class FamilySpec:
 
     def num_layers(self, transformer: torch.nn.Module) -> dict[str, int]:
         return {spec.attr: len(getattr(transformer, spec.attr)) for spec in self.block_lists}
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """What a pipeline is conditioned on, and the argument names that carry it.
+
+    Attributes:
+        calibrate_arg: the keyword of :func:`invardiff.calibration.calibrate` (``"prompts"``).
+        pipeline_arg: the keyword of the diffusers pipeline call (``"prompt"``).
+        cli_flag: the command-line option that gives such inputs (``"--prompts"``).
+    """
+
+    calibrate_arg: str
+    pipeline_arg: str
+    cli_flag: str
+
+
+# Keyed by ``PipelineSpec.input_kind`` (and ``BundledModel.inputs``).
+INPUT_KINDS = {
+    "prompt": InputKind("prompts", "prompt", "--prompts"),
+    "class": InputKind("class_labels", "class_labels", "--classes"),
+}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """How the family's stock diffusers pipeline is called (calibration, sweeps, the demo) and a toy one is built.
+
+    Attributes:
+        input_kind: a key of :data:`INPUT_KINDS`: ``"prompt"`` or ``"class"``.
+        output_type: the ``output_type`` under which the pipeline returns images in [0, 1] as tensors or arrays.
+        scheduler: ``scheduler()`` returns a new scheduler of the family's sampler (toy and bundled pipelines).
+        calibration_kwargs: pipeline arguments of every calibration call unless the caller overrides them (the
+            official code's settings, e.g. DiT calibrates without classifier-free guidance).
+        batched_cfg: the pipeline runs the classifier-free guidance branches as one batched transformer call, so a
+            call carries rows of different branches (per-sample and batch-global probe decisions then differ).
+        build_toy: ``build_toy(config, transformer, text_encoders)`` returns a stock pipeline around a random-weight
+            transformer that runs offline (``text_encoders``: tiny random text encoders, for ``prompt=`` calls).
+        toy_call_kwargs: ``toy_call_kwargs(config, num_inference_steps, seed, device)`` returns the arguments of one
+            call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
+    """
+
+    input_kind: str
+    output_type: str
+    scheduler: Callable[[], Any]
+    calibration_kwargs: dict = field(default_factory=dict)
+    batched_cfg: bool = False
+    build_toy: Callable[..., Any] | None = None
+    toy_call_kwargs: Callable[..., dict] | None = None
+
+    def __post_init__(self):
+        if self.input_kind not in INPUT_KINDS:
+            raise ValueError(f"input_kind must be one of {sorted(INPUT_KINDS)}, got {self.input_kind!r}.")
+
+    @property
+    def inputs(self) -> InputKind:
+        return INPUT_KINDS[self.input_kind]
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """Random-weight configs of the family and one transformer call on them (FLOP profiles, memory, benchmarks).
+
+    Attributes:
+        example_call: ``example_call(config, device, fraction, randn)`` returns the keyword arguments of one
+            transformer ``forward`` as the family's pipeline passes them, at the time ``fraction`` of the
+            trajectory (1 = pure noise); ``randn(*shape)`` draws seeded noise on the device in the config's dtype.
+        call_timestep: ``call_timestep(fraction, like)`` returns the ``timestep`` argument at ``fraction``, shaped
+            and typed like the tensor ``like`` (Flux passes ``t / 1000``, DiT an integer step in [0, 999]).
+        json_defaults: :class:`~invardiff.model_configs.ModelConfig` fields for a diffusers ``config.json`` of the
+            family (the call shapes a config file does not say, e.g. tokens per sample).
+        named: the family's named configs, found by name through ``invardiff.model_configs.MODEL_CONFIGS``.
+        bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
+    """
+
+    example_call: Callable[..., dict]
+    call_timestep: Callable[[float, torch.Tensor], torch.Tensor]
+    json_defaults: dict = field(default_factory=dict)
+    named: tuple[ModelConfig, ...] = ()
+    bench: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OfficialSpec:
+    """The layout of the family's official InvarDiff cache books (``invardiff.official``).
+
+    Attributes:
+        label: the name the official code uses for the family, in messages (``"FLUX"``).
+        scheduler: the scheduler class the official books were made with (recorded in the plan).
+        keys: the top-level keys every book of the family has besides ``step_cache_book``.
+        reuse: ``reuse(book)`` maps a parsed book onto ``{block_list: {kind: (T, L) bool array}}``.
+        books: the books shipped with invardiff, mode (``"fast"``) -> path under ``invardiff/reference_books``.
+    """
+
+    label: str
+    scheduler: str
+    keys: tuple[str, ...]
+    reuse: Callable[[dict], dict]
+    books: dict[str, str] = field(default_factory=dict)
+
+
+def image_output_index(block_class: type) -> int | None:
+    """The index of the image stream in the output of ``block_class``, from diffusers' block metadata; ``None``
+    when the block returns one tensor (diffusers marks that by having no encoder-stream index)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    metadata = TransformerBlockRegistry.get(block_class)
+    if metadata.return_encoder_hidden_states_index is None:
+        return None
+    return metadata.return_hidden_states_index
 
 
 class TransformerCall:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ..families import INPUT_KINDS, get_family
+
 
 @dataclass(frozen=True)
 class BundledModel:
@@ -17,6 +19,8 @@ class BundledModel:
         name: registry name; family: invardiff family; pipeline: diffusers pipeline class name.
         num_inference_steps / guidance_scale: the sampling settings the model card reports.
         inputs: ``"prompt"`` (Flux) or ``"class"`` (DiT); examples: the demo's fixed inputs.
+        call_shape: :class:`~invardiff.model_configs.ModelConfig` call-shape fields of one transformer call
+            (tokens, batch), for FLOP profiles of the model.
     """
 
     name: str
@@ -27,6 +31,7 @@ class BundledModel:
     guidance_scale: float
     inputs: str
     examples: tuple = field(default_factory=tuple)
+    call_shape: dict = field(default_factory=dict, hash=False)
 
     @property
     def directory(self) -> Path:
@@ -37,14 +42,14 @@ class BundledModel:
         ``batch`` > 1, that many images of ``item`` in one call, with seeds ``seed, seed + 1, ...``."""
         generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(batch)]
         generator = generators[0] if batch == 1 else generators
-        key = {"prompt": "prompt", "class": "class_labels"}[self.inputs]
+        key = INPUT_KINDS[self.inputs].pipeline_arg
         value = [item] * batch if self.inputs == "class" or batch > 1 else item
         kwargs = {
             key: value,
             "num_inference_steps": self.num_inference_steps,
             "generator": generator,
             "guidance_scale": self.guidance_scale,
-            "output_type": "pt" if self.family == "flux" else "np",
+            "output_type": get_family(self.family).pipeline.output_type,
         }
         return {**kwargs, **overrides}
 
@@ -64,6 +69,7 @@ MODELS = {
             "a yellow triangle on the right, black background",
             "a green circle on the top, white background",
         ),
+        call_shape={"image_tokens": 256, "text_tokens": 16, "batch": 1},
     ),
     "dit-digits": BundledModel(
         "dit-digits",
@@ -74,6 +80,7 @@ MODELS = {
         guidance_scale=1.5,
         inputs="class",
         examples=(0, 3, 5, 8),
+        call_shape={"batch": 2},  # batched CFG
     ),
 }
 
@@ -101,15 +108,12 @@ def load(name: str, device: str | torch.device = "cpu", include_unbundled: bool 
     entry = get(name, include_unbundled)
     if not (entry.directory / "diffusion_pytorch_model.safetensors").exists():
         raise FileNotFoundError(f"The weights of {name!r} are missing from {entry.directory}; reinstall invardiff.")
-    if entry.family == "flux":
-        pipe = _load_flux(entry)
-    else:
-        pipe = _load_dit(entry)
+    pipe = _LOADERS[entry.name](entry)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def _load_flux(entry: BundledModel):
+def _load_flux_shapes(entry: BundledModel):
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
@@ -125,15 +129,19 @@ def _load_flux(entry: BundledModel):
     return build_pipeline(transformer, text_weights)
 
 
-def _load_dit(entry: BundledModel):
+def _load_dit_digits(entry: BundledModel):
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
-    from ..toy_pipelines import IdentityVAE, dit_scheduler
+    from ..toy_pipelines import IdentityVAE
 
     transformer = DiTTransformer2DModel.from_pretrained(entry.directory, local_files_only=True).eval()
     return DiTPipeline(
         transformer=transformer,
         vae=IdentityVAE(latent_channels=1),
-        scheduler=dit_scheduler(),
+        scheduler=get_family(entry.family).pipeline.scheduler(),
         id2label={i: f"digit {i}" for i in range(10)},
     )
+
+
+# How each model's pipeline is put together from its package files, by model name.
+_LOADERS = {"flux-shapes": _load_flux_shapes, "dit-digits": _load_dit_digits}
