@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
 
+from ..families import get_family
 from ..model_configs import ModelConfig
 
 
@@ -61,19 +61,6 @@ def pipeline_call_config(pipe, family: str, call_kwargs: dict) -> ModelConfig:
     """The transformer's config with the input shapes of one calibration sample of the pipeline call (``batch``:
     its transformer rows)."""
     transformer = pipe.transformer
-    cls = FluxTransformer2DModel if family == "flux" else DiTTransformer2DModel
-    kwargs = {
-        k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in cls.extract_init_dict(dict(transformer.config))[0].items()
-    }
+    shape = get_family(family).pipeline.call_shape(pipe, call_kwargs)
     dtype = str(transformer.dtype).removeprefix("torch.")
-    if family == "flux":
-        pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
-        default_side = pipe.default_sample_size * pipe.vae_scale_factor
-        height = call_kwargs.get("height") or default_side
-        width = call_kwargs.get("width") or default_side
-        tokens = (height // pixels_per_token) * (width // pixels_per_token)
-        text = call_kwargs.get("max_sequence_length") or 512
-        return ModelConfig("calibration", "flux", kwargs, dtype, image_tokens=tokens, text_tokens=text)
-    cfg = call_kwargs.get("guidance_scale", 4.0) > 1  # DiTPipeline batches the null class with each sample
-    return ModelConfig("calibration", "dit", kwargs, dtype, batch=2 if cfg else 1)
+    return ModelConfig.from_transformer_config("calibration", family, transformer.config, dtype=dtype, **shape)

@@ -135,6 +135,11 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     }
 
 
+def _call_shape(pipe, call_kwargs: dict) -> dict:
+    cfg = call_kwargs.get("guidance_scale", 4.0) > 1  # DiTPipeline batches the null class with each sample
+    return {"batch": 2 if cfg else 1}
+
+
 def _official_reuse(book: dict) -> dict:
     return {
         "transformer_blocks": {
@@ -184,6 +189,7 @@ DIT = register_family(
             calibration_kwargs={"guidance_scale": 1.0, "output_type": "np"},
             batched_cfg=True,
             build_toy=_build_toy,
+            call_shape=_call_shape,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

@@ -173,6 +173,15 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     }
 
 
+def _call_shape(pipe, call_kwargs: dict) -> dict:
+    pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
+    default_side = pipe.default_sample_size * pipe.vae_scale_factor
+    height = call_kwargs.get("height") or default_side
+    width = call_kwargs.get("width") or default_side
+    tokens = (height // pixels_per_token) * (width // pixels_per_token)
+    return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 512}
+
+
 def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
     from ..models import text
 
@@ -259,6 +268,7 @@ FLUX = register_family(
             scheduler=FlowMatchEulerDiscreteScheduler,
             calibration_kwargs={"output_type": "latent"},  # the decoded images are not needed
             build_toy=_build_toy,
+            call_shape=_call_shape,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

@@ -172,6 +172,8 @@ class PipelineSpec:
             call carries rows of different branches (per-sample and batch-global probe decisions then differ).
         build_toy: ``build_toy(config, transformer, text_encoders)`` returns a stock pipeline around a random-weight
             transformer that runs offline (``text_encoders``: tiny random text encoders, for ``prompt=`` calls).
+        call_shape: ``call_shape(pipe, call_kwargs)`` returns the :class:`~invardiff.model_configs.ModelConfig`
+            call-shape fields (tokens, transformer rows) of one sample of the pipeline call ``pipe(**call_kwargs)``.
         toy_call_kwargs: ``toy_call_kwargs(config, num_inference_steps, seed, device)`` returns the arguments of one
             call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
     """
@@ -182,6 +184,7 @@ class PipelineSpec:
     calibration_kwargs: dict = field(default_factory=dict)
     batched_cfg: bool = False
     build_toy: Callable[..., Any] | None = None
+    call_shape: Callable[[Any, dict], dict] | None = None
     toy_call_kwargs: Callable[..., dict] | None = None
 
     def __post_init__(self):
