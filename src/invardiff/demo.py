@@ -14,7 +14,6 @@ from . import api
 from .bench.timing import Variant, measure_rounds, whole_run
 from .calibration import calibrate
 from .families import INPUT_KINDS
-from .families import INPUT_KINDS
 from .flops import profile_flops
 from .metrics import fidelity
 from .model_configs import ModelConfig

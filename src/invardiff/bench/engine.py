@@ -23,7 +23,6 @@ import torch
 
 from .. import api
 from ..families import LazyTable, families
-from ..families import LazyTable, families
 from ..flops import profile_flops
 from ..model_configs import MODEL_CONFIGS
 from ..official import bundled_books, convert_official_book

@@ -15,7 +15,6 @@ import sys
 
 from .. import __version__
 from ..families import families
-from ..families import families
 from ..plan import PlanError
 from . import commands
 from .policy_args import add_policy_arguments
@@ -195,15 +194,6 @@ def _sweep_method(name: str) -> str:
     if name not in METHODS:
         raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
     return name
-
-
-def _official_families() -> list[str]:
-    # Families whose official InvarDiff code ships cache books (convert-official, bench-engine).
-    return [spec.name for spec in families() if spec.official is not None]
-
-
-def _preset_names() -> str:
-    return "; ".join(f"{spec.name} {', '.join(spec.presets)}" for spec in families() if spec.presets)
 
 
 def _official_families() -> list[str]:
