@@ -20,6 +20,8 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 
 from .. import api
 from ..families import LazyTable, families
@@ -54,17 +56,27 @@ def bench_family(
     rounds: int,
     schedule: str = "lockstep",
     progress: Callable[[str], None] | None = None,
+    compile_blocks: bool = False,
 ) -> list[dict]:
-    """Benchmark the official ``books`` (names like ``"flux/fast"``) of one family; one result dict per book."""
+    """Benchmark the official ``books`` (names like ``"flux/fast"``) of one family; one result dict per book.
+
+    ``compile_blocks``: every variant, stock included, runs under ``compile_repeated_blocks`` (inductor), so the
+    speedup is plan-compiled over stock-compiled; compilation happens in the warm-up round.
+    """
     config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
     plans = {name: convert_official_book(bundled_books()[name], family) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     any_plan = next(iter(plans.values()))
     variants = {"stock": None, "reuse_nothing": CachePlan.reuse_nothing(any_plan.model, steps), **plans}
     stock = config.build_transformer(device)
+    if compile_blocks:
+        torch._dynamo.reset()
+        counters.clear()
     if schedule == "lockstep":
-        timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device)
+        timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device, compile_blocks)
     elif schedule == "alternate":
+        if compile_blocks:
+            stock.compile_repeated_blocks()
         timed_variants, summaries = _alternating_variants(stock, config, variants, steps, device)
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
@@ -90,6 +102,8 @@ def bench_family(
                 "device": str(device),
                 "dtype": config.dtype,
                 "schedule": schedule,
+                "compiled": "compile_repeated_blocks (inductor)" if compile_blocks else None,
+                "compiled_graphs": counters["stats"]["unique_graphs"] if compile_blocks else None,
                 "num_steps": steps,
                 "rounds": rounds,
                 "measured_speedup": measured,
@@ -105,7 +119,7 @@ def bench_family(
     return results
 
 
-def _lockstep_variants(stock, config, variants, steps, device):
+def _lockstep_variants(stock, config, variants, steps, device, compile_blocks: bool = False):
     """Every variant on its own copy of the weights, its plan enabled for good; summaries read after each round."""
     summaries = {}
     timed_variants = []
@@ -113,6 +127,8 @@ def _lockstep_variants(stock, config, variants, steps, device):
         transformer = stock if plan is None else copy.deepcopy(stock)
         if plan is not None:
             api.enable(transformer, plan)
+        if compile_blocks:  # copies share the compiled graphs: Dynamo guards on block classes, not instances
+            transformer.compile_repeated_blocks()
         trajectory = Trajectory(transformer, config, steps, device)
         finish = _summary_recorder(summaries, name, transformer) if plan is not None else _nothing
         timed_variants.append(Variant(name, _timed_step(trajectory), start=trajectory.restart, finish=finish))

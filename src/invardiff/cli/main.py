@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every variant, stock included, under compile_repeated_blocks (inductor): plan-compiled over "
+        "stock-compiled; compilation happens in the warm-up round",
+    )
+    p.add_argument(
         "--peers",
         action="store_true",
         help="Flux only: the books and the peers (diffusers FirstBlockCache, MagCache, TaylorSeer; cache-dit "
@@ -188,14 +194,6 @@ def _add_threshold_args(parser) -> None:
     group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
 
 
-def _sweep_method(name: str) -> str:
-    from ..bench.bundled import METHODS  # imported only when --methods is given: --help and --version stay light
-
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
-    return name
-
-
 def _official_families() -> list[str]:
     # Families whose official InvarDiff code ships cache books (convert-official, bench-engine).
     return [spec.name for spec in families() if spec.official is not None]
@@ -203,6 +201,14 @@ def _official_families() -> list[str]:
 
 def _preset_names() -> str:
     return "; ".join(f"{spec.name} {', '.join(spec.presets)}" for spec in families() if spec.presets)
+
+
+def _sweep_method(name: str) -> str:
+    from ..bench.bundled import METHODS  # imported only when --methods is given: --help and --version stay light
+
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
