@@ -2,24 +2,22 @@
 
 * threshold 0: every step computes through the probe hooks; the time ratio to stock is the bookkeeping overhead.
 * threshold 1e6: every post-warm-up step skips; measured against the FLOP-counted ideal.
-Each ratio is the median of 7 runs alternating with stock. Usage: python benchmarks/dicache_overhead.py
+Each ratio is the median of 7 per-round ratios, runs alternating with stock after a warm-up round (the benchmarks'
+one timing loop, ``invardiff.bench.timing``). Usage: python benchmarks/dicache_overhead.py
 """
 
 from __future__ import annotations
 
-import statistics
-import time
+import torch
 
 import invardiff
 from invardiff.bench.sweep import count_flops
+from invardiff.bench.timing import Variant, measure_rounds, whole_run
 from invardiff.demo import _generate
 from invardiff.models import registry
 
 
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+CPU = torch.device("cpu")
 
 
 def main() -> None:
@@ -33,15 +31,22 @@ def main() -> None:
         full_flops, _ = count_flops(run)
         for threshold in (0.0, 1e6):
             config = invardiff.DiCacheConfig.preset("flux", threshold=threshold)
-            ratios = []
-            for _ in range(7):
-                stock = _seconds(run)
-                with invardiff.enabled(pipe, config):
-                    ratios.append(stock / _seconds(run))
+            times = measure_rounds(
+                [
+                    Variant("stock", whole_run(run, CPU)),
+                    Variant(
+                        "dicache",
+                        whole_run(run, CPU),
+                        lambda pipe=pipe, config=config: invardiff.enable(pipe, config),
+                        lambda pipe=pipe: invardiff.disable(pipe),
+                    ),
+                ],
+                rounds=7,
+            )
             with invardiff.enabled(pipe, config):
                 flops, _ = count_flops(run)
             print(
-                f"{name} threshold {threshold:g}: measured speedup {statistics.median(ratios):.3f}x, "
+                f"{name} threshold {threshold:g}: measured speedup {times.median_ratio('stock', 'dicache'):.3f}x, "
                 f"ideal {full_flops / flops:.3f}x"
             )
 

@@ -132,3 +132,20 @@ def test_demo_runs_on_the_device_given(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--model", "dit-digits", "--device", "meta", "--json", "--out", str(tmp_path)]) == 0
     assert calls == {"name": "dit-digits", "device": "meta"}
     assert json.loads(capsys.readouterr().out) == {"report": True}
+
+
+def test_only_the_command_line_prints():
+    import ast
+    from pathlib import Path
+
+    import invardiff
+
+    package = Path(invardiff.__file__).parent
+    printing = [
+        f"{path.relative_to(package)}:{node.lineno}"
+        for path in package.rglob("*.py")
+        if "cli" not in path.relative_to(package).parts
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print"
+    ]
+    assert printing == []  # library code logs (logging.getLogger(__name__)); the CLI prints
