@@ -195,7 +195,10 @@ def _subclass(base: type, forward) -> type:
 
 def adapt(module: torch.nn.Module, kind: str, slot) -> None:
     """Give ``module`` the adapter class of ``kind`` (``unit``, ``passthrough``, ``block``), in mode INACTIVE."""
-    if "forward" in vars(module):
+    patched = vars(module).get("forward")
+    if patched is not None and _is_own_forward(module, patched):
+        del module.forward  # a hook library's leftover binding of the class's own forward: no behaviour of its own
+    elif patched is not None:
         raise ValueError(
             f"{type(module).__name__} at this position already has a patched forward (another hook or cache, e.g. "
             f"diffusers' enable_cache, TaylorSeer or group offloading, installed before invardiff); remove it first "
@@ -211,6 +214,11 @@ def adapt(module: torch.nn.Module, kind: str, slot) -> None:
     module.__class__ = _CLASSES[key]
     module._invardiff_mode = INACTIVE
     module._invardiff_slot = slot
+
+
+def _is_own_forward(module, forward) -> bool:
+    # diffusers' HookRegistry.remove_hook leaves ``module.forward = <bound method of the class's forward>``.
+    return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
 
 
 def restore(module: torch.nn.Module) -> None:
