@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from .. import __version__
@@ -23,6 +24,9 @@ from .policy_args import add_policy_arguments
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="invardiff", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"invardiff {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the library's log (what was enabled, batch sizes, ...)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="reuse statistics of a plan, and its ideal speedup on a model config")
@@ -213,6 +217,8 @@ def _sweep_method(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The library only logs; the CLI shows warnings always and, with -v, what each step decided.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="invardiff: %(message)s")
     try:
         return args.handler(args) or 0
     except (PlanError, ValueError, FileNotFoundError) as error:
