@@ -49,16 +49,23 @@ def _compile(pipe, how: str, backend: str):
 @pytest.mark.parametrize("how", ["regional", "whole"])
 @pytest.mark.parametrize("kind", ["plan", "dicache"])
 def test_compiled_runs_make_the_same_decisions_and_outputs_as_eager(kind, how):
+    (eager, eager_steps), (compiled, compiled_steps) = _eager_then_compiled(kind, how, "eager")
+    assert torch.equal(compiled, eager)
+    np.testing.assert_array_equal(compiled_steps, eager_steps)
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+
+
+def _eager_then_compiled(kind: str, how: str, backend: str):
+    """(output, step status) of one eager run, then of one compiled run, of the same policy on flux-tiny."""
     config, pipe = tiny_pipeline("flux")
     invardiff.enable(pipe, _policy(kind, pipe.transformer))
-    eager = run_pipeline(pipe, config, T)
-    eager_steps = invardiff.summary(pipe).branches["cond"].step_status.copy()
-    _compile(pipe, how, "eager")
-    compiled = run_pipeline(pipe, config, T)
-    assert torch.equal(compiled, eager)
-    np.testing.assert_array_equal(invardiff.summary(pipe).branches["cond"].step_status, eager_steps)
-    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    runs = []
+    for compiled in (False, True):
+        if compiled:
+            _compile(pipe, how, backend)
+        runs.append((run_pipeline(pipe, config, T), invardiff.summary(pipe).branches["cond"].step_status.copy()))
     invardiff.disable(pipe)
+    return runs
 
 
 def test_enable_accepts_a_compiled_transformer():
@@ -104,11 +111,7 @@ def test_regional_graph_count_is_bounded_and_independent_of_depth():
 @pytest.mark.parametrize("how", ["regional", "whole"])
 @pytest.mark.parametrize("kind", ["plan", "dicache"])
 def test_inductor_outputs_match_eager_within_float_tolerance(kind, how):
-    config, pipe = tiny_pipeline("flux")
-    invardiff.enable(pipe, _policy(kind, pipe.transformer))
-    eager = run_pipeline(pipe, config, T)
-    _compile(pipe, how, "inductor")
-    compiled = run_pipeline(pipe, config, T)
+    (eager, eager_steps), (compiled, compiled_steps) = _eager_then_compiled(kind, how, "inductor")
+    np.testing.assert_array_equal(compiled_steps, eager_steps)
     # Inductor fuses and reorders float32 arithmetic: 1e-5 is about 100 ulps of these O(1) latents after 8 steps.
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
-    invardiff.disable(pipe)

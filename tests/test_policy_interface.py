@@ -168,3 +168,21 @@ def test_reuse_nothing_probe_at_zero_and_disable_are_bit_identical(family, dtype
     assert torch.equal(latents, stock)
     assert not np.isin(branch.to_dict()["probe"]["decision"], ["skipped"]).any()
     assert torch.equal(euler_loop(transformer, family, call)[0], stock)  # after disable
+
+
+def test_a_call_the_policy_refuses_leaves_no_half_run_behind():
+    _, transformer, call = batched_call("flux")
+    invardiff.enable(transformer, invardiff.DiCacheConfig(threshold=0.3, num_inference_steps=T_PROBE))
+    try:
+        residual = torch.zeros_like(call["hidden_states"][..., :1]).expand(-1, -1, 32)
+        with pytest.raises(NotImplementedError, match="ControlNet residuals"):
+            with invardiff.cache_context(transformer, "default", step_index=0):
+                transformer(**call, controlnet_block_samples=[residual])
+        with pytest.raises(invardiff.EngineError, match="got step 1 after no step yet"):
+            with invardiff.cache_context(transformer, "default", step_index=1):
+                transformer(**call)
+        with invardiff.cache_context(transformer, "default", step_index=0):
+            transformer(**call)  # a fresh run starts cleanly
+        assert invardiff.summary(transformer).cache_bytes > 0
+    finally:
+        invardiff.disable(transformer)

@@ -20,6 +20,7 @@ class RecordConfig:
 
 class RecordPolicy(PlanPolicy):
     name = "calibration"
+    observes_units = True
 
     def __init__(self, config: RecordConfig, units):
         super().__init__(config.plan, units)

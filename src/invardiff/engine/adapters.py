@@ -10,7 +10,8 @@ graphs are shared: a block compiles one graph per distinct mode it sees, whateve
 is stated in :func:`graph_bound`). Decisions are never made inside a compiled region: the mode is a constant there,
 and each call out to the engine is a graph break.
 
-Modes of a unit: ``INACTIVE`` (not in a run: the stock forward), ``COMPUTE``, ``REUSE``. Modes of a block are bit
+Modes of a unit: ``INACTIVE`` (not in a run: the stock forward), ``COMPUTE`` (compute and hand the output to the
+engine), ``PLAIN`` (compute; nobody needs the output: no call out, no graph break), ``REUSE``. Modes of a block are bit
 flags: ``INPUT`` (record the block-stack input x), ``PROBE`` (decide after this block), ``SKIP`` (no sample
 computes: hand the inputs on), ``SUBSET`` (only some samples compute: cut their per-sample arguments).
 """
@@ -18,6 +19,7 @@ computes: hand the inputs on), ``SUBSET`` (only some samples compute: cut their 
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
@@ -25,7 +27,7 @@ from diffusers.hooks._helpers import TransformerBlockRegistry
 from .state import COMPUTED, REUSED, take_rows
 
 
-INACTIVE, COMPUTE, REUSE = 0, 1, 2  # unit modes
+INACTIVE, COMPUTE, REUSE, PLAIN = 0, 1, 2, 3  # unit modes
 INPUT, PROBE, SKIP, SUBSET = 1, 2, 4, 8  # block mode flags
 _ATTRIBUTES = ("_invardiff_mode", "_invardiff_slot")
 
@@ -189,6 +191,10 @@ _CLASSES: dict[tuple[str, type], type] = {}  # one adapter class per (kind, clas
 
 
 def _subclass(base: type, forward) -> type:
+    # Dynamo keeps its compiled variants per code object, with a recompile limit per code object: a code object
+    # of its own per adapted class keeps one class's modes from using up another's limit.
+    code = forward.__code__.replace(co_name=f"{base.__name__}_forward", co_qualname=f"{base.__name__}.forward")
+    forward = types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__, forward.__closure__)
     forward.__wrapped__ = base.forward  # so that inspect.signature sees the real arguments
     return type(base.__name__, (base,), {"forward": forward, "__module__": base.__module__, "_invardiff_base": base})
 
@@ -235,12 +241,13 @@ def graph_bound(num_units_per_block: int, probe: bool) -> int:
     """An upper bound on the graphs one block class compiles under ``compile_repeated_blocks`` in a run.
 
     Every call out to the engine is a graph break, so a block splits into one graph before its first unit and
-    one after each unit. Each segment is specialised on the mode of the unit that ends it (compute or reuse), and
+    one after each unit. Each segment is specialised on the mode of the unit that ends it (compute, plain or reuse:
+    a plain unit does not break the graph, so its segment merges with the next, which only lowers the count), and
     for a probe policy on the block's mode (plain, input, probe, input+probe, skip, subset). Shape changes (a
     subset of samples) add one dynamic-shape recompile at most.
     """
     segments = num_units_per_block + 1
-    return segments * 2 * (6 if probe else 1) + (1 if probe else 0)
+    return segments * 3 * (6 if probe else 1) + (1 if probe else 0)
 
 
 def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]]:

@@ -26,6 +26,7 @@ from ..families import FamilySpec, TransformerCall
 from ..plan import PlanError
 from .adapters import COMPUTE as COMPUTE_MODE
 from .adapters import INACTIVE
+from .adapters import PLAIN as PLAIN_MODE
 from .adapters import REUSE as REUSE_MODE
 from .policy import CachePolicy, StepAction
 from .state import COMPUTED, NOT_RUN, REUSED, BranchState, UnitRef, tensor_bytes
@@ -142,25 +143,38 @@ class CacheEngine:
                 f"start a new pipeline call (or call invardiff.reset) to change them."
             )
         state.step, state.call = step, call
-        if step == 0:
-            state.policy_state = self.policy.new_branch(state)
-        state.action = self.policy.begin_step(state)
-        if self.policy.uses_units:
-            state.unit_reuse, state.unit_keep = self.policy.unit_actions(state)
+        try:
+            if step == 0:
+                state.policy_state = self.policy.new_branch(state)
+            state.action = self.policy.begin_step(state)
+            if self.policy.uses_units:
+                state.unit_reuse, state.unit_keep = self.policy.unit_actions(state)
+        except BaseException:
+            state.end_call()
+            self._abort(state)  # the policy refused this call: the run cannot go on from here
+            raise
         self._set_modes(state)
         self.active = state
         return state
 
     def _set_modes(self, state: BranchState | None) -> None:
         # The adapters read their mode as a constant (one compiled graph per mode): set it around every call.
+        # A computed unit calls back into the engine (a graph break under torch.compile) only when its output is
+        # needed: kept for a later reuse, seen by the policy, on a probe step (a vetoed reuse refreshes the cache),
+        # or at step 0 (the size of every output). Otherwise it runs PLAIN and is marked computed at the end.
         if state is None:
             for modules in self.unit_modules:
                 for module in modules:
                     module._invardiff_mode = INACTIVE
         else:
-            for reuse, modules in zip(state.unit_reuse, self.unit_modules, strict=True):
+            every = state.step == 0 or self.policy.observes_units or state.action == StepAction.PROBE
+            plain = state.plain_units = []
+            for unit, (reuse, keep, modules) in enumerate(zip(state.unit_reuse, state.unit_keep, self.unit_modules, strict=True)):
+                mode = REUSE_MODE if reuse else COMPUTE_MODE if (keep or every) else PLAIN_MODE
+                if mode == PLAIN_MODE:
+                    plain.append(unit)
                 for module in modules:
-                    module._invardiff_mode = REUSE_MODE if reuse else COMPUTE_MODE
+                    module._invardiff_mode = mode
         for block, role in zip(self.blocks, self.block_roles, strict=True):
             block._invardiff_mode = role if state is not None else INACTIVE
 
@@ -177,6 +191,8 @@ class CacheEngine:
             self._abort(state)
             return
         state.step_status[state.step] = REUSED if state.skip_all or state.action == StepAction.REUSE else COMPUTED
+        if state.action == StepAction.COMPUTE:  # PLAIN units ran: a COMPUTE step runs every block
+            state.unit_status[state.step, state.plain_units] = COMPUTED
         self.policy.end_step(state)
         state.end_call()
         held = self.policy.held_bytes(state.policy_state)

@@ -54,7 +54,9 @@ class CachePolicy:
     Attributes:
         name: short name written into summaries.
         num_steps: the run's step count, or ``None`` until :meth:`start_run` learns it from a scheduler.
-        uses_units: install unit hooks (layer-wise reuse); ``False`` keeps the hot path free of them.
+        uses_units: install unit adapters (layer-wise reuse); ``False`` keeps the hot path free of them.
+        observes_units: hand every computed unit output to :meth:`unit_to_keep` (calibration); otherwise only the
+            outputs that ``unit_actions`` keeps (and every output at step 0 and on probe steps) are handed over.
         probe_depth: install block hooks and call :meth:`decide` after this many leading blocks; ``None``: no probe.
         record_labels: for each per-step record of :meth:`records` whose values are codes, the name of each code.
     """
@@ -62,6 +64,7 @@ class CachePolicy:
     name: str = "policy"
     num_steps: int | None = None
     uses_units: bool = False
+    observes_units: bool = False
     probe_depth: int | None = None
     record_labels: dict[str, Sequence[str]] = {}
 

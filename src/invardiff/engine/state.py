@@ -75,6 +75,7 @@ class BranchState:
         self.policy_bytes = 0  # the policy's held bytes as last accounted
         self.action = None
         self.unit_reuse = self.unit_keep = ()
+        self.plain_units: list[int] = []  # units that compute without calling back (marked computed at the end)
         self.block_input = None  # the first block's image tokens x, while a probe policy runs
         self.compute_rows: torch.Tensor | None = None
         self.skip_all = False
@@ -86,4 +87,5 @@ class BranchState:
 
     def end_call(self) -> None:
         self.call = self.action = self.block_input = None
+        self.plain_units = []
         self.compute_rows, self.skip_all = None, False
