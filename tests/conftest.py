@@ -24,7 +24,9 @@ def pytest_addoption(parser):
 def _skip_inductor_unless_asked(config, items):
     if config.getoption("--run-inductor"):
         return
-    skip = pytest.mark.skip(reason="compiles with inductor (minutes); run: python -m pytest -q --run-inductor -m inductor")
+    skip = pytest.mark.skip(
+        reason="compiles with inductor (minutes); run: python -m pytest -q --run-inductor -m inductor"
+    )
     for item in items:
         if "inductor" in item.keywords:
             item.add_marker(skip)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 import invardiff
 from invardiff.bench import peers
 from invardiff.bench.engine_peers import book_variant, peer_variant, run_variants

@@ -58,7 +58,10 @@ def test_interval_reuses_the_last_computed_state():
     # warm-up 2 (steps 0, 1), then every 3rd step (2, 5) and the last (7): H = x + a + b on those, else repeated.
     outputs, branch = _scripted_run(IntervalConfig(interval=3, warmup_steps=2, num_inference_steps=8))
     assert outputs == [2.5, 2.6, 2.7, 2.7, 2.7, 3.4, 3.4, 3.5]
-    assert branch.to_dict()["steps"] == ["computed"] * 3 + ["step_cached"] * 2 + ["computed"] + ["step_cached", "computed"]
+    assert branch.to_dict()["steps"] == ["computed"] * 3 + ["step_cached"] * 2 + ["computed"] + [
+        "step_cached",
+        "computed",
+    ]
 
 
 def test_interval_first_order_extrapolates_from_the_last_two_computed_steps():

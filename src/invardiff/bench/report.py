@@ -35,7 +35,11 @@ def engine_table(results: list[dict], meta: dict) -> str:
     lines = [
         f"Engine benchmark ({meta['date']}, torch {meta['torch']}, {meta['cuda_device'] or 'CPU'}, "
         f"{meta['threads']} threads). Medians of per-round ratios; stock and reuse-nothing rows are per model."
-        + (f" Every variant compiled ({results[0]['compiled']}, {results[0]['compiled_graphs']} graphs)." if results and results[0].get("compiled") else ""),
+        + (
+            f" Every variant compiled ({results[0]['compiled']}, {results[0]['compiled_graphs']} graphs)."
+            if results and results[0].get("compiled")
+            else ""
+        ),
         "",
         "| book | model config | measured speedup | ideal speedup | efficiency | reuse-nothing overhead "
         "| peak cache | all outputs of a step | stock s | book s |",

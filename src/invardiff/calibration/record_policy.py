@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..engine.policy import register_policy
-from ..policies.plan import PlanPolicy, check_plan_fits
 from ..plan import CachePlan
+from ..policies.plan import PlanPolicy, check_plan_fits
 
 
 @dataclass(frozen=True)

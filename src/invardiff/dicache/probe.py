@@ -130,7 +130,9 @@ class ProbePolicy(CachePolicy):
             has_windows = has_windows.all().expand(branch.batch)
         skip = finite & under & has_windows
         gamma = self._gamma(branch, block_input, probe)
-        packed = torch.stack([error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma])
+        packed = torch.stack(
+            [error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma]
+        )
         error_h, accumulated_h, skip_h, finite_h, windows_h, gamma_h = np.array(packed.tolist())  # the one sync
         skip_h, finite_h, windows_h = skip_h > 0, finite_h > 0, windows_h > 0
         branch.accumulator = torch.where(skip, accumulated, 0.0)

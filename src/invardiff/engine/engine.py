@@ -68,7 +68,9 @@ class TimestepCheck:
         tolerance = 1e-6 * t[0].abs().clamp_min(1.0)
         bad = (distance[step] > distance.min() + tolerance) | (t != t[0]).any()
         record = torch.stack([bad.float(), torch.full((), float(step), device=t.device), t[0]])
-        self.first_bad = record if self.first_bad is None else torch.where(self.first_bad[0] > 0, self.first_bad, record)
+        self.first_bad = (
+            record if self.first_bad is None else torch.where(self.first_bad[0] > 0, self.first_bad, record)
+        )
         self.pending = True
         if host_reads_are_free(self.values.device):
             self.verify(branch)
@@ -169,7 +171,9 @@ class CacheEngine:
         else:
             every = state.step == 0 or self.policy.observes_units or state.action == StepAction.PROBE
             plain = state.plain_units = []
-            for unit, (reuse, keep, modules) in enumerate(zip(state.unit_reuse, state.unit_keep, self.unit_modules, strict=True)):
+            for unit, (reuse, keep, modules) in enumerate(
+                zip(state.unit_reuse, state.unit_keep, self.unit_modules, strict=True)
+            ):
                 mode = REUSE_MODE if reuse else COMPUTE_MODE if (keep or every) else PLAIN_MODE
                 if mode == PLAIN_MODE:
                     plain.append(unit)

