@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.models.cache_utils import CacheMixin
 
 from .. import api
+from ..families import get_family
 from ..model_configs import MODEL_CONFIGS
 from ..official import bundled_books, convert_official_book
 from . import peers
@@ -81,20 +83,29 @@ def peer_variants(stock: torch.nn.Module, config, steps: int, device: torch.devi
     return [peer_variant(peer) for peer in peers.peers(peers.LOOP, steps, ratios)]
 
 
-def bench_flux_peers(
+def bench_peers(
+    family: str,
     size: str,
     books: list[str],
     device: torch.device,
     rounds: int,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Full compute, the official Flux ``books`` and the peers on one loop; one result dict per variant."""
-    config = MODEL_CONFIGS[BENCH_CONFIGS[size]["flux"]]
-    plans = {name: convert_official_book(bundled_books()[name], "flux") for name in books}
+    """Full compute, the official ``books`` of ``family`` and the peers on one loop; one result dict per variant.
+
+    The peers are diffusers' cache hooks and cache-dit, so the family's transformer must have diffusers'
+    ``CacheMixin`` (:func:`peers_can_run`)."""
+    config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
+    plans = {name: convert_official_book(bundled_books()[name], family) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     stock = config.build_transformer(device)
     variants = [book_variant(name, plan) for name, plan in plans.items()] + peer_variants(stock, config, steps, device)
     return run_variants(stock, config, variants, steps, device, rounds, progress)
+
+
+def peers_can_run(family: str) -> bool:
+    """diffusers' cache hooks need a transformer with ``CacheMixin`` (DiTTransformer2DModel has none)."""
+    return issubclass(get_family(family).transformer_class, CacheMixin)
 
 
 def run_variants(stock, config, variants: list[LoopVariant], steps: int, device, rounds: int, progress=None):

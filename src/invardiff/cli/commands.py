@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -222,7 +223,7 @@ def bench_engine(args) -> int:
     if args.peers:
         if args.compile:
             raise ValueError("--compile is not available with --peers yet: the peers' hooks are not compiled here.")
-        return _bench_engine_peers(args, device, [b for b in books if b.startswith("flux/")])
+        return _bench_engine_peers(args, device, books)
     results = []
     for family in args.family:
         family_books = [b for b in books if b.startswith(family + "/")]
@@ -251,19 +252,28 @@ def bench_engine(args) -> int:
 
 def _bench_engine_peers(args, device, books: list[str]) -> int:
     _quiet_cache_dit()
-    from ..bench.engine_peers import bench_flux_peers, peers_table
+    from ..bench.engine_peers import bench_peers, peers_can_run, peers_table
     from ..bench.report import write_results
 
-    if not books:
-        raise ValueError("--peers runs on Flux only (diffusers' cache hooks cannot run on DiT): give Flux books.")
-    with tqdm(total=args.rounds + 1, desc="bench-engine peers (flux)", disable=args.json) as bar:
-        results = bench_flux_peers(
-            args.config,
-            books,
-            device,
-            args.rounds,
-            progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
-        )
+    by_family: dict[str, list[str]] = {}
+    for book in books:
+        by_family.setdefault(book.split("/")[0], []).append(book)
+    for family in [f for f in by_family if not peers_can_run(f)]:
+        print(f"bench-engine --peers: skipping {family}: its transformer has no diffusers CacheMixin", file=sys.stderr)
+        del by_family[family]
+    if not by_family:
+        raise ValueError("--peers needs books of a family whose transformer has diffusers' CacheMixin (e.g. flux).")
+    results = []
+    for family, family_books in by_family.items():
+        with tqdm(total=args.rounds + 1, desc=f"bench-engine peers ({family})", disable=args.json) as bar:
+            results += bench_peers(
+                family,
+                args.config,
+                family_books,
+                device,
+                args.rounds,
+                progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
+            )
     stem = f"bench-engine-peers-{args.config}-{device.type}"
     paths = write_results(results, Path(args.out), stem, table=peers_table)
     if args.json:
