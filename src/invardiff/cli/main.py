@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         action="store_true",
-        help="Flux only: the books and the peers (diffusers FirstBlockCache, MagCache, TaylorSeer; cache-dit "
+        help="families with diffusers' CacheMixin (Flux): the books and the peers (diffusers FirstBlockCache, MagCache, TaylorSeer; cache-dit "
         "DBCache F1B0) at several settings on one loop, whole runs alternating with full compute; writes "
         "bench-engine-peers-CONFIG-DEVICE.{json,md}",
     )
