@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--peers",
         action="store_true",
-        help="families with diffusers' CacheMixin (Flux): the books and the peers (diffusers FirstBlockCache, MagCache, TaylorSeer; cache-dit "
-        "DBCache F1B0) at several settings on one loop, whole runs alternating with full compute; writes "
+        help="families with diffusers' CacheMixin (Flux): the books and the peers (diffusers FirstBlockCache, "
+        "MagCache, TaylorSeer; cache-dit DBCache F1B0) at several settings on one loop, whole runs alternating "
+        "with full compute; writes "
         "bench-engine-peers-CONFIG-DEVICE.{json,md}",
     )
     p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
