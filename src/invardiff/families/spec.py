@@ -259,9 +259,3 @@ class TransformerCall:
 
     def __getitem__(self, name: str) -> Any:
         return self.arguments[name]
-
-    def timestep_values(self, scale: float) -> torch.Tensor:
-        timestep = self.arguments["timestep"]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep])
-        return timestep.detach().float().reshape(-1).cpu() * scale
