@@ -209,7 +209,6 @@ def _load_pipeline(args):
 
 def bench_engine(args) -> int:
     from ..bench.engine import bench_family
-    from ..bench.report import write_results
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,60 +223,58 @@ def bench_engine(args) -> int:
         if args.compile:
             raise ValueError("--compile is not available with --peers yet: the peers' hooks are not compiled here.")
         return _bench_engine_peers(args, device, books)
-    results = []
-    for family in args.family:
-        family_books = [b for b in books if b.startswith(family + "/")]
-        if not family_books:
-            continue
-        with tqdm(total=args.rounds + 1, desc=f"bench-engine {family}", disable=args.json) as bar:
-            results += bench_family(
-                family,
-                args.config,
-                family_books,
-                device,
-                args.rounds,
-                schedule,
-                progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
-                compile_blocks=args.compile,
-            )
+
+    def run(family: str, family_books: list[str], progress) -> list[dict]:
+        return bench_family(
+            family, args.config, family_books, device, args.rounds, schedule, progress, compile_blocks=args.compile
+        )
+
+    by_family = {f: family_books for f, family_books in _books_by_family(books).items() if f in args.family}
+    results = _per_family(args, by_family, "bench-engine", run)
     stem = f"bench-engine-{args.config}-{device.type}" + ("-compiled" if args.compile else "")
-    paths = write_results(results, Path(args.out), stem)
-    if args.json:
-        print(json.dumps([_public_fields(r) for r in results], indent=1))
-    else:
-        print(paths["markdown"].read_text())
-        print(f"wrote {paths['json']} and {paths['markdown']}")
-    return 0
+    return _report(args, results, stem, [_public_fields(r) for r in results])
 
 
 def _bench_engine_peers(args, device, books: list[str]) -> int:
     _quiet_cache_dit()
     from ..bench.engine_peers import bench_peers, peers_can_run, peers_table
-    from ..bench.report import write_results
 
-    by_family: dict[str, list[str]] = {}
-    for book in books:
-        by_family.setdefault(book.split("/")[0], []).append(book)
+    by_family = _books_by_family(books)
     for family in [f for f in by_family if not peers_can_run(f)]:
         print(f"bench-engine --peers: skipping {family}: its transformer has no diffusers CacheMixin", file=sys.stderr)
         del by_family[family]
     if not by_family:
         raise ValueError("--peers needs books of a family whose transformer has diffusers' CacheMixin (e.g. flux).")
+
+    def run(family: str, family_books: list[str], progress) -> list[dict]:
+        return bench_peers(family, args.config, family_books, device, args.rounds, progress)
+
+    results = _per_family(args, by_family, "bench-engine peers", run)
+    return _report(args, results, f"bench-engine-peers-{args.config}-{device.type}", results, table=peers_table)
+
+
+def _books_by_family(books: list[str]) -> dict[str, list[str]]:
+    by_family: dict[str, list[str]] = {}
+    for book in books:
+        by_family.setdefault(book.split("/")[0], []).append(book)
+    return by_family
+
+
+def _per_family(args, by_family: dict[str, list[str]], label: str, run) -> list[dict]:
+    """``run(family, books, progress)`` for each family, with a progress bar over its rounds."""
     results = []
     for family, family_books in by_family.items():
-        with tqdm(total=args.rounds + 1, desc=f"bench-engine peers ({family})", disable=args.json) as bar:
-            results += bench_peers(
-                family,
-                args.config,
-                family_books,
-                device,
-                args.rounds,
-                progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
-            )
-    stem = f"bench-engine-peers-{args.config}-{device.type}"
-    paths = write_results(results, Path(args.out), stem, table=peers_table)
+        with tqdm(total=args.rounds + 1, desc=f"{label} {family}", disable=args.json) as bar:
+            results += run(family, family_books, lambda message: (bar.set_postfix_str(message), bar.update(1)))
+    return results
+
+
+def _report(args, results: list[dict], stem: str, json_results: list[dict], table=None) -> int:
+    from ..bench.report import write_results
+
+    paths = write_results(results, Path(args.out), stem, table=table)
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps(json_results, indent=1))
     else:
         print(paths["markdown"].read_text())
         print(f"wrote {paths['json']} and {paths['markdown']}")
