@@ -129,6 +129,7 @@ class ProbePolicy(CachePolicy):
         if not config.per_sample:  # one decision for the batch
             has_windows = has_windows.all().expand(branch.batch)
         skip = finite & under & has_windows
+        # Computed before the decision, for every sample, so that its record travels in the same single sync.
         gamma = self._gamma(branch, block_input, probe)
         packed = torch.stack(
             [error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma]
