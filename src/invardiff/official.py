@@ -9,7 +9,6 @@ the family file (``FamilySpec.official``).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from .families import OfficialSpec, families
 from .plan import CachePlan, ModelFacts, PlanError
+from .plan_file import parse_json, read_bytes
 
 
 # Names in the file name -> the thresholds they stand for (SPEC.md A.6).
@@ -54,7 +54,7 @@ def parse_book_name(name: str) -> dict[str, float]:
     """Parse ``cache_books_stp28_n0.1_th0.7_attn0.68...`` into the thresholds it encodes."""
     params = {}
     for token in Path(name).stem.removeprefix("cache_books_").split("_"):
-        match = re.fullmatch(r"([a-z]+)([0-9.]+)", token)
+        match = re.fullmatch(r"([a-z]+)([0-9]+(?:\.[0-9]*)?)", token)
         if match and match.group(1) in _NAME_KEYS:
             value = float(match.group(2))
             params[_NAME_KEYS[match.group(1)]] = int(value) if match.group(1) == "stp" else value
@@ -62,25 +62,33 @@ def parse_book_name(name: str) -> dict[str, float]:
 
 
 def convert_official_book(path: str | Path, family: str) -> CachePlan:
-    """Convert an official InvarDiff cache book (DiT-XL/2 or FLUX.1-dev) into a :class:`CachePlan`."""
+    """Convert an official InvarDiff cache book (DiT-XL/2 or FLUX.1-dev) into a :class:`CachePlan`.
+
+    The file is read by :func:`invardiff.plan_file.read_json` (size, encoding and nesting limits); every problem is
+    a :class:`PlanError` naming the file and the field."""
     path = Path(path)
     layouts = _layouts()
     if family not in layouts:
         raise PlanError(f"Unknown family {family!r} for an official book; expected one of {sorted(layouts)}.")
     layout = layouts[family]
-    raw = path.read_bytes()
+    what = f"an official InvarDiff {layout.label} cache book"
+    raw = read_bytes(path, what)
+    book = parse_json(raw, path, what)
     try:
-        book = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise PlanError(f"{path} is not valid JSON ({error}).") from None
+        return _convert(book, raw, path, family, layout)
+    except PlanError as error:
+        raise PlanError(f"{path}: {error}") from None
+
+
+def _convert(book, raw: bytes, path: Path, family: str, layout: OfficialSpec) -> CachePlan:
     if not isinstance(book, dict) or "step_cache_book" not in book:
-        raise PlanError(f"{path} is not an official InvarDiff cache book (no 'step_cache_book').")
+        raise PlanError("this is not an official InvarDiff cache book (no 'step_cache_book').")
     step_cache = book_array(book["step_cache_book"], "step_cache_book", ndim=1)
     for key in layout.keys:
         if key not in book:
             raise PlanError(f"A {layout.label} book needs {key!r}; this looks like a {_guess_family(book)} book.")
     reuse = layout.reuse(book)
-    num_layers = {name: next(iter(kinds.values())).shape[1] for name, kinds in reuse.items()}
+    num_layers = {name: _num_layers(name, kinds) for name, kinds in reuse.items()}
     provenance = {
         "policy": "invardiff-official-book",
         "source": {
@@ -102,11 +110,32 @@ def convert_official_book(path: str | Path, family: str) -> CachePlan:
 
 
 def book_array(value, name: str, ndim: int) -> np.ndarray:
-    """Field ``name`` of a book as a boolean array of ``ndim`` dimensions; raise :class:`PlanError` otherwise."""
-    array = np.asarray(value)
-    if array.ndim != ndim or array.dtype != bool:
-        raise PlanError(f"Official book field {name!r} must be a {ndim}-D list of booleans, got shape {array.shape}.")
-    return array
+    """Field ``name`` of a book (1-D: a list of booleans; 2-D: a list of equally long, non-empty lists of booleans)
+    as a boolean array; raise :class:`PlanError` otherwise. Types are checked before numpy sees the value."""
+    rows = value if ndim == 2 else [value]
+    if ndim not in (1, 2) or not isinstance(value, list) or not value:
+        raise PlanError(f"Official book field {name!r} must be a non-empty {ndim}-D list of booleans.")
+    for index, row in enumerate(rows):
+        where = f"{name}[{index}]" if ndim == 2 else name
+        if not isinstance(row, list) or not row or not all(type(bit) is bool for bit in row):
+            raise PlanError(f"Official book field {where!r} must be a non-empty list of booleans, got {row!r:.60}.")
+        if len(row) != len(rows[0]):
+            raise PlanError(f"Official book field {where!r} has {len(row)} entries; row 0 has {len(rows[0])}.")
+    return np.array(value, dtype=bool)
+
+
+def book_table(book: dict, key: str) -> dict[str, np.ndarray]:
+    """Field ``key`` of a book: an object of module kind -> 2-D boolean list, as arrays; :class:`PlanError` else."""
+    table = book[key]
+    if not isinstance(table, dict) or not table:
+        raise PlanError(f"Official book field {key!r} must be a non-empty object of module kind -> 2-D list.")
+    return {kind: book_array(rows, f"{key}.{kind}", 2) for kind, rows in table.items()}
+
+
+def _num_layers(block_list: str, kinds: dict[str, np.ndarray]) -> int:
+    if not kinds:
+        raise PlanError(f"The book has no module kind for {block_list!r}.")
+    return next(iter(kinds.values())).shape[1]
 
 
 def _guess_family(book: dict) -> str:

@@ -34,14 +34,11 @@ import numpy as np
 
 from ._version import __version__
 from .families import get_family
+from .plan_file import PlanError, parse_json, read_json
 
 
 PLAN_FORMAT = "invardiff-cache-plan"
 PLAN_FORMAT_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan file or object is malformed, or does not match the model or the call it is used with."""
 
 
 @dataclass(frozen=True)
@@ -155,16 +152,17 @@ class CachePlan:
         return _plan_from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=False)
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        """Write the plan as UTF-8 JSON; refuses (:class:`PlanError`) what :meth:`load` would refuse (a NaN, a
+        huge integer or deep nesting in the provenance), so that a saved plan always loads."""
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+        parse_json(text.encode("utf-8"), path, "an invardiff plan file")
+        Path(path).write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> CachePlan:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise PlanError(f"{path} is not valid JSON ({error}); expected an invardiff plan file.") from None
+        """Read and validate a plan file; any problem (missing, unreadable, not UTF-8 JSON, too large or deep,
+        malformed) is a :class:`PlanError` naming the file and the field (``plan_file.py`` states the limits)."""
+        data = read_json(path, "an invardiff plan file")
         try:
             return cls.from_dict(data)
         except PlanError as error:
@@ -243,6 +241,10 @@ def _model_from_dict(data: Any) -> ModelFacts:
         if num_layers < 1:
             raise PlanError(f"{where}.num_layers must be a positive integer, got {num_layers}.")
         kinds = _require(entry, "module_kinds", list, where)
+        if not all(isinstance(kind, str) for kind in kinds):
+            raise PlanError(
+                f"{where}.module_kinds must be a list of names {list(block_spec.module_kinds)}, got {kinds!r:.80}."
+            )
         if sorted(kinds) != sorted(block_spec.module_kinds):
             unknown = sorted(set(kinds) - set(block_spec.module_kinds))
             missing = sorted(set(block_spec.module_kinds) - set(kinds))
@@ -263,7 +265,7 @@ def _plan_from_dict(data: Any) -> CachePlan:
             f"must first be converted with `invardiff convert-official`."
         )
     version = data.get("format_version")
-    if version != PLAN_FORMAT_VERSION:
+    if type(version) is not int or version != PLAN_FORMAT_VERSION:
         raise PlanError(
             f"Unsupported plan format_version {version!r}; this invardiff ({__version__}) reads version "
             f"{PLAN_FORMAT_VERSION}. Upgrade invardiff or rebuild the plan."
@@ -311,6 +313,8 @@ def _module_reuse_from_dict(data: dict, model: ModelFacts, T: int) -> dict[str, 
 def validate_plan(plan: CachePlan) -> None:
     """Check shapes and the rules every executable plan obeys; raise :class:`PlanError` naming the problem."""
     T = plan.num_inference_steps
+    if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
+        raise PlanError(f"num_inference_steps must be a positive integer, got {T!r}.")
     if plan.step_cache.shape != (T,):
         raise PlanError(f"step_cache must have shape ({T},), got {plan.step_cache.shape}.")
     if plan.step_cache[0]:

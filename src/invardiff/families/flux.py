@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
 from ..model_configs import ModelConfig
-from ..official import book_array
+from ..official import book_table
 from ..plan import PlanError
 from . import register_family
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit, image_output_index
@@ -194,11 +194,8 @@ def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
 
 
 def _official_reuse(book: dict) -> dict:
-    dual = {k: book_array(v, f"transformer_cache_book.{k}", 2) for k, v in book["transformer_cache_book"].items()}
-    single = {
-        k: book_array(v, f"single_transformer_cache_book.{k}", 2)
-        for k, v in book["single_transformer_cache_book"].items()
-    }
+    dual = book_table(book, "transformer_cache_book")
+    single = book_table(book, "single_transformer_cache_book")
     # ip_attn (IP-adapter attention, absent without an adapter) equals attn in every shipped book.
     ip_attn = dual.pop("ip_attn", None)
     if ip_attn is not None and not np.array_equal(ip_attn, dual.get("attn")):
