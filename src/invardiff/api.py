@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from diffusers.hooks.hooks import CacheContext
 
+from .engine import foreign
 from .engine.engine import CacheEngine
 from .engine.install import attached_engine, enumerate_units, install, uninstall, unwrap
 from .engine.policy import build_policy
@@ -49,11 +50,9 @@ def enable(target, plan: CachePlan | object) -> None:
     family = resolve_family(transformer)
     if attached_engine(transformer) is not None:
         raise ValueError("invardiff is already enabled on this transformer; call invardiff.disable(...) first.")
-    if getattr(transformer, "is_cache_enabled", False):
-        raise ValueError(
-            f"A diffusers cache ({type(transformer._cache_config).__name__}) is enabled on this transformer; "
-            f"call transformer.disable_cache() before enabling invardiff."
-        )
+    refused = foreign.refusal(transformer, "Cannot enable invardiff")
+    if refused is not None:
+        raise ValueError(refused)
     load_builtin_policies()
     units = enumerate_units(transformer, family)
     policy = build_policy(plan, family, transformer, units)

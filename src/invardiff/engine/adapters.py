@@ -200,7 +200,7 @@ def _subclass(base: type, forward) -> type:
 def adapt(module: torch.nn.Module, kind: str, slot) -> None:
     """Give ``module`` the adapter class of ``kind`` (``unit``, ``passthrough``, ``block``), in mode INACTIVE."""
     patched = vars(module).get("forward")
-    if patched is not None and _is_own_forward(module, patched):
+    if patched is not None and is_own_forward(module, patched):
         del module.forward  # a hook library's leftover binding of the class's own forward: no behaviour of its own
     elif patched is not None:
         raise ValueError(
@@ -220,7 +220,8 @@ def adapt(module: torch.nn.Module, kind: str, slot) -> None:
     module._invardiff_slot = slot
 
 
-def _is_own_forward(module, forward) -> bool:
+def is_own_forward(module, forward) -> bool:
+    """``forward`` is a plain binding of the module's class ``forward`` (no behaviour of its own)."""
     # diffusers' HookRegistry.remove_hook leaves ``module.forward = <bound method of the class's forward>``.
     return getattr(forward, "__self__", None) is module and getattr(forward, "__func__", None) is type(module).forward
 

@@ -24,6 +24,7 @@ import torch
 
 from ..families import FamilySpec, TransformerCall
 from ..plan import PlanError
+from . import foreign
 from .adapters import COMPUTE as COMPUTE_MODE
 from .adapters import INACTIVE
 from .adapters import PLAIN as PLAIN_MODE
@@ -115,6 +116,7 @@ class CacheEngine:
         self.blocks: list = []  # probe policies: every block in execution order, its static role, the deep ones
         self.block_roles: list[int] = []
         self.deep_blocks: list = []
+        self.pristine = None  # set by install: what uninstall restores (install.Pristine)
 
     # ----- contexts -----
     def push_context(self, context) -> None:
@@ -133,6 +135,10 @@ class CacheEngine:
         name = getattr(context, "name", None) or DEFAULT_BRANCH
         explicit_step = getattr(context, "step_index", None)
         step = explicit_step if explicit_step is not None else self._step_from_schedule(call, name)
+        if step == 0:  # a cache added after invardiff (transformer.enable_cache, cache-dit): refuse before it runs
+            refused = foreign.refusal(self.transformer, f"At step 0 of a run on branch {name!r}")
+            if refused is not None:
+                raise EngineError(refused)
         state = self._branch_for_step(name, step)
         signature = self.family.input_signature(call)
         if state.signature is None:

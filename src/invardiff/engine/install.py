@@ -32,8 +32,33 @@ def attached_engine(transformer) -> CacheEngine | None:
     return hook.engine if hook is not None else None
 
 
+class Pristine:
+    """What the modules held before invardiff: which had a diffusers hook registry and which an instance-level
+    ``forward``. :func:`uninstall` restores exactly that, so that after ``disable`` or a failed ``enable`` the
+    model equals the model before (hook registries, attributes, classes, forwards); hooks that another library
+    added while invardiff was on are left in place."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        modules = list(transformer.modules())
+        self.registries = {id(module) for module in modules if "_diffusers_hook" in vars(module)}
+        self.forwards = {id(module): vars(module)["forward"] for module in modules if "forward" in vars(module)}
+
+    def restore(self, transformer: torch.nn.Module) -> None:
+        for module in transformer.modules():
+            registry = vars(module).get("_diffusers_hook")
+            if registry is not None and not registry.hooks and id(module) not in self.registries:
+                del module._diffusers_hook
+            forward = vars(module).get("forward")
+            if id(module) in self.forwards and forward is None:  # adapt() dropped a leftover binding: put it back
+                module.forward = self.forwards[id(module)]
+            elif forward is not None and id(module) not in self.forwards and adapters.is_own_forward(module, forward):
+                del module.forward  # what HookRegistry.remove_hook leaves behind: a binding of the class's forward
+
+
 def install(transformer, family: FamilySpec, engine: CacheEngine) -> None:
-    """Install every hook and adapter the engine's policy needs; on any failure remove them all and re-raise."""
+    """Install every hook and adapter the engine's policy needs; on any failure remove them all and re-raise,
+    leaving the model as it was."""
+    engine.pristine = Pristine(transformer)
     try:
         if engine.policy.uses_units:
             _adapt_units(transformer, family, engine)
@@ -45,17 +70,23 @@ def install(transformer, family: FamilySpec, engine: CacheEngine) -> None:
         registry.register_hook(StepHook(engine), STEP_HOOK)
         registry.invalidate_child_registries_cache()
     except BaseException:
-        uninstall(transformer)
+        uninstall(transformer, engine.pristine)
         raise
 
 
-def uninstall(transformer) -> None:
+def uninstall(transformer, pristine: Pristine | None = None) -> None:
+    """Remove every invardiff hook and adapter; with ``pristine`` (the engine's), also what removing them left."""
+    if pristine is None:
+        engine = attached_engine(transformer)
+        pristine = getattr(engine, "pristine", None)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     for name in ALL_HOOKS:
         registry.remove_hook(name, recurse=True)
     registry.invalidate_child_registries_cache()
     for module in transformer.modules():
         adapters.restore(module)
+    if pristine is not None:
+        pristine.restore(transformer)
 
 
 def _adapt_units(transformer, family: FamilySpec, engine: CacheEngine) -> None:
