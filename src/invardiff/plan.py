@@ -20,6 +20,11 @@ File layout (``format_version`` 1)::
     }
 
 Characters are ``"1"`` (reuse) and ``"0"`` (compute), so that one step is one line of a diff.
+
+Format version 2 adds two optional fields, the extrapolation coefficients of reused steps and units
+(``plan_extrapolation.py``): ``"step_extrapolation": [c_0, ..., c_(T-1)]`` and ``"unit_extrapolation":
+{block_list: {unit: [[c per layer], ...one row per step]}}``. A plan without them is still written as version 1,
+and version 1 files read as plans without extrapolation.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from .plan_file import PlanError, parse_json, read_json
 
 
 PLAN_FORMAT = "invardiff-cache-plan"
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2  # written only by plans with extrapolation coefficients; the others stay version 1
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,12 @@ class CachePlan:
         scheduler: class name of the scheduler the plan was made for (informational, checked by nothing).
         provenance: how the plan was made (policy, thresholds, calibration inputs, source file).
         written_by: versions of the software that wrote the plan.
+        step_extrapolation: ``(T,)`` float coefficients (format version 2), or ``None``: a reused step ``t`` returns
+            ``H_a + c_t (H_a - H_p)`` from the last two computed pre-head states ``H_p``, ``H_a`` instead of ``H_a``
+            (``c_t = 0``: plain reuse). Fitted by least squares on calibration trajectories
+            (:mod:`invardiff.calibration.search`); nonzero only at step-cached steps.
+        unit_extrapolation: ``{block_list: {unit: (T, L) float}}`` (version 2), or ``None``: the same for reused
+            units (keyed by executable unit, e.g. Flux's joint ``attn``); nonzero only where the unit is reused.
 
     Trade-off: a plan that reuses more runs faster and drifts further from full compute; see ``invardiff inspect``
     for the compute a plan removes before running it.
@@ -103,6 +115,8 @@ class CachePlan:
     scheduler: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     written_by: dict[str, str] = field(default_factory=lambda: {"invardiff": __version__})
+    step_extrapolation: np.ndarray | None = None
+    unit_extrapolation: dict[str, dict[str, np.ndarray]] | None = None
 
     def __post_init__(self):
         self.step_cache = np.asarray(self.step_cache, dtype=bool)
@@ -110,7 +124,22 @@ class CachePlan:
             name: {kind: np.asarray(matrix, dtype=bool) for kind, matrix in kinds.items()}
             for name, kinds in self.module_reuse.items()
         }
+        if self.step_extrapolation is not None:
+            self.step_extrapolation = np.asarray(self.step_extrapolation, dtype=np.float64)
+        if self.unit_extrapolation is not None:
+            self.unit_extrapolation = {
+                name: {unit: np.asarray(matrix, dtype=np.float64) for unit, matrix in units.items()}
+                for name, units in self.unit_extrapolation.items()
+            }
         validate_plan(self)
+        from .plan_extrapolation import validate_extrapolation
+
+        validate_extrapolation(self)
+
+    @property
+    def extrapolates(self) -> bool:
+        """The plan carries extrapolation coefficients (format version 2)."""
+        return self.step_extrapolation is not None or self.unit_extrapolation is not None
 
     # ----- construction -----
     @classmethod
@@ -131,9 +160,11 @@ class CachePlan:
 
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
+        from .plan_extrapolation import extrapolation_to_dict
+
         return {
             "format": PLAN_FORMAT,
-            "format_version": PLAN_FORMAT_VERSION,
+            "format_version": PLAN_FORMAT_VERSION if self.extrapolates else 1,
             "written_by": dict(self.written_by),
             "model": self.model.to_dict(),
             "num_inference_steps": self.num_inference_steps,
@@ -144,6 +175,7 @@ class CachePlan:
                 name: {kind: [_bits_to_str(row) for row in matrix] for kind, matrix in kinds.items()}
                 for name, kinds in self.module_reuse.items()
             },
+            **extrapolation_to_dict(self),
         }
 
     @classmethod
@@ -265,10 +297,10 @@ def _plan_from_dict(data: Any) -> CachePlan:
             f"must first be converted with `invardiff convert-official`."
         )
     version = data.get("format_version")
-    if type(version) is not int or version != PLAN_FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise PlanError(
-            f"Unsupported plan format_version {version!r}; this invardiff ({__version__}) reads version "
-            f"{PLAN_FORMAT_VERSION}. Upgrade invardiff or rebuild the plan."
+            f"Unsupported plan format_version {version!r}; this invardiff ({__version__}) reads versions "
+            f"{list(READABLE_VERSIONS)}. Upgrade invardiff or rebuild the plan."
         )
     model = _model_from_dict(data.get("model"))
     T = _require(data, "num_inference_steps", int, "plan")
@@ -285,7 +317,10 @@ def _plan_from_dict(data: Any) -> CachePlan:
         raise PlanError(f"plan.written_by must be an object, got {type(written_by).__name__}.")
     step_cache = _str_to_bits(data.get("step_cache"), T, "plan.step_cache")
     module_reuse = _module_reuse_from_dict(_require(data, "module_reuse", dict, "plan"), model, T)
-    return CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by)
+    from .plan_extrapolation import extrapolation_from_dict
+
+    steps, units = extrapolation_from_dict(data, version, model, T)
+    return CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units)
 
 
 def _module_reuse_from_dict(data: dict, model: ModelFacts, T: int) -> dict[str, dict[str, np.ndarray]]:

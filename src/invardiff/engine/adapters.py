@@ -77,7 +77,7 @@ def _reused_output(module):
     if not state.unit_keep[unit]:
         engine.store_unit(state, unit, None)
     state.unit_status[state.step, unit] = REUSED
-    return output
+    return engine.policy.reused_unit(state, unit, output)
 
 
 @torch.compiler.disable

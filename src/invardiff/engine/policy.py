@@ -91,6 +91,10 @@ class CachePolicy:
         """What to cache after unit ``unit`` computed ``output`` (``None``: nothing). Default: ``keep[unit]``."""
         return output if state.unit_keep[unit] else None
 
+    def reused_unit(self, state, unit: int, cached):
+        """The output of unit ``unit`` reused at this step, from what :meth:`unit_to_keep` cached. Default: as is."""
+        return cached
+
     # ----- head -----
     def reused_hidden(self, transformer: torch.nn.Module, state) -> torch.Tensor:
         """The pre-head hidden state of a ``REUSE`` step."""

@@ -11,6 +11,7 @@ from ..engine.policy import CachePolicy, StepAction, register_policy
 from ..families import FamilySpec
 from ..plan import CachePlan, PlanError
 from ..stats import unit_reuse
+from .extrapolation import Pair, StepExtrapolation, anchor_of, extrapolate, pair_after, unit_coefficients
 
 
 STEP_REUSE = ("state", "residual")
@@ -35,6 +36,12 @@ class PlanConfig:
     def __post_init__(self):
         if self.step_reuse not in STEP_REUSE:
             raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {self.step_reuse!r}.")
+        steps = getattr(self.plan, "step_extrapolation", None)
+        if self.step_reuse == "residual" and steps is not None and steps.any():
+            raise ValueError(
+                "The plan extrapolates reused steps (step_extrapolation, fitted on H) but step_reuse='residual' "
+                "reuses H - x; use step_reuse='state' with this plan."
+            )
 
 
 class PlanPolicy(CachePolicy):
@@ -43,6 +50,10 @@ class PlanPolicy(CachePolicy):
     ``step_cached[t]``: run only the conditioning and the head on the cached pre-head hidden state.
     ``keep_hidden_after[t]``: keep H after step ``t`` because a later step reuses it before H is next computed.
     ``unit_reuse[t][u]`` / ``unit_keep[t][u]``: the same for reusable unit ``u`` (engine unit order).
+
+    Extrapolation (plan format version 2, see ``extrapolation.py``): where a reuse run has a nonzero coefficient,
+    its anchor keeps the pair of the last two computed values and the reuse returns one ``torch.lerp`` of them; a
+    zero coefficient returns the anchor itself, so a plan without coefficients runs exactly as before.
     """
 
     name = "plan"
@@ -55,15 +66,22 @@ class PlanPolicy(CachePolicy):
         self.num_steps = plan.num_inference_steps
         executed = ~plan.step_cache
         self.step_cached = plan.step_cache.tolist()
-        # H is kept only while the next step is step-cached (SPEC.md A.4: state reuse of the last computed H).
-        self.keep_hidden_after = np.append(plan.step_cache[1:], False).tolist()
+        # H is kept only while the next step is step-cached (SPEC.md A.4: state reuse of the last computed H), or
+        # as the earlier value of an extrapolation pair.
+        steps = StepExtrapolation(plan)
+        self.step_coefficient, self.hidden_pair = steps.coefficient, steps.pair_after
+        self.keep_hidden_after = steps.keep_after
         effective = {facts.name: unit_reuse(plan, facts.name) for facts in plan.model.block_lists}
+        coefficients = unit_coefficients(plan, units)  # (T, U)
         reuse = np.zeros((self.num_steps, len(units)), dtype=bool)
         keep = np.zeros_like(reuse)
+        pair = np.zeros_like(reuse)
         for index, unit in enumerate(units):
             reuse[:, index] = effective[unit.block_list][unit.name][:, unit.layer] & executed
-            keep[:, index] = _keep_after(reuse[:, index], executed)
+            pair[:, index] = pair_after(reuse[:, index], executed, coefficients[:, index])
+            keep[:, index] = _keep_after(reuse[:, index] | pair[:, index], executed)
         self.unit_reuse, self.unit_keep = reuse.tolist(), keep.tolist()
+        self.unit_coefficient, self.unit_pair = coefficients.tolist(), pair.tolist()
 
     def start_run(self, num_steps: int) -> None:
         self.plan.check_num_steps(num_steps)
@@ -79,7 +97,15 @@ class PlanPolicy(CachePolicy):
             raise RuntimeError(f"invardiff: the plan reuses step {state.step} but no hidden state is cached.")
         if self.step_reuse == "residual":  # the kept value is the residual H - x
             return self.embed_input(state.call) + state.hidden
-        return state.hidden
+        return extrapolate(state.hidden, self.step_coefficient[state.step])
+
+    def unit_to_keep(self, state, unit: int, output):
+        if self.unit_pair[state.step][unit]:  # a later reuse extrapolates from (previous output, this output)
+            return Pair(anchor_of(state.units[unit]), output)
+        return super().unit_to_keep(state, unit, output)
+
+    def reused_unit(self, state, unit: int, cached):
+        return extrapolate(cached, self.unit_coefficient[state.step][unit])
 
     def head_input(self, state, hidden):
         return hidden, self._kept_hidden(state, hidden)
@@ -87,11 +113,12 @@ class PlanPolicy(CachePolicy):
     def _kept_hidden(self, state, hidden):
         if not self.keep_hidden_after[state.step]:
             return None
-        if self.step_reuse == "state":
-            return hidden
         if self.step_cached[state.step]:
-            return state.hidden  # a reused step: the residual carries on unchanged
-        return hidden - self.embed_input(state.call)  # R = H - x
+            return state.hidden  # a reused step: the kept value (H, R or an extrapolation pair) carries on
+        value = hidden if self.step_reuse == "state" else hidden - self.embed_input(state.call)  # R = H - x
+        if self.hidden_pair[state.step]:
+            return Pair(anchor_of(state.hidden), value)
+        return value
 
     def describe(self) -> dict:
         return {"policy": self.name, "step_reuse": self.step_reuse, "provenance": self.plan.provenance}

@@ -1,0 +1,431 @@
+"""Budgeted plan search: the plan with the least calibration-set error at a FLOP-ideal speedup target.
+
+InvarDiff's quantile thresholds have no notion of a budget; this search takes the target speedup as the constraint
+and the errors measured on the calibration trajectories (:class:`TrajectoryStats`) as the objective, in the spirit
+of offline global schedules (LeMiCa, BudCache, ERTACache). It chooses every step and every (unit, step) decision
+itself, which subsumes quantile levels per module kind and caps on consecutive reused steps (a quantile plan is
+one point of this space; ``max_run`` is the cap).
+
+Error model (additive over steps, measured on full-compute trajectories, relative to H's RMS at that step):
+
+* a reused step ``t`` whose last computed step is ``a`` costs ``|H_t - Ĥ_t| / |H_t|`` where ``Ĥ_t = H_a`` or, with
+  ``extrapolate_steps``, ``H_a + c (H_a - H_p)`` (``p`` the computed step before ``a``, ``c`` least squares);
+* a reused unit at computed step ``s`` costs ``unit_weight * RMS(Z_s - Ẑ_s) / RMS(H_s)`` (its error enters the
+  residual stream element-wise; gates and later layers are ignored, which ``unit_weight`` can correct).
+
+Search: for every number ``n`` of computed steps, the step schedule of least error is found exactly by dynamic
+programming (runs of reused steps at most ``max_run`` long); the FLOPs the budget still needs are then taken from
+unit reuse on the computed steps: each unit's least error for every reuse count is again exact (dynamic
+programming), and the counts are allocated across units greedily along each unit's lower convex hull (exact for
+one unit; a standard heuristic for several). The result meets the budget exactly: its FLOP-ideal speedup is at
+least the target and its FLOPs are less than one step's worth below the budget.
+
+Trade-off: the error model is a proxy, fitted on the calibration inputs; the sweep measures the true error on
+held-out inputs. Search time grows with ``T^2 * max_run^2`` per unit with unit extrapolation (seconds for T=50).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..families import get_family
+from ..plan import CachePlan
+from ..stats import ideal_speedup
+from .trajectory import STEP_STREAM, TrajectoryStats
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What the budgeted search may do.
+
+    Args:
+        speedup (`float`): the FLOP-ideal speedup target (2.5 = 40% of full compute's FLOPs).
+        warmup_steps (`int`, defaults to `1`): leading steps that compute everything (step 0 always must).
+        max_run (`int`, optional): most consecutive reused steps, and most steps a unit's reuse may span; default
+            and upper bound: the trajectories' window. Shorter runs drift less, longer ones reach higher speedups.
+        extrapolate_steps (`bool`): reused steps extrapolate from the last two computed H (least-squares
+            coefficients stored in the plan) instead of returning the stale H. Never worse on the calibration set.
+        extrapolate_units (`bool`): the same for reused units.
+        reuse_units (`bool`, defaults to `True`): allow unit reuse on computed steps (layer-wise caching).
+        unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
+    """
+
+    speedup: float
+    warmup_steps: int = 1
+    max_run: int | None = None
+    extrapolate_steps: bool = False
+    extrapolate_units: bool = False
+    reuse_units: bool = True
+    unit_weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
+            raise ValueError(f"speedup must be a FLOP-ideal speedup >= 1 (e.g. 2.5), got {self.speedup!r}.")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an integer >= 1 (step 0 computes), got {self.warmup_steps!r}.")
+        if self.max_run is not None and (not isinstance(self.max_run, int) or self.max_run < 1):
+            raise ValueError(f"max_run must be an integer >= 1 or None, got {self.max_run!r}.")
+        if not self.unit_weight >= 0.0:
+            raise ValueError(f"unit_weight must be >= 0, got {self.unit_weight!r}.")
+
+
+@dataclass
+class SearchResult:
+    plan: CachePlan
+    error: float  # the calibration-set error of the plan under the additive model
+    step_error: float
+    unit_error: float
+    ideal_speedup: float
+
+
+class BudgetError(ValueError):
+    """No plan the search may build reaches the requested speedup."""
+
+
+def parse_budget(text: str) -> float:
+    """``"2.5x"`` or ``"2.5"`` -> 2.5."""
+    try:
+        value = float(str(text).strip().lower().removesuffix("x"))
+    except ValueError:
+        raise ValueError(f"A budget is a FLOP-ideal speedup such as 2.5x, got {text!r}.") from None
+    if not value >= 1.0:
+        raise ValueError(f"A budget is a speedup >= 1 (e.g. 2.5x), got {text!r}.")
+    return value
+
+
+def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchResult:
+    """The plan of least calibration-set error whose FLOP-ideal speedup on ``flops`` meets ``config.speedup``.
+
+    ``flops`` is the :class:`invardiff.flops.FlopProfile` of the model at the sampling shapes. Raises
+    :class:`BudgetError` when the target is out of reach (the message gives the fastest reachable speedup).
+    """
+    return _Search(stats, flops, config).run()
+
+
+def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
+    """One searched plan per speedup target (the same settings otherwise); targets out of reach are skipped
+    with a warning."""
+    from dataclasses import replace
+
+    results = []
+    for speedup in speedups:
+        try:
+            results.append(search_plan(stats, flops, replace(config, speedup=float(speedup))))
+        except BudgetError as error:
+            logger.warning("skipping %.3gx: %s", speedup, error)
+    return results
+
+
+class _Search:
+    def __init__(self, stats: TrajectoryStats, flops, config: SearchConfig):
+        flops.check_plan(CachePlan.reuse_nothing(stats.model, stats.num_steps))
+        self.stats, self.flops, self.config = stats, flops, config
+        self.T = stats.num_steps
+        if config.warmup_steps >= self.T:
+            raise BudgetError(f"warmup_steps={config.warmup_steps} leaves nothing to reuse in {self.T} steps.")
+        self.run_limit = min(config.max_run or stats.window, stats.window)
+        self.budget = self.T * flops.full_step / config.speedup
+        self.units = self._unit_streams() if config.reuse_units else []
+        self.step_error = functools.lru_cache(maxsize=None)(self._step_error)
+
+    def _unit_streams(self) -> list[tuple[str, str, int, str, float]]:
+        streams = []
+        for name in self.stats.unit_streams:
+            block_list, layer, unit = name.split(".")
+            saving = float(self.flops.units[block_list][unit][int(layer)])
+            if saving > 0:
+                streams.append((name, block_list, int(layer), unit, saving))
+        return streams
+
+    # ----- errors -----
+    def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
+        return _reuse(self.stats, STEP_STREAM, previous, anchor, t, self.config.extrapolate_steps, self.run_limit)
+
+    # ----- steps -----
+    def step_schedules(self) -> dict[int, tuple[float, list[int], dict[int, float]]]:
+        """For each count n of computed steps: (least step error, computed steps, coefficient per reused step)."""
+        T, warmup, limit = self.T, self.config.warmup_steps, self.run_limit
+        extrapolate = self.config.extrapolate_steps
+        start = (warmup - 2 if extrapolate and warmup >= 2 else None, warmup - 1)
+        table: dict[tuple, dict[int, tuple[float, object]]] = {start: {warmup: (0.0, None)}}
+        for anchor in range(warmup - 1, T - 1):
+            for key in [key for key in table if key[1] == anchor]:
+                previous = key[0]
+                for nxt in range(anchor + 1, min(anchor + limit + 1, T - 1) + 1):
+                    added = sum(self.step_error(previous, anchor, t)[0] for t in range(anchor + 1, nxt))
+                    # The computed step before `nxt` matters only while a later reuse could extrapolate from it.
+                    keep = extrapolate and nxt + 1 - anchor <= self.stats.window
+                    target = table.setdefault((anchor if keep else None, nxt), {})
+                    for n, (cost, _) in table[key].items():
+                        if n + 1 not in target or cost + added < target[n + 1][0]:
+                            target[n + 1] = (cost + added, (key, n))
+        schedules = {}
+        for key, entries in table.items():
+            if key[1] != T - 1:
+                continue
+            for n, (cost, parent) in entries.items():
+                if n not in schedules or cost < schedules[n][0]:
+                    schedules[n] = (cost, self._computed(table, key, n))
+        result = {}
+        for n, (cost, computed) in schedules.items():
+            result[n] = (cost, computed, self._step_coefficients(computed))
+        return result
+
+    def _computed(self, table, key, n) -> list[int]:
+        steps = []
+        while key is not None:
+            steps.append(key[1])
+            parent = table[key][n][1]
+            key, n = parent if parent is not None else (None, None)
+        steps = sorted(set(steps) | set(range(self.config.warmup_steps)))
+        return steps
+
+    def _step_coefficients(self, computed: list[int]) -> dict[int, float]:
+        coefficients = {}
+        for t in range(self.T):
+            if t in computed:
+                continue
+            earlier = [s for s in computed if s < t]
+            previous = earlier[-2] if len(earlier) >= 2 else None
+            coefficients[t] = self.step_error(previous, earlier[-1], t)[1]
+        return coefficients
+
+    # ----- units -----
+    def unit_curve(self, stream: str, computed: tuple[int, ...]) -> tuple[np.ndarray, list[list[int]]]:
+        """Least error of ``stream`` for every reuse count on the computed steps, and the reused steps of each."""
+        return _unit_curve(self, stream, computed)
+
+    # ----- the whole search -----
+    def run(self) -> SearchResult:
+        full, cached = self.flops.full_step, self.flops.step_cached
+        schedules = self.step_schedules()
+        best = None
+        for n in sorted(schedules):
+            step_cost, computed, step_coefficients = schedules[n]
+            flops = n * full + (self.T - n) * cached
+            need = flops - self.budget
+            if best is not None and step_cost >= best[0]:
+                continue
+            if need <= 0:
+                if flops < self.budget - (full - cached) * (1 + 1e-9):
+                    continue  # faster than asked by more than one step's worth: not this budget's plan
+                candidate = (step_cost, step_cost, 0.0, computed, step_coefficients, {})
+            else:
+                allocation = self._allocate_units(tuple(computed), need)
+                if allocation is None:
+                    continue
+                unit_cost, unit_choices = allocation
+                total = step_cost + self.config.unit_weight * unit_cost
+                candidate = (total, step_cost, unit_cost, computed, step_coefficients, unit_choices)
+            if best is None or candidate[0] < best[0]:
+                best = candidate
+        if best is None:
+            raise BudgetError(self._out_of_reach())
+        total, step_cost, unit_cost, computed, step_coefficients, unit_choices = best
+        plan = self._plan(computed, step_coefficients, unit_choices)
+        speedup = ideal_speedup(plan, self.flops)
+        logger.info("searched plan: %d/%d steps computed, %.3gx ideal, error %.4g", len(computed), self.T, speedup, total)
+        return SearchResult(plan, total, step_cost, unit_cost, speedup)
+
+    def _out_of_reach(self) -> str:
+        T, warmup, limit = self.T, self.config.warmup_steps, self.run_limit
+        interior = T - 1 - warmup  # steps that may be reused
+        fewest = warmup + 1 + math.ceil(interior / (limit + 1))
+        reused = T - fewest
+        flops = fewest * self.flops.full_step + reused * self.flops.step_cached
+        units = sum(stream[-1] for stream in self.units) * max(0, fewest - warmup - 1)
+        fastest = T * self.flops.full_step / max(flops - units, 1.0)
+        return (
+            f"A FLOP-ideal speedup of {self.config.speedup:g}x is out of reach with {T} steps, {warmup} warm-up "
+            f"step(s) and runs of at most {limit} reused steps (an upper bound: {fastest:.3g}x). Lower the budget, "
+            f"or record the trajectories with a larger window."
+        )
+
+    def _allocate_units(self, computed: tuple[int, ...], need: float):
+        curves = []
+        for name, _, _, _, saving in self.units:
+            errors, reuses = self.unit_curve(name, computed)
+            curves.append((name, saving, errors, reuses))
+        counts = _allocate(curves, need)
+        if counts is None:
+            return None
+        cost = sum(curves[i][2][count] for i, count in enumerate(counts))
+        choices = {curves[i][0]: curves[i][3][count] for i, count in enumerate(counts) if count}
+        return cost, choices
+
+    def _plan(self, computed: list[int], step_coefficients: dict[int, float], unit_choices: dict) -> CachePlan:
+        T = self.T
+        step_cache = np.ones(T, dtype=bool)
+        step_cache[computed] = False
+        family = get_family(self.stats.model.family)
+        unit_reuse, unit_coefficients = {}, {}
+        for facts in self.stats.model.block_lists:
+            spec = family.block_list(facts.name)
+            _check_kinds_unshared(spec)
+            for unit in spec.units:
+                bits = np.zeros((T, facts.num_layers), dtype=bool)
+                coefficients = np.zeros((T, facts.num_layers))
+                for layer in range(facts.num_layers):
+                    name = f"{facts.name}.{layer}.{unit.name}"
+                    for s, coefficient in unit_choices.get(name, {}).items():
+                        bits[s, layer], coefficients[s, layer] = True, coefficient
+                bits[step_cache] = True  # step-cached rows never execute (official books mark them reused)
+                unit_reuse[facts.name, unit.name] = bits
+                unit_coefficients.setdefault(facts.name, {})[unit.name] = coefficients
+        module_reuse = {
+            facts.name: {
+                kind: next(unit_reuse[facts.name, u.name] for u in family.block_list(facts.name).units if kind in u.kinds)
+                for kind in facts.module_kinds
+            }
+            for facts in self.stats.model.block_lists
+        }
+        steps = np.zeros(T)
+        for t, coefficient in step_coefficients.items():
+            steps[t] = coefficient
+        config = self.config
+        provenance = {
+            "policy": "invardiff-search",
+            "search": {
+                "speedup": config.speedup,
+                "warmup_steps": config.warmup_steps,
+                "max_run": self.run_limit,
+                "extrapolate_steps": config.extrapolate_steps,
+                "extrapolate_units": config.extrapolate_units,
+                "reuse_units": config.reuse_units,
+                "unit_weight": config.unit_weight,
+            },
+            "calibration": dict(self.stats.provenance),
+        }
+        return CachePlan(
+            self.stats.model,
+            T,
+            step_cache,
+            module_reuse,
+            self.stats.provenance.get("scheduler"),
+            provenance,
+            step_extrapolation=steps if config.extrapolate_steps else None,
+            unit_extrapolation=unit_coefficients if config.extrapolate_units else None,
+        )
+
+
+def _reuse(stats: TrajectoryStats, stream: str, previous, anchor: int, t: int, extrapolate: bool, limit: int):
+    """(relative error, coefficient) of stream's value at ``t`` from its last computed value(s)."""
+    if t - anchor > limit:
+        return math.inf, 0.0
+    if extrapolate and previous is not None and t - previous <= stats.window:
+        coefficient, squared = stats.fit(stream, previous, anchor, t)
+    else:
+        coefficient, squared = 0.0, stats.reuse_error(stream, anchor, t)
+    return stats.relative(stream, squared, t), coefficient
+
+
+def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
+    """Dynamic programming over the computed steps of one unit stream: for each reuse count r, the least error
+    and the reused steps with their coefficients. States: (computed step before the anchor, anchor)."""
+    stats, config, limit = search.stats, search.config, search.run_limit
+    extrapolate = config.extrapolate_units
+    eligible = [s >= config.warmup_steps and s != search.T - 1 for s in computed]
+    size = len(computed) + 1
+    inf = math.inf
+    # table[key] = (costs (size,), history: list per r of {step: coefficient})
+    table = {(None, computed[0]): (np.full(size, inf), [None] * size)}
+    table[None, computed[0]][0][0] = 0.0
+    table[None, computed[0]][1][0] = {}
+    for index in range(1, len(computed)):
+        s = computed[index]
+        new: dict = {}
+
+        def offer(key, costs, history):
+            current = new.get(key)
+            if current is None:
+                new[key] = (costs.copy(), list(history))
+                return
+            better = costs < current[0]
+            current[0][better] = costs[better]
+            for r in np.flatnonzero(better):
+                current[1][r] = history[r]
+
+        for (previous, anchor), (costs, history) in table.items():
+            keep = extrapolate and s + 1 - anchor <= stats.window
+            offer((anchor if keep else None, s), costs, history)  # compute at s
+            if eligible[index] and s - anchor <= limit:
+                error, coefficient = _reuse(stats, stream, previous, anchor, s, extrapolate, limit)
+                shifted = np.full(size, inf)
+                shifted[1:] = costs[:-1] + error
+                moved = [None] + [None if h is None else {**h, s: coefficient} for h in history[:-1]]
+                offer((previous, anchor), shifted, moved)
+        table = new
+    best = np.full(size, inf)
+    chosen: list = [None] * size
+    for costs, history in table.values():
+        better = costs < best
+        best[better] = costs[better]
+        for r in np.flatnonzero(better):
+            chosen[r] = history[r]
+    return best, chosen
+
+
+def _allocate(curves, need: float):
+    """Reuse counts per unit with savings >= need and small total error: greedy along each curve's lower convex
+    hull by error per FLOP, then the last unit moved takes its cheapest count that still meets the need."""
+    counts = [0] * len(curves)
+    hulls = [_lower_hull(errors) for _, _, errors, _ in curves]
+    positions = [0] * len(curves)
+    saved = 0.0
+    last = None
+    while saved < need:
+        best, best_slope = None, math.inf
+        for i, hull in enumerate(hulls):
+            if positions[i] + 1 < len(hull):
+                r0, r1 = hull[positions[i]], hull[positions[i] + 1]
+                errors, saving = curves[i][2], curves[i][1]
+                slope = (errors[r1] - errors[r0]) / (saving * (r1 - r0))
+                if slope < best_slope:
+                    best, best_slope = i, slope
+        if best is None:
+            return None
+        positions[best] += 1
+        counts[best] = hulls[best][positions[best]]
+        saved += curves[best][1] * (counts[best] - hulls[best][positions[best] - 1])
+        last = best
+    if last is not None:  # the hull may overshoot: any count of the last unit that still covers the need
+        errors, saving = curves[last][2], curves[last][1]
+        others = saved - saving * counts[last]
+        feasible = [r for r in range(len(errors)) if np.isfinite(errors[r]) and others + saving * r >= need]
+        counts[last] = min(feasible, key=lambda r: (errors[r], r))
+    return counts
+
+
+def _lower_hull(errors: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of (r, errors[r]) from r = 0, over the finite entries."""
+    points = [r for r in range(len(errors)) if np.isfinite(errors[r])]
+    hull: list[int] = []
+    for r in points:
+        while len(hull) >= 2:
+            r0, r1 = hull[-2], hull[-1]
+            if (errors[r1] - errors[r0]) * (r - r0) >= (errors[r] - errors[r0]) * (r1 - r0):
+                hull.pop()
+            else:
+                break
+        hull.append(r)
+    return hull
+
+
+def _check_kinds_unshared(spec) -> None:
+    seen = {}
+    for unit in spec.units:
+        for kind in unit.kinds:
+            if kind in seen:
+                raise NotImplementedError(
+                    f"Module kind {kind!r} of {spec.attr!r} controls units {seen[kind]!r} and {unit.name!r}; the "
+                    f"search decides per unit and cannot write such a plan."
+                )
+            seen[kind] = unit.name

@@ -1,0 +1,256 @@
+"""Trajectory statistics: what the budgeted plan search and the extrapolation fit need from full-compute runs.
+
+For every stream (the pre-head hidden state H, ``"step"``, and every reusable unit's output, keyed by the unit's
+FQN ``transformer_blocks.3.attn``) a full-compute run records the windowed Gram matrix of its features::
+
+    gram[t, i] = sum over calibration samples of <f_t, f_(t-i)>,   i = 0 ... window
+
+Every quantity the search and the fit use is a linear combination of these inner products, for any plan whose
+reuse runs and anchor gaps stay inside the window:
+
+* reuse error of anchor ``a`` at step ``t``: ``|f_t - f_a|^2``;
+* least-squares extrapolation from the last two computed values ``f_p, f_a``: ``c = <f_t - f_a, f_a - f_p> /
+  |f_a - f_p|^2`` (pooled over samples), residual ``|f_t - f_a|^2 - c <f_t - f_a, f_a - f_p>``.
+
+So the statistics are ``T x (window + 1)`` float64 numbers per stream, whatever the model size; the recorder holds
+``window + 1`` features per stream while a run is in progress (that is the memory bound), in the model's dtype.
+Inner products are accumulated in float64 (one float64 temporary of one feature's size) because the errors are
+small differences of large inner products. They stay on the device until the run ends: no host sync per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..engine.state import UnitRef
+from ..plan import ModelFacts, PlanError
+
+
+TRAJECTORY_FORMAT = "invardiff-trajectory-stats"
+TRAJECTORY_FORMAT_VERSION = 1
+STEP_STREAM = "step"
+
+
+@dataclass
+class TrajectoryStats:
+    """Windowed Gram matrices of full-compute calibration trajectories (see the module docstring).
+
+    Attributes:
+        gram: ``{stream: (T, window + 1) float64}``; ``gram[t, i]`` sums ``<f_t, f_(t-i)>`` over samples.
+        sizes: elements of one sample's feature, per stream (units are compared with H per element).
+        num_samples: calibration samples (rows) summed into the Gram matrices.
+    """
+
+    model: ModelFacts
+    num_steps: int
+    window: int
+    gram: dict[str, np.ndarray]
+    sizes: dict[str, int]
+    num_samples: int
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if STEP_STREAM not in self.gram:
+            raise ValueError("Trajectory statistics need the step stream (the pre-head hidden state).")
+        for name, matrix in self.gram.items():
+            if matrix.shape != (self.num_steps, self.window + 1):
+                raise ValueError(
+                    f"Gram matrix of {name!r} must have shape ({self.num_steps}, {self.window + 1}), "
+                    f"got {matrix.shape}."
+                )
+
+    @property
+    def unit_streams(self) -> list[str]:
+        return [name for name in self.gram if name != STEP_STREAM]
+
+    def inner(self, stream: str, s: int, u: int) -> float:
+        """``sum <f_s, f_u>`` over samples; ``|s - u|`` must be at most the window."""
+        s, u = max(s, u), min(s, u)
+        if s - u > self.window:
+            raise ValueError(f"Steps {u} and {s} are further apart than the recorded window {self.window}.")
+        return float(self.gram[stream][s, s - u])
+
+    def reuse_error(self, stream: str, anchor: int, t: int) -> float:
+        """``sum |f_t - f_anchor|^2``: the squared error of reusing step ``anchor``'s value at step ``t``."""
+        value = self.inner(stream, t, t) - 2 * self.inner(stream, t, anchor) + self.inner(stream, anchor, anchor)
+        return max(value, 0.0)
+
+    def fit(self, stream: str, previous: int, anchor: int, t: int) -> tuple[float, float]:
+        """Least-squares ``c`` of ``f_t ~ f_anchor + c (f_anchor - f_previous)`` pooled over samples, and the
+        squared residual. ``c = 0`` (plain reuse) when the two computed values are equal."""
+        if not previous < anchor < t:
+            raise ValueError(f"Extrapolation needs previous < anchor < t, got {previous}, {anchor}, {t}.")
+        delta = self.reuse_error(stream, previous, anchor)  # |f_a - f_p|^2
+        cross = (
+            self.inner(stream, t, anchor)
+            - self.inner(stream, t, previous)
+            - self.inner(stream, anchor, anchor)
+            + self.inner(stream, anchor, previous)
+        )  # <f_t - f_a, f_a - f_p>
+        plain = self.reuse_error(stream, anchor, t)
+        if delta <= 0.0:
+            return 0.0, plain
+        coefficient = cross / delta
+        return coefficient, max(plain - coefficient * cross, 0.0)
+
+    def relative(self, stream: str, squared_error: float, t: int) -> float:
+        """An error on the scale of H at step ``t``: RMS of the error over RMS of H (per element, so that a unit's
+        error and a whole step's error are comparable: a reused unit adds its error to the residual stream)."""
+        h_norm = self.inner(STEP_STREAM, t, t) / self.sizes[STEP_STREAM]
+        if h_norm <= 0.0:
+            return 0.0 if squared_error == 0.0 else math.inf
+        return math.sqrt(squared_error / self.sizes[stream] / h_norm)
+
+    # ----- files -----
+    def save(self, path: str | Path) -> None:
+        header = {
+            "format": TRAJECTORY_FORMAT,
+            "format_version": TRAJECTORY_FORMAT_VERSION,
+            "model": self.model.to_dict(),
+            "num_steps": self.num_steps,
+            "window": self.window,
+            "sizes": self.sizes,
+            "num_samples": self.num_samples,
+            "provenance": self.provenance,
+        }
+        arrays = {f"gram/{name}": matrix for name, matrix in self.gram.items()}
+        with open(path, "wb") as handle:  # np.savez would append .npz to a name without it
+            np.savez(handle, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrajectoryStats:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            if header.get("format") != TRAJECTORY_FORMAT or header.get("format_version") != 1:
+                raise PlanError(
+                    f"{path} is not an invardiff trajectory file (format {header.get('format')!r}, version "
+                    f"{header.get('format_version')!r}); expected {TRAJECTORY_FORMAT!r} version 1."
+                )
+            gram = {key.removeprefix("gram/"): data[key] for key in data.files if key.startswith("gram/")}
+        return cls(
+            ModelFacts.from_dict(header["model"]),
+            header["num_steps"],
+            header["window"],
+            gram,
+            header["sizes"],
+            header["num_samples"],
+            header.get("provenance", {}),
+        )
+
+
+class TrajectoryRecorder:
+    """Engine observer (``on_hidden`` / ``on_unit``, as :class:`RecordConfig` wants) that accumulates the Gram
+    matrices of every stream over full-compute runs; :meth:`stats` returns them."""
+
+    def __init__(self, units: list[UnitRef], model: ModelFacts, num_steps: int, window: int):
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer >= 2 (steps a reuse may span), got {window!r}.")
+        self.unit_names = [unit.fqn for unit in units]
+        self.model = model
+        self.num_steps = num_steps
+        self.window = window
+        self.gram: dict[str, torch.Tensor] = {}  # on the features' device until stats() is called
+        self.sizes: dict[str, int] = {}
+        self.history: dict[tuple[str, str], deque] = {}  # (branch, stream) -> last window+1 features of the run
+        self.num_samples = 0
+
+    def on_hidden(self, state, hidden: torch.Tensor) -> None:
+        if state.step == 0:
+            self.num_samples += hidden.shape[0]
+        self._observe(state, STEP_STREAM, hidden)
+
+    def on_unit(self, state, unit_index: int, output) -> None:
+        self._observe(state, self.unit_names[unit_index], output)
+
+    @torch.no_grad()
+    def _observe(self, state, stream: str, output) -> None:
+        feature = _flatten(output)  # (B, N) in the model's dtype, a copy the model cannot overwrite
+        t = state.step
+        key = (state.name, stream)
+        history = self.history.get(key)
+        if t == 0 or history is None:
+            if t != 0:
+                raise ValueError(f"Stream {stream!r} started at step {t}; trajectories must be recorded from step 0.")
+            history = self.history[key] = deque(maxlen=self.window + 1)
+        elif len(history) != min(t, self.window + 1):
+            raise ValueError(f"Stream {stream!r} skipped a step before step {t}; runs must be complete.")
+        history.append(feature)
+        gram = self.gram.get(stream)
+        if gram is None:
+            gram = self.gram[stream] = torch.zeros(
+                self.num_steps, self.window + 1, dtype=torch.float64, device=feature.device
+            )
+            self.sizes[stream] = feature.shape[1]
+        current = feature.double()
+        for lag, earlier in enumerate(reversed(history)):  # lag 0 is the feature itself
+            gram[t, lag] += (current * earlier.double()).sum()
+
+    def release(self) -> None:
+        self.history.clear()
+
+    def stats(self, provenance: dict | None = None) -> TrajectoryStats:
+        self.release()
+        gram = {name: matrix.cpu().numpy() for name, matrix in self.gram.items()}  # the one transfer
+        return TrajectoryStats(
+            self.model, self.num_steps, self.window, gram, dict(self.sizes), self.num_samples, provenance or {}
+        )
+
+
+def _flatten(output) -> torch.Tensor:
+    """A unit output (a tensor or a tuple of tensors, e.g. Flux joint attention) as one ``(B, N)`` copy."""
+    tensors = [output] if torch.is_tensor(output) else [item for item in output if torch.is_tensor(item)]
+    return torch.cat([tensor.detach().reshape(tensor.shape[0], -1) for tensor in tensors], dim=1).clone()
+
+
+def record_trajectories(
+    pipe,
+    *,
+    num_inference_steps: int,
+    cases: list[tuple],
+    window: int = 6,
+    batch_size: int | None = None,
+    pipeline_kwargs: dict | None = None,
+) -> TrajectoryStats:
+    """One full-compute pass over the calibration ``cases`` (``[(prompt or class id, seed), ...]``), recording
+    :class:`TrajectoryStats` for :func:`invardiff.calibration.search.search_plan`.
+
+    Cost: one full-compute sampling run per case, plus ``window + 1`` inner products per stream and step.
+    Memory: ``window + 1`` features per stream and sample of the batch in flight (``batch_size``, default all
+    cases in one call). ``window`` bounds the longest reuse run a searched plan may contain.
+    """
+    from .. import api
+    from ..engine.install import enumerate_units
+    from ..families import resolve_family
+    from ..plan import CachePlan
+    from .record_policy import RecordConfig
+    from .run import _call, _default_kwargs
+
+    cases = [tuple(case) for case in cases]
+    if not cases or any(len(case) != 2 for case in cases):
+        raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r:.80}.")
+    family = resolve_family(pipe.transformer)
+    facts = ModelFacts.for_family(family.name, family.num_layers(pipe.transformer))
+    call_kwargs = {"num_inference_steps": num_inference_steps, **_default_kwargs(family.name), **(pipeline_kwargs or {})}
+    recorder = TrajectoryRecorder(enumerate_units(pipe.transformer, family), facts, num_inference_steps, window)
+    batch_size = batch_size or len(cases)
+    api.enable(pipe, RecordConfig(CachePlan.reuse_nothing(facts, num_inference_steps), recorder))
+    try:
+        for start in range(0, len(cases), batch_size):
+            _call(pipe, family.name, cases[start : start + batch_size], call_kwargs)
+    finally:
+        api.disable(pipe)
+        recorder.release()
+    provenance = {
+        "cases": [list(case) for case in cases],
+        "pipeline_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
+        "scheduler": type(pipe.scheduler).__name__,
+        "timesteps": [float(t) for t in pipe.scheduler.timesteps.tolist()],
+    }
+    return recorder.stats(provenance)

@@ -1,0 +1,109 @@
+"""The extrapolation coefficients of a plan (format version 2): checks and JSON fields.
+
+A coefficient ``c`` at a reused step (or a reused unit at an executed step) says that the reused value is
+``v_a + c (v_a - v_p)`` instead of ``v_a``, where ``v_a`` and ``v_p`` are the last two computed values. Coefficients
+are only meaningful where something is reused, so a nonzero coefficient anywhere else is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .plan import PlanError
+
+
+def validate_extrapolation(plan) -> None:
+    """Shapes, finiteness, and coefficients only where the plan reuses; raises :class:`PlanError`."""
+    T = plan.num_inference_steps
+    steps = plan.step_extrapolation
+    if steps is not None:
+        if steps.shape != (T,):
+            raise PlanError(f"step_extrapolation must have shape ({T},) (one coefficient per step), got {steps.shape}.")
+        _check_finite(steps, "step_extrapolation")
+        misplaced = np.flatnonzero((steps != 0) & ~plan.step_cache)
+        if misplaced.size:
+            raise PlanError(
+                f"step_extrapolation has a nonzero coefficient at computed step {misplaced[0]}; coefficients apply "
+                f"only to step-cached steps. Set it to 0."
+            )
+    if plan.unit_extrapolation is None:
+        return
+    from .families import get_family
+    from .stats import unit_reuse
+
+    family = get_family(plan.model.family)
+    expected = {facts.name: facts.num_layers for facts in plan.model.block_lists}
+    if sorted(plan.unit_extrapolation) != sorted(expected):
+        raise PlanError(f"unit_extrapolation must have the block lists {sorted(expected)}, got {sorted(plan.unit_extrapolation)}.")
+    executed = ~plan.step_cache
+    for name, units in plan.unit_extrapolation.items():
+        names = [unit.name for unit in family.block_list(name).units]
+        if sorted(units) != sorted(names):
+            raise PlanError(f"unit_extrapolation.{name} must have the units {names}, got {sorted(units)}.")
+        reuse = unit_reuse(plan, name)
+        for unit, matrix in units.items():
+            where = f"unit_extrapolation.{name}.{unit}"
+            if matrix.shape != (T, expected[name]):
+                raise PlanError(f"{where} must have shape ({T}, {expected[name]}) (steps x layers), got {matrix.shape}.")
+            _check_finite(matrix, where)
+            misplaced = np.argwhere((matrix != 0) & ~(reuse[unit] & executed[:, None]))
+            if misplaced.size:
+                step, layer = misplaced[0]
+                raise PlanError(
+                    f"{where} has a nonzero coefficient at step {step}, layer {layer}, where the unit is not reused "
+                    f"on an executed step. Set it to 0."
+                )
+
+
+def _check_finite(values: np.ndarray, where: str) -> None:
+    if not np.isfinite(values).all():
+        raise PlanError(f"{where} must hold finite numbers, got {values[~np.isfinite(values)][0]!r}.")
+
+
+def extrapolation_to_dict(plan) -> dict[str, Any]:
+    fields = {}
+    if plan.step_extrapolation is not None:
+        fields["step_extrapolation"] = [float(c) for c in plan.step_extrapolation]
+    if plan.unit_extrapolation is not None:
+        fields["unit_extrapolation"] = {
+            name: {unit: matrix.tolist() for unit, matrix in units.items()}
+            for name, units in plan.unit_extrapolation.items()
+        }
+    return fields
+
+
+def extrapolation_from_dict(data: dict, version: int, model, T: int):
+    """``(step_extrapolation, unit_extrapolation)`` of a plan dict; version 1 has neither."""
+    present = [key for key in ("step_extrapolation", "unit_extrapolation") if key in data]
+    if version == 1:
+        if present:
+            raise PlanError(f"plan.{present[0]} needs format_version 2, but the file says version 1.")
+        return None, None
+    steps = data.get("step_extrapolation")
+    if steps is not None:
+        steps = _numbers(steps, (T,), "plan.step_extrapolation")
+    units = data.get("unit_extrapolation")
+    if units is not None:
+        if not isinstance(units, dict) or not all(isinstance(u, dict) for u in units.values()):
+            raise PlanError("plan.unit_extrapolation must be {block_list: {unit: [[coefficient per layer], ...]}}.")
+        layers = {facts.name: facts.num_layers for facts in model.block_lists}
+        units = {
+            name: {
+                unit: _numbers(rows, (T, layers.get(name, 0)), f"plan.unit_extrapolation.{name}.{unit}")
+                for unit, rows in per_unit.items()
+            }
+            for name, per_unit in units.items()
+        }
+    return steps, units
+
+
+def _numbers(value, shape: tuple, where: str) -> np.ndarray:
+    try:
+        array = np.array(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PlanError(f"{where} must hold numbers, got {str(value):.60}.") from None
+    if array.shape != shape or any(isinstance(v, bool) for v in np.ravel(np.array(value, dtype=object))):
+        raise PlanError(f"{where} must be numbers of shape {shape}, got shape {array.shape}.")
+    return array

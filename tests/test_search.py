@@ -1,0 +1,221 @@
+"""Budgeted plan search on hand-made trajectories: budget met exactly, enumerated optima found, coefficients equal
+the least-squares solution written here."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import toy_family  # noqa: F401  (registers the "toy" family)
+from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, search_plan
+from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
+from invardiff.flops import FlopProfile
+from invardiff.plan import ModelFacts
+from invardiff.stats import ideal_speedup, plan_flops, unit_reuse
+
+
+FULL, CACHED, ATTN, FF = 10.0, 1.0, 3.0, 2.0  # FLOPs of a step, a step-cached step, and the units' reuse savings
+
+
+def toy_flops(layers: int = 1) -> FlopProfile:
+    units = {"blocks": {"attn": np.full(layers, ATTN), "ff": np.full(layers, FF)}}
+    return FlopProfile("toy-hand", "toy", {"blocks": layers}, FULL, CACHED, units)
+
+
+def stats_from(features: dict[str, np.ndarray], window: int, layers: int = 1) -> TrajectoryStats:
+    """Gram matrices of hand-made trajectories ``{stream: (samples, T, N)}``, written out directly."""
+    T = next(iter(features.values())).shape[1]
+    gram = {}
+    for name, f in features.items():
+        matrix = np.zeros((T, window + 1))
+        for t in range(T):
+            for lag in range(min(t, window) + 1):
+                matrix[t, lag] = np.sum(f[:, t] * f[:, t - lag])
+        gram[name] = matrix
+    sizes = {name: f.shape[2] for name, f in features.items()}
+    facts = ModelFacts.for_family("toy", {"blocks": layers})
+    return TrajectoryStats(facts, T, window, gram, sizes, next(iter(features.values())).shape[0])
+
+
+def random_trajectories(T: int, seed: int, layers: int = 1, samples: int = 2, n: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def walk():  # a smooth random trajectory with uneven steps, so that the optimum is not trivial
+        steps = rng.normal(size=(samples, T, n)) * rng.uniform(0.05, 1.0, size=(1, T, 1))
+        return 3.0 + np.cumsum(steps, axis=1)
+
+    features = {"step": walk()}
+    for layer in range(layers):
+        features[f"blocks.{layer}.attn"] = walk()
+        features[f"blocks.{layer}.ff"] = walk()
+    return features
+
+
+def direct_error(f: np.ndarray, h: np.ndarray, computed: list[int], t: int, extrapolate: bool) -> float:
+    """Relative error of stream ``f`` reused at ``t`` (RMS over H's RMS), computed from the features themselves."""
+    earlier = [s for s in computed if s < t]
+    a = earlier[-1]
+    residual = f[:, t] - f[:, a]
+    if extrapolate and len(earlier) >= 2:
+        delta = f[:, a] - f[:, earlier[-2]]
+        c = np.linalg.lstsq(delta.reshape(-1, 1), residual.reshape(-1), rcond=None)[0][0]
+        residual = residual - c * delta
+    return math.sqrt(np.mean(residual**2) / np.mean(h[:, t] ** 2))
+
+
+@pytest.mark.parametrize("speedup", [1.5, 2.0, 2.5, 3.0, 3.3])
+def test_search_meets_the_budget_within_one_step(speedup):
+    stats = stats_from(random_trajectories(16, seed=1, layers=2), window=5, layers=2)
+    flops = toy_flops(2)
+    result = search_plan(stats, flops, SearchConfig(speedup, warmup_steps=2))
+    budget = 16 * FULL / speedup
+    assert result.ideal_speedup >= speedup
+    assert budget - (FULL - CACHED) <= plan_flops(result.plan, flops) <= budget
+    assert result.ideal_speedup == pytest.approx(ideal_speedup(result.plan, flops))
+    assert not result.plan.step_cache[:2].any() and not result.plan.step_cache[-1]  # warm-up and last step compute
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_step_schedule_is_the_enumerated_optimum(seed, extrapolate):
+    T, window = 9, 8
+    features = random_trajectories(T, seed)
+    stats = stats_from(features, window)
+    speedup = 2.0
+    result = search_plan(stats, toy_flops(), SearchConfig(speedup, reuse_units=False, extrapolate_steps=extrapolate))
+    budget = T * FULL / speedup
+    best = (math.inf, None)
+    for reused in itertools.product([False, True], repeat=T - 2):  # steps 1 .. T-2; 0 and T-1 compute
+        computed = [0] + [t for t, r in zip(range(1, T - 1), reused) if not r] + [T - 1]
+        flops = len(computed) * FULL + (T - len(computed)) * CACHED
+        if not budget - (FULL - CACHED) <= flops <= budget:
+            continue
+        error = sum(
+            direct_error(features["step"], features["step"], computed, t, extrapolate)
+            for t in range(T)
+            if t not in computed
+        )
+        best = min(best, (error, computed), key=lambda pair: pair[0])
+    assert result.error == pytest.approx(best[0], rel=1e-9)
+    assert np.flatnonzero(~result.plan.step_cache).tolist() == best[1]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_steps_and_one_unit_jointly_match_enumeration(seed):
+    # One block, attention the only unit worth reusing (ff saves nothing), T = 6: every step schedule and every
+    # set of attention reuses on the computed steps is enumerated.
+    T = 6
+    features = random_trajectories(T, seed)
+    stats = stats_from(features, window=5)
+    flops = toy_flops()
+    flops.units["blocks"]["ff"][:] = 0.0
+    speedup = 1.3
+    result = search_plan(stats, flops, SearchConfig(speedup))
+    budget = T * FULL / speedup
+    best = math.inf
+    for reused in itertools.product([False, True], repeat=T - 2):
+        computed = [0] + [t for t, r in zip(range(1, T - 1), reused) if not r] + [T - 1]
+        eligible = [s for s in computed if 0 < s < T - 1]
+        step_error = sum(
+            direct_error(features["step"], features["step"], computed, t, False) for t in range(T) if t not in computed
+        )
+        for unit_reused in itertools.product([False, True], repeat=len(eligible)):
+            reuses = [s for s, r in zip(eligible, unit_reused) if r]
+            total = len(computed) * FULL + (T - len(computed)) * CACHED - ATTN * len(reuses)
+            if not budget - (FULL - CACHED) <= total <= budget:
+                continue
+            unit_computed = [s for s in computed if s not in reuses]
+            attn = features["blocks.0.attn"]
+            unit_error = sum(direct_error(attn, features["step"], unit_computed, s, False) for s in reuses)
+            best = min(best, step_error + unit_error)
+    assert result.error == pytest.approx(best, rel=1e-9)
+
+
+def test_fitted_coefficients_equal_the_least_squares_solution():
+    T = 10
+    features = random_trajectories(T, seed=5, samples=3)
+    stats = stats_from(features, window=4)
+    result = search_plan(stats, toy_flops(), SearchConfig(2.0, extrapolate_steps=True, extrapolate_units=True))
+    plan = result.plan
+    computed = np.flatnonzero(~plan.step_cache).tolist()
+    h = features["step"]
+    for t in np.flatnonzero(plan.step_cache):
+        earlier = [s for s in computed if s < t]
+        a, p = earlier[-1], earlier[-2]
+        if t - p > 4:  # outside the recorded window: plain reuse
+            assert plan.step_extrapolation[t] == 0.0
+            continue
+        delta, target = (h[:, a] - h[:, p]).reshape(-1, 1), (h[:, t] - h[:, a]).reshape(-1)
+        expected = np.linalg.lstsq(delta, target, rcond=None)[0][0]  # pooled over the three samples
+        assert plan.step_extrapolation[t] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    reuse = unit_reuse(plan, "blocks")
+    for unit in ("attn", "ff"):
+        f = features[f"blocks.0.{unit}"]
+        unit_computed = [s for s in computed if not reuse[unit][s, 0]]
+        for s in computed:
+            if not reuse[unit][s, 0]:
+                assert plan.unit_extrapolation["blocks"][unit][s, 0] == 0.0
+                continue
+            earlier = [u for u in unit_computed if u < s]
+            if len(earlier) < 2 or s - earlier[-2] > 4:  # no two values inside the window: plain reuse
+                assert plan.unit_extrapolation["blocks"][unit][s, 0] == 0.0
+                continue
+            delta, target = (f[:, earlier[-1]] - f[:, earlier[-2]]).reshape(-1, 1), (f[:, s] - f[:, earlier[-1]])
+            expected = np.linalg.lstsq(delta, target.reshape(-1), rcond=None)[0][0]
+            assert plan.unit_extrapolation["blocks"][unit][s, 0] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert (plan.step_extrapolation != 0).any()
+
+
+def test_extrapolation_never_increases_the_calibration_error():
+    stats = stats_from(random_trajectories(14, seed=7, layers=2), window=5, layers=2)
+    for speedup in (1.8, 2.5, 3.0):
+        plain = search_plan(stats, toy_flops(2), SearchConfig(speedup))
+        both = search_plan(stats, toy_flops(2), SearchConfig(speedup, extrapolate_steps=True, extrapolate_units=True))
+        assert both.error <= plain.error + 1e-12
+
+
+def test_out_of_reach_budget_names_the_fastest_reachable_speedup():
+    stats = stats_from(random_trajectories(8, seed=0), window=2)
+    with pytest.raises(BudgetError, match="out of reach"):
+        search_plan(stats, toy_flops(), SearchConfig(7.0, max_run=2))
+
+
+def test_parse_budget():
+    assert parse_budget("2.5x") == 2.5 and parse_budget(" 3 ") == 3.0
+    with pytest.raises(ValueError, match="speedup"):
+        parse_budget("fast")
+    with pytest.raises(ValueError, match=">= 1"):
+        parse_budget("0.5x")
+
+
+def test_recorder_gram_equals_the_features_inner_products(tmp_path):
+    # The recorder as the engine drives it, on hand-made features: three samples, T = 5, window 2.
+    T, window = 5, 2
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(3, T, 4, 2)).astype(np.float32)
+    unit = rng.normal(size=(3, T, 6)).astype(np.float32)
+    facts = ModelFacts.for_family("toy", {"blocks": 1})
+    from invardiff.engine.state import UnitRef
+
+    recorder = TrajectoryRecorder([UnitRef("blocks", 0, "attn", ("attn",))], facts, T, window)
+
+    class State:
+        name = "default"
+
+    state = State()
+    for t in range(T):
+        state.step = t
+        recorder.on_unit(state, 0, torch.from_numpy(unit[:, t]))
+        recorder.on_hidden(state, torch.from_numpy(hidden[:, t]))
+    stats = recorder.stats()
+    expected = stats_from({"step": hidden.reshape(3, T, 8).astype(np.float64), "blocks.0.attn": unit.astype(np.float64)}, window)
+    for name in ("step", "blocks.0.attn"):
+        np.testing.assert_allclose(stats.gram[name], expected.gram[name], rtol=1e-12)
+    assert stats.num_samples == 3 and stats.sizes == {"step": 8, "blocks.0.attn": 6}
+    stats.save(tmp_path / "t.npz")
+    loaded = TrajectoryStats.load(tmp_path / "t.npz")
+    assert loaded.window == window and np.array_equal(loaded.gram["step"], stats.gram["step"])
