@@ -54,7 +54,13 @@ def trajectory_gamma(
     """
     numerator = _mean_abs(probe_residual.float() - probe_beta.float(), per_sample)
     denominator = _mean_abs(probe_alpha.float() - probe_beta.float(), per_sample)
-    ratio = numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+    return gamma_from_means(numerator, denominator, gamma_max)
+
+
+def gamma_from_means(numerator: torch.Tensor, denominator: torch.Tensor, gamma_max: float) -> torch.Tensor:
+    """gamma from its two means (``(B,)`` each), protected as :func:`trajectory_gamma` describes. Also used when
+    the means are reduced over the ranks of a context-parallel group (:mod:`invardiff.scale.distributed`)."""
+    ratio = numerator / denominator.clamp_min(torch.finfo(numerator.dtype).tiny)
     ratio = torch.where(denominator > 0, ratio, torch.where(numerator > 0, gamma_max, 1.0))
     return ratio.nan_to_num(nan=1.0, posinf=gamma_max).clamp(1.0, gamma_max)
 

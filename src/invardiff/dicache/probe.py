@@ -8,6 +8,11 @@ pre-head state (``"plan"``).
 
 All per-sample state (accumulators, residual windows, computed-step counts) lives on the features' device, and the
 decision reads one small packed tensor back to the host: one host sync per step, at the decision.
+
+Under context parallelism (each rank holds a shard of the tokens, :mod:`invardiff.scale.distributed`) the policy's
+``context_parallel`` reduction sums the statistics' numerators and denominators over the group in one all-reduce per
+step, so that every rank takes the same decision (a rank that skipped the deep layers alone would hang the others in
+their attention collectives).
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ class ProbeBranch:
         # per-step scratch
         self.compute: torch.Tensor | None = None  # (B,) bool on the device when only some samples compute
         self.approx: torch.Tensor | None = None  # pre-head state of the samples that skip
+        # context parallelism: samples whose last computed residual was not finite on this rank's shard; the
+        # window reset waits for the next step's all-reduce, where every rank learns of it
+        self.pending_reset: torch.Tensor | None = None
         # records for invardiff.summary
         self.error = np.full((num_steps, batch), np.nan)
         self.accumulated = np.full((num_steps, batch), np.nan)
@@ -83,6 +91,8 @@ class ProbePolicy(CachePolicy):
 
     reuse = "extrapolate"  # or "plan"
     record_labels = {"decision": DECISIONS}
+    # A reduction over a context-parallel group (invardiff.scale.distributed.enable_context_parallel), or None.
+    context_parallel = None
 
     def __init__(self, config):
         self.config = config
@@ -113,14 +123,23 @@ class ProbePolicy(CachePolicy):
         reason = self.full_reason(step)
         if reason is None and branch.probe_prev is None:
             reason = "no_reference"
+        measured = None
+        if self.context_parallel is not None:
+            # Every rank reduces at every probed step, whatever it decides: none waits on a collective another skips.
+            measured = self.context_parallel.reduce(self, branch, block_input, probe, needed=reason is None)
         if reason is not None:
             branch.decision[step] = CODE[reason]
             branch.accumulator.zero_()
             return COMPUTE_ALL
         config = self.config
-        error = probe_error(
-            config.error, probe, branch.probe_prev, block_input, branch.block_input_prev, config.per_sample
-        )
+        if measured is None:
+            error = probe_error(
+                config.error, probe, branch.probe_prev, block_input, branch.block_input_prev, config.per_sample
+            )
+            # Computed before the decision, for every sample, so that its record travels in the same single sync.
+            gamma = self._gamma(branch, block_input, probe)
+        else:
+            error, gamma = measured  # over the whole context-parallel group
         finite = torch.isfinite(error)
         accumulated = branch.accumulator + torch.where(finite, error.double(), 0.0)
         under = accumulated < self.threshold if config.skip_when == "<" else accumulated <= self.threshold
@@ -129,8 +148,6 @@ class ProbePolicy(CachePolicy):
         if not config.per_sample:  # one decision for the batch
             has_windows = has_windows.all().expand(branch.batch)
         skip = finite & under & has_windows
-        # Computed before the decision, for every sample, so that its record travels in the same single sync.
-        gamma = self._gamma(branch, block_input, probe)
         packed = torch.stack(
             [error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma]
         )
@@ -202,6 +219,10 @@ class ProbePolicy(CachePolicy):
         # restart, so it computes until it has a finite residual again.
         finite = torch.isfinite(full).flatten(1).all(1) & torch.isfinite(probe).flatten(1).all(1)
         steps = branch.computed_steps
+        if self.context_parallel is not None:  # this rank's shard only: the reset waits for the next all-reduce
+            reset = compute & ~finite
+            branch.pending_reset = reset if branch.pending_reset is None else branch.pending_reset | reset
+            finite = torch.ones_like(finite)
         branch.computed_steps = torch.where(compute, torch.where(finite, steps + 1, 0), steps)
 
     # ----- bookkeeping -----
