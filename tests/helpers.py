@@ -17,6 +17,9 @@ from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline, pipeline_call_kwargs
 
 
+VIDEO_FAMILIES = ("wan", "hunyuanvideo")
+
+
 def tiny_pipeline(family: str, seed: int = 0):
     config = MODEL_CONFIGS[f"{family}-tiny"]
     transformer = config.build_transformer(seed=seed)
@@ -47,6 +50,8 @@ def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
     kwargs = {**pipeline_call_kwargs(config, steps, seed=seed), **overrides}
     if config.family == "flux":
         return pipe(**kwargs).images.clone()
+    if config.family in VIDEO_FAMILIES:
+        return pipe(**kwargs).frames.clone()  # the toy video pipelines have no VAE: latents
     captured = {}
     original_decode = pipe.vae.decode
 
@@ -148,17 +153,27 @@ _UNIT_OUTPUT_MODULES = {  # per block list: (module whose output is cached, kind
         "single_transformer_blocks": [("attn", ("attn",)), ("act_mlp", ("mlp",))],
     },
     "dit": {"transformer_blocks": [("attn1", ("attn",)), ("ff", ("ff",))]},
+    "wan": {"blocks": [("attn1", ("self_attn",)), ("attn2", ("cross_attn",)), ("ffn", ("ffn",))]},
+    "hunyuanvideo": {
+        "transformer_blocks": [("attn", ("attn", "context_attn")), ("ff", ("ff",)), ("ff_context", ("context_ff",))],
+        "single_transformer_blocks": [("attn", ("attn",)), ("act_mlp", ("mlp",))],
+    },
 }
+# Families whose step-cached steps the reference runs as a full forward whose norm_out input is swapped for the
+# cached hidden state (the head then runs exactly as in stock, with no head code of ours); units do not update.
+_HEAD_BY_SWAP = ("wan", "hunyuanvideo")
 
 
 class ReferenceExecutor:
-    def __init__(self, model, plan: CachePlan, family: str, branches_per_step: int = 1):
+    def __init__(self, model, plan: CachePlan, family: str, branches_per_step: int = 1, share_branches=False):
         self.model, self.plan, self.family = model, plan, family
         self.branches_per_step = branches_per_step
+        self.share_branches = share_branches  # one cache for every branch: the mistake tests must be able to see
         self.calls = 0
         self.current = None  # (branch, step)
         self.unit_cache = {}
         self.hidden = {}
+        self.swapping = False
         self.original_forward = model.forward
         model.forward = self.forward
         for block_list, units in _UNIT_OUTPUT_MODULES[family].items():
@@ -172,6 +187,8 @@ class ReferenceExecutor:
 
     def _unit_hook(self, key, block_list, layer, kinds):
         def hook(module, inputs, output):
+            if self.swapping:
+                return output  # a step-cached step: its blocks' outputs are discarded
             branch, step = self.current
             reuse = all(self.plan.module_reuse[block_list][kind][step, layer] for kind in kinds)
             if reuse:
@@ -182,13 +199,22 @@ class ReferenceExecutor:
         return hook
 
     def _capture_hidden(self, module, inputs):
+        if self.swapping:
+            return (self.hidden[self.current[0]], *inputs[1:])
         self.hidden[self.current[0]] = inputs[0]
+        return None
 
     def forward(self, *args, **kwargs):
-        branch = self.calls % self.branches_per_step
+        branch = 0 if self.share_branches else self.calls % self.branches_per_step
         step = self.calls // self.branches_per_step
         self.calls += 1
         self.current = (branch, step)
+        if self.plan.step_cache[step] and self.family in _HEAD_BY_SWAP:
+            self.swapping = True
+            try:
+                return self.original_forward(*args, **kwargs)
+            finally:
+                self.swapping = False
         if self.plan.step_cache[step]:
             output = self._head(self.hidden[branch], kwargs)
             return Transformer2DModelOutput(sample=output) if kwargs.get("return_dict", True) else (output,)
@@ -211,10 +237,10 @@ class ReferenceExecutor:
         return x.reshape(-1, c, side * p, side * p)
 
 
-def reference_pipeline(config, transformer, plan, branches_per_step=1):
+def reference_pipeline(config, transformer, plan, branches_per_step=1, share_branches=False):
     """A pipeline on a copy of ``transformer`` whose forward executes ``plan`` the reference way."""
     clone = copy.deepcopy(transformer)
-    ReferenceExecutor(clone, plan, config.family, branches_per_step)
+    ReferenceExecutor(clone, plan, config.family, branches_per_step, share_branches)
     return build_pipeline(config, clone)
 
 

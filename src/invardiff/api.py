@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -36,6 +37,9 @@ def enable(target, plan: CachePlan | object) -> None:
         plan (`CachePlan`, `DiCacheConfig`, `PlanProbeConfig` or another registered policy config): what to
             execute. It is validated against the model here and against the step count at the start of every run.
             DiCache decides online per sample from a shallow probe; plan+probe lets that probe veto a plan's reuse.
+            A pipeline that switches transformers along the schedule (Wan2.2: ``transformer`` for high noise,
+            ``transformer_2`` for low noise) takes one per transformer, ``{"transformer": plan_high,
+            "transformer_2": plan_low}``; each covers the steps its transformer runs, counted from 0.
 
     Example:
         ```python
@@ -48,6 +52,19 @@ def enable(target, plan: CachePlan | object) -> None:
     """
     transformer, pipeline = _resolve_target(target)
     family = resolve_family(transformer)
+    experts = _experts(family, pipeline)
+    if experts:
+        _enable_experts(pipeline, family, experts, plan)
+        return
+    if isinstance(plan, Mapping):
+        raise TypeError(
+            f"One plan or config per transformer is for pipelines that switch transformers along the schedule; "
+            f"this {type(target).__name__} runs one transformer: pass one plan or config."
+        )
+    _enable_one(transformer, family, plan, pipeline)
+
+
+def _enable_one(transformer, family, plan, pipeline, schedule_part=None) -> None:
     if attached_engine(transformer) is not None:
         raise ValueError("invardiff is already enabled on this transformer; call invardiff.disable(...) first.")
     refused = foreign.refusal(transformer, "Cannot enable invardiff")
@@ -56,14 +73,56 @@ def enable(target, plan: CachePlan | object) -> None:
     load_builtin_policies()
     units = enumerate_units(transformer, family)
     policy = build_policy(plan, family, transformer, units)
-    engine = CacheEngine(transformer, family, policy, units, pipeline)
+    engine = CacheEngine(transformer, family, policy, units, pipeline, schedule_part)
     install(transformer, family, engine)
     logger.info("invardiff enabled on %s (%s family): %s", type(transformer).__name__, family.name, policy.describe())
 
 
+def _experts(family, pipeline) -> tuple:
+    if pipeline is None or family.pipeline is None or family.pipeline.experts is None:
+        return ()
+    return family.pipeline.experts(pipeline)
+
+
+def _enable_experts(pipeline, family, experts, plans) -> None:
+    names = [expert.attr for expert in experts]
+    if not isinstance(plans, Mapping) or sorted(plans) != sorted(names):
+        given = sorted(plans) if isinstance(plans, Mapping) else f"one {type(plans).__name__}"
+        raise ValueError(
+            f"This {type(pipeline).__name__} switches transformers along the schedule ({', '.join(names)}); each "
+            f"runs its own part of the steps with its own plan or policy. Pass one per transformer: "
+            f"invardiff.enable(pipe, {{{', '.join(f'{name!r}: ...' for name in names)}}}) (got {given})."
+        )
+    done = []
+    try:
+        for expert in experts:
+            transformer = unwrap(getattr(pipeline, expert.attr))
+            _enable_one(transformer, family, plans[expert.attr], pipeline, expert.steps)
+            done.append(transformer)
+    except BaseException:
+        for transformer in done:  # all or nothing
+            disable(transformer)
+        raise
+
+
+def _targets(target) -> list[torch.nn.Module]:
+    """The transformers of ``target``: each expert of a pipeline that has several, else its transformer."""
+    transformer, pipeline = _resolve_target(target)
+    experts = _experts(resolve_family(transformer), pipeline) if pipeline is not None else ()
+    return [unwrap(getattr(pipeline, e.attr)) for e in experts] if experts else [transformer]
+
+
 def disable(target) -> None:
-    """Remove invardiff from the transformer and free its caches; the model then behaves exactly as before."""
-    transformer, _ = _resolve_target(target)
+    """Remove invardiff from the transformer(s) and free the caches; the model then behaves exactly as before."""
+    transformers = _targets(target)
+    if len(transformers) > 1:
+        if not any(attached_engine(t) is not None for t in transformers):
+            _engine_or_raise(transformers[0])
+        for transformer in transformers:
+            if attached_engine(transformer) is not None:
+                disable(transformer)
+        return
+    transformer = transformers[0]
     engine = _engine_or_raise(transformer)
     engine.reset()
     uninstall(transformer)
@@ -71,8 +130,7 @@ def disable(target) -> None:
 
 
 def is_enabled(target) -> bool:
-    transformer, _ = _resolve_target(target)
-    return attached_engine(transformer) is not None
+    return any(attached_engine(transformer) is not None for transformer in _targets(target))
 
 
 @contextmanager
@@ -87,8 +145,8 @@ def enabled(target, plan: CachePlan | object):
 
 def reset(target) -> None:
     """Forget the current run (free every cache); the next call must be step 0."""
-    transformer, _ = _resolve_target(target)
-    _engine_or_raise(transformer).reset()
+    for transformer in _targets(target):
+        _engine_or_raise(transformer).reset()
 
 
 @contextmanager
@@ -107,8 +165,16 @@ def cache_context(target, name: str = "default", step_index: int | None = None):
 
 
 def summary(target) -> EngineSummary:
-    """What the current or last run computed and reused, per branch, step, layer and unit, and its cache bytes."""
-    transformer, _ = _resolve_target(target)
+    """What the current or last run computed and reused, per branch, step, layer and unit, and its cache bytes.
+
+    A pipeline with several transformers (Wan2.2) has one summary per transformer: pass the transformer."""
+    transformers = _targets(target)
+    if len(transformers) > 1:
+        raise ValueError(
+            f"This {type(target).__name__} has one engine per transformer; ask for each summary, e.g. "
+            f"invardiff.summary(pipe.transformer_2)."
+        )
+    transformer = transformers[0]
     return summarize(_engine_or_raise(transformer))
 
 

@@ -25,6 +25,7 @@ class ModelConfig:
         family: the model family (``invardiff.families``), which builds the transformer and its example calls.
         image_tokens / text_tokens (Flux): tokens per sample; image tokens = (height / 16) * (width / 16).
         batch: samples per transformer call (DiT: 2 = one class with batched CFG).
+        extra: family-specific call shapes (video families: ``{"latent": (frames, height, width)}``).
     """
 
     name: str
@@ -85,6 +86,27 @@ class ModelConfig:
             "batch": self.batch,
             "transformer": self.transformer_kwargs,
         }
+
+
+def video_fields(latent: tuple[int, int, int], patch: tuple[int, int, int] = (1, 2, 2)) -> dict:
+    """:class:`ModelConfig` fields of a video latent ``(frames, height, width)`` cut into ``patch`` patches (Wan,
+    HunyuanVideo): the image tokens per sample, and the latent shape in ``extra``."""
+    frames, height, width = latent
+    tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
+    return {"image_tokens": tokens, "extra": {"latent": tuple(latent)}}
+
+
+def video_config(name: str, family: str, transformer_kwargs: dict, latent: tuple[int, int, int], **fields):
+    """A :class:`ModelConfig` of a video family whose calls carry a latent of ``latent`` = (frames, height, width)."""
+    return ModelConfig(name, family, transformer_kwargs, **video_fields(latent), **fields)
+
+
+def video_latent_shape(config: ModelConfig) -> tuple[int, int, int]:
+    """The ``(frames, height, width)`` latent of one call of a video config."""
+    latent = config.extra.get("latent")
+    if latent is None:
+        raise ValueError(f"Model config {config.name!r} has no video latent shape (extra['latent']).")
+    return tuple(latent)
 
 
 # Every family's named configs, by name.

@@ -63,6 +63,7 @@ class RateRecorder:
             or ``(block_list.kind, layer)``; missing streams never freeze (first pass).
         epsilon: added to the denominator (the official code adds it to every element of the difference).
         offload: ``"cpu"`` keeps the reference features in host memory; ``None`` keeps them with the features.
+        branches: the CFG branches (``cache_context`` names) measured; the others run unobserved. ``None``: all.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class RateRecorder:
         provisional=None,
         epsilon=1e-8,
         offload: str | None = None,
+        branches: tuple[str, ...] | None = None,
     ):
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}.")
@@ -80,6 +82,7 @@ class RateRecorder:
         self.epsilon = epsilon
         self.offload = offload
         self.provisional = provisional or {}
+        self.measured_branches = None if branches is None else frozenset(branches)
         self.branches: dict[str, dict] = {}  # branch name -> {stream key: _Stream} of the current run
         self.last_step: dict[str, int] = {}
         self.finished: list[dict] = []  # stream dicts of completed runs (earlier pipeline calls)
@@ -92,12 +95,18 @@ class RateRecorder:
 
     # ----- engine observer interface -----
     def on_hidden(self, state, hidden: torch.Tensor) -> None:
-        self._observe(state, "step", hidden)
+        if self._measures(state):
+            self._observe(state, "step", hidden)
 
     def on_unit(self, state, unit_index: int, output) -> None:
+        if not self._measures(state):
+            return
         unit, spec = self.unit_specs[unit_index]
         for kind, feature in spec.kind_features(output).items():
             self._observe(state, (f"{unit.block_list}.{kind}", unit.layer), feature)
+
+    def _measures(self, state) -> bool:
+        return self.measured_branches is None or state.name in self.measured_branches
 
     # ----- recording -----
     @torch.no_grad()

@@ -78,7 +78,8 @@ def calibrate(
         batch_size = auto_batch_size(pipe, family.name, len(samples), call_kwargs, memory_budget, offload)
 
     def run_pass(name: str, provisional=None) -> RateRecorder:
-        with recording(pipe, facts, num_inference_steps, provisional, epsilon, offload) as recorder:
+        branches = options.record_branches
+        with recording(pipe, facts, num_inference_steps, provisional, epsilon, offload, branches) as recorder:
             batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
             for index, batch in enumerate(batches):
                 _call(pipe, family.name, batch, call_kwargs)
@@ -113,12 +114,16 @@ def calibrate(
 
 
 @contextmanager
-def recording(target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None):
-    """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step;
-    on exit the engine is removed and the recorder's reference features are freed (its rates stay)."""
+def recording(
+    target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None, branches=None
+):
+    """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step of
+    the CFG ``branches`` (``None``: all); on exit the engine is removed and the recorder's reference features are
+    freed (its rates stay)."""
     transformer = getattr(target, "transformer", target)
     family = resolve_family(transformer)
-    recorder = RateRecorder(enumerate_units(transformer, family), family, num_steps, provisional, epsilon, offload)
+    units = enumerate_units(transformer, family)
+    recorder = RateRecorder(units, family, num_steps, provisional, epsilon, offload, branches)
     api.enable(target, RecordConfig(CachePlan.reuse_nothing(facts, num_steps), recorder))
     try:
         yield recorder

@@ -53,12 +53,16 @@ class FamilyCalibration:
         provisional_interplay: apply the step-to-module interplay to the provisional books (Wan only).
         tied_kinds: kinds whose quantile level is taken from another kind (FLUX's ``context_attn`` uses the
             ``attn`` level; the joint attention is reused only when both are set).
+        record_branches: the classifier-free guidance branches (``cache_context`` names) whose calls are measured;
+            ``None``: every branch. Wan records ``("cond",)`` (its official code measures the conditional calls
+            only); ``("cond", "uncond")`` measures both, each branch of each sample one run.
     """
 
     correct_step: bool
     provisional_module_warmup: bool
     provisional_interplay: bool = False
     tied_kinds: dict[str, str] = field(default_factory=dict)
+    record_branches: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -3,13 +3,14 @@
 One engine is attached to one transformer by :func:`invardiff.enable`. Its hooks (``hooks.py``) call into it; a
 runtime policy (``policy.py``) decides what to do. The step index of a call comes from, in this order:
 
-1. an explicit ``step_index`` given by the caller (``invardiff.cache_context(transformer, name, step_index=i)`` or
-   diffusers' ``transformer.cache_context(name, step_index=i)``);
-2. the pipeline passed to ``enable``: its scheduler's timesteps. A new ``timesteps`` tensor means a new pipeline
-   call (``set_timesteps`` ran): all state resets, and the policy checks the schedule's length. Calls are
-   counted per branch; that each call's timestep is its step's entry of the schedule is checked on the device
-   and read back once, at the branch's last step (``TimestepCheck``), so that the check costs no host sync per
-   call. A call that does not follow the schedule is an error, never drift.
+1. an explicit ``step_index`` given by the caller (``invardiff.cache_context(transformer, name, step_index=i)``, or
+   diffusers' ``transformer.cache_context(name, step_index=i)`` when no pipeline was passed to ``enable``);
+2. the pipeline passed to ``enable``: its scheduler's timesteps, or the part of them this transformer runs when
+   the pipeline switches transformers along the schedule (Wan2.2's experts: ``schedule_part``, counted from 0).
+   A new ``timesteps`` tensor means a new pipeline call (``set_timesteps`` ran): all state resets, and the policy
+   checks the schedule's length. Calls are counted per branch; that each call's timestep is its step's entry of
+   the schedule is checked on the device and read back once, at the branch's last step (``TimestepCheck``), so
+   that the check costs no host sync per call. A call that does not follow the schedule is an error, never drift.
 
 CFG: each ``cache_context`` name (``"cond"``, ``"uncond"``) has its own state; a call without a context name uses
 one ``"default"`` state, which is right for pipelines that batch the branches (DiT).
@@ -95,12 +96,23 @@ class TimestepCheck:
 
 
 class CacheEngine:
-    def __init__(self, transformer, family: FamilySpec, policy: CachePolicy, units: list[UnitRef], pipeline=None):
+    def __init__(
+        self,
+        transformer,
+        family: FamilySpec,
+        policy: CachePolicy,
+        units: list[UnitRef],
+        pipeline=None,
+        schedule_part=None,
+    ):
         self.family = family
         self.transformer = transformer
         self.policy = policy
         self.units = units
         self.pipeline = pipeline
+        # schedule_part(pipeline, timesteps) -> slice: the steps of the schedule this transformer runs (an expert).
+        self.schedule_part = schedule_part
+        self._steps = None  # the part of the current schedule this transformer runs
         self.signature = inspect.signature(transformer.forward)
         self.branches: dict[str, BranchState] = {}
         self.active: BranchState | None = None
@@ -133,7 +145,10 @@ class CacheEngine:
         call = TransformerCall(self.signature, args, kwargs)
         context = self._contexts[-1] if self._contexts else self._pipeline_context
         name = getattr(context, "name", None) or DEFAULT_BRANCH
-        explicit_step = getattr(context, "step_index", None)
+        # A pipeline's own step_index (WanPipeline passes one) counts the whole schedule; with the pipeline at hand
+        # the schedule gives the step, checks the timestep, and knows which part of it this transformer runs.
+        from_pipeline = not self._contexts and self.pipeline is not None
+        explicit_step = None if from_pipeline else getattr(context, "step_index", None)
         step = explicit_step if explicit_step is not None else self._step_from_schedule(call, name)
         if step == 0:  # a cache added after invardiff (transformer.enable_cache, cache-dit): refuse before it runs
             refused = foreign.refusal(self.transformer, f"At step 0 of a run on branch {name!r}")
@@ -252,9 +267,12 @@ class CacheEngine:
             raise EngineError("The pipeline's scheduler has no timesteps; was set_timesteps called?")
         if timesteps is not self._schedule:
             # set_timesteps made a new schedule: this is the start of a new pipeline call.
-            self.policy.start_run(len(timesteps))
+            part = slice(None) if self.schedule_part is None else self.schedule_part(self.pipeline, timesteps)
+            steps = timesteps[part]
+            self.policy.start_run(len(steps))
             self.reset()
-            self._schedule = timesteps
+            self._schedule, self._steps = timesteps, steps
+        timesteps = self._steps
         state = self.branches.get(name)
         step = 0 if state is None or state.step is None else state.step + 1
         check = self._checks.get(name)
@@ -316,7 +334,7 @@ class CacheEngine:
         self.release()
         self.branches.clear()
         self._checks.clear()
-        self._schedule = None
+        self._schedule = self._steps = None
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
         self.all_outputs_bytes = 0

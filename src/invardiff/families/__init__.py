@@ -16,6 +16,7 @@ from .spec import (
     INPUT_KINDS,
     BlockListSpec,
     ConfigSpec,
+    Expert,
     FamilySpec,
     InputKind,
     OfficialSpec,
@@ -95,13 +96,14 @@ def resolve_family(transformer: torch.nn.Module) -> FamilySpec:
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` stays cheap and
     # free of import cycles (family files import the generic types they fill, e.g. calibration thresholds).
-    from . import dit, flux  # noqa: F401
+    from . import dit, flux, hunyuanvideo, wan  # noqa: F401
 
 
 __all__ = [
     "INPUT_KINDS",
     "BlockListSpec",
     "ConfigSpec",
+    "Expert",
     "FamilySpec",
     "InputKind",
     "LazyTable",

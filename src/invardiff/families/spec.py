@@ -159,6 +159,20 @@ INPUT_KINDS = {
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One transformer of a pipeline that switches transformers along the schedule (Wan2.2's two experts).
+
+    Attributes:
+        attr: the pipeline attribute holding the transformer (``"transformer_2"``).
+        steps: ``steps(pipe, timesteps)`` returns the ``slice`` of the scheduler's schedule this transformer runs;
+            its plan or policy covers those steps only, counted from 0.
+    """
+
+    attr: str
+    steps: Callable[[Any, torch.Tensor], slice]
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """How the family's stock diffusers pipeline is called (calibration, sweeps, the demo) and a toy one is built.
 
@@ -176,6 +190,8 @@ class PipelineSpec:
             call-shape fields (tokens, transformer rows) of one sample of the pipeline call ``pipe(**call_kwargs)``.
         toy_call_kwargs: ``toy_call_kwargs(config, num_inference_steps, seed, device)`` returns the arguments of one
             call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
+        experts: ``experts(pipe)`` returns the :class:`Expert` transformers of a pipeline that switches
+            transformers along the schedule, or ``()`` when one transformer runs every step.
     """
 
     input_kind: str
@@ -186,6 +202,7 @@ class PipelineSpec:
     build_toy: Callable[..., Any] | None = None
     call_shape: Callable[[Any, dict], dict] | None = None
     toy_call_kwargs: Callable[..., dict] | None = None
+    experts: Callable[[Any], tuple[Expert, ...]] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -229,6 +246,10 @@ class OfficialSpec:
         keys: the top-level keys every book of the family has besides ``step_cache_book``.
         reuse: ``reuse(book)`` maps a parsed book onto ``{block_list: {kind: (T, L) bool array}}``.
         books: the books shipped with invardiff, mode (``"fast"``) -> path under ``invardiff/reference_books``.
+        step_keys: the names under which a book may hold its step gate, in order of preference (Wan's loader
+            takes ``step_cache_bool`` or ``step_cache_book``).
+        write: ``write(plan)`` returns the book of ``plan`` in the official layout (``invardiff.official``'s
+            export); ``None`` if invardiff does not write the family's books.
     """
 
     label: str
@@ -236,6 +257,8 @@ class OfficialSpec:
     keys: tuple[str, ...]
     reuse: Callable[[dict], dict]
     books: dict[str, str] = field(default_factory=dict)
+    step_keys: tuple[str, ...] = ("step_cache_book",)
+    write: Callable[[Any], dict] | None = None
 
 
 def image_output_index(block_class: type) -> int | None:

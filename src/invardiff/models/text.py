@@ -65,3 +65,12 @@ def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0, t5_
         )
     )
     return clip.eval().requires_grad_(False), t5.eval().requires_grad_(False)
+
+
+def umt5_encoder(vocab: int, width: int, seed: int = 0):
+    """A random UMT5 encoder of hidden ``width`` (Wan's text encoder family), for the T5 tokenizer above."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=2, num_heads=2)
+    return UMT5EncoderModel(config).eval().requires_grad_(False)
