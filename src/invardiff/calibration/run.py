@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +35,7 @@ def calibrate(
     family_options: FamilyCalibration | None = None,
     epsilon: float = 1e-8,
     progress: Callable[[str, int, int], None] | None = None,
+    runner: Callable | None = None,
 ) -> tuple[CachePlan, CalibrationRates]:
     """Calibrate an InvarDiff plan on ``pipe`` (FluxPipeline with ``prompts``, DiTPipeline with ``class_labels``).
 
@@ -55,6 +57,9 @@ def calibrate(
         memory_budget: bytes for the calibration's features when ``batch_size`` is ``None`` (default: half the
             free device memory on CUDA, 8 GiB otherwise). The model's own activations are not part of it.
         offload: ``"cpu"`` keeps the reference features in host memory (see :class:`RateRecorder`).
+        runner: records a pass elsewhere: ``runner(name, setup, batches, provisional)`` returns what
+            :func:`record_batches` returns for those batches (``invardiff.scale.calibrate`` shards them over Ray
+            workers; the plan is byte-identical). ``None``: every run in this process on ``pipe``.
 
     Returns:
         The plan, and the rates artifact from which plans can be rebuilt without the model.
@@ -77,17 +82,16 @@ def calibrate(
 
         batch_size = auto_batch_size(pipe, family.name, len(samples), call_kwargs, memory_budget, offload)
 
-    def run_pass(name: str, provisional=None) -> RateRecorder:
-        branches = options.record_branches
-        with recording(pipe, facts, num_inference_steps, provisional, epsilon, offload, branches) as recorder:
-            batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-            for index, batch in enumerate(batches):
-                _call(pipe, family.name, batch, call_kwargs)
-                if progress is not None:
-                    progress(name, index + 1, len(batches))
-        return recorder
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    setup = PassSetup(family.name, facts, num_inference_steps, call_kwargs, epsilon, offload, options.record_branches)
 
-    first_step, first_modules = run_pass("pass 1 (full compute)").rates()
+    def run_pass(name: str, provisional=None) -> tuple:
+        if runner is not None:
+            return runner(name, setup, batches, provisional)
+        report = None if progress is None else (lambda index: progress(name, index + 1, len(batches)))
+        return record_batches(pipe, setup, batches, provisional, report)
+
+    first_step, first_modules = run_pass("pass 1 (full compute)")
     stub = CalibrationRates(
         facts, num_inference_steps, thresholds, options, first_step, first_modules, first_step, first_modules
     )
@@ -96,7 +100,7 @@ def calibrate(
     frozen = {"step": provisional_step} if options.correct_step else {}
     for kind, bits in provisional_modules.items():
         frozen.update({(kind, layer): bits[:, layer] for layer in range(bits.shape[1])})
-    corrected_step, corrected_modules = run_pass("pass 2 (resampling correction)", frozen).rates()
+    corrected_step, corrected_modules = run_pass("pass 2 (resampling correction)", frozen)
     rates = CalibrationRates(
         facts,
         num_inference_steps,
@@ -111,6 +115,32 @@ def calibrate(
         provenance=_provenance(pipe, samples, seeds, call_kwargs),
     )
     return rates.build_plan(), rates
+
+
+@dataclass(frozen=True)
+class PassSetup:
+    """What recording a calibration pass needs besides the pipeline and the runs (picklable, for remote workers)."""
+
+    family: str
+    facts: ModelFacts
+    num_steps: int
+    call_kwargs: dict
+    epsilon: float
+    offload: str | None
+    branches: tuple | None = None  # the CFG branches recorded (None: all)
+
+
+def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provisional=None, progress=None) -> tuple:
+    """Per-run rates (step ``(N, T)``, per kind ``(N, T, L)``, runs in batch order) of one pipeline call per batch
+    of (input, seed) runs, under ``provisional`` (see :class:`RateRecorder`). A run's rates depend only on its
+    batch, so recording the batches on several workers and concatenating them in order gives the same arrays."""
+    options = (setup.epsilon, setup.offload, setup.branches)
+    with recording(pipe, setup.facts, setup.num_steps, provisional, *options) as recorder:
+        for index, batch in enumerate(batches):
+            _call(pipe, setup.family, batch, setup.call_kwargs)
+            if progress is not None:
+                progress(index)
+    return recorder.rates()
 
 
 @contextmanager
