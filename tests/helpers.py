@@ -87,6 +87,7 @@ def row_of(call: dict, index: int) -> dict:
         "timestep",
         "guidance",
         "class_labels",
+        "encoder_attention_mask",
     )
     return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
 
@@ -100,7 +101,7 @@ def euler_loop(transformer, family: str, call: dict, config=None, steps: int = T
     try:
         for step in range(steps):
             fraction = 1.0 - step / steps
-            timestep = torch.full_like(call["timestep"], fraction if family == "flux" else int(fraction * 999))
+            timestep = get_family(family).configs.call_timestep(fraction, call["timestep"])
             kwargs = dict(call, hidden_states=latents, timestep=timestep)
             if config is None:
                 (output,) = transformer(**kwargs)

@@ -56,8 +56,9 @@ def _call_timestep(fraction: float, like: torch.Tensor) -> torch.Tensor:
 def _example_call(config: ModelConfig, device, fraction: float, randn) -> dict:
     kw, B, dtype = config.transformer_kwargs, config.batch, config.torch_dtype
     frames, height, width = video_latent_shape(config)
-    mask = torch.ones(B, config.text_tokens, device=device, dtype=dtype)
-    mask[:, config.text_tokens * 3 // 4 :] = 0  # the last quarter of the prompt is padding
+    # Prompts of different lengths: sample b's last (b % 2 + 1) quarters of text tokens are padding.
+    kept = config.text_tokens - (torch.arange(B, device=device) % 2 + 1) * (config.text_tokens // 4)
+    mask = (torch.arange(config.text_tokens, device=device) < kept[:, None]).to(dtype)  # (B, L)
     return {
         "hidden_states": randn(B, kw["in_channels"], frames, height, width),
         "timestep": torch.full((B,), fraction * 1000, device=device, dtype=dtype),
