@@ -62,7 +62,7 @@ def parse_book_name(name: str) -> dict[str, float]:
 
 
 def convert_official_book(path: str | Path, family: str) -> CachePlan:
-    """Convert an official InvarDiff cache book (DiT-XL/2 or FLUX.1-dev) into a :class:`CachePlan`.
+    """Convert an official InvarDiff cache book (DiT-XL/2, FLUX.1-dev or Wan) into a :class:`CachePlan`.
 
     The file is read by :func:`invardiff.plan_file.read_json` (size, encoding and nesting limits); every problem is
     a :class:`PlanError` naming the file and the field."""
@@ -81,9 +81,8 @@ def convert_official_book(path: str | Path, family: str) -> CachePlan:
 
 
 def _convert(book, raw: bytes, path: Path, family: str, layout: OfficialSpec) -> CachePlan:
-    if not isinstance(book, dict) or "step_cache_book" not in book:
-        raise PlanError("this is not an official InvarDiff cache book (no 'step_cache_book').")
-    step_cache = book_array(book["step_cache_book"], "step_cache_book", ndim=1)
+    step_key = _step_key(book, layout)
+    step_cache = book_array(book[step_key], step_key, ndim=1)
     for key in layout.keys:
         if key not in book:
             raise PlanError(f"A {layout.label} book needs {key!r}; this looks like a {_guess_family(book)} book.")
@@ -107,6 +106,28 @@ def _convert(book, raw: bytes, path: Path, family: str, layout: OfficialSpec) ->
         scheduler=layout.scheduler,
         provenance=provenance,
     )
+
+
+def _step_key(book, layout: OfficialSpec) -> str:
+    # The step gate's name: Wan's loader takes step_cache_bool or its alias step_cache_book; if both are there
+    # they must agree, or the book means two things.
+    names = " or ".join(repr(key) for key in layout.step_keys)
+    present = [key for key in layout.step_keys if isinstance(book, dict) and key in book]
+    if not present:
+        raise PlanError(f"this is not an official InvarDiff {layout.label} cache book (no {names}).")
+    if any(book[key] != book[present[0]] for key in present[1:]):
+        raise PlanError(f"the book has both {names} and they differ; keep one.")
+    return present[0]
+
+
+def official_book(plan: CachePlan) -> dict:
+    """``plan`` as a book in its family's official layout (the JSON the official sampler loads); raise
+    :class:`PlanError` if invardiff does not write that family's books."""
+    layout = _layouts().get(plan.model.family)
+    if layout is None or layout.write is None:
+        writable = sorted(name for name, spec in _layouts().items() if spec.write is not None)
+        raise PlanError(f"invardiff writes official books of {writable} only, not of {plan.model.family!r}.")
+    return layout.write(plan)
 
 
 def book_array(value, name: str, ndim: int) -> np.ndarray:

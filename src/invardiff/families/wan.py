@@ -26,7 +26,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
 from ..model_configs import ModelConfig, video_config, video_fields, video_latent_shape
-from ..official import book_array
+from ..official import book_table
 from ..plan import PlanError
 from . import register_family
 from .spec import BlockListSpec, ConfigSpec, Expert, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit
@@ -253,11 +253,10 @@ def _low_noise_steps(pipe, timesteps: torch.Tensor) -> slice:
 
 
 def _official_reuse(book: dict) -> dict:
-    modules = book["module_cache_book"]
-    if not isinstance(modules, dict) or set(modules) != set(KINDS):
-        found = sorted(modules) if isinstance(modules, dict) else type(modules).__name__
-        raise PlanError(f"A Wan book's 'module_cache_book' must have exactly the kinds {list(KINDS)}, got {found}.")
-    reuse = {kind: book_array(modules[kind], f"module_cache_book.{kind}", 2) for kind in KINDS}
+    reuse = book_table(book, "module_cache_book")
+    if set(reuse) != set(KINDS):
+        wanted = list(KINDS)
+        raise PlanError(f"A Wan book's 'module_cache_book' needs exactly the kinds {wanted}, got {sorted(reuse)}.")
     shapes = {kind: matrix.shape for kind, matrix in reuse.items()}
     if len(set(shapes.values())) != 1:
         raise PlanError(f"The Wan book's module books must all be T x L of one shape, got {shapes}.")
