@@ -16,7 +16,16 @@ from .sweep import OperatingPoint, SweepInputs
 from .targets import SweepTarget
 
 
-METHODS = ("invardiff", "invardiff-grid", "invardiff-capped", "dicache", "plan+probe", "peers")
+METHODS = (
+    "invardiff",
+    "invardiff-grid",
+    "invardiff-capped",
+    "invardiff-search",
+    "invardiff-search+extrap",
+    "dicache",
+    "plan+probe",
+    "peers",
+)
 # DiCache thresholds besides the official 0.4 (SPEC.md B.5), chosen to span slow to fast on the bundled models
 # (1.5 was measured too: it collapses, 22.9 dB on flux-shapes and 10.2 dB on dit-digits). The same for every family.
 DICACHE_THRESHOLDS = (0.1, 0.2, 0.8)
@@ -40,6 +49,11 @@ GRID_MODULE_LEVELS = (0.0, 0.4, 0.68)
 # carries the capped front past 2.5x (flux-shapes, step 0.8 / modules 0.68: 2.63x ideal, 34.8 dB).
 CAPPED = {2: ((0.7, 0.4), (0.7, 0.68), (0.8, 0.4), (0.8, 0.68)), 3: ((0.8, 0.4), (0.8, 0.68))}
 
+
+# invardiff-search: plans searched at these FLOP-ideal speedups (calibration/search.py) from one recording of the
+# calibration trajectories; "+extrap" also extrapolates reused steps and units with the fitted coefficients.
+SEARCH_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5)
+SEARCH_WINDOW = 6
 
 CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
 
@@ -76,6 +90,35 @@ def _calibration_guidance(target: SweepTarget) -> dict | None:
     if "guidance_scale" in get_family(target.family).pipeline.calibration_kwargs:
         return None
     return {"guidance_scale": target.entry.guidance_scale}
+
+
+def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[OperatingPoint]:
+    # The trajectories are recorded at the sampling guidance (the calls the plan will run, both CFG halves when
+    # the pipeline batches them), on the calibration inputs, which are disjoint from the evaluation examples.
+    from ..calibration.budget import calibrate_budget
+    from ..calibration.search import SearchConfig
+
+    seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
+    cases = [(item, seed) for seed in seeds for item in target.calibration]
+    config = SearchConfig(SEARCH_SPEEDUPS[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    results, _ = calibrate_budget(
+        target.load(),
+        num_inference_steps=target.entry.num_inference_steps,
+        cases=cases,
+        speedups=list(SEARCH_SPEEDUPS),
+        search=config,
+        window=SEARCH_WINDOW,
+        pipeline_kwargs={"guidance_scale": target.entry.guidance_scale},
+    )
+    return [
+        plan_point(
+            f"{method} {result.plan.provenance['search']['speedup']:g}x",
+            result.plan,
+            {**result.plan.provenance["search"], "calibration_error": result.error},
+            method=method,
+        )
+        for result in results
+    ]
 
 
 def _grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffThresholds]:
@@ -116,6 +159,10 @@ def sweep_points(
             for level in GRID_MODULE_LEVELS:
                 label, thresholds = _grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
+    for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
+        if method in methods:
+            note(f"searching {method}")
+            points += _search_points(target, method, extrapolate)
     if "invardiff-capped" in methods:
         for max_run, levels in CAPPED.items():
             for step, level in levels:

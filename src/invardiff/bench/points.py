@@ -32,8 +32,8 @@ def _point(method: str, label: str, config, settings: dict) -> OperatingPoint:
     return OperatingPoint(method, label, attach, settings, executed=_executed)
 
 
-def plan_point(label: str, plan: CachePlan, settings: dict) -> OperatingPoint:
-    method = "invardiff-capped" if "max_step_run" in settings else "invardiff"
+def plan_point(label: str, plan: CachePlan, settings: dict, method: str | None = None) -> OperatingPoint:
+    method = method or ("invardiff-capped" if "max_step_run" in settings else "invardiff")
     return _point(method, label, plan, settings)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ from ..plan import CachePlan, PlanError
 from ..stats import unit_reuse
 from .extrapolation import Pair, StepExtrapolation, anchor_of, extrapolate, pair_after, unit_coefficients
 
+
+logger = logging.getLogger(__name__)
 
 STEP_REUSE = ("state", "residual")
 
@@ -28,10 +31,14 @@ class PlanConfig:
             last computed residual H - x added to the current step's block-stack input x (the patch embedding of
             the current latent, one extra embedding per step), so a reused step follows the latent like
             TeaCache / MagCache do. Same speed; a deviation from the official code, off by default.
+        resample_steps (`bool`, defaults to `False`): when a pipeline call has another step count than the plan,
+            run :func:`invardiff.plan_transforms.resample_plan` of the plan for that count (logged as a warning)
+            instead of refusing the call. Quicker than recalibrating, usually less faithful.
     """
 
     plan: CachePlan
     step_reuse: str = "state"
+    resample_steps: bool = False
 
     def __post_init__(self):
         if self.step_reuse not in STEP_REUSE:
@@ -59,10 +66,16 @@ class PlanPolicy(CachePolicy):
     name = "plan"
     uses_units = True
 
-    def __init__(self, plan: CachePlan, units, step_reuse: str = "state", embed_input=None):
-        self.plan = plan
+    def __init__(self, plan: CachePlan, units, step_reuse: str = "state", embed_input=None, resample=False):
         self.step_reuse = step_reuse
         self.embed_input = embed_input  # embed_input(call): the block-stack input x, for residual step reuse
+        self.units = units
+        self.original_plan = plan if resample else None  # what to resample from when the step count changes
+        self._load(plan)
+
+    def _load(self, plan: CachePlan) -> None:
+        self.plan = plan
+        units = self.units
         self.num_steps = plan.num_inference_steps
         executed = ~plan.step_cache
         self.step_cached = plan.step_cache.tolist()
@@ -84,6 +97,22 @@ class PlanPolicy(CachePolicy):
         self.unit_coefficient, self.unit_pair = coefficients.tolist(), pair.tolist()
 
     def start_run(self, num_steps: int) -> None:
+        if self.original_plan is not None and num_steps != self.num_steps:
+            from ..plan_transforms import resample_plan
+
+            original = self.original_plan
+            if num_steps == original.num_inference_steps:
+                self._load(original)
+                return
+            plan = resample_plan(original, num_steps)
+            logger.warning(
+                "invardiff: the plan for %d steps runs a %d-step call: resampled on the time axis "
+                "(resample_steps=True); recalibrate at %d steps for the measured plan.",
+                original.num_inference_steps,
+                num_steps,
+                num_steps,
+            )
+            self._load(plan)
         self.plan.check_num_steps(num_steps)
 
     def begin_step(self, state) -> StepAction:
@@ -149,7 +178,7 @@ def _build_plan_policy(config: PlanConfig, family: FamilySpec, transformer, unit
     if config.step_reuse == "residual" and family.embed_input is None:
         raise ValueError(f"step_reuse='residual' is not available for the {family.name} family (no embed_input).")
     embed = None if family.embed_input is None else (lambda call: family.embed_input(transformer, call))
-    return PlanPolicy(config.plan, units, config.step_reuse, embed)
+    return PlanPolicy(config.plan, units, config.step_reuse, embed, config.resample_steps)
 
 
 @register_policy(CachePlan)
