@@ -65,7 +65,10 @@ class FamilyCalibration:
     record_branches: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.record_branches is not None:
+            data["record_branches"] = list(self.record_branches)  # as JSON reads it back: plans compare equal
+        return data
 
 
 # The official behaviour of SPEC.md A.3 (DiT, Wan): the calibration of a family that does not say otherwise.

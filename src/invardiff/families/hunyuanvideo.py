@@ -192,10 +192,9 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     height = call_kwargs.get("height") or 720
     width = call_kwargs.get("width") or 1280
     frames = call_kwargs.get("num_frames") or 129
-    latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
-    spatial = pipe.vae_scale_factor_spatial * 2
-    tokens = latent_frames * (height // spatial) * (width // spatial)
-    return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 256, "batch": 1}
+    spatial = pipe.vae_scale_factor_spatial
+    latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
+    return {**video_fields(latent), "text_tokens": call_kwargs.get("max_sequence_length") or 256, "batch": 1}
 
 
 HUNYUANVIDEO = register_family(

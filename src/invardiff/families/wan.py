@@ -225,10 +225,9 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     height = call_kwargs.get("height") or 480
     width = call_kwargs.get("width") or 832
     frames = call_kwargs.get("num_frames") or 81
-    latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
-    spatial = pipe.vae_scale_factor_spatial * 2  # VAE downsampling, then 2x2 patches
-    tokens = latent_frames * (height // spatial) * (width // spatial)
-    return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 512, "batch": 1}
+    spatial = pipe.vae_scale_factor_spatial
+    latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
+    return {**video_fields(latent), "text_tokens": call_kwargs.get("max_sequence_length") or 512, "batch": 1}
 
 
 def _experts(pipe) -> tuple[Expert, ...]:
