@@ -73,14 +73,14 @@ REFUSALS = {
         _patch_last_attention,
         lambda p: _flux_plan(p.transformer),
         ValueError,
-        "already has a patched forward",
+        "a forward patched by another library",
     ),
     "a foreign forward on a late block": (
         "flux",
         _patch_last_block,
         lambda p: DiCacheConfig(threshold=0.1, num_inference_steps=4),
         ValueError,
-        "already has a patched forward",
+        "a forward patched by another library",
     ),
     "one plan per expert on a one-transformer pipeline": (
         "flux",
@@ -163,7 +163,7 @@ def test_failed_install_keeps_the_users_own_registry_and_hooks():
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(ModelHook(), "users_hook")
     _patch_last_attention(pipe)
     before = ModelState(pipe.transformer)
-    with pytest.raises(ValueError, match="already has a patched forward"):
+    with pytest.raises(ValueError, match="a forward patched by another library"):
         invardiff.enable(pipe, _flux_plan(pipe.transformer))
     assert_unchanged(before, pipe.transformer)
 

@@ -67,7 +67,7 @@ def enable(target, plan: CachePlan | object) -> None:
 def _enable_one(transformer, family, plan, pipeline, schedule_part=None) -> None:
     if attached_engine(transformer) is not None:
         raise ValueError("invardiff is already enabled on this transformer; call invardiff.disable(...) first.")
-    refused = foreign.refusal(transformer, "Cannot enable invardiff")
+    refused = foreign.refusal(transformer, "Cannot enable invardiff") or foreign.offload_refusal(transformer)
     if refused is not None:
         raise ValueError(refused)
     load_builtin_policies()

@@ -45,8 +45,9 @@ class UnitSlot:
 class BlockSlot:
     """What a block's adapter needs for the probe: its per-sample arguments and the layout of its output."""
 
-    def __init__(self, engine, block, per_sample_args: tuple[str, ...], image_output: int | None):
+    def __init__(self, engine, block, per_sample_args: tuple[str, ...], image_output: int | None, first: bool):
         self.engine = engine
+        self.first = first  # the first block in execution order: in a run its mode is never INACTIVE
         self.image_output = image_output  # index of the image stream in the block's output tuple, None: a tensor
         self.per_sample_args = per_sample_args
         self.passthrough = _passthrough_layout(block, image_output)
@@ -135,12 +136,23 @@ def _after_probe(module, output):
     return output if decision.compute_rows is None else take_rows(output, decision.compute_rows)
 
 
+@torch.compiler.disable
+def _bypassed(module):
+    raise RuntimeError(
+        f"invardiff is enabled on this transformer, but its {type(module).__name__} ran outside an invardiff call: "
+        f"something replaced the transformer's forward after invardiff.enable (cache-dit's enable_cache does), "
+        f"so invardiff would silently not run. Remove it (cache_dit.disable_cache(pipe)), or invardiff.disable(...)."
+    )
+
+
 # ----- the adapter classes -----
 def _unit_class(base: type) -> type:
     base_forward = base.forward
 
     def forward(self, *args, **kwargs):
-        mode = self._invardiff_mode
+        mode = getattr(self, "_invardiff_mode", INACTIVE)  # gone after disable: a hook added later kept this forward
+        if mode == INACTIVE and getattr(self, "_invardiff_slot", None) is not None:
+            _bypassed(self)
         if mode == REUSE:
             return _reused_output(self)
         output = base_forward(self, *args, **kwargs)
@@ -155,7 +167,7 @@ def _passthrough_class(base: type) -> type:
     base_forward = base.forward
 
     def forward(self, *args, **kwargs):
-        mode = self._invardiff_mode
+        mode = getattr(self, "_invardiff_mode", INACTIVE)  # gone after disable: a hook added later kept this forward
         if mode == REUSE:
             return args[0]  # the unit's producer already returned the cached final output
         output = base_forward(self, *args, **kwargs)
@@ -170,7 +182,9 @@ def _block_class(base: type) -> type:
     base_forward = base.forward
 
     def forward(self, *args, **kwargs):
-        mode = self._invardiff_mode
+        mode = getattr(self, "_invardiff_mode", INACTIVE)  # gone after disable: a hook added later kept this forward
+        if mode == INACTIVE and getattr(self, "_invardiff_slot", None) is not None and self._invardiff_slot.first:
+            _bypassed(self)  # in a run the first block always records the input
         if mode & SKIP:
             return _identity(self, args, kwargs)
         if mode & INPUT:
@@ -203,10 +217,12 @@ def adapt(module: torch.nn.Module, kind: str, slot) -> None:
     if patched is not None and is_own_forward(module, patched):
         del module.forward  # a hook library's leftover binding of the class's own forward: no behaviour of its own
     elif patched is not None:
+        hooks = list(getattr(vars(module).get("_diffusers_hook"), "_hook_order", []))
+        found = f"the diffusers hooks {hooks}" if hooks else "a forward patched by another library"
         raise ValueError(
-            f"{type(module).__name__} at this position already has a patched forward (another hook or cache, e.g. "
-            f"diffusers' enable_cache, TaylorSeer or group offloading, installed before invardiff); remove it first "
-            f"or enable invardiff before it."
+            f"{type(module).__name__} at this position already carries {found}, installed before invardiff (group "
+            f"offloading, layerwise casting or a cache). Enable invardiff first and install it afterwards (group "
+            f"offloading works in that order), or remove it."
         )
     if hasattr(type(module), "_invardiff_base"):
         raise ValueError(f"{type(module).__name__} is already adapted by invardiff.")

@@ -68,3 +68,18 @@ def refusal(transformer: torch.nn.Module, when: str) -> str | None:
         f"{when}, {type(transformer).__name__} also carries another cache: {'; '.join(found)}. Two caches on one "
         f"transformer skip each other's work; remove the other cache, or call invardiff.disable(...) to use it."
     )
+
+
+def offload_refusal(transformer: torch.nn.Module) -> str | None:
+    """Why invardiff cannot be enabled under accelerate's model offloading installed first, or ``None``.
+
+    ``enable_model_cpu_offload`` re-installs its hook at the end of every pipeline call around the forward it
+    saved when it was first installed: installed before invardiff, that is the stock forward, and from the second
+    call on invardiff would silently not run. Installed after invardiff it wraps invardiff's forward and works."""
+    if "_hf_hook" not in vars(transformer):
+        return None
+    return (
+        f"Cannot enable invardiff: {type(transformer).__name__} already carries accelerate's offloading hook "
+        f"(enable_model_cpu_offload), which would drop invardiff at the end of the first pipeline call. Call "
+        f"pipe.remove_all_hooks(), enable invardiff, then pipe.enable_model_cpu_offload()."
+    )

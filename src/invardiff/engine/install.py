@@ -113,7 +113,8 @@ def _adapt_blocks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
     for spec in family.block_lists:
         for block in getattr(transformer, spec.attr):
             index = len(blocks)  # block position in execution order
-            adapters.adapt(block, "block", adapters.BlockSlot(engine, block, spec.per_sample_args, spec.image_output))
+            slot = adapters.BlockSlot(engine, block, spec.per_sample_args, spec.image_output, first=index == 0)
+            adapters.adapt(block, "block", slot)
             blocks.append(block)
             roles.append((adapters.INPUT if index == 0 else 0) | (adapters.PROBE if index == depth - 1 else 0))
     engine.blocks, engine.block_roles, engine.deep_blocks = blocks, roles, blocks[depth:]
