@@ -1,0 +1,140 @@
+"""Options and handlers of the scale-out commands: ``generate`` over many items (one process or a Ray pool) and
+``calibrate --ray``. The work is done by :mod:`invardiff.scale`; this module parses, reports progress and prints."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_ray_options(parser, what: str) -> None:
+    group = parser.add_argument_group("Ray (pip install 'invardiff[ray]')")
+    group.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help=f"{what} on a Ray actor pool: --ray alone starts a local Ray; --ray auto joins the cluster of "
+        "`ray start`; --ray ray://HEAD:10001 connects through Ray Client",
+    )
+    group.add_argument(
+        "--workers", type=_positive, default=1, help="Ray actors (default 1), each loads the model once"
+    )
+    group.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs of each actor (its torch threads)")
+    group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs of each actor (it then runs on cuda)")
+
+
+def add_generate_options(parser, item_group) -> None:
+    """``generate`` over many items: --prompts FILE or --classes LIST (beside --prompt / --class) and --seeds."""
+    item_group.add_argument("--prompts", help="many images: a text file, one prompt per line (Flux models)")
+    item_group.add_argument("--classes", help="many images: comma-separated class ids (DiT models), e.g. 0,3,5")
+    parser.add_argument(
+        "--seeds",
+        help="with --prompts / --classes: comma-separated seeds, every input with every seed (default: --seed); "
+        "one image per (input, seed), named by both, skipped when the output directory's manifest has it",
+    )
+    add_ray_options(parser, "generate")
+
+
+def wants_many(args) -> bool:
+    return bool(args.prompts or args.classes or args.ray)
+
+
+def generate_many(args) -> int:
+    """``invardiff generate --prompts FILE | --classes LIST [--ray [ADDRESS] --workers N] -o DIR``."""
+    from tqdm import tqdm
+
+    from ..models import get
+    from ..scale import Manifest, PipelineSource, run_local, work_items
+    from .commands import int_list, read_prompts
+    from .policy_args import policy_config
+
+    entry = get(args.model)
+    if args.batch != 1:
+        raise ValueError("--batch applies to one --prompt / --class; with many items use --seeds (one call each).")
+    inputs = _inputs(args, entry, read_prompts, int_list)
+    seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
+    items = work_items(inputs, seeds)
+    config = policy_config(args, entry.family)
+    source = PipelineSource("bundled", args.model, _worker_device(args))
+    done = len(items) - len(Manifest(args.output).pending(items))
+    with tqdm(total=len(items), initial=done, desc=f"generate {args.model}", unit="item") as bar:
+        progress = lambda item: bar.update(1)  # noqa: E731
+        if args.ray is None:
+            report = run_local(source, items, args.output, config, args.steps, progress)
+        else:
+            from ..scale.ray_pool import generate_on_ray
+
+            options = {"steps": args.steps, "progress": progress, **_pool_options(args)}
+            report = generate_on_ray(source, items, args.output, config, **options)
+    where = "this process" if args.ray is None else f"{report.workers} Ray worker(s)"
+    print(
+        f"wrote {report.generated} image(s) to {report.output} ({report.skipped} already there), manifest "
+        f"{Path(report.output) / 'manifest.jsonl'}; {report.items_per_second:.2f} items/s on {where}"
+    )
+    return 0
+
+
+def _inputs(args, entry, read_prompts, int_list) -> list:
+    prompt_model = entry.inputs == "prompt"
+    if prompt_model and (args.classes or args.class_id is not None):
+        raise ValueError(f"{entry.name} takes prompts (--prompt TEXT or --prompts FILE), not class ids.")
+    if not prompt_model and (args.prompts or args.prompt is not None):
+        raise ValueError(f"{entry.name} takes class ids (--class N or --classes LIST), not prompts.")
+    if args.prompts:
+        return read_prompts(args.prompts)
+    if args.classes:
+        return int_list(args.classes, "--classes")
+    return [args.prompt if prompt_model else args.class_id]
+
+
+def _pool_options(args) -> dict:
+    return {
+        "workers": args.workers,
+        "address": None if args.ray == "local" else args.ray,
+        "cpus_per_worker": args.cpus_per_worker,
+        "gpus_per_worker": args.gpus_per_worker,
+    }
+
+
+def check_ray_options(args) -> None:
+    """``--workers`` and the per-worker resources mean nothing without ``--ray``: refuse them rather than run one
+    process while the user expects several."""
+    if args.ray is None and (args.workers != 1 or args.cpus_per_worker != 1 or args.gpus_per_worker != 0):
+        raise ValueError("--workers, --cpus-per-worker and --gpus-per-worker need --ray [ADDRESS].")
+
+
+def ray_calibration(args):
+    """``calibrate`` with its runs on Ray workers: the function to call instead of
+    :func:`invardiff.calibration.calibrate`, loading the same pipeline as the driver in every worker (the driver
+    sizes the batches; the workers record them)."""
+    from ..scale import PipelineSource
+    from ..scale.calibrate import calibrate_on_ray
+
+    device = _worker_device(args)
+    if getattr(args, "model", None):
+        source = PipelineSource("bundled", args.model, device)
+    elif args.model_config:
+        source = PipelineSource("model_config", args.model_config, device)
+    else:
+        source = PipelineSource("pretrained", args.pipeline, device)
+
+    def run(pipe, **kwargs):
+        return calibrate_on_ray(pipe, source, **_pool_options(args), **kwargs)
+
+    return run
+
+
+def _worker_device(args) -> str:
+    # A Ray actor sees only the GPUs it was given, as cuda:0...; without GPUs it runs where --device says.
+    return "cuda" if args.gpus_per_worker else getattr(args, "device", "cpu")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
