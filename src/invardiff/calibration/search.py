@@ -135,6 +135,7 @@ class _Search:
         self.budget = self.T * flops.full_step / config.speedup
         self.units = self._unit_streams() if config.reuse_units else []
         self.step_error = functools.lru_cache(maxsize=None)(self._step_error)
+        self.unit_error = functools.lru_cache(maxsize=None)(self._unit_error)  # shared by every step schedule
 
     def _unit_streams(self) -> list[tuple[str, str, int, str, float]]:
         streams = []
@@ -148,6 +149,9 @@ class _Search:
     # ----- errors -----
     def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
         return _reuse(self.stats, STEP_STREAM, previous, anchor, t, self.config.extrapolate_steps, self.run_limit)
+
+    def _unit_error(self, stream: str, previous, anchor: int, t: int) -> tuple[float, float]:
+        return _reuse(self.stats, stream, previous, anchor, t, self.config.extrapolate_units, self.run_limit)
 
     # ----- steps -----
     def step_schedules(self) -> dict[int, tuple[float, list[int], dict[int, float]]]:
@@ -258,7 +262,7 @@ class _Search:
         if counts is None:
             return None
         cost = sum(curves[i][2][count] for i, count in enumerate(counts))
-        choices = {curves[i][0]: curves[i][3][count] for i, count in enumerate(counts) if count}
+        choices = {curves[i][0]: curves[i][3](count) for i, count in enumerate(counts) if count}
         return cost, choices
 
     def _plan(self, computed: list[int], step_coefficients: dict[int, float], unit_choices: dict) -> CachePlan:
@@ -328,49 +332,63 @@ def _reuse(stats: TrajectoryStats, stream: str, previous, anchor: int, t: int, e
 
 
 def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
-    """Dynamic programming over the computed steps of one unit stream: for each reuse count r, the least error
-    and the reused steps with their coefficients. States: (computed step before the anchor, anchor)."""
+    """Dynamic programming over the computed steps of one unit stream: for each reuse count r, the least error,
+    and a function giving the reused steps (with their coefficients) of count r. States: (computed step before the
+    anchor, anchor); backpointers per state and count keep the work linear in the number of counts."""
     stats, config, limit = search.stats, search.config, search.run_limit
     extrapolate = config.extrapolate_units
-    eligible = [s >= config.warmup_steps and s != search.T - 1 for s in computed]
     size = len(computed) + 1
-    inf = math.inf
-    # table[key] = (costs (size,), history: list per r of {step: coefficient})
-    table = {(None, computed[0]): (np.full(size, inf), [None] * size)}
-    table[None, computed[0]][0][0] = 0.0
-    table[None, computed[0]][1][0] = {}
+    start = np.full(size, math.inf)
+    start[0] = 0.0
+    keys, costs = [(None, computed[0])], [start]
+    ones, zeros = np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
+    history = []  # per position: (parent index (K, size), reused (K, size), coefficient per parent index)
     for index in range(1, len(computed)):
         s = computed[index]
-        new: dict = {}
+        eligible = s >= config.warmup_steps and s != search.T - 1
+        slots: dict = {}
+        new_costs, parents, reused, coefficients = [], [], [], {}
 
-        def offer(key, costs, history):
-            current = new.get(key)
-            if current is None:
-                new[key] = (costs.copy(), list(history))
+        def offer(key, values, parent: int, reuse: bool):
+            slot = slots.get(key)
+            if slot is None:
+                slots[key] = len(new_costs)
+                new_costs.append(values.copy())
+                parents.append(np.full(size, parent))
+                reused.append((ones if reuse else zeros).copy())
                 return
-            better = costs < current[0]
-            current[0][better] = costs[better]
-            for r in np.flatnonzero(better):
-                current[1][r] = history[r]
+            better = values < new_costs[slot]
+            new_costs[slot][better] = values[better]
+            parents[slot][better] = parent
+            reused[slot][better] = reuse
 
-        for (previous, anchor), (costs, history) in table.items():
+        for parent, ((previous, anchor), values) in enumerate(zip(keys, costs, strict=True)):
             keep = extrapolate and s + 1 - anchor <= stats.window
-            offer((anchor if keep else None, s), costs, history)  # compute at s
-            if eligible[index] and s - anchor <= limit:
-                error, coefficient = _reuse(stats, stream, previous, anchor, s, extrapolate, limit)
-                shifted = np.full(size, inf)
-                shifted[1:] = costs[:-1] + error
-                moved = [None] + [None if h is None else {**h, s: coefficient} for h in history[:-1]]
-                offer((previous, anchor), shifted, moved)
-        table = new
-    best = np.full(size, inf)
-    chosen: list = [None] * size
-    for costs, history in table.values():
-        better = costs < best
-        best[better] = costs[better]
-        for r in np.flatnonzero(better):
-            chosen[r] = history[r]
-    return best, chosen
+            offer((anchor if keep else None, s), values, parent, False)  # compute at s
+            if eligible and s - anchor <= limit:
+                error, coefficients[parent] = search.unit_error(stream, previous, anchor, s)
+                shifted = np.full(size, math.inf)
+                shifted[1:] = values[:-1] + error
+                offer((previous, anchor), shifted, parent, True)
+        keys = sorted(slots, key=slots.get)
+        costs = new_costs
+        history.append((np.stack(parents), np.stack(reused), coefficients))
+    stacked = np.stack(costs)  # (K, size)
+    best_key = stacked.argmin(axis=0)
+    best = stacked[best_key, np.arange(size)]
+
+    def reuses(r: int) -> dict[int, float]:
+        chosen, key = {}, int(best_key[r])
+        for index in range(len(computed) - 1, 0, -1):
+            parents, reused, coefficients = history[index - 1]
+            parent = int(parents[key, r])
+            if reused[key, r]:
+                chosen[computed[index]] = coefficients[parent]
+                r -= 1
+            key = parent
+        return chosen
+
+    return best, reuses
 
 
 def _allocate(curves, need: float):
