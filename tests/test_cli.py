@@ -88,7 +88,7 @@ def test_bench_engine_json_on_the_tiny_full_depth_models(schedule, tmp_path, cap
     assert result["efficiency"] == pytest.approx(result["measured_speedup"] / result["ideal_speedup"])
     assert result["ideal_speedup"] > 1.5  # FLOP-counted: 17 of 28 steps skip the whole block stack
     assert 0 < result["peak_cache_bytes"] <= result["all_outputs_bytes"]
-    assert (tmp_path / "bench-engine-tiny-cpu.md").read_text().count("flux/fast") == 1
+    assert (tmp_path / "bench-engine-tiny-cpu.md").read_text().count("| flux/fast |") == 1
 
 
 def test_version_and_help_do_not_import_the_bench_stack():

@@ -28,11 +28,12 @@ def test_bundled_model_loads_offline_and_is_deterministic(name, no_network):
     entry = get(name)
     pipe = load(name)
     item = entry.examples[0]
-    first = pipe(**entry.call_kwargs(item, seed=3, num_inference_steps=6)).images
-    second = pipe(**entry.call_kwargs(item, seed=3, num_inference_steps=6)).images
-    other = pipe(**entry.call_kwargs(item, seed=4, num_inference_steps=6)).images
-    first, second, other = (torch.as_tensor(np.asarray(x)) for x in (first, second, other))
-    expected = (1, 3, 32, 32) if entry.family == "flux" else (1, 16, 16, 1)
+    field = "frames" if entry.family == "wan" else "images"  # video pipelines return frames
+    first, second, other = (
+        torch.as_tensor(np.asarray(getattr(pipe(**entry.call_kwargs(item, seed=seed, num_inference_steps=6)), field)))
+        for seed in (3, 3, 4)
+    )
+    expected = {"flux": (1, 3, 32, 32), "dit": (1, 16, 16, 1), "wan": (1, 8, 3, 32, 32)}[entry.family]
     assert tuple(first.shape) == expected
     assert torch.equal(first, second) and not torch.equal(first, other)
 
@@ -58,7 +59,7 @@ def test_generate_with_a_plan_writes_image_and_summary(tmp_path, capsys):
     invardiff.CachePlan.reuse_nothing(facts, 10).save(plan_path)
     args = ["generate", "--model", "dit-digits", "--class", "3", "--seed", "1", "--plan", str(plan_path)]
     assert main([*args, "-o", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "dit-digits-seed1-plan.summary.json").read_text())
     assert summary["branches"]["default"]["steps_computed"] == 10
     assert (tmp_path / "dit-digits-seed1-plan.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["generate", "--model", "dit-digits", "--prompt", "a cat", "-o", str(tmp_path)]) == 2
@@ -106,7 +107,7 @@ def test_flux_shapes_pipeline_takes_prompts_offline(no_network):
 def test_generate_with_dicache_and_plan_probe_policies(tmp_path, capsys):
     base = ["generate", "--model", "dit-digits", "--class", "3", "--steps", "10"]
     assert main([*base, "--policy", "dicache", "--threshold", "0.5", "--batch", "2", "-o", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "dit-digits-seed0-dicache.summary.json").read_text())
     assert summary["policy"]["policy"] == "dicache" and summary["policy"]["threshold"] == 0.5
     decisions = summary["branches"]["default"]["probe"]["decision"]
     assert len(decisions) == 10 and len(decisions[0]) == 4  # 2 images x (cond, uncond) rows, each decided alone

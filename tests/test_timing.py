@@ -95,3 +95,24 @@ def test_timed_synchronizes_a_cuda_device_before_and_after_the_timed_region(monk
     events.clear()
     timing.timed(lambda: events.append("run"), "cpu")
     assert events == ["run"]  # nothing to wait for on the CPU
+
+
+def test_speedup_figures_report_spread_and_warn_only_when_the_rounds_do_not_support_the_figure(caplog):
+    from invardiff.bench.timing import speedup_figures
+
+    quiet = speedup_figures([3.0, 3.2, 3.1], ideal=3.4, label="quiet")
+    assert quiet["measured_speedup"] == 3.1 and quiet["round_speedups"] == [3.0, 3.2, 3.1]
+    assert quiet["spread"] == pytest.approx(0.2 / 3.1) and quiet["timing_warnings"] == []
+    # One round ran while another job took the CPU: the rounds disagree (spread 8.6 / 3.1 > 25%).
+    loaded = speedup_figures([3.0, 11.7, 3.1], ideal=3.4, label="loaded")
+    assert len(loaded["timing_warnings"]) == 1 and "the rounds disagree" in loaded["timing_warnings"][0]
+    assert "rerun on an idle machine" in loaded["timing_warnings"][0]
+    # Two of three rounds: the median itself is implausible against the FLOP-ideal 3.4x (the README's 39.71x case).
+    implausible = speedup_figures([39.7, 38.9, 40.1], ideal=3.4, label="implausible")
+    assert implausible["timing_warnings"] == [
+        w for w in implausible["timing_warnings"] if "exceeds the FLOP-ideal 3.40x" in w
+    ] and len(implausible["timing_warnings"]) == 1
+    # Within 10% above ideal is noise, not a warning; half the rounds' range widens the allowance.
+    assert speedup_figures([3.7, 3.7, 3.7], ideal=3.4)["timing_warnings"] == []
+    assert len(speedup_figures([3.8, 3.8, 3.8], ideal=3.4)["timing_warnings"]) == 1
+    assert [r.levelname for r in caplog.records].count("WARNING") == 3  # also logged

@@ -1,45 +1,58 @@
-"""invardiff: training-free caching for diffusion transformers on diffusers (InvarDiff cache plans, DiCache)."""
+"""invardiff: training-free caching for diffusion transformers on diffusers (InvarDiff cache plans, DiCache).
+
+Every public name is imported on first use (PEP 562), so that ``import invardiff`` and ``invardiff --help`` do not
+pull torch and diffusers in; submodules (``invardiff.models``, ``invardiff.metrics``, ...) load on first access too.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from ._version import __version__
-from .api import cache_context, disable, enable, enabled, is_enabled, reset, summary
-from .engine import CachePolicy, EngineError, EngineSummary, register_policy
-from .official import convert_official_book
-from .plan import CachePlan, ModelFacts, PlanError
-from .policies.interval import IntervalConfig
-from .policies.plan import PlanConfig
-from .stats import ideal_speedup, plan_summary
+
+
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "cache_context": "api",
+    "disable": "api",
+    "enable": "api",
+    "enabled": "api",
+    "is_enabled": "api",
+    "reset": "api",
+    "summary": "api",
+    "CachePolicy": "engine",
+    "EngineError": "engine",
+    "EngineSummary": "engine",
+    "register_policy": "engine",
+    "convert_official_book": "official",
+    "CachePlan": "plan",
+    "ModelFacts": "plan",
+    "PlanError": "plan",
+    "IntervalConfig": "policies.interval",
+    "PlanConfig": "policies.plan",
+    "ideal_speedup": "stats",
+    "plan_summary": "stats",
+    "DiCacheConfig": "dicache",  # `import invardiff.engine` imports no probe policy
+    "PlanProbeConfig": "dicache",
+}
 
 
 def __getattr__(name: str):
-    # The DiCache configs are imported on first use, so that `import invardiff.engine` imports no probe policy.
-    if name in ("DiCacheConfig", "PlanProbeConfig"):
-        from . import dicache
-
-        return getattr(dicache, name)
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    if not name.startswith("_"):
+        try:  # a submodule: `import invardiff; invardiff.models.load(...)`
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'invardiff' has no attribute {name!r}")
 
 
-__all__ = [
-    "CachePlan",
-    "CachePolicy",
-    "DiCacheConfig",
-    "EngineError",
-    "EngineSummary",
-    "IntervalConfig",
-    "ModelFacts",
-    "PlanConfig",
-    "PlanProbeConfig",
-    "PlanError",
-    "__version__",
-    "cache_context",
-    "convert_official_book",
-    "disable",
-    "enable",
-    "enabled",
-    "ideal_speedup",
-    "is_enabled",
-    "plan_summary",
-    "register_policy",
-    "reset",
-    "summary",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+__all__ = sorted([*_PUBLIC, "__version__"])

@@ -15,8 +15,7 @@ from .bench.timing import Variant, measure_rounds, whole_run
 from .calibration import calibrate
 from .families import INPUT_KINDS
 from .flops import profile_flops
-from .metrics import fidelity
-from .model_configs import ModelConfig
+from .metrics import output_fidelity
 from .models import registry
 from .stats import ideal_speedup
 
@@ -30,6 +29,12 @@ CALIBRATION = {
         "a yellow square on the top, black background",
     ],
     "dit-digits": [1, 2, 4, 6, 7, 9],
+    "wan-motion": [
+        "a green circle moving up fast",
+        "a red square moving down slow",
+        "a blue circle moving left slow",
+        "a yellow square moving right fast",
+    ],
 }
 
 
@@ -39,16 +44,25 @@ def run_demo(
     seeds: list[int],
     rounds: int = 3,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Returns the report and the images (``full``, ``cached``: (N, C, H, W) in [0, 1], examples x seeds)."""
+    """Returns the report and the images (``full``, ``cached``: (N, C, H, W) in [0, 1], examples x seeds; a video
+    model's clips are (N, F, C, H, W) and its report has the video metrics of :func:`~invardiff.metrics.video_fidelity`).
+
+    ``progress(phase, done)`` is called when a phase starts, with its name and the number of phases done (of
+    ``rounds + 3``: calibration, warm-up, the rounds, metrics)."""
     entry = registry.get(name)
     pipe = registry.load(name, device)
-    note = progress or (lambda message: None)
-    note("calibrating")
+    note = progress or (lambda phase, done: None)
+    note("calibrating (2 full-compute passes)", 0)
     inputs = {INPUT_KINDS[entry.inputs].calibrate_arg: CALIBRATION[name]}
-    plan, rates = calibrate(
-        pipe, num_inference_steps=entry.num_inference_steps, thresholds=preset_name, seeds=[0], **inputs
+    plan, rates = calibrate(  # one run per calibration input, each with its own noise (seeds 0, 1, ...)
+        pipe,
+        num_inference_steps=entry.num_inference_steps,
+        thresholds=preset_name,
+        seed=0,
+        pipeline_kwargs=entry.pipeline_kwargs or None,  # a video model's clip size and frame count
+        **inputs,
     )
     cases = [(item, seed) for seed in seeds for item in entry.examples]
 
@@ -70,19 +84,21 @@ def run_demo(
             Variant("cached", generate("cached"), start=lambda: api.enable(pipe, plan), finish=detach),
         ],
         rounds,
-        on_round=lambda index: note("warm-up" if index == 0 else f"round {index}/{rounds}"),
+        on_start=lambda index: note("warm-up" if index == 0 else f"round {index}/{rounds}", index + 1),
     )
+    note("metrics", rounds + 2)
     full, cached, summary = outputs["full"], outputs["cached"], summaries["cached"]
-    flops = profile_flops(_model_config(name, pipe))
+    flops = profile_flops(entry.model_config())
+    ideal = ideal_speedup(plan, flops)
     report = {
         "model": name,
         "preset": preset_name,
         "num_inference_steps": entry.num_inference_steps,
         "cases": [{"input": item, "seed": seed} for item, seed in cases],
-        "measured_speedup": times.median_ratio("full", "cached"),
-        "ideal_speedup": ideal_speedup(plan, flops),
+        **times.speedup("full", "cached", ideal, label=f"demo {name}"),  # with its per-round spread and warnings
+        "ideal_speedup": ideal,
         "seconds": {"full": times.median_seconds("full"), "cached": times.median_seconds("cached")},
-        **fidelity(cached, full),
+        **output_fidelity(cached, full),
         "steps_step_cached": int(plan.step_cache.sum()),
         "peak_cache_bytes": summary.peak_cache_bytes,
         "plan_provenance": plan.provenance,
@@ -91,30 +107,41 @@ def run_demo(
     return report, {"full": full, "cached": cached, "plan": plan, "rates": rates}
 
 
-def _generate(pipe, entry, cases) -> torch.Tensor:
+def _generate(pipe, entry, cases, batch: int = 1) -> torch.Tensor:
+    """The images of ``cases`` ((input, seed) pairs), ``batch`` of them per pipeline call, each from its own
+    seeded generator: (N, C, H, W) in [0, 1]."""
     images = []
-    for item, seed in cases:
-        output = pipe(**entry.call_kwargs(item, seed)).images
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        kwargs = entry.call_kwargs(*chunk[0])
+        if len(chunk) > 1:
+            kwargs[INPUT_KINDS[entry.inputs].pipeline_arg] = [item for item, _ in chunk]
+            kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
+        result = pipe(**kwargs)
+        output = result.frames if hasattr(result, "frames") else result.images  # video pipelines: (B, F, C, H, W)
         images.append(torch.as_tensor(np.asarray(output)) if not torch.is_tensor(output) else output)
-    batch = torch.cat(images)
-    if batch.shape[-1] in (1, 3) and batch.shape[1] not in (1, 3):  # numpy layout (B, H, W, C)
-        batch = batch.permute(0, 3, 1, 2)
-    return batch.float().clamp(0, 1)
-
-
-def _model_config(name: str, pipe) -> ModelConfig:
-    entry = registry.get(name)
-    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
-    return ModelConfig.from_transformer_config(name, entry.family, config, **entry.call_shape)
+    batch_images = torch.cat(images)
+    if batch_images.shape[-1] in (1, 3) and batch_images.shape[1] not in (1, 3):  # numpy layout (B, H, W, C)
+        batch_images = batch_images.permute(0, 3, 1, 2)
+    return batch_images.float().clamp(0, 1)
 
 
 def write_report(report: dict, images: dict, out: Path) -> dict[str, Path]:
+    """Write the demo's outputs into ``out``: ``report.json``, ``report.md``, the labelled ``grid.png`` (a video
+    model: ``clips.gif``, full compute and the plan side by side, and the frame strip ``frames.png``), and the
+    calibrated ``plan.json`` with its ``plan.rates.npz`` (for ``invardiff generate --plan``, ``build-plan``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     images["plan"].save(out / "plan.json")
     images["rates"].save(out / "plan.rates.npz")
-    grid = out / "grid.png"
-    _save_grid(images["full"], images["cached"], grid)
+    if images["full"].ndim == 5:
+        pictures = _save_clips(images["full"], images["cached"], report, out)
+        layout = "clips.gif: top row full compute, bottom row with the plan; frames.png: every frame of each clip"
+    else:
+        pictures = {"grid": out / "grid.png"}
+        save_labelled_grid(images["full"], images["cached"], report, pictures["grid"])
+        layout = "Grid: top row full compute, bottom row with the plan"
+    rounds = ", ".join(f"{r:.2f}x" for r in report["round_speedups"])
     lines = [
         f"# invardiff demo: {report['model']} ({report['preset']} preset, {report['num_inference_steps']} steps)",
         "",
@@ -125,18 +152,96 @@ def write_report(report: dict, images: dict, out: Path) -> dict[str, Path]:
         f"{report['lpips']:.4f} / {report['worst']['lpips']:.4f} |",
         "",
         f"Full compute {report['seconds']['full']:.2f} s, with the plan {report['seconds']['cached']:.2f} s "
-        f"(medians of {report['rounds']} alternating rounds); {report['steps_step_cached']} of "
-        f"{report['num_inference_steps']} steps step-cached. Grid: top row full compute, bottom row with the plan.",
+        f"(medians of {report['rounds']} alternating rounds; speedup per round {rounds}, spread "
+        f"{report['spread']:.0%} of the median); {report['steps_step_cached']} of {report['num_inference_steps']} "
+        f"steps step-cached. {layout}.",
+        *(f"\n**Timing warning**: {warning}" for warning in report["timing_warnings"]),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"json": out / "report.json", "markdown": out / "report.md", "grid": grid}
+    return {"json": out / "report.json", "markdown": out / "report.md", **pictures}
 
 
-def _save_grid(full: torch.Tensor, cached: torch.Tensor, path: Path, scale: int = 4) -> None:
+def _save_clips(full: torch.Tensor, cached: torch.Tensor, report: dict, out: Path) -> dict[str, Path]:
+    from .video_files import save_frame_strip, save_side_by_side_gif
+
+    title = (
+        f"{report['model']}: measured {report['measured_speedup']:.2f}x (ideal {report['ideal_speedup']:.2f}x), "
+        f"PSNR {report['psnr']:.1f} dB (worst frame {report['worst']['psnr']:.1f})"
+    )
+    rows = [("full compute", full), ("with the plan", cached)]
+    paths = {"gif": out / "clips.gif", "frames": out / "frames.png"}
+    save_side_by_side_gif(rows, paths["gif"], title)
+    save_frame_strip(rows, paths["frames"], title)
+    return paths
+
+
+def save_labelled_grid(full: torch.Tensor, cached: torch.Tensor, report: dict, path: Path, tile: int = 128) -> None:
+    """A PNG: a title with the speedups and PSNR, each column's input (prompt or class) and seed above it, the row
+    labels "full compute" and "with the plan" on the left, and each cached image's PSNR under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    count, height = full.shape[0], full.shape[-2]
+    scale = max(1, tile // height)
+    tile = height * scale
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=11)
+    captions = [_caption(case) for case in report["cases"]]
+    caption_lines = max(len(_wrap(text, small, tile - 6)) for text in captions)
+    left, title_height, caption_height, psnr_height, gap = 150, 48, 14 * caption_lines + 8, 18, 6
+    width = left + count * (tile + gap)
+    canvas = Image.new("RGB", (width, title_height + caption_height + 2 * tile + psnr_height + gap + 8), "white")
+    draw = ImageDraw.Draw(canvas)
+    warned = " (timing warning: see report.md)" if report["timing_warnings"] else ""
+    draw.text(
+        (8, 6),
+        f"{report['model']}, {report['preset']} preset, {report['num_inference_steps']} steps: measured speedup "
+        f"{report['measured_speedup']:.2f}x (ideal {report['ideal_speedup']:.2f}x){warned}",
+        fill="black",
+        font=font,
+    )
+    draw.text(
+        (8, 26),
+        f"PSNR against full compute: mean {report['psnr']:.1f} dB, worst {report['worst']['psnr']:.1f} dB; "
+        f"LPIPS mean {report['lpips']:.3f}",
+        fill="black",
+        font=font,
+    )
+    top = title_height + caption_height
+    rows = [(full, "full compute", None), (cached, "with the plan", report["per_image"]["psnr"])]
+    for row, (batch, label, psnrs) in enumerate(rows):
+        y = top + row * (tile + psnr_height + gap)
+        draw.text((8, y + tile // 2 - 10), label, fill="black", font=font)
+        for column, image in enumerate(batch):
+            x = left + column * (tile + gap)
+            canvas.paste(_to_pil(image, scale), (x, y))
+            if psnrs is not None:
+                draw.text((x + 2, y + tile + 2), f"PSNR {psnrs[column]:.1f} dB", fill="black", font=small)
+    for column, text in enumerate(captions):
+        x = left + column * (tile + gap)
+        for line_index, line in enumerate(_wrap(text, small, tile - 6)):
+            draw.text((x + 2, title_height + 14 * line_index), line, fill="black", font=small)
+    canvas.save(path)
+
+
+def _caption(case: dict) -> str:
+    item = case["input"]
+    return f"{item}, seed {case['seed']}" if isinstance(item, str) else f"class {item}, seed {case['seed']}"
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line]
+
+
+def _to_pil(image: torch.Tensor, scale: int):
     from PIL import Image
 
-    rows = [torch.cat(list(batch), dim=-1) for batch in (full, cached)]  # (C, H, N*W)
-    grid = torch.cat(rows, dim=-2)
-    grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
-    array = (grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+    image = torch.nn.functional.interpolate(image[None].float().cpu(), scale_factor=scale, mode="nearest")[0]
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB")

@@ -58,28 +58,34 @@ SEARCH_WINDOW = 6
 CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
 
 
-def sweep_inputs(target: SweepTarget, seeds: list[int], device: str = "cpu") -> SweepInputs:
+def sweep_inputs(
+    target: SweepTarget, seeds: list[int], device: str = "cpu", cases: list[tuple] | None = None, batch: int = 1
+) -> SweepInputs:
+    """The evaluation images: every example with every seed, or the given (input, seed) ``cases``; ``batch`` images
+    per pipeline call."""
     entry = target.entry
-    cases = [(item, seed) for seed in seeds for item in entry.examples]
+    cases = cases or [(item, seed) for seed in seeds for item in entry.examples]
     return SweepInputs(
         model=target.name,
         load_pipeline=target.load,
-        generate=lambda pipe: _generate(pipe, entry, cases),
+        generate=lambda pipe: _generate(pipe, entry, cases, batch),
         cases=[{"input": item, "seed": seed} for item, seed in cases],
         device=torch.device(device),
     )
 
 
 def _calibrate(target: SweepTarget, thresholds):
-    seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
-    pipe = target.load()
+    # One run per calibration input, each with its own noise (seeds seed, seed + 1, ...), unless the target
+    # gives explicit (input, seed) cases.
+    runs = target.calibration_kwargs()
+    if "cases" not in runs:
+        runs["seed"] = 0 if target.calibration != target.entry.examples else CALIBRATION_SEED
     plan, _ = calibrate(
-        pipe,
+        target.load(),
         num_inference_steps=target.entry.num_inference_steps,
         thresholds=thresholds,
-        seeds=seeds,
         pipeline_kwargs=_calibration_guidance(target),
-        **target.calibration_kwargs(),
+        **runs,
     )
     return plan
 

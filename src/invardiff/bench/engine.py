@@ -27,10 +27,10 @@ from .. import api
 from ..families import LazyTable, families
 from ..flops import profile_flops
 from ..model_configs import MODEL_CONFIGS
-from ..official import bundled_books, convert_official_book
 from ..plan import CachePlan
 from ..stats import ideal_speedup
 from .loop import Trajectory
+from .plans import bench_plan
 from .timing import Variant, measure_rounds
 
 
@@ -58,13 +58,14 @@ def bench_family(
     progress: Callable[[str], None] | None = None,
     compile_blocks: bool = False,
 ) -> list[dict]:
-    """Benchmark the official ``books`` (names like ``"flux/fast"``) of one family; one result dict per book.
+    """Benchmark the ``books`` (official books like ``"flux/fast"``, synthetic plans like ``"wan/synthetic-2x"``,
+    ``invardiff.bench.plans``) of one family; one result dict per book.
 
     ``compile_blocks``: every variant, stock included, runs under ``compile_repeated_blocks`` (inductor), so the
     speedup is plan-compiled over stock-compiled; compilation happens in the warm-up round.
     """
     config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
-    plans = {name: convert_official_book(bundled_books()[name], family) for name in books}
+    plans = {name: bench_plan(name, config) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     any_plan = next(iter(plans.values()))
     variants = {"stock": None, "reuse_nothing": CachePlan.reuse_nothing(any_plan.model, steps), **plans}
@@ -92,12 +93,12 @@ def bench_family(
     overhead = times.median_ratio("reuse_nothing", "stock") - 1.0
     results = []
     for name, plan in plans.items():
-        measured = times.median_ratio("stock", name)
         ideal = ideal_speedup(plan, flops)
+        speed = times.speedup("stock", name, ideal, label=f"{name} on {config.name}")
         results.append(
             {
                 "book": name,
-                "source": plan.provenance["source"]["file"],
+                "source": plan.provenance.get("source", {}).get("file", "synthetic"),
                 "model_config": config.name,
                 "device": str(device),
                 "dtype": config.dtype,
@@ -106,9 +107,9 @@ def bench_family(
                 "compiled_graphs": counters["stats"]["unique_graphs"] if compile_blocks else None,
                 "num_steps": steps,
                 "rounds": rounds,
-                "measured_speedup": measured,
+                **speed,
                 "ideal_speedup": ideal,
-                "efficiency": measured / ideal,
+                "efficiency": speed["measured_speedup"] / ideal,
                 "overhead": overhead,
                 "peak_cache_bytes": summaries[name].peak_cache_bytes,
                 "all_outputs_bytes": summaries[name].all_outputs_bytes,

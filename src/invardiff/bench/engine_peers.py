@@ -28,11 +28,12 @@ from diffusers.models.cache_utils import CacheMixin
 from .. import api
 from ..families import get_family
 from ..model_configs import MODEL_CONFIGS
-from ..official import bundled_books, convert_official_book
 from . import peers
 from .block_calls import AttentionCallCounter
 from .engine import BENCH_CONFIGS
 from .loop import Trajectory
+from .plans import bench_plan
+from .report import timing_warnings
 from .sweep import count_flops
 from .timing import Variant, measure_rounds
 
@@ -96,7 +97,7 @@ def bench_peers(
     The peers are diffusers' cache hooks and cache-dit, so the family's transformer must have diffusers'
     ``CacheMixin`` (:func:`peers_can_run`)."""
     config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
-    plans = {name: convert_official_book(bundled_books()[name], family) for name in books}
+    plans = {name: bench_plan(name, config) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     stock = config.build_transformer(device)
     variants = [book_variant(name, plan) for name, plan in plans.items()] + peer_variants(stock, config, steps, device)
@@ -145,7 +146,8 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
     full_flops = counted[full.label][0]
     results = []
     for variant in variants:
-        measured, ideal = times.median_ratio(full.label, variant.label), full_flops / counted[variant.label][0]
+        ideal = full_flops / counted[variant.label][0]
+        speed = times.speedup(full.label, variant.label, ideal, label=f"{variant.label} on {config.name}")
         results.append(
             {
                 "method": variant.method,
@@ -156,9 +158,9 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
                 "device": str(device),
                 "num_steps": steps,
                 "rounds": rounds,
-                "measured_speedup": measured,
+                **speed,
                 "ideal_speedup": ideal,
-                "efficiency": measured / ideal,
+                "efficiency": speed["measured_speedup"] / ideal,
                 "attention_computed": counted[variant.label][1],
                 "median_seconds": {
                     "full": times.median_seconds(full.label),
@@ -182,15 +184,15 @@ def peers_table(results: list[dict], meta: dict) -> str:
         f"{meta['threads']} threads; random weights: speed only). Whole runs alternating with full compute after a "
         "warm-up; medians of per-round ratios; ideal = FLOP ratio of one run; sorted by ideal speedup.",
         "",
-        "| variant | model config | measured speedup | ideal speedup | efficiency | attention computed | full s "
-        "| variant s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | model config | measured speedup | round spread | ideal speedup | efficiency | attention computed "
+        "| full s | variant s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: r["ideal_speedup"]):
         seconds = r["median_seconds"]
         lines.append(
             f"| {r['label']} | {r['model_config']} ({r['dtype']}) | {r['measured_speedup']:.2f}x "
-            f"| {r['ideal_speedup']:.2f}x | {r['efficiency']:.3f} | {r['attention_computed']:.0%} "
+            f"| {r['spread']:.0%} | {r['ideal_speedup']:.2f}x | {r['efficiency']:.3f} | {r['attention_computed']:.0%} "
             f"| {seconds['full']:.2f} | {seconds['variant']:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + timing_warnings(results)) + "\n"

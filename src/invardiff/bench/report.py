@@ -41,16 +41,23 @@ def engine_table(results: list[dict], meta: dict) -> str:
             else ""
         ),
         "",
-        "| book | model config | measured speedup | ideal speedup | efficiency | reuse-nothing overhead "
+        "| book | model config | measured speedup | round spread | ideal speedup | efficiency "
+        "| reuse-nothing overhead "
         "| peak cache | all outputs of a step | stock s | book s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         seconds = r["median_seconds"]
         lines.append(
             f"| {r['book']} | {r['model_config']} ({r['dtype']}) | {r['measured_speedup']:.2f}x "
-            f"| {r['ideal_speedup']:.2f}x | {r['efficiency']:.3f} | {r['overhead']:+.2%} "
+            f"| {r['spread']:.0%} | {r['ideal_speedup']:.2f}x | {r['efficiency']:.3f} | {r['overhead']:+.2%} "
             f"| {r['peak_cache_bytes'] / 2**20:.1f} MiB | {r['all_outputs_bytes'] / 2**20:.1f} MiB "
             f"| {seconds['stock']:.2f} | {seconds[r['book']]:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + timing_warnings(results)) + "\n"
+
+
+def timing_warnings(results: list[dict]) -> list[str]:
+    """Markdown lines after a table: every result's timing warnings (``bench.timing.speedup_figures``)."""
+    warnings = [w for r in results for w in r.get("timing_warnings", [])]
+    return ["", *(f"**Timing warning**: {w}" for w in warnings)] if warnings else []

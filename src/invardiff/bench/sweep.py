@@ -7,7 +7,8 @@ every round; ``timing.measure_rounds``); the measured speedup is the median of t
 speedup is measured, not modelled: the FLOPs of one run under ``torch.utils.flop_counter`` (matmuls and attention)
 against full compute's, which counts what any cache, ours or a peer's, actually skipped. Which work ran is counted
 the same way for every method too (attention computations, ``block_calls.py``), next to a method's own record of
-its steps. Fidelity: PSNR / SSIM / LPIPS of every image against full compute's, on the images' device.
+its steps. Fidelity: PSNR / SSIM / LPIPS of every image against full compute's, on the images' device (a video
+model's: per frame, with clip PSNR and the temporal error, ``metrics.video``).
 
 A point whose own method fails (attaching it, or a run with it attached) is recorded as "cannot run", with the
 reason; any other failure (full compute, the metrics, detaching) is an error and stops the sweep.
@@ -20,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..metrics import fidelity
+from ..flops import flop_counter
+from ..metrics import output_fidelity
 from .block_calls import AttentionCallCounter
 from .timing import Variant, measure_rounds, whole_run
 
@@ -64,7 +65,7 @@ class PointCannotRun(Exception):
 
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, object]:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         result = fn()
     return counter.get_total_flops(), result
 
@@ -141,14 +142,15 @@ def _measure(inputs: SweepInputs, pipe, full: dict, point: OperatingPoint, round
         warmup_rounds=0,
     )
     executed["attention"] = {"computed_fraction": counter.fraction}
+    ideal = full["flops"] / flops
     return {
         "method": point.method,
         "label": point.label,
         "settings": point.settings,
-        "measured_speedup": times.median_ratio("full", "point"),
-        "ideal_speedup": full["flops"] / flops,
+        **times.speedup("full", "point", ideal, label=f"{point.label} on {inputs.model}"),
+        "ideal_speedup": ideal,
         "seconds": {"full": times.median_seconds("full"), "point": times.median_seconds("point")},
-        **fidelity(images["point"], full["images"]),
+        **output_fidelity(images["point"], full["images"]),  # video models: per-frame, clip and temporal
         "executed": executed,
         "rounds": rounds,
     }

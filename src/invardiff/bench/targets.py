@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ class SweepTarget:
     entry: BundledModel
     load: Callable[[], object]
     calibration: tuple
+    calibration_cases: tuple | None = None  # explicit (input, seed) calibration runs instead
 
     @property
     def name(self) -> str:
@@ -33,6 +35,8 @@ class SweepTarget:
         return self.entry.family
 
     def calibration_kwargs(self) -> dict:
+        if self.calibration_cases:
+            return {"cases": list(self.calibration_cases)}
         return {INPUT_KINDS[self.entry.inputs].calibrate_arg: list(self.calibration)}
 
 
@@ -45,18 +49,21 @@ def pipeline_target(
     path: str,
     inputs: list,
     num_inference_steps: int,
-    guidance_scale: float,
+    guidance_scale: float | None,
     device: str = "cpu",
     calibration: list | None = None,
+    calibration_cases: list[tuple] | None = None,
 ) -> SweepTarget:
-    """A saved diffusers pipeline (``save_pretrained`` layout, loaded with ``local_files_only``). ``inputs`` are
-    prompts (Flux) or class ids (DiT); calibration runs on ``calibration`` or, by default, on the same inputs
-    (with other seeds than the evaluation's)."""
-    from diffusers import DiffusionPipeline
+    """A saved diffusers pipeline (``save_pretrained`` layout, loaded with ``local_files_only``; invardiff's own
+    pipeline classes and identity VAE included). ``inputs`` are prompts (Flux) or class ids (DiT); calibration runs
+    on ``calibration_cases`` ((input, seed) pairs), on ``calibration`` or, by default, on the same inputs (with other
+    seeds than the evaluation's). ``guidance_scale`` ``None``: the pipeline's own default (FluxPipeline 3.5,
+    DiTPipeline 4.0)."""
+    from ..models.loading import load_saved_pipeline
 
     @functools.cache
     def load():
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+        pipe = load_saved_pipeline(path)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
 
@@ -66,8 +73,11 @@ def pipeline_target(
     kind = family.pipeline.input_kind
     if (kind == "prompt") != all(isinstance(item, str) for item in inputs):
         raise ValueError(f"{path} is a {family.name} pipeline: give it {INPUT_KINDS[kind].cli_flag}.")
+    if guidance_scale is None:
+        guidance_scale = inspect.signature(type(load()).__call__).parameters["guidance_scale"].default
     name = Path(path).name
     entry = BundledModel(
         name, family.name, "user pipeline", str(path), num_inference_steps, guidance_scale, kind, tuple(inputs)
     )
-    return SweepTarget(entry, load, tuple(calibration or inputs))
+    cases = tuple(map(tuple, calibration_cases)) if calibration_cases else None
+    return SweepTarget(entry, load, tuple(calibration or inputs), cases)

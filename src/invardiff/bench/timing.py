@@ -12,11 +12,15 @@ demo) times them here, the same way:
 * a variant's time in a round is the sum of what its ``step`` returns; timed regions are wrapped by :func:`timed`,
   which synchronizes the device before and after (CUDA launches are asynchronous);
 * the figures are medians over rounds of per-round ratios (:meth:`RoundTimes.median_ratio`), which cancels what
-  a round's conditions do to all variants alike.
+  a round's conditions do to all variants alike;
+* every speedup is reported with how sure it is (:func:`speedup_figures`): the per-round ratios, their spread, and
+  warnings when the rounds disagree or the measured speedup exceeds the FLOP-ideal one by more than the spread
+  allows (another job took the CPU or GPU during some runs), logged and returned for the report.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -25,7 +29,18 @@ from dataclasses import dataclass, field
 import torch
 
 
+logger = logging.getLogger(__name__)
+
 SCHEDULES = ("alternate", "lockstep")
+# Rounds "disagree" when their speedups span more than this fraction of the median: the lockstep and alternating
+# schedules keep the round-to-round spread of a quiet machine near 10-20% on this project's shared CPUs, and a
+# job that starts between rounds moves one round's ratio by far more.
+DISAGREEMENT = 0.25
+# A measured speedup may exceed the FLOP-ideal one by this fraction (or by half the rounds' range, if larger)
+# before it is called implausible: FLOPs count matmuls only, so an efficiency a little above 1 is noise, and far
+# above 1 means the baseline ran on a busier machine than the cached runs.
+ABOVE_IDEAL = 0.10
+RERUN_ADVICE = "rerun on an idle machine (or with more --rounds) before trusting this figure"
 
 
 def timed(fn: Callable[[], object], device: torch.device | str) -> tuple[float, object]:
@@ -82,6 +97,43 @@ class RoundTimes:
     def median_seconds(self, name: str) -> float:
         return median(self.seconds[name])
 
+    def speedup(self, baseline: str, variant: str, ideal: float | None = None, label: str = "") -> dict:
+        """:func:`speedup_figures` of ``variant`` against ``baseline``."""
+        return speedup_figures(self.ratios(baseline, variant), ideal, label or variant)
+
+
+def speedup_figures(ratios: list[float], ideal: float | None = None, label: str = "speedup") -> dict:
+    """A measured speedup with how sure it is, from its per-round ratios.
+
+    Returns ``measured_speedup`` (median ratio), ``round_speedups``, ``spread`` ((max - min) / median of the
+    ratios) and ``timing_warnings``: a sentence each when the rounds disagree (spread > :data:`DISAGREEMENT`), or
+    when the median exceeds ``ideal`` by more than ``max(ABOVE_IDEAL * ideal, (max - min) / 2)``. Warnings are
+    also logged.
+    """
+    measured = median(ratios)
+    spread = (max(ratios) - min(ratios)) / measured
+    shown = ", ".join(f"{r:.2f}x" for r in ratios)
+    warnings = []
+    if len(ratios) > 1 and spread > DISAGREEMENT:
+        warnings.append(
+            f"{label}: the rounds disagree (speedups {shown}, spread {spread:.0%} of the median, more than "
+            f"{DISAGREEMENT:.0%}): the machine's load changed during the measurement; {RERUN_ADVICE}."
+        )
+    if ideal is not None and measured > ideal + max(ABOVE_IDEAL * ideal, (max(ratios) - min(ratios)) / 2):
+        warnings.append(
+            f"{label}: measured {measured:.2f}x exceeds the FLOP-ideal {ideal:.2f}x by more than the rounds' spread "
+            f"allows (rounds: {shown}): full compute ran on a busier machine than the cached runs, or the model is "
+            f"so small that per-call overhead, which FLOPs do not count, dominates; {RERUN_ADVICE}."
+        )
+    for warning in warnings:
+        logger.warning(warning)
+    return {
+        "measured_speedup": measured,
+        "round_speedups": list(ratios),
+        "spread": spread,
+        "timing_warnings": warnings,
+    }
+
 
 def measure_rounds(
     variants: list[Variant],
@@ -91,10 +143,11 @@ def measure_rounds(
     steps: int = 1,
     schedule: str = "alternate",
     on_round: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RoundTimes:
     """Time ``variants`` over ``warmup_rounds + rounds`` rounds (see the module docstring); ``steps`` is how many
-    ``step`` calls make one run. ``on_round(index)`` is called after every round (index < ``warmup_rounds``: a
-    warm-up round)."""
+    ``step`` calls make one run. ``on_start(index)`` is called before and ``on_round(index)`` after every round
+    (index < ``warmup_rounds``: a warm-up round)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
     if rounds < 1:
@@ -104,6 +157,8 @@ def measure_rounds(
         raise ValueError(f"Variant names must be unique, got {names}.")
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup_rounds + rounds):
+        if on_start is not None:
+            on_start(round_index)
         if schedule == "alternate":
             elapsed = _alternate_round(variants, round_index, steps)
         else:

@@ -20,6 +20,9 @@ from .recorder import RateRecorder
 from .thresholds import FAMILY_CALIBRATION, FamilyCalibration, InvarDiffThresholds, preset
 
 
+MIN_STEPS = 3  # rate j compares steps j-1, j, j+1
+
+
 def calibrate(
     pipe,
     *,
@@ -27,7 +30,9 @@ def calibrate(
     thresholds: InvarDiffThresholds | str,
     prompts: list[str] | None = None,
     class_labels: list[int] | None = None,
-    seeds: list[int] = (42,),
+    seeds: list[int] | None = None,
+    seed: int = 42,
+    cases: list[tuple] | None = None,
     batch_size: int | None = None,
     memory_budget: int | None = None,
     offload: str | None = None,
@@ -39,8 +44,11 @@ def calibrate(
 ) -> tuple[CachePlan, CalibrationRates]:
     """Calibrate an InvarDiff plan on ``pipe`` (FluxPipeline with ``prompts``, DiTPipeline with ``class_labels``).
 
-    Every (prompt or class, seed) pair is one calibration run with its own noise; runs are batched
-    ``batch_size`` at a time and measured per sample. Pass 1 measures the change rates with full compute; the
+    The calibration runs: by default one per prompt or class, run ``i`` with seed ``seed + i``, so every run has
+    its own noise (as the official code draws a fresh noise per run; a repeated class is then a new run, not a
+    duplicate); with ``seeds``, every input with every seed; with ``cases``, exactly the given (input, seed) pairs.
+    The provenance records every run's input and seed. Runs are batched ``batch_size`` at a time and measured per
+    sample. Pass 1 measures the change rates with full compute; the
     provisional plan they give drives pass 2, which re-measures them with frozen references inside provisional
     reuse runs (the resampling correction, SPEC.md A.3); the final plan comes from the corrected rates. Cost:
     two full-compute sampling runs per calibration run.
@@ -69,7 +77,13 @@ def calibrate(
     if isinstance(thresholds, str):
         thresholds = preset(family.name, thresholds)
     options = family_options or FAMILY_CALIBRATION[family.name]
-    samples = _samples(family.name, prompts, class_labels, seeds)
+    if num_inference_steps < MIN_STEPS:
+        raise ValueError(
+            f"Calibration needs num_inference_steps >= {MIN_STEPS} (a change rate compares three consecutive steps), "
+            f"got {num_inference_steps}."
+        )
+    samples, seed_rule = _samples(family.name, prompts, class_labels, seeds, seed, cases)
+    check_inputs(pipe, family.name, [item for item, _ in samples])
     facts = ModelFacts.for_family(family.name, family.num_layers(transformer))
     call_kwargs = {
         "num_inference_steps": num_inference_steps,
@@ -112,7 +126,7 @@ def calibrate(
         corrected_modules,
         scheduler=type(pipe.scheduler).__name__,
         epsilon=epsilon,
-        provenance=_provenance(pipe, samples, seeds, call_kwargs),
+        provenance=_provenance(pipe, samples, seed_rule, call_kwargs),
     )
     return rates.build_plan(), rates
 
@@ -144,9 +158,7 @@ def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provision
 
 
 @contextmanager
-def recording(
-    target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None, branches=None
-):
+def recording(target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None, branches=None):
     """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step of
     the CFG ``branches`` (``None``: all); on exit the engine is removed and the recorder's reference features are
     freed (its rates stay)."""
@@ -163,15 +175,52 @@ def recording(
         recorder.release()
 
 
-def _samples(family: str, prompts, class_labels, seeds) -> list[tuple]:
+def _samples(family: str, prompts, class_labels, seeds, seed: int, cases) -> tuple[list[tuple], str]:
+    """The (input, seed) pair of every calibration run, and the rule that made them (for the provenance)."""
+    if cases is not None:
+        if prompts is not None or class_labels is not None or seeds is not None:
+            raise ValueError("Give calibration runs either as cases=[(input, seed), ...] or as inputs and seeds.")
+        samples = [tuple(case) for case in cases]
+        if not samples or any(len(case) != 2 for case in samples):
+            raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r}.")
+        _check_input_kind(family, [item for item, _ in samples])
+        return samples, "cases"
     given = {"prompts": prompts, "class_labels": class_labels}
     wanted = _pipeline(family).inputs.calibrate_arg
     inputs = given.pop(wanted)
     if not inputs or any(given.values()):
         raise ValueError(f"Calibrating a {family} pipeline needs {wanted} (and not the other kind of input).")
+    if seeds is None:
+        return [(item, seed + index) for index, item in enumerate(inputs)], f"per run: seed {seed} + run index"
     if not seeds:
         raise ValueError("Calibration needs at least one seed.")
-    return [(item, seed) for seed in seeds for item in inputs]
+    return [(item, s) for s in seeds for item in inputs], "every input with every seed"
+
+
+def _check_input_kind(family: str, items: list) -> None:
+    wanted = _pipeline(family).inputs.calibrate_arg
+    is_prompt = [isinstance(item, str) for item in items]
+    if (wanted == "prompts" and not all(is_prompt)) or (wanted != "prompts" and any(is_prompt)):
+        kind = "prompts (strings)" if wanted == "prompts" else "class ids (integers)"
+        raise ValueError(f"A {family} pipeline calibrates on {kind}; the cases hold {items!r}.")
+
+
+def check_inputs(pipe, family: str, items: list) -> None:
+    """Refuse class ids the model was not trained on: an index error deep in the model, or silent noise (an
+    untrained embedding row, or DiT's null class one past the last)."""
+    if _pipeline(family).input_kind != "class":
+        return
+    labels = getattr(pipe, "labels", None)  # DiTPipeline's names of the classes it was given (id2label)
+    if labels:
+        num_classes, source = len(set(labels.values())), "its id2label"
+    else:
+        num_classes, source = pipe.transformer.config.num_embeds_ada_norm, "its transformer's num_embeds_ada_norm"
+    bad = [item for item in items if not isinstance(item, int) or not 0 <= item < num_classes]
+    if bad:
+        raise ValueError(
+            f"Class ids {bad} are out of range: this model has {num_classes} classes (0 to {num_classes - 1}, from "
+            f"{source})."
+        )
 
 
 def _default_kwargs(family: str) -> dict:
@@ -191,7 +240,7 @@ def _pipeline(family: str) -> PipelineSpec:
     return spec
 
 
-def _provenance(pipe, samples, seeds, call_kwargs) -> dict:
+def _provenance(pipe, samples, seed_rule: str, call_kwargs) -> dict:
     versions = {"invardiff": __version__, "torch": torch.__version__}
     for package in ("diffusers", "transformers"):
         try:
@@ -200,8 +249,10 @@ def _provenance(pipe, samples, seeds, call_kwargs) -> dict:
             pass
     return {
         "pipeline": type(pipe).__name__,
-        "inputs": [item for item, seed in samples if seed == seeds[0]],
-        "seeds": list(seeds),
+        "inputs": list(dict.fromkeys(item for item, _ in samples)),
+        "seeds": list(dict.fromkeys(seed for _, seed in samples)),
+        "seed_rule": seed_rule,
+        "runs": [[item, seed] for item, seed in samples],
         "num_runs": len(samples),
         "pipeline_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..official import bundled_books, convert_official_book
+from ..official import convert_official_book
 from ..plan import CachePlan
 
 
@@ -22,16 +22,17 @@ def inspect_plan(args) -> int:
     if args.plan is None:
         raise ValueError("inspect needs a plan file (or --calibration-memory with --model-config).")
     plan = CachePlan.load(args.plan)
-    flops = config = None
-    if args.memory and not args.model_config:
-        raise ValueError("--memory needs --model-config (the shapes the memory depends on).")
-    if args.model_config:
+    flops = None
+    config = _inspected_config(args)
+    if args.memory and config is None:
+        raise ValueError("--memory needs --model-config or --model (the shapes the memory depends on).")
+    if config is not None:
         from ..flops import profile_flops
-        from ..model_configs import get_model_config
 
-        config = get_model_config(args.model_config)
         flops = profile_flops(config)
     summary = plan_summary(plan, flops)
+    if config is not None:
+        summary["call_shape"] = _call_shape(config)
     if args.memory:
         from ..memory import cache_memory
 
@@ -52,8 +53,9 @@ def inspect_plan(args) -> int:
             f"{stat['reused_steps_outside_step_cache']}"
         )
     if flops is not None:
+        shape = ", ".join(f"{k} {v}" for k, v in summary["call_shape"].items())
         print(
-            f"ideal speedup on {summary['model_config']}: {summary['ideal_speedup']:.3f}x "
+            f"ideal speedup on {summary['model_config']} ({shape}): {summary['ideal_speedup']:.3f}x "
             f"(FLOPs executed: {summary['compute_fraction']:.1%} of full compute)"
         )
     if args.memory:
@@ -62,6 +64,44 @@ def inspect_plan(args) -> int:
             f"of a step: {summary['all_outputs_bytes'] / 2**30:.3f} GiB)"
         )
     return 0
+
+
+SHAPE_OPTIONS = ("image_tokens", "text_tokens", "batch", "dtype")
+
+
+def _inspected_config(args):
+    """The model config of ``inspect``: named, a config.json (whose assumed call shape is logged), or a bundled
+    model's; ``--image-tokens`` etc. override its call shape."""
+    import dataclasses
+
+    from ..model_configs import MODEL_CONFIGS, get_model_config
+
+    overrides = {k: getattr(args, k) for k in SHAPE_OPTIONS if getattr(args, k) is not None}
+    if args.model and args.model_config:
+        raise ValueError("Give --model NAME (a bundled model) or --model-config, not both.")
+    if args.model:
+        from ..models import registry
+
+        config = registry.get(args.model).model_config()
+    elif args.model_config:
+        config = get_model_config(args.model_config)
+        if args.model_config not in MODEL_CONFIGS and not set(overrides) >= {"image_tokens", "dtype"}:
+            assumed = ", ".join(f"{k} {v}" for k, v in _call_shape(config).items() if k not in overrides)
+            print(
+                f"invardiff inspect: note: {args.model_config} gives no call shape; assumed the {config.family} "
+                f"family's defaults: {assumed} (set --image-tokens, --text-tokens, --batch, --dtype to match your "
+                "runs)",
+                file=sys.stderr,
+            )
+    else:
+        if overrides:
+            raise ValueError(f"--{next(iter(overrides)).replace('_', '-')} needs --model-config or --model.")
+        return None
+    return dataclasses.replace(config, **overrides)
+
+
+def _call_shape(config) -> dict:
+    return {k: getattr(config, k) for k in SHAPE_OPTIONS}
 
 
 def _calibration_memory(args) -> int:
@@ -111,41 +151,58 @@ def plot(args) -> int:
 def calibrate(args) -> int:
     from ..calibration import calibrate as run_calibration
 
-    pipe, family = _load_pipeline(args)
-    thresholds = _thresholds(args, family)
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        inputs = {"prompts": prompts}
+    _use_threads(args)
+    pipe, family, entry = _load_pipeline(args)
+    from .search_commands import calibrate_budget, wants_search
+
+    thresholds = None if wants_search(args) else _thresholds(args, family)
+    steps = args.steps or (entry.num_inference_steps if entry else None)
+    if steps is None:
+        raise ValueError("calibrate needs --steps N (the plan's num_inference_steps).")
+    runs = {"seed": args.seed} if args.seeds is None else {"seeds": int_list(args.seeds, "--seeds")}
+    if args.cases:
+        if args.seeds is not None:
+            raise ValueError("--seeds does not apply with --cases (each case carries its seed).")
+        runs = {"cases": read_cases(args.cases)}
+    elif args.prompts:
+        runs["prompts"] = read_prompts(args.prompts)
     else:
-        inputs = {"class_labels": [int(c) for c in args.classes.split(",")]}
-    seeds = [int(s) for s in args.seeds.split(",")]
+        runs["class_labels"] = int_list(args.classes, "--classes")
     extra = {
         "height": args.height,
         "width": args.width,
         "guidance_scale": args.guidance_scale,
         "max_sequence_length": args.max_sequence_length,
     }
+    if entry is not None and args.guidance_scale is None:
+        from ..families import get_family
+
+        # A bundled model calibrates at its sampling guidance, unless its family's official calibration fixes one.
+        if "guidance_scale" not in get_family(family).pipeline.calibration_kwargs:
+            extra["guidance_scale"] = entry.guidance_scale
     extra = {k: v for k, v in extra.items() if v is not None}
-    bars = {}
+    if wants_search(args):  # --budget / --pareto: record trajectories, search plans (search_commands.py)
+        return calibrate_budget(args, pipe, steps, runs, extra)
+    if args.ray is not None:  # the same calibration, its runs recorded on Ray workers (invardiff.scale)
+        from .scale import ray_calibration
 
-    def progress(name, done, total):
-        bar = bars.get(name) or bars.setdefault(name, tqdm(total=total, desc=name))
-        bar.update(1)
-        if done == total:
-            bar.close()
+        run_calibration = ray_calibration(args)
+    else:
+        from .scale import check_ray_options
 
-    plan, rates = run_calibration(
-        pipe,
-        num_inference_steps=args.steps,
-        thresholds=thresholds,
-        seeds=seeds,
-        batch_size=args.batch_size,
-        memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30),
-        offload=args.offload,
-        pipeline_kwargs=extra,
-        progress=progress,
-        **inputs,
-    )
+        check_ray_options(args)
+    with PhaseBars() as bars:
+        plan, rates = run_calibration(
+            pipe,
+            num_inference_steps=steps,
+            thresholds=thresholds,
+            batch_size=args.batch_size,
+            memory_budget=None if args.memory_budget_gib is None else int(args.memory_budget_gib * 2**30),
+            offload=args.offload,
+            pipeline_kwargs=extra,
+            progress=bars.update,
+            **runs,
+        )
     plan.save(args.output)
     rates_path = rates_path_for(args.output)
     rates.save(rates_path)
@@ -154,6 +211,75 @@ def calibrate(args) -> int:
         f"and {rates_path} ({rates.num_runs} runs)"
     )
     return 0
+
+
+def resample_plan(args) -> int:
+    from .search_commands import resample_plan as run
+
+    return run(args)
+
+
+class PhaseBars:
+    """One progress bar per phase, opened when the phase starts (named after it, so the bar on screen is the phase
+    in progress) and closed when it ends; ``update(phase, done, total)`` is a library progress callback."""
+
+    def __init__(self, disable: bool = False):
+        self.disable = disable
+        self.bar = None
+        self.phase = None
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            self.bar = tqdm(total=total, desc=phase, disable=self.disable)
+            self.phase = phase
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = self.phase = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, e.g. 0,1,2; got {text!r}.") from None
+    if not values:
+        raise ValueError(f"{option} needs at least one integer, got {text!r}.")
+    return values
+
+
+def read_prompts(path: str) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one prompt per line).")
+    return prompts
+
+
+def read_cases(path: str) -> list[tuple]:
+    """(input, seed) pairs from a JSON list of ``{"input": ..., "seed": ...}`` objects (the demo report's
+    ``cases``)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f'{path} is not JSON ({error}); expected [{{"input": ..., "seed": 0}}, ...].') from None
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(c, dict) and set(c) == {"input", "seed"} for c in raw)
+    ):
+        raise ValueError(f'{path}: expected a non-empty JSON list of {{"input": ..., "seed": N}} objects.')
+    if not all(isinstance(c["seed"], int) and isinstance(c["input"], (str, int)) for c in raw):
+        raise ValueError(f"{path}: every seed must be an integer and every input a prompt or a class id.")
+    return [(c["input"], c["seed"]) for c in raw]
 
 
 def build_plan(args) -> int:
@@ -190,32 +316,70 @@ def _thresholds(args, family: str):
 
 
 def _load_pipeline(args):
+    """The pipeline to calibrate, its family name and, for a bundled model, its registry entry."""
     from ..families import resolve_family
 
-    if args.model_config:
+    device = check_device(args.device)
+    entry = None
+    if args.model:
+        from ..models import registry
+
+        entry = registry.get(args.model)
+        pipe = registry.load(args.model, device)
+    elif args.model_config:
         from ..model_configs import get_model_config
         from ..toy_pipelines import build_pipeline
 
         config = get_model_config(args.model_config)
-        pipe = build_pipeline(config, config.build_transformer(args.device), text_encoders=True)
+        pipe = build_pipeline(config, config.build_transformer(device), text_encoders=True)
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(args.pipeline, local_files_only=True)
-    pipe.to(args.device)
+        pipe = load_pipeline_directory(args.pipeline)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, resolve_family(pipe.transformer).name
+    return pipe, resolve_family(pipe.transformer).name, entry
+
+
+def load_pipeline_directory(path: str):
+    """A saved diffusers pipeline, with one-line errors for what a user can get wrong."""
+    from ..models.loading import load_saved_pipeline
+
+    return load_saved_pipeline(path)
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a device this machine has, or a ValueError that says what it has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"--device {name!r} is not a torch device ({error}); use cpu, cuda, cuda:1 or mps.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); use --device "
+                "cpu."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu.")
+    return device
+
+
+def _use_threads(args) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def bench_engine(args) -> int:
     from ..bench.engine import bench_family
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    _use_threads(args)
+    device = check_device(args.device)
     schedule = args.schedule or ("alternate" if device.type == "cuda" else "lockstep")
-    available = bundled_books()
-    books = args.books or [name for name in available if name.split("/")[0] in args.family]
+    from ..bench.plans import bench_plan_names, default_bench_plans
+
+    available = bench_plan_names()
+    books = args.books or [name for family in args.family for name in default_bench_plans(family)]
     unknown = sorted(set(books) - set(available))
     if unknown:
         raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}.")
@@ -325,60 +489,91 @@ def generate(args) -> int:
     from PIL import Image
 
     from .. import api
+    from ..calibration.run import check_inputs
     from ..models import get, load
-    from .policy_args import policy_config
+    from .policy_args import chosen_policy, policy_config
+    from .scale import check_ray_options, generate_many, wants_many
 
-    entry, pipe = get(args.model), load(args.model)
-    config = policy_config(args, entry.family)
-    item = args.prompt if args.prompt is not None else args.class_id
+    check_ray_options(args)
+    if wants_many(args):  # --prompts / --classes / --ray: one image per (input, seed), with a manifest
+        return generate_many(args)
+    entry = get(args.model)
     if (entry.inputs == "prompt") != (args.prompt is not None):
-        raise ValueError(f"{args.model} takes {'--prompt' if entry.inputs == 'prompt' else '--class'}.")
+        raise ValueError(f"{args.model} takes {'--prompt TEXT' if entry.inputs == 'prompt' else '--class N'}.")
+    policy = chosen_policy(args)
+    config = policy_config(args, entry.family)
     plan = getattr(config, "plan", None)
     steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
+    if plan is not None and steps != plan.num_inference_steps:
+        raise ValueError(f"--steps {steps} does not match the plan's {plan.num_inference_steps} steps ({args.plan}).")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{policy.replace('+', '-')}" if policy else ""
+    extension = ".gif" if entry.video else ".png"  # a video model writes each clip as an animated GIF
+    paths = [out / f"{args.model}-seed{args.seed + index}{suffix}{extension}" for index in range(args.batch)]
+    summary_path = out / f"{args.model}-seed{args.seed}{suffix}.summary.json"
+    existing = [str(path) for path in [*paths, summary_path] if path.exists()]
+    if existing and not args.overwrite:
+        raise ValueError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or another -o DIR.")
+    pipe = load(args.model)
+    item = args.prompt if args.prompt is not None else args.class_id
+    check_inputs(pipe, entry.family, [item])
     if config is not None:
         api.enable(pipe, config)
     try:
         kwargs = entry.call_kwargs(item, args.seed, batch=args.batch, num_inference_steps=steps, output_type="np")
-        images = pipe(**kwargs).images
-        if config is not None:
-            (out / "summary.json").write_text(json.dumps(api.summary(pipe).to_dict(), indent=1) + "\n")
+        result = pipe(**kwargs)
+        images = result.frames if entry.video else result.images
+        summary = api.summary(pipe).to_dict() if config is not None else None
     finally:
         if config is not None:
             api.disable(pipe)
-    policy = args.policy or ("plan" if args.plan else None)
-    suffix = f"-{policy.replace('+', '-')}" if policy else ""
-    paths = []
-    for index, image in enumerate(images):
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty directory
+    for path, image in zip(paths, images, strict=True):
+        if entry.video:  # (F, H, W, C) in [0, 1]
+            from ..video_files import save_gif
+
+            save_gif(torch.from_numpy(np.asarray(image)).permute(0, 3, 1, 2), path)
+            continue
         array = (np.asarray(image) * 255).round().astype(np.uint8)
-        path = out / f"{args.model}-seed{args.seed + index}{suffix}.png"
         Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
-        paths.append(str(path))
-    print(f"wrote {', '.join(paths)}" + (f" and {out / 'summary.json'}" if config is not None else ""))
+    if summary is not None:
+        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {', '.join(map(str, paths))}" + (f" and {summary_path}" if summary is not None else ""))
     return 0
 
 
 def demo(args) -> int:
+    from ..calibration import preset
     from ..demo import run_demo, write_report
+    from ..models import registry
 
-    seeds = [int(s) for s in args.seeds.split(",")]
-    with tqdm(total=args.rounds + 2, desc=f"demo {args.model}", disable=args.json) as bar:  # calibration, warm-up
-        report, images = run_demo(
-            args.model,
-            args.preset,
-            seeds,
-            args.rounds,
-            device=args.device,
-            progress=lambda message: (bar.set_postfix_str(message), bar.update(1)),
-        )
+    _use_threads(args)
+    device = check_device(args.device)
+    preset(registry.get(args.model).family, args.preset)  # a bad model or preset fails now, not after loading
+    seeds = int_list(args.seeds, "--seeds")
+    # Phases differ widely in length (calibration is two passes), so the bar shows elapsed time and no ETA.
+    with tqdm(total=args.rounds + 3, desc=f"demo {args.model}", disable=args.json, bar_format=PHASE_BAR) as bar:
+
+        def progress(phase: str, done: int) -> None:
+            bar.n = done
+            bar.set_postfix_str(phase)  # the phase in progress
+
+        report, images = run_demo(args.model, args.preset, seeds, args.rounds, device=str(device), progress=progress)
+        bar.n = bar.total
+        bar.set_postfix_str("done")
     paths = write_report(report, images, Path(args.out))
     if args.json:
         print(json.dumps(report))
     else:
         print(paths["markdown"].read_text())
-        print(f"wrote {paths['json']}, {paths['markdown']} and {paths['grid']}")
+        print(
+            f"wrote {', '.join(str(p) for p in paths.values())}, {Path(args.out) / 'plan.json'} and "
+            f"{Path(args.out) / 'plan.rates.npz'}"
+        )
     return 0
+
+
+PHASE_BAR = "{desc}: {n}/{total} phases done, {elapsed} elapsed{postfix}"
 
 
 def _quiet_cache_dit() -> None:
@@ -395,26 +590,37 @@ def bench(args) -> int:
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
     from ..bench.targets import bundled_target, pipeline_target
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    _use_threads(args)
+    device = str(check_device(args.device))
+    seeds = int_list(args.seeds, "--seeds")
+    cases = read_cases(args.cases) if args.cases else None
+    pipeline_only = {"--prompts": args.prompts, "--classes": args.classes, "--steps": args.steps,
+                     "--guidance": args.guidance, "--calibration-cases": args.calibration_cases}  # fmt: skip
     if args.pipeline:
-        if bool(args.prompts) == bool(args.classes):
-            raise ValueError("--pipeline needs either --prompts FILE (Flux) or --classes 1,2,3 (DiT).")
+        if sum(bool(x) for x in (args.prompts, args.classes, cases)) != 1:
+            raise ValueError("--pipeline needs one of --prompts FILE (Flux), --classes 1,2,3 (DiT), --cases FILE.")
         items = (
-            [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            read_prompts(args.prompts)
             if args.prompts
-            else [int(c) for c in args.classes.split(",")]
+            else int_list(args.classes, "--classes")
+            if args.classes
+            else list(dict.fromkeys(item for item, _ in cases))
         )
         if not args.steps:
             raise ValueError("--pipeline needs --steps N (the sampling step count to benchmark).")
-        targets = [pipeline_target(args.pipeline, items, args.steps, args.guidance, args.device)]
+        calibration_cases = read_cases(args.calibration_cases) if args.calibration_cases else None
+        targets = [pipeline_target(args.pipeline, items, args.steps, args.guidance, device, None, calibration_cases)]
     else:
-        targets = [bundled_target(model, args.device) for model in args.model]
+        given = [option for option, value in pipeline_only.items() if value]
+        if given or cases:
+            raise ValueError(f"{', '.join(given) or '--cases'} applies only with --pipeline DIR.")
+        targets = [bundled_target(model, device) for model in args.model]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for target in targets:
         model = target.name
         jsonl = out / f"sweep-{model}.jsonl"
-        inputs = sweep_inputs(target, seeds, args.device)
+        inputs = sweep_inputs(target, seeds, device, cases, args.batch)
         if args.report_only:  # tables and plots again from the JSON lines, nothing is run
             results = [json.loads(line) for line in jsonl.read_text().splitlines()]
         else:
@@ -434,6 +640,10 @@ def bench(args) -> int:
                 equal_speed_table(model, results, speed="ideal_speedup"),
             ]
         )
+        if args.ray is not None:  # how the timing was distributed (invardiff.scale.bench)
+            from ..scale.bench import TIMING_NOTE
+
+            table += "\n" + TIMING_NOTE.format(workers=args.workers) + "\n"
         (out / f"sweep-{model}.md").write_text(table)
         plot_pareto(model, results, out / f"sweep-{model}.png")
         print(table)
@@ -469,4 +679,11 @@ def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
             bar.set_postfix_str(result["label"])
             bar.update(1)
 
+        if args.ray is not None:  # the points spread over Ray workers (cli/scale.py)
+            from .scale import ray_sweep
+
+            return ray_sweep(args, inputs, points, on_result, done)
+        from .scale import check_ray_options
+
+        check_ray_options(args)
         return run_sweep(inputs, points, args.rounds, on_result, done)

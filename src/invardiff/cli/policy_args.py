@@ -11,6 +11,18 @@ from ..policies.plan import PlanConfig
 
 
 POLICIES = ("plan", "dicache", "plan+probe")
+# The policies each option applies to (by its argparse dest); an option given with another policy is refused.
+APPLIES_TO = {
+    "plan": ("plan", "plan+probe"),
+    "dicache_preset": ("dicache",),
+    "threshold": ("dicache", "plan+probe"),
+    "probe_depth": ("dicache", "plan+probe"),
+    "error": ("dicache", "plan+probe"),
+    "warmup_ratio": ("dicache",),
+    "gamma_max": ("dicache",),
+    "batch_global": ("dicache", "plan+probe"),
+    "step_reuse": ("plan",),
+}
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,26 +40,42 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup-ratio", type=float, help="DiCache warm-up ratio r")
     group.add_argument("--gamma-max", type=float, help="DiCache upper clip of gamma")
     group.add_argument(
-        "--batch-global", action="store_true", help="one decision for the whole batch (official) instead of per sample"
+        "--batch-global",
+        action="store_true",
+        default=None,
+        help="one decision for the whole batch (official) instead of per sample",
     )
     group.add_argument(
         "--step-reuse",
         choices=["state", "residual"],
-        default="state",
-        help="plan: a step-cached step reuses H (official) or adds the residual H - x to the current input",
+        help="plan: a step-cached step reuses H (official, the default) or adds the residual H - x to the current "
+        "input",
     )
+
+
+def chosen_policy(args) -> str | None:
+    """The policy the options ask for (``None``: full compute); an option that does not apply to it is an error."""
+    policy = args.policy or ("plan" if args.plan else None)
+    for dest, policies in APPLIES_TO.items():
+        if getattr(args, dest) is not None and policy not in policies:
+            option = "--" + dest.replace("_", "-")
+            raise ValueError(
+                f"{option} does not apply to {f'--policy {policy}' if policy else 'full compute (no --policy)'}; "
+                f"it is an option of --policy {' / '.join(policies)}."
+            )
+    return policy
 
 
 def policy_config(args, family: str):
     """The config to pass to ``invardiff.enable`` (``None``: full compute), from the options above."""
-    policy = args.policy or ("plan" if args.plan else None)
+    policy = chosen_policy(args)
     if policy is None:
         return None
-    plan = CachePlan.load(args.plan) if args.plan else None
-    if policy in ("plan", "plan+probe") and plan is None:
+    if policy in ("plan", "plan+probe") and not args.plan:
         raise ValueError(f"--policy {policy} needs --plan PLAN.json (make one with `invardiff calibrate`).")
+    plan = CachePlan.load(args.plan) if args.plan else None
     if policy == "plan":
-        return PlanConfig(plan, step_reuse=args.step_reuse)
+        return PlanConfig(plan, step_reuse=args.step_reuse or "state")
     overrides = {
         "probe_depth": args.probe_depth,
         "error": args.error,

@@ -227,7 +227,9 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     frames = call_kwargs.get("num_frames") or 81
     spatial = pipe.vae_scale_factor_spatial
     latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
-    return {**video_fields(latent), "text_tokens": call_kwargs.get("max_sequence_length") or 512, "batch": 1}
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    fields = video_fields(latent, tuple(transformer.config.patch_size))
+    return {**fields, "text_tokens": call_kwargs.get("max_sequence_length") or 512, "batch": 1}
 
 
 def _experts(pipe) -> tuple[Expert, ...]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..families import INPUT_KINDS, get_family
+from .loading import quiet_loading
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class BundledModel:
         inputs: ``"prompt"`` (Flux) or ``"class"`` (DiT); examples: the demo's fixed inputs.
         call_shape: :class:`~invardiff.model_configs.ModelConfig` call-shape fields of one transformer call
             (tokens, batch), for FLOP profiles of the model.
+        pipeline_kwargs: further arguments of every pipeline call (a video model's clip size and frame count).
     """
 
     name: str
@@ -32,10 +34,26 @@ class BundledModel:
     inputs: str
     examples: tuple = field(default_factory=tuple)
     call_shape: dict = field(default_factory=dict, hash=False)
+    pipeline_kwargs: dict = field(default_factory=dict, hash=False)
 
     @property
     def directory(self) -> Path:
         return Path(str(resources.files("invardiff") / "models" / "weights" / self.name))
+
+    @property
+    def video(self) -> bool:
+        """Whether the pipeline returns clips (``.frames``, (B, F, C, H, W)) rather than images."""
+        return get_family(self.family).name in ("wan", "hunyuanvideo")
+
+    def model_config(self):
+        """The :class:`~invardiff.model_configs.ModelConfig` of this model as it samples (its transformer config,
+        float32, its call shapes): FLOP profiles and ideal speedups of plans on it."""
+        import json
+
+        from ..model_configs import ModelConfig
+
+        config = json.loads((self.directory / "config.json").read_text())
+        return ModelConfig.from_transformer_config(self.name, self.family, config, **self.call_shape)
 
     def call_kwargs(self, item, seed: int, batch: int = 1, **overrides) -> dict:
         """Arguments of one pipeline call generating ``item`` (a prompt or a class id) with ``seed``; with
@@ -50,6 +68,7 @@ class BundledModel:
             "generator": generator,
             "guidance_scale": self.guidance_scale,
             "output_type": get_family(self.family).pipeline.output_type,
+            **self.pipeline_kwargs,
         }
         return {**kwargs, **overrides}
 
@@ -86,7 +105,26 @@ MODELS = {
 
 
 # Models whose training is in progress: listed here (not in MODELS) until they pass their learning check.
-UNBUNDLED: dict[str, BundledModel] = {}
+UNBUNDLED: dict[str, BundledModel] = {
+    "wan-motion": BundledModel(
+        "wan-motion",
+        "wan",
+        "WanPipeline",
+        "text-conditioned Wan video (4 blocks, hidden 96) on 8-frame 32x32 clips of procedural moving shapes",
+        num_inference_steps=50,
+        guidance_scale=5.0,
+        inputs="prompt",
+        examples=(
+            "a red circle moving left fast",
+            "a blue square moving up slow",
+            "a yellow circle moving down fast",
+            "a green square moving right slow",
+        ),
+        # 8 frames of 32x32 pixels in patches of 2x4x4: 256 tokens; CFG runs cond and uncond as separate calls
+        call_shape={"image_tokens": 256, "text_tokens": 8, "batch": 1, "extra": {"latent": (8, 32, 32)}},
+        pipeline_kwargs={"height": 32, "width": 32, "num_frames": 8, "max_sequence_length": 8},
+    ),
+}
 
 
 def get(name: str, include_unbundled: bool = False) -> BundledModel:
@@ -95,7 +133,7 @@ def get(name: str, include_unbundled: bool = False) -> BundledModel:
     if name in UNBUNDLED:
         raise ValueError(
             f"Model {name!r} is not bundled yet (its training has not passed its learning check); bundled models: "
-            f"{sorted(MODELS)}. Train it with training/train_flux_shapes.py."
+            f"{sorted(MODELS)}. Train it with training/train_{name.replace('-', '_')}.py."
         )
     if name not in MODELS:
         raise ValueError(f"Unknown model {name!r}; bundled models: {sorted(MODELS)} (see `invardiff models`).")
@@ -108,7 +146,8 @@ def load(name: str, device: str | torch.device = "cpu", include_unbundled: bool 
     entry = get(name, include_unbundled)
     if not (entry.directory / "diffusion_pytorch_model.safetensors").exists():
         raise FileNotFoundError(f"The weights of {name!r} are missing from {entry.directory}; reinstall invardiff.")
-    pipe = _LOADERS[entry.name](entry)
+    with quiet_loading():
+        pipe = _LOADERS[entry.name](entry)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -143,5 +182,17 @@ def _load_dit_digits(entry: BundledModel):
     )
 
 
+def _load_wan_motion(entry: BundledModel):
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    from .wan_motion import build_pipeline
+
+    transformer = WanTransformer3DModel.from_pretrained(entry.directory, local_files_only=True)
+    text_weights = load_file(str(entry.directory / "text_encoders.safetensors"))
+    text_weights["encoder.embed_tokens.weight"] = text_weights["shared.weight"]  # tied, stored once
+    return build_pipeline(transformer, text_weights)
+
+
 # How each model's pipeline is put together from its package files, by model name.
-_LOADERS = {"flux-shapes": _load_flux_shapes, "dit-digits": _load_dit_digits}
+_LOADERS = {"flux-shapes": _load_flux_shapes, "dit-digits": _load_dit_digits, "wan-motion": _load_wan_motion}

@@ -29,21 +29,31 @@ ALL_PROMPTS = [prompt_for(*attributes) for attributes in ALL_ATTRIBUTES]
 VOCABULARY = sorted({word for prompt in ALL_PROMPTS for word in prompt.replace(",", " ,").split()})
 
 
+def grid(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre coordinates ``x, y`` in [0, 1], each (size, size)."""
+    axis = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return x, y
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: float, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The pixels of ``shape`` centred at (cx, cy) of size ``radius`` on the coordinates ``x, y`` of :func:`grid`."""
+    if shape == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
+    if shape == "square":
+        return ((x - cx).abs() <= radius * 0.85) & ((y - cy).abs() <= radius * 0.85)
+    top, bottom = cy - radius, cy + radius * 0.8  # triangle pointing up
+    half_width = (y - top) / (bottom - top) * radius
+    return (y >= top) & (y <= bottom) & ((x - cx).abs() <= half_width)
+
+
 def render(colour: str, shape: str, position: str, background: str, generator: torch.Generator) -> torch.Tensor:
     """One image, (3, 32, 32) in [-1, 1]."""
     jitter = (torch.rand(3, generator=generator) - 0.5) * torch.tensor([0.08, 0.08, 0.06])
     cx, cy = (torch.tensor(POSITIONS[position]) + jitter[:2]).tolist()
     radius = 0.16 + float(jitter[2])
-    axis = (torch.arange(SIZE) + 0.5) / SIZE
-    y, x = torch.meshgrid(axis, axis, indexing="ij")
-    if shape == "circle":
-        mask = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
-    elif shape == "square":
-        mask = ((x - cx).abs() <= radius * 0.85) & ((y - cy).abs() <= radius * 0.85)
-    else:  # triangle pointing up
-        top, bottom = cy - radius, cy + radius * 0.8
-        half_width = (y - top) / (bottom - top) * radius
-        mask = (y >= top) & (y <= bottom) & ((x - cx).abs() <= half_width)
+    x, y = grid()
+    mask = shape_mask(shape, cx, cy, radius, x, y)
     level = BACKGROUNDS[background]
     texture = 0.06 * torch.sign(torch.sin((x + y) * 40.0)) * (1 if level < 0.5 else -1)  # faint diagonal stripes
     image = (level + texture).clamp(0, 1).expand(3, SIZE, SIZE).clone()

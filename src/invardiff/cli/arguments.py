@@ -1,0 +1,291 @@
+"""The options of each ``invardiff`` subcommand, one function per subcommand, called when that subcommand is
+parsed (or its help shown): what a function imports is paid only by its own subcommand."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def at_least(minimum: int, what: str = "a count"):
+    """An argparse ``type``: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer ({what}), got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _threads(parser) -> None:
+    parser.add_argument("--threads", type=at_least(1, "a thread count"), help="torch CPU threads (default: all cores)")
+
+
+def _device(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (default cpu)")
+
+
+def _cases(parser, verb: str) -> None:
+    parser.add_argument(
+        "--cases",
+        help=f"a JSON file listing the runs to {verb}, each an (input, seed) pair: "
+        '[{"input": "a cat", "seed": 0}, {"input": 3, "seed": 1}, ...] (prompts or class ids)',
+    )
+
+
+def demo(p) -> None:
+    _device(p)
+    p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes or dit-digits")
+    p.add_argument("--preset", default="fast", help="official preset of the model's family (default fast)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds for the fixed evaluation inputs")
+    p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds after a warm-up")
+    p.add_argument("--out", default="out/demo", help="directory for the report, grid, plan and rates")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    _threads(p)
+
+
+def models(p) -> None:
+    p.add_argument("--json", action="store_true")
+
+
+def generate(p) -> None:
+    from .policy_args import add_policy_arguments
+
+    p.add_argument("--model", required=True, help="bundled model name (see `invardiff models`)")
+    add_policy_arguments(p)
+    item = p.add_mutually_exclusive_group(required=True)
+    item.add_argument("--prompt", help="text prompt (Flux models)")
+    item.add_argument("--class", dest="class_id", type=int, help="class id (DiT models)")
+    p.add_argument("--seed", type=at_least(0, "a seed"), default=0)
+    p.add_argument("--steps", type=at_least(1, "a step count"), help="default: the model's (the plan's, with --plan)")
+    p.add_argument(
+        "--batch", type=at_least(1, "a batch size"), default=1, help="images per call (seeds seed, seed+1, ...)"
+    )
+    p.add_argument("-o", "--output", required=True, help="output directory (created when the images are written)")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in the output directory")
+    from .scale import add_generate_options
+
+    add_generate_options(p, item)  # --prompts / --classes / --seeds / --ray / --workers: many images
+
+
+def calibrate(p) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a bundled model (see `invardiff models`): flux-shapes, dit-digits")
+    source.add_argument("--pipeline", help="a local diffusers pipeline directory (FluxPipeline or DiTPipeline)")
+    source.add_argument("--model-config", help="a random-weight toy pipeline: flux-tiny, dit-tiny, flux-bench, ...")
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--prompts", help="text file, one prompt per line (Flux)")
+    inputs.add_argument("--classes", help="comma-separated class ids (DiT), e.g. 207,360,387")
+    _cases(inputs, "calibrate on")
+    p.add_argument(
+        "--seeds",
+        help="comma-separated seeds: every input runs with every seed. Default: one run per input, each with its own "
+        "noise (seeds drawn from --seed); the seeds used are recorded in the plan's provenance",
+    )
+    p.add_argument(
+        "--seed", type=at_least(0, "a seed"), default=42, help="without --seeds: the seed the runs' seeds come from"
+    )
+    p.add_argument("--steps", type=at_least(3, "a step count"), required=True, help="num_inference_steps of the plan")
+    _add_threshold_args(p)
+    p.add_argument("--height", type=at_least(1, "a height"), help="Flux image height in pixels")
+    p.add_argument("--width", type=at_least(1, "a width"), help="Flux image width in pixels")
+    p.add_argument("--guidance-scale", type=float, help="default: Flux 3.5 (distilled), DiT 1.0 (no CFG, official)")
+    p.add_argument("--max-sequence-length", type=at_least(1, "a token count"), help="Flux T5 tokens")
+    p.add_argument(
+        "--batch-size",
+        type=at_least(1, "a batch size"),
+        help="calibration runs per pipeline call (default: the most whose calibration features fit the budget)",
+    )
+    p.add_argument(
+        "--memory-budget-gib",
+        type=float,
+        help="with the default batch size: GiB for the calibration features (default: half the free CUDA memory, "
+        "8 on CPU)",
+    )
+    p.add_argument("--offload", choices=["cpu"], help="keep the calibration reference features in host memory")
+    _device(p)
+    _threads(p)
+    p.add_argument("-o", "--output", required=True, help="plan path; the rates go beside it (.rates.npz)")
+    from .scale import add_ray_options
+
+    add_ray_options(p, "record the calibration runs")
+    from .search_commands import add_search_arguments
+
+    add_search_arguments(p)
+
+
+def resample_plan(p) -> None:
+    from .search_commands import resample_arguments
+
+    resample_arguments(p)
+
+
+def build_plan(p) -> None:
+    p.add_argument("rates")
+    _add_threshold_args(p)
+    p.add_argument(
+        "--correction",
+        choices=["exact", "stored", "none"],
+        default="exact",
+        help="exact: only at thresholds whose provisional plan was measured; stored: reuse the stored "
+        "corrected rates (approximate); none: first pass only",
+    )
+    p.add_argument(
+        "--max-step-run",
+        type=at_least(1, "a run length"),
+        help="at most this many consecutive step-cached steps (a computed step is forced after each run); "
+        "a deviation from the official plan, recorded in its provenance",
+    )
+    p.add_argument("-o", "--output", required=True)
+
+
+def inspect(p) -> None:
+    p.add_argument("plan", nargs="?", help="a plan file (not with --calibration-memory)")
+    p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
+    p.add_argument("--model", help="a bundled model (its own call shapes): flux-shapes, dit-digits")
+    shape = p.add_argument_group("call shape (with a config.json: defaults are the family's, and are printed)")
+    shape.add_argument("--image-tokens", type=at_least(1, "a token count"), help="image tokens per transformer call")
+    shape.add_argument("--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (Flux)")
+    shape.add_argument("--batch", type=at_least(1, "a batch size"), help="rows per transformer call (DiT CFG: 2)")
+    shape.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and activations")
+    p.add_argument(
+        "--calibration-memory",
+        action="store_true",
+        help="instead of a plan: calibration feature memory per sample on --model-config (meta device)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --model-config: peak cache memory of a run (engine on the meta device, no compute)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def convert(p) -> None:
+    p.add_argument("book")
+    p.add_argument("--family", choices=_official_families(), required=True)
+    p.add_argument("-o", "--output", required=True)
+
+
+def plot(p) -> None:
+    p.add_argument("plan", help="a plan file, or a rates file written by calibrate")
+    p.add_argument("-o", "--output", required=True)
+
+
+def bench(p) -> None:
+    p.add_argument("--model", nargs="+", default=["flux-shapes", "dit-digits"], help="bundled model(s)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        type=_sweep_method,
+        help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
+        "with capped step runs; dicache; plan+probe; peers (default: all)",
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
+    p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds per point")
+    _device(p)
+    _threads(p)
+    p.add_argument("--out", default="benchmarks/results/sweep")
+    p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
+    p.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON lines")
+    p.add_argument("--pipeline", help="instead of bundled models: a saved diffusers Flux / DiT pipeline directory")
+    p.add_argument("--prompts", help="with --pipeline (Flux): a text file, one prompt per line")
+    p.add_argument("--classes", help="with --pipeline (DiT): comma-separated class ids")
+    _cases(p, "evaluate (with --pipeline, instead of --prompts / --classes and --seeds)")
+    p.add_argument("--calibration-cases", help="with --pipeline: a JSON file of (input, seed) pairs to calibrate on")
+    p.add_argument("--steps", type=at_least(3, "a step count"), help="with --pipeline: sampling steps")
+    p.add_argument(
+        "--guidance", type=float, help="with --pipeline: guidance scale (default: the pipeline's own default)"
+    )
+    p.add_argument(
+        "--batch", type=at_least(1, "a batch size"), default=1, help="evaluation images per pipeline call (default 1)"
+    )
+    from .scale import add_ray_options
+
+    add_ray_options(p, "measure the sweep points (each point's rounds within one worker)")
+
+
+def bench_engine(p) -> None:
+    p.add_argument(
+        "--family", nargs="+", choices=_bench_families(), default=_book_families(), help="default: those with books"
+    )
+    p.add_argument(
+        "--books",
+        nargs="+",
+        help="plans by name: official books (flux/fast, dit/slow) or synthetic plans of a FLOP-ideal speedup "
+        "(wan/synthetic-2x, hunyuanvideo/synthetic-3x); default: each family's books, else its synthetic plans",
+    )
+    p.add_argument(
+        "--config",
+        choices=["cpu", "full", "tiny"],
+        default="cpu",
+        help="cpu: real depth at hidden 256; full: FLUX.1-dev / DiT-XL/2 real configs (GPU); "
+        "tiny: real depth at hidden 32, overhead-bound, for tests",
+    )
+    _device(p)
+    p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds after a warm-up")
+    p.add_argument(
+        "--schedule",
+        choices=["lockstep", "alternate"],
+        help="lockstep (default on CPU) or alternate (default on GPU); see invardiff.bench.engine",
+    )
+    _threads(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run every variant, stock included, under compile_repeated_blocks (inductor): plan-compiled over "
+        "stock-compiled; compilation happens in the warm-up round",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="families with diffusers' CacheMixin (Flux): the books and the peers (diffusers FirstBlockCache, "
+        "MagCache, TaylorSeer; cache-dit DBCache F1B0) at several settings on one loop, whole runs alternating "
+        "with full compute; writes bench-engine-peers-CONFIG-DEVICE.{json,md}",
+    )
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown results")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON list")
+
+
+def _add_threshold_args(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--preset", help=f"official preset: {_preset_names()}")
+    group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
+
+
+def _bench_families() -> list[str]:
+    # Families with benchmark configs (bench-engine runs their books, or synthetic plans where they have none).
+    from ..families import families
+
+    return [spec.name for spec in families() if spec.configs is not None and spec.configs.bench]
+
+
+def _book_families() -> list[str]:
+    from ..families import families
+
+    return [spec.name for spec in families() if spec.official is not None and spec.official.books]
+
+
+def _official_families() -> list[str]:
+    # Families whose official InvarDiff code ships cache books (convert-official, bench-engine).
+    from ..families import families
+
+    return [spec.name for spec in families() if spec.official is not None]
+
+
+def _preset_names() -> str:
+    from ..families import families
+
+    return "; ".join(f"{spec.name} {', '.join(spec.presets)}" for spec in families() if spec.presets)
+
+
+def _sweep_method(name: str) -> str:
+    from ..bench.bundled import METHODS  # imported only when --methods is given: `bench --help` stays light
+
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
+    return name
