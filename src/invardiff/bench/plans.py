@@ -1,0 +1,82 @@
+"""The plans ``bench-engine`` runs: the official books, and synthetic plans of a target FLOP-ideal speedup.
+
+A family without official books (Wan, HunyuanVideo) is benchmarked on synthetic plans named
+``"<family>/synthetic-2x"`` and ``"<family>/synthetic-3x"``: built on the benchmark config's own depth and step count,
+they mix step caching and layer-wise reuse of every unit, reaching at least the named FLOP-ideal speedup (and just
+over it). They measure how much of the ideal the engine turns into wall-clock speed; their outputs are not meant to
+be good (calibrated plans are benchmarked by file: ``invardiff bench-engine --plans PLAN.json``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..families import families, get_family
+from ..flops import FlopProfile, profile_flops
+from ..model_configs import ModelConfig
+from ..official import bundled_books, convert_official_book
+from ..plan import CachePlan, ModelFacts
+from ..stats import ideal_speedup
+
+
+SYNTHETIC = {"synthetic-2x": 2.0, "synthetic-3x": 3.0}
+
+
+def bench_plan_names() -> list[str]:
+    """Every plan name ``bench-engine`` knows: the official books, and each benchmarked family's synthetic plans."""
+    synthetic = [
+        f"{spec.name}/{label}" for spec in families() if spec.configs and spec.configs.bench for label in SYNTHETIC
+    ]
+    return [*bundled_books(), *synthetic]
+
+
+def default_bench_plans(family: str) -> list[str]:
+    """What ``bench-engine --family FAMILY`` runs: the family's official books, else its synthetic plans."""
+    books = [name for name in bundled_books() if name.split("/")[0] == family]
+    return books or [f"{family}/{label}" for label in SYNTHETIC]
+
+
+def bench_plan(name: str, config: ModelConfig) -> CachePlan:
+    """The plan ``name`` (see :func:`bench_plan_names`) for the benchmark config ``config``."""
+    family, _, label = name.partition("/")
+    if label in SYNTHETIC:
+        depth = get_family(family).num_layers(config.build_transformer("meta"))
+        facts = ModelFacts.for_family(family, depth)
+        return synthetic_plan(facts, config.steps, SYNTHETIC[label], profile_flops(config))
+    books = bundled_books()
+    if name not in books:
+        raise ValueError(f"Unknown benchmark plan {name!r}; available: {bench_plan_names()}.")
+    return convert_official_book(books[name], family)
+
+
+def synthetic_plan(facts: ModelFacts, num_steps: int, target: float, flops: FlopProfile) -> CachePlan:
+    """The first plan along a fixed sequence of reuse moves whose FLOP-ideal speedup reaches ``target``.
+
+    Steps 0-2 and the last step always compute. The moves alternate between step-caching an odd step and reusing
+    every unit at an even step (each from the start of the run), so both execution paths are in the plan.
+    """
+    T = num_steps
+    step_moves = [t for t in range(3, T - 1, 2)]
+    unit_moves = [t for t in range(4, T - 1, 2)]
+    moves = [move for pair in zip(step_moves, unit_moves, strict=False) for move in pair]
+    moves += step_moves[len(unit_moves) :] + unit_moves[len(step_moves) :]
+    step_cache = np.zeros(T, dtype=bool)
+    reused_rows = np.zeros(T, dtype=bool)
+    for t in moves:
+        if t % 2:
+            step_cache[t] = True
+        else:
+            reused_rows[t] = True
+        plan = _plan(facts, step_cache, reused_rows, target)
+        if ideal_speedup(plan, flops) >= target:
+            return plan
+    raise ValueError(f"No synthetic plan over {T} steps reaches an ideal speedup of {target}x.")
+
+
+def _plan(facts: ModelFacts, step_cache: np.ndarray, reused_rows: np.ndarray, target: float) -> CachePlan:
+    reuse = {
+        block.name: {kind: np.repeat(reused_rows[:, None], block.num_layers, axis=1) for kind in block.module_kinds}
+        for block in facts.block_lists
+    }
+    provenance = {"policy": "synthetic", "target_ideal_speedup": target}
+    return CachePlan(facts, len(step_cache), step_cache.copy(), reuse, provenance=provenance)
