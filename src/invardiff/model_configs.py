@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .families import LazyTable, families, get_family
+from .models.seeding import seeded
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,10 @@ class ModelConfig:
     def build_transformer(self, device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
         """Random-weight transformer (``device="meta"`` allocates nothing, for FLOP counting)."""
         cls = get_family(self.family).transformer_class
-        torch.manual_seed(seed)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.torch_dtype)  # build in the target dtype: no fp32 copy, no cast warning
         try:
-            with torch.device(device):
+            with torch.device(device), seeded(seed, device):  # the caller's global random state is left as it was
                 model = cls(**self.transformer_kwargs)
         finally:
             torch.set_default_dtype(previous)

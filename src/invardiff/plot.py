@@ -14,14 +14,7 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> No
 
     Colours: computed (light), reused (dark), and step-cached steps (mid grey) where nothing executes.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-    except ImportError as error:
-        raise ImportError("Plotting needs matplotlib: pip install 'invardiff[plots]'.") from error
+    Figure, ListedColormap = _matplotlib()
 
     panels = [
         (f"{facts.name}.{kind}", plan.module_reuse[facts.name][kind])
@@ -29,9 +22,8 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> No
         for kind in facts.module_kinds
     ]
     heights = [0.6] + [max(1.2, m.shape[1] * 0.06) for _, m in panels]
-    figure, axes = plt.subplots(
-        len(heights), 1, figsize=(10, sum(heights) + 1.2), gridspec_kw={"height_ratios": heights}, squeeze=False
-    )
+    figure = Figure(figsize=(10, sum(heights) + 1.2))
+    axes = figure.subplots(len(heights), 1, gridspec_kw={"height_ratios": heights}, squeeze=False)
     colours = ListedColormap(["#f2efe6", "#1f4e79", "#a6a6a6"])  # compute, reuse, step-cached
     T = plan.num_inference_steps
     step_row = plan.step_cache.astype(int)[None, :]
@@ -50,7 +42,17 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> No
     figure.suptitle(title or _default_title(plan), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+
+
+def _matplotlib():
+    # A bare Figure renders through its own canvas: no pyplot, so the process-wide backend and pyplot's figure
+    # list stay as the caller set them.
+    try:
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("Plotting needs matplotlib: pip install 'invardiff[plots]'.") from error
+    return Figure, ListedColormap
 
 
 def _heatmap(axis, data: np.ndarray, colours, title: str) -> None:
@@ -70,11 +72,7 @@ def _default_title(plan: CachePlan) -> str:
 def plot_rates(rates, path: str | Path, thresholds=None) -> None:
     """Write a PNG: the run-averaged step-rate curve (first pass and corrected) with the step threshold, then one
     (layers x steps) heatmap of corrected rates per module kind, with the reused cells of the plan marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Figure, _ = _matplotlib()
     from .calibration.build import module_level, quantile_threshold
 
     thresholds = thresholds or rates.thresholds
@@ -82,7 +80,8 @@ def plot_rates(rates, path: str | Path, thresholds=None) -> None:
     first_step, _ = rates.mean("first")
     corrected_step, corrected_modules = rates.mean("corrected")
     kinds = list(corrected_modules)
-    figure, axes = plt.subplots(1 + len(kinds), 1, figsize=(10, 2.6 + 1.9 * len(kinds)), squeeze=False)
+    figure = Figure(figsize=(10, 2.6 + 1.9 * len(kinds)))
+    axes = figure.subplots(1 + len(kinds), 1, squeeze=False)
     axis = axes[0, 0]
     steps = np.arange(rates.num_steps)
     axis.plot(steps, first_step, "o-", ms=3, label="first pass")
@@ -110,4 +109,3 @@ def plot_rates(rates, path: str | Path, thresholds=None) -> None:
     axes[-1, 0].set_xlabel("step index j (0 = noisiest)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

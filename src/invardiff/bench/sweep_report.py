@@ -111,12 +111,10 @@ def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5, 3.0),
 
 
 def plot_pareto(model: str, results: list[dict], path: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the process-wide backend stays as the caller set it
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure = Figure(figsize=(11, 4.2))
+    axes = figure.subplots(1, 2)
     for method, points in _curves(results).items():
         for axis, metric in zip(axes, ("lpips", "psnr"), strict=True):
             xs = [p["measured_speedup"] for p in points]
@@ -132,4 +130,3 @@ def plot_pareto(model: str, results: list[dict], path: Path) -> None:
     figure.suptitle(f"{model}: speed vs fidelity (lines: each method's Pareto front)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)

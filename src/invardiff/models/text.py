@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import string
 
-import torch
+from .seeding import seeded
 
 
 _CHARACTERS = list(string.ascii_lowercase + string.digits + " .,!?'-")
@@ -45,25 +45,25 @@ def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0, t5_
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     t5_width = t5_width or width
-    torch.manual_seed(seed)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=clip_vocab,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
+    with seeded(seed):  # the caller's global random state is left as it was
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=clip_vocab,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
         )
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_vocab, d_model=t5_width, d_ff=2 * t5_width, d_kv=t5_width // 2, num_layers=2, num_heads=2
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=t5_vocab, d_model=t5_width, d_ff=2 * t5_width, d_kv=t5_width // 2, num_layers=2, num_heads=2
+            )
         )
-    )
     return clip.eval().requires_grad_(False), t5.eval().requires_grad_(False)
 
 
@@ -71,6 +71,7 @@ def umt5_encoder(vocab: int, width: int, seed: int = 0):
     """A random UMT5 encoder of hidden ``width`` (Wan's text encoder family), for the T5 tokenizer above."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(seed)
     config = UMT5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=2, num_heads=2)
-    return UMT5EncoderModel(config).eval().requires_grad_(False)
+    with seeded(seed):
+        encoder = UMT5EncoderModel(config)
+    return encoder.eval().requires_grad_(False)
