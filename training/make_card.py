@@ -34,20 +34,12 @@ def export(name: str, run: Path) -> Path:
     return target
 
 
-def motion_cases(count: int = 20) -> list[tuple]:
-    """The learning check's prompts: ``count`` distinct attribute tuples of `wan-motion`, in a seeded order."""
-    order = torch.randperm(len(motion.ALL_ATTRIBUTES), generator=torch.Generator().manual_seed(1234))
-    return [motion.ALL_ATTRIBUTES[i] for i in order[:count]]
-
-
 def samples(name: str, pipe, seeds) -> tuple[torch.Tensor, list]:
     entry = get(name, include_unbundled=True)
     images, cases = [], []
-    if name == "wan-motion":  # 20 clips, one prompt each, seed i for the i-th: (N, F, C, H, W)
-        for index, attributes in enumerate(motion_cases()):
-            images.append(pipe(**entry.call_kwargs(motion.prompt_for(*attributes), index)).frames)
-            cases.append(attributes)
-    elif name == "dit-digits":
+    if name == "wan-motion":  # 20 clips of distinct prompts: (N, F, C, H, W)
+        return checks.motion_samples(pipe, entry)
+    if name == "dit-digits":
         for seed in seeds:
             for digit in range(10):
                 out = pipe(**entry.call_kwargs(digit, seed)).images

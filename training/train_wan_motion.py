@@ -56,7 +56,9 @@ def train(args) -> None:
     losses = train_for(args.minutes, out, model, ema, optimizer, generator, loss_fn, args.ema, clip_grad=1.0)
     ema.eval().save_pretrained(out / "ema", safe_serialization=True)
     # UMT5 ties encoder.embed_tokens to shared: store the tied weight once (restored on load).
-    state = {k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    state = {
+        k: v.contiguous() for k, v in pipe.text_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"
+    }
     save_file(state, str(out / "text_encoders.safetensors"))
     (out / "train_log.json").write_text(
         json.dumps({"args": vars(args), "config": wan_motion.TRANSFORMER_CONFIG, "losses": losses}, indent=1)
@@ -69,7 +71,8 @@ if __name__ == "__main__":
     parser.add_argument("--minutes", type=float, default=55)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.99)  # a few hundred to a thousand steps fit the budget on a shared CPU
+    # A few hundred to a few thousand steps fit the budget on a shared CPU: a short EMA forgets the initial weights.
+    parser.add_argument("--ema", type=float, default=0.99)
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)

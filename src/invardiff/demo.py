@@ -47,7 +47,7 @@ def run_demo(
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Returns the report and the images (``full``, ``cached``: (N, C, H, W) in [0, 1], examples x seeds; a video
-    model's clips are (N, F, C, H, W) and its report has the video metrics of :func:`~invardiff.metrics.video_fidelity`).
+    model's clips are (N, F, C, H, W), and its report has the metrics of :func:`~invardiff.metrics.video_fidelity`).
 
     ``progress(phase, done)`` is called when a phase starts, with its name and the number of phases done (of
     ``rounds + 3``: calibration, warm-up, the rounds, metrics)."""

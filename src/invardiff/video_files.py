@@ -27,7 +27,9 @@ def save_side_by_side_gif(
     frame f of the GIF shows frame f of every clip."""
     from PIL import Image
 
-    frames = [_sheet([(label, clips[:, index]) for label, clips in rows], title, scale) for index in range(_frames(rows))]
+    frames = [
+        _sheet([(label, clips[:, index]) for label, clips in rows], title, scale) for index in range(_frames(rows))
+    ]
     frames = [frame.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for frame in frames]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 

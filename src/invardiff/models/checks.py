@@ -4,6 +4,8 @@
   fraction that agrees with the conditioning class (real digits through the same path: about 0.9).
 * flux-shapes: the mean colour in a disc at the prompted position must be nearest to the prompted colour among
   the four colours and the background level; the score is the fraction of samples where it is.
+* wan-motion: :func:`motion_samples` draws 20 clips of distinct prompts; :func:`invardiff.models.motion.agreement`
+  reads colour, direction and speed back from them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
+from . import motion, shapes
 
 
 def digit_agreement(images: torch.Tensor, labels: list[int]) -> float:
@@ -41,3 +43,16 @@ def shape_colour_accuracy(images: torch.Tensor, attributes: list[tuple]) -> floa
         distances = torch.stack([(mean - c).abs().sum() for c in candidates])
         correct += int(distances.argmin().item() == names.index(colour))
     return correct / len(images)
+
+
+def motion_cases(count: int = 20) -> list[tuple]:
+    """The `wan-motion` learning check's prompts: ``count`` distinct attribute tuples, in a seeded order."""
+    order = torch.randperm(len(motion.ALL_ATTRIBUTES), generator=torch.Generator().manual_seed(1234))
+    return [motion.ALL_ATTRIBUTES[i] for i in order[:count]]
+
+
+def motion_samples(pipe, entry, count: int = 20) -> tuple[torch.Tensor, list[tuple]]:
+    """One clip per case of :func:`motion_cases`, the i-th with seed i: (count, F, C, H, W) in [0, 1]."""
+    cases = motion_cases(count)
+    clips = [pipe(**entry.call_kwargs(motion.prompt_for(*case), index)).frames for index, case in enumerate(cases)]
+    return torch.cat(clips).float(), cases

@@ -120,5 +120,7 @@ def agreement(clips: torch.Tensor, attributes: list[tuple]) -> float:
     for clip, (colour, _, direction, speed) in zip(clips, attributes, strict=True):
         found = detect(clip)
         centred = found["position"] is not None and max(abs(v - 0.5) for v in found["position"]) <= 0.15
-        correct += int(found["colour"] == colour and found["direction"] == direction and found["speed"] == speed and centred)
+        correct += int(
+            found["colour"] == colour and found["direction"] == direction and found["speed"] == speed and centred
+        )
     return correct / len(clips)

@@ -68,7 +68,9 @@ class WanMotionPipeline(WanPipeline):  # the "Wan" prefix: cache-dit picks its a
     """WanPipeline with the clip size, frame count (8) and text length (8 tokens) `wan-motion` was trained with.
     ``num_frames`` other than 8 is refused: the model has only seen 8-frame clips."""
 
-    def __call__(self, *args, num_frames: int = motion.FRAMES, max_sequence_length: int = MAX_SEQUENCE_LENGTH, **kwargs):
+    def __call__(
+        self, *args, num_frames: int = motion.FRAMES, max_sequence_length: int = MAX_SEQUENCE_LENGTH, **kwargs
+    ):
         if num_frames != motion.FRAMES:
             raise ValueError(
                 f"wan-motion generates clips of {motion.FRAMES} frames (what it was trained on), got "
@@ -79,7 +81,9 @@ class WanMotionPipeline(WanPipeline):  # the "Wan" prefix: cache-dit picks its a
         logger = logging.getLogger(WanPipeline.__module__)
         logger.addFilter(_frame_rounding)
         try:
-            return super().__call__(*args, num_frames=num_frames - 1, max_sequence_length=max_sequence_length, **kwargs)
+            return super().__call__(
+                *args, num_frames=num_frames - 1, max_sequence_length=max_sequence_length, **kwargs
+            )
         finally:
             logger.removeFilter(_frame_rounding)
 
