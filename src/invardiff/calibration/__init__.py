@@ -5,3 +5,6 @@ from .rates import CalibrationRates
 from .recorder import CalibrationError, RateRecorder
 from .run import calibrate
 from .thresholds import FAMILY_CALIBRATION, PRESETS, FamilyCalibration, InvarDiffThresholds, parse_thresholds, preset
+from .budget import calibrate_budget
+from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
+from .trajectory import TrajectoryStats, record_trajectories

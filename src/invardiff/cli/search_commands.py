@@ -1,0 +1,114 @@
+"""The CLI's budgeted calibration (``calibrate --budget`` / ``--pareto``) and ``resample-plan``: thin wrappers over
+``invardiff.calibration.budget`` and ``invardiff.plan_transforms``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+EXTRAPOLATE = ("none", "steps", "units", "both")
+
+
+def add_search_arguments(p) -> None:
+    """``calibrate`` options of the budgeted search (instead of --preset / --thresholds)."""
+    group = p.add_argument_group("budgeted search (instead of --preset / --thresholds)")
+    group.add_argument(
+        "--budget",
+        help="FLOP-ideal speedup target, e.g. 2.5x: the plan of least calibration-set error at that speedup",
+    )
+    group.add_argument(
+        "--pareto",
+        help="comma-separated targets, e.g. 1.5,2,2.5,3: one plan per target, written as OUTPUT-<target>x.json",
+    )
+    group.add_argument(
+        "--extrapolate",
+        choices=EXTRAPOLATE,
+        default="none",
+        help="reused steps and/or units extrapolate from their last two computed values with fitted coefficients "
+        "(plan format version 2)",
+    )
+    group.add_argument("--window", type=int, default=6, help="longest reuse run the trajectories support (default 6)")
+    group.add_argument("--max-run", type=int, help="at most this many consecutive reused steps (default: --window)")
+    group.add_argument("--warmup-steps", type=int, default=1, help="leading steps that compute everything")
+
+
+def resample_arguments(p) -> None:
+    p.add_argument("plan", help="a plan file")
+    p.add_argument("--steps", type=int, required=True, help="the new num_inference_steps")
+    p.add_argument("-o", "--output", required=True)
+
+
+def wants_search(args) -> bool:
+    return bool(getattr(args, "budget", None) or getattr(args, "pareto", None))
+
+
+def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
+    from ..calibration.budget import calibrate_budget as run
+    from ..calibration.search import SearchConfig, parse_budget
+
+    if args.budget and args.pareto:
+        raise ValueError("Give either --budget (one plan) or --pareto (one plan per target), not both.")
+    if getattr(args, "preset", None) or getattr(args, "thresholds", None):
+        raise ValueError("--budget / --pareto search the plan: drop --preset / --thresholds.")
+    if getattr(args, "ray", None) is not None:
+        raise ValueError("--ray does not apply to --budget / --pareto yet: the trajectories are recorded in-process.")
+    speedups = [parse_budget(args.budget)] if args.budget else [parse_budget(s) for s in args.pareto.split(",")]
+    config = SearchConfig(
+        max(speedups),
+        warmup_steps=args.warmup_steps,
+        max_run=args.max_run,
+        extrapolate_steps=args.extrapolate in ("steps", "both"),
+        extrapolate_units=args.extrapolate in ("units", "both"),
+    )
+    results, stats = run(
+        pipe,
+        num_inference_steps=steps,
+        cases=_cases(runs),
+        speedups=speedups,
+        search=config,
+        window=args.window,
+        batch_size=args.batch_size,
+        pipeline_kwargs=extra,
+    )
+    if not results:
+        raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")
+    output = Path(args.output)
+    for result in results:
+        target = result.plan.provenance["search"]["speedup"]
+        path = output if args.budget else output.with_name(f"{output.stem}-{target:g}x{output.suffix}")
+        result.plan.save(path)
+        computed = int((~result.plan.step_cache).sum())
+        print(
+            f"wrote {path} ({result.ideal_speedup:.3f}x ideal, {computed}/{steps} steps computed, "
+            f"calibration error {result.error:.4g})"
+        )
+    trajectories = output.with_name(output.stem + ".trajectories.npz")
+    stats.save(trajectories)
+    print(f"wrote {trajectories} (search more budgets without the model: invardiff.calibration.search)")
+    return 0
+
+
+def _cases(runs: dict) -> list[tuple]:
+    """The CLI's calibration inputs as (input, seed) cases, with the same seed rule as ``calibrate``."""
+    if "cases" in runs:
+        return [tuple(case) for case in runs["cases"]]
+    items = runs.get("prompts") or runs.get("class_labels")
+    if "seeds" in runs:
+        return [(item, seed) for seed in runs["seeds"] for item in items]
+    return [(item, runs["seed"] + index) for index, item in enumerate(items)]
+
+
+def resample_plan(args: argparse.Namespace) -> int:
+    from ..plan import CachePlan
+    from ..plan_transforms import resample_plan as resample
+
+    plan = CachePlan.load(args.plan)
+    resampled = resample(plan, args.steps)
+    resampled.save(args.output)
+    print(
+        f"wrote {args.output}: {plan.num_inference_steps} -> {args.steps} steps, "
+        f"{int(plan.step_cache.sum())} -> {int(resampled.step_cache.sum())} steps step-cached"
+        + (" (extrapolation coefficients dropped: recalibrate for them)" if plan.extrapolates else "")
+    )
+    return 0

@@ -1,0 +1,48 @@
+"""`invardiff calibrate --budget / --pareto` and `invardiff resample-plan` on a tiny random-weight DiT."""
+
+from __future__ import annotations
+
+import pytest
+
+from invardiff.calibration.batching import pipeline_call_config
+from invardiff.cli.main import main
+from invardiff.flops import profile_flops
+from invardiff.plan import CachePlan
+from invardiff.stats import ideal_speedup
+
+from helpers import tiny_pipeline
+
+
+@pytest.mark.slow
+def test_calibrate_budget_and_pareto_write_plans_that_meet_their_targets(tmp_path, capsys):
+    common = ["calibrate", "--model-config", "dit-tiny", "--classes", "1,2", "--steps", "10", "--window", "4"]
+    assert main([*common, "--budget", "2x", "--extrapolate", "both", "-o", str(tmp_path / "plan.json")]) == 0
+    assert main([*common, "--pareto", "1.5,2.5", "-o", str(tmp_path / "front.json")]) == 0
+    _, pipe = tiny_pipeline("dit")
+    flops = profile_flops(pipeline_call_config(pipe, "dit", {"num_inference_steps": 10, "guidance_scale": 1.0}))
+    plan = CachePlan.load(tmp_path / "plan.json")
+    assert plan.extrapolates and plan.to_dict()["format_version"] == 2
+    full_step_share = (flops.full_step - flops.step_cached) / (10 * flops.full_step)  # one step's worth
+    written = {"plan.json": 2.0, "front-1.5x.json": 1.5, "front-2.5x.json": 2.5}
+    for name, target in written.items():
+        speedup = ideal_speedup(CachePlan.load(tmp_path / name), flops)
+        assert speedup >= target and 1 / speedup >= 1 / target - full_step_share
+    assert (tmp_path / "plan.trajectories.npz").exists()
+    assert "front-2.5x.json" in capsys.readouterr().out
+
+
+def test_budget_and_preset_are_exclusive(tmp_path, capsys):
+    argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1", "--steps", "6", "--budget", "2x"]
+    assert main([*argv, "--preset", "fast", "-o", str(tmp_path / "p.json")]) == 2
+    assert "drop --preset" in capsys.readouterr().err
+
+
+def test_resample_plan_command(tmp_path, capsys):
+    from helpers import facts_for, plan_from_bits
+
+    _, pipe = tiny_pipeline("dit")
+    plan_from_bits(facts_for(pipe.transformer, "dit"), "0011011000").save(tmp_path / "p10.json")
+    assert main(["resample-plan", str(tmp_path / "p10.json"), "--steps", "20", "-o", str(tmp_path / "p20.json")]) == 0
+    resampled = CachePlan.load(tmp_path / "p20.json")
+    assert resampled.num_inference_steps == 20 and resampled.step_cache.sum() == 8
+    assert "10 -> 20 steps" in capsys.readouterr().out
