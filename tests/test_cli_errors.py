@@ -70,6 +70,7 @@ CALIBRATE_DIT = ["calibrate", "--model", "dit-digits", "--preset", "fast"]
         (["inspect", "missing.json"], "missing.json"),
         (["inspect", "--image-tokens", "64"], "needs a plan file"),
         (["nonsense"], "invalid choice: 'nonsense'"),
+        (["calibrate", "--model-config", "dit-tiny", "--classes", "1", "--preset", "fast"], "needs --steps N"),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -141,3 +142,20 @@ def test_inspect_with_a_config_file_says_what_it_assumed(tmp_path, capsys):
     bundled = json.loads(capsys.readouterr().out)  # the bundled model's own call shape: the same figure
     assert given["ideal_speedup"] == bundled["ideal_speedup"] > 1.3
     assert bundled["call_shape"] == {"image_tokens": 256, "text_tokens": 16, "batch": 1, "dtype": "float32"}
+
+
+@pytest.mark.parametrize("name", ["flux-shapes", "dit-digits"])
+def test_calibrate_a_saved_bundled_pipeline(name, tmp_path, capsys):
+    """A pipeline saved with invardiff's own pipeline class (ShapesFluxPipeline) and identity VAE loads back."""
+    from invardiff.models import load
+
+    load(name).save_pretrained(tmp_path / name)
+    inputs = ["--prompts", str(tmp_path / "p.txt")] if name == "flux-shapes" else ["--classes", "1,2"]
+    (tmp_path / "p.txt").write_text("a red circle on the left, black background\n")
+    plan = tmp_path / "plan.json"
+    argv = ["calibrate", "--pipeline", str(tmp_path / name), *inputs, "--steps", "4", "--preset", "fast"]
+    assert main([*argv, "-o", str(plan)]) == 0
+    provenance = json.loads(plan.read_text())["provenance"]["calibration"]
+    assert provenance["seed_rule"] == "per run: seed 42 + run index"
+    assert provenance["runs"] == ([["a red circle on the left, black background", 42]] if name == "flux-shapes"
+                                  else [[1, 42], [2, 43]])  # fmt: skip

@@ -89,7 +89,9 @@ def calibrate(p) -> None:
     p.add_argument(
         "--seed", type=at_least(0, "a seed"), default=42, help="without --seeds: the seed the runs' seeds come from"
     )
-    p.add_argument("--steps", type=at_least(3, "a step count"), required=True, help="num_inference_steps of the plan")
+    p.add_argument(
+        "--steps", type=at_least(3, "a step count"), help="num_inference_steps of the plan (--model: the model's own)"
+    )
     _add_threshold_args(p)
     p.add_argument("--height", type=at_least(1, "a height"), help="Flux image height in pixels")
     p.add_argument("--width", type=at_least(1, "a width"), help="Flux image width in pixels")
