@@ -17,10 +17,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from toy_family import ToyTransformer
 
 import invardiff
 from invardiff.dicache import DECISIONS, DiCacheConfig
+
+from toy_family import ToyTransformer
 
 
 WORLD, STEPS, TOKENS, BATCH = 2, 12, 16, 2

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
+import torch
 
 import invardiff
 from invardiff.dicache import DiCacheConfig, PlanProbeConfig
@@ -20,7 +22,10 @@ from helpers import facts_for, plan_from_bits
 
 
 ray = pytest.importorskip("ray")
+from invardiff.bench.points import dicache_point  # noqa: E402
+from invardiff.bench.sweep import SweepInputs, run_sweep  # noqa: E402
 from invardiff.calibration import calibrate  # noqa: E402
+from invardiff.scale.bench import run_sweep_on_ray  # noqa: E402
 from invardiff.scale.calibrate import calibrate_on_ray  # noqa: E402
 from invardiff.scale.ray_pool import GenerationPool  # noqa: E402  (after the Ray check)
 
@@ -144,3 +149,26 @@ def test_sharded_calibration_gives_the_single_process_plan_byte_for_byte(pool, p
             np.testing.assert_array_equal(modules[kind], values)
     assert rates.num_runs == 5 and plan.step_cache.any()  # the plan reuses something: pass 2 mattered
     assert [args[0][:6] for args in seen].count("pass 2") == 3  # 3 batches of at most 2 runs
+
+
+def _few_steps(pipe, entry, cases):
+    images = []
+    for item, seed in cases:
+        kwargs = entry.call_kwargs(item, seed, num_inference_steps=STEPS, output_type="pt")
+        images.append(pipe(**kwargs).images)
+    return torch.cat(images)  # (N, C, H, W) in [0, 1]
+
+
+def test_sweep_points_on_ray_measure_what_one_process_measures(pool, tmp_path):
+    entry = get(MODEL)
+    cases = [(3, 0), (8, 1)]
+    inputs = SweepInputs(MODEL, lambda: load(MODEL), lambda p: _few_steps(p, entry, cases), cases, torch.device("cpu"))
+    points = [dicache_point("dit", threshold) for threshold in (0.1, 0.5)]
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    single = run_sweep(inputs, points, rounds=1)
+    arrived = []
+    on_ray = run_sweep_on_ray(inputs, points, 1, arrived.append, source=SOURCE, workers=2, cpus_per_worker=0.5)
+    assert len(arrived) == 2 and [r["label"] for r in on_ray] == [p.label for p in points]
+    for mine, theirs in zip(on_ray, single, strict=True):  # the timing differs; nothing else may
+        for key in ("psnr", "ssim", "ideal_speedup", "executed"):
+            assert mine[key] == theirs[key], key

@@ -125,6 +125,17 @@ def ray_calibration(args):
     return run
 
 
+def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
+    """``bench --ray``: the sweep's points measured on Ray workers (:func:`invardiff.scale.bench.run_sweep_on_ray`)."""
+    from ..scale import PipelineSource
+    from ..scale.bench import run_sweep_on_ray
+
+    device = _worker_device(args)
+    source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
+    source = source or PipelineSource("bundled", inputs.model, device)
+    return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, **_pool_options(args))
+
+
 def _worker_device(args) -> str:
     # A Ray actor sees only the GPUs it was given, as cuda:0...; without GPUs it runs where --device says.
     return "cuda" if args.gpus_per_worker else getattr(args, "device", "cpu")
