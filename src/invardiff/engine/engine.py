@@ -12,6 +12,13 @@ runtime policy (``policy.py``) decides what to do. The step index of a call come
    the schedule is checked on the device and read back once, at the branch's last step (``TimestepCheck``), so
    that the check costs no host sync per call. A call that does not follow the schedule is an error, never drift.
 
+The step count is always checked: from the schedule's length at the start of a pipeline call, and with explicit
+step indices by the policy's own count (a step past it fails at once; a run that stops short fails when the branch
+next starts at step 0, unless ``invardiff.reset`` abandoned it). Schedulers that call the transformer more than
+once per step (``scheduler.order > 1``: Heun, DPM2) are refused for every policy (plan, interval, DiCache,
+plan+probe, calibration recording): each counts one call per step, in its plan rows, warm-up, interval or DiCache's
+residual trajectory, and would silently mean something else there.
+
 CFG: each ``cache_context`` name (``"cond"``, ``"uncond"``) has its own state; a call without a context name uses
 one ``"default"`` state, which is right for pipelines that batch the branches (DiT).
 """
@@ -51,7 +58,13 @@ def host_reads_are_free(device: torch.device) -> bool:
 class TimestepCheck:
     """Checks on the device that each call's timestep is its step's entry of the scheduler's schedule.
 
-    The nearest schedule entry must be the expected one (ties within a relative 1e-6). Mismatches are folded into
+    The nearest schedule entry must be the expected one, within the precision of the call's timestep: pipelines
+    cast the timestep to the latents' dtype before the call (FLUX: ``t.expand(B).to(latents.dtype) / 1000``), which
+    rounds it to within ``eps(dtype) / 2`` relative, twice at most (cast and division). So entries that differ by
+    less than ``eps(dtype)`` relative (at least 1e-6) are ties: in bfloat16 (eps 2^-7) the shifted FLUX schedule
+    has such neighbours near t = 1000 from about 70 steps on, which the former fixed 1e-6 reported as a pipeline
+    that does not follow its schedule. A call one step off is still caught wherever its dtype can tell the two
+    steps apart. Mismatches are folded into
     one small device tensor; :meth:`verify` reads it back (one host sync) and raises on the first bad call. On the
     CPU, where that read is free, every call is verified at once.
     """
@@ -64,10 +77,11 @@ class TimestepCheck:
 
     def add(self, timestep, step: int, branch: str) -> None:
         if not torch.is_tensor(timestep):
-            timestep = torch.tensor([float(timestep)])
+            timestep = torch.tensor([float(timestep)], dtype=torch.float64)
+        precision = max(torch.finfo(timestep.dtype).eps, 1e-6) if timestep.is_floating_point() else 1e-6
         t = timestep.detach().float().reshape(-1).to(self.values.device) * self.scale  # (B,)
         distance = (self.values - t[0]).abs()
-        tolerance = 1e-6 * t[0].abs().clamp_min(1.0)
+        tolerance = precision * t[0].abs().clamp_min(1.0)
         bad = (distance[step] > distance.min() + tolerance) | (t != t[0]).any()
         record = torch.stack([bad.float(), torch.full((), float(step), device=t.device), t[0]])
         self.first_bad = (
@@ -92,6 +106,19 @@ class TimestepCheck:
             f"{wanted}. The pipeline does not make one transformer call per scheduler step in order (second-order "
             f"scheduler, img2img strength, different timesteps within one batch, or a custom loop?). Pass the step "
             f"explicitly with invardiff.cache_context(transformer, name, step_index=i)."
+        )
+
+
+def _refuse_multi_call_scheduler(scheduler, policy: str) -> None:
+    # Every policy counts one transformer call per scheduler step: a plan's rows, warm-up and last steps, the
+    # interval, DiCache's residual trajectory. A second-order scheduler (Heun, DPM2) calls the transformer twice per
+    # step at two different timesteps (its timesteps list has 2T - 1 entries), so no policy's step index is meaningful.
+    order = getattr(scheduler, "order", 1)
+    if order != 1:
+        raise EngineError(
+            f"{type(scheduler).__name__} makes {order} transformer calls per denoising step; every invardiff policy "
+            f"({policy} here) counts one call per step, so it cannot run under it. Use a first-order scheduler "
+            f"(e.g. EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, DPMSolverMultistepScheduler)."
         )
 
 
@@ -246,6 +273,14 @@ class CacheEngine:
                 self._abort(state)
             state = self.branches[name] = BranchState(name, T, len(self.units))
         if step == 0:
+            if state.step is not None and state.step < T - 1:
+                # Only explicit step indices get here (a schedule's new run resets every branch first): a manual
+                # loop that stopped early would otherwise have run a T-step plan on a shorter run without a word.
+                raise EngineError(
+                    f"Branch {name!r} starts a new run at step 0, but its previous run stopped after {state.step + 1} "
+                    f"of the {T} steps of the {self.policy.name} policy, so it did not run as planned. Run all {T} "
+                    f"steps, or call invardiff.reset(...) to abandon a run."
+                )
             self._restart_branch(state)
         elif state.step is None or step != state.step + 1:
             last = "no step yet" if state.step is None else f"step {state.step}"
@@ -267,6 +302,7 @@ class CacheEngine:
             raise EngineError("The pipeline's scheduler has no timesteps; was set_timesteps called?")
         if timesteps is not self._schedule:
             # set_timesteps made a new schedule: this is the start of a new pipeline call.
+            _refuse_multi_call_scheduler(self.pipeline.scheduler, self.policy.name)
             part = slice(None) if self.schedule_part is None else self.schedule_part(self.pipeline, timesteps)
             steps = timesteps[part]
             self.policy.start_run(len(steps))
