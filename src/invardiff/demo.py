@@ -54,7 +54,7 @@ def run_demo(
     entry = registry.get(name)
     pipe = registry.load(name, device)
     note = progress or (lambda phase, done: None)
-    note("calibrating (2 full-compute passes)", 0)
+    note("calibration pass 1 (full compute)", 0)
     inputs = {INPUT_KINDS[entry.inputs].calibrate_arg: CALIBRATION[name]}
     plan, rates = calibrate(  # one run per calibration input, each with its own noise (seeds 0, 1, ...)
         pipe,
@@ -62,6 +62,7 @@ def run_demo(
         thresholds=preset_name,
         seed=0,
         pipeline_kwargs=entry.pipeline_kwargs or None,  # a video model's clip size and frame count
+        progress=lambda phase, done, total: note(f"calibration {phase}: batch {done}/{total} done", 0),
         **inputs,
     )
     cases = [(item, seed) for seed in seeds for item in entry.examples]
