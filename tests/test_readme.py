@@ -20,6 +20,7 @@ NOT_RUN = {
     "pip install": "setup: installs packages",
     "invardiff bench ": "the speed-quality sweep takes 20+ minutes",
     "invardiff bench-engine": "the engine benchmark takes 10+ minutes on CPU (GPU configs need CUDA)",
+    "ray start": "starts a Ray cluster node (head or worker machine)",
 }
 # Command lines that need the slow walkthrough: the demo, calibrations, and what uses their files.
 SLOW = ("invardiff demo", "invardiff calibrate", "printf ", "out/demo/", "flux-fast.rates.npz")
