@@ -24,6 +24,7 @@ import torch
 
 from invardiff.models import get
 from invardiff.scale import PipelineSource, run_local, work_items
+from invardiff.scale.actors import Workers
 from invardiff.scale.ray_pool import GenerationPool
 
 
@@ -43,13 +44,13 @@ def main() -> None:
     torch.set_num_threads(1)  # the plain loop gets what one Ray worker gets
     ray.init(num_cpus=2, include_dashboard=False)
     local, one, two = [], [], []
-    with GenerationPool(source, workers=1, steps=args.steps) as pool:
+    with GenerationPool(source, Workers(1), steps=args.steps) as pool:
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory() as directory:
                 local.append(run_local(source, items, directory, steps=args.steps).items_per_second)
             with tempfile.TemporaryDirectory() as directory:
                 one.append(pool.run(items, directory).items_per_second)
-    with GenerationPool(source, workers=2, steps=args.steps) as pool:
+    with GenerationPool(source, Workers(2), steps=args.steps) as pool:
         for _ in range(args.rounds):
             with tempfile.TemporaryDirectory() as directory:
                 two.append(pool.run(items, directory).items_per_second)

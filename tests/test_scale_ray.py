@@ -25,6 +25,7 @@ ray = pytest.importorskip("ray")
 from invardiff.bench.points import dicache_point  # noqa: E402
 from invardiff.bench.sweep import SweepInputs, run_sweep  # noqa: E402
 from invardiff.calibration import calibrate  # noqa: E402
+from invardiff.scale.actors import Workers  # noqa: E402
 from invardiff.scale.bench import run_sweep_on_ray  # noqa: E402
 from invardiff.scale.calibrate import calibrate_on_ray  # noqa: E402
 from invardiff.scale.ray_pool import GenerationPool  # noqa: E402  (after the Ray check)
@@ -34,14 +35,15 @@ pytestmark = pytest.mark.slow
 MODEL, STEPS = "dit-digits", 6
 SOURCE = PipelineSource("bundled", MODEL)
 ITEMS = work_items([0, 3, 5, 8], seeds=[0, 1])
+# half a CPU each: the generation pool and a calibration or sweep pool fit together on the 2-CPU cluster
+HALF_CPU_WORKERS = Workers(2, cpus=0.5)
 
 
 @pytest.fixture(scope="module")
 def pool():
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        # half a CPU each: the calibration test's two actors fit beside these on the 2-CPU cluster
-        with GenerationPool(SOURCE, workers=2, steps=STEPS, cpus_per_worker=0.5) as pool:
+        with GenerationPool(SOURCE, HALF_CPU_WORKERS, steps=STEPS) as pool:
             yield pool
     finally:
         ray.shutdown()
@@ -136,9 +138,7 @@ def test_sharded_calibration_gives_the_single_process_plan_byte_for_byte(pool, p
     options = {"num_inference_steps": 8, "thresholds": "fast", "class_labels": [0, 3, 5, 8, 2], "batch_size": 2}
     single_plan, single_rates = calibrate(pipe, **options)
     seen = []
-    plan, rates = calibrate_on_ray(
-        pipe, SOURCE, workers=2, cpus_per_worker=0.5, progress=lambda *args: seen.append(args), **options
-    )
+    plan, rates = calibrate_on_ray(pipe, SOURCE, HALF_CPU_WORKERS, lambda *args: seen.append(args), **options)
     single_plan.save(tmp_path / "single.json")
     plan.save(tmp_path / "sharded.json")
     assert (tmp_path / "sharded.json").read_bytes() == (tmp_path / "single.json").read_bytes()
@@ -167,7 +167,7 @@ def test_sweep_points_on_ray_measure_what_one_process_measures(pool, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     single = run_sweep(inputs, points, rounds=1)
     arrived = []
-    on_ray = run_sweep_on_ray(inputs, points, 1, arrived.append, source=SOURCE, workers=2, cpus_per_worker=0.5)
+    on_ray = run_sweep_on_ray(inputs, points, 1, arrived.append, source=SOURCE, workers=HALF_CPU_WORKERS)
     assert len(arrived) == 2 and [r["label"] for r in on_ray] == [p.label for p in points]
     for mine, theirs in zip(on_ray, single, strict=True):  # the timing differs; nothing else may
         for key in ("psnr", "ssim", "ideal_speedup", "executed"):

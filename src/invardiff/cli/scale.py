@@ -65,8 +65,7 @@ def generate_many(args) -> int:
         else:
             from ..scale.ray_pool import generate_on_ray
 
-            options = {"steps": args.steps, "progress": progress, **_pool_options(args)}
-            report = generate_on_ray(source, items, args.output, config, **options)
+            report = generate_on_ray(source, items, args.output, config, _workers(args), args.steps, progress)
     where = "this process" if args.ray is None else f"{report.workers} Ray worker(s)"
     print(
         f"wrote {report.generated} image(s) to {report.output} ({report.skipped} already there), manifest "
@@ -88,13 +87,11 @@ def _inputs(args, entry, read_prompts, int_list) -> list:
     return [args.prompt if prompt_model else args.class_id]
 
 
-def _pool_options(args) -> dict:
-    return {
-        "workers": args.workers,
-        "address": None if args.ray == "local" else args.ray,
-        "cpus_per_worker": args.cpus_per_worker,
-        "gpus_per_worker": args.gpus_per_worker,
-    }
+def _workers(args):
+    from ..scale.actors import Workers
+
+    address = None if args.ray == "local" else args.ray
+    return Workers(args.workers, args.cpus_per_worker, args.gpus_per_worker, address)
 
 
 def check_ray_options(args) -> None:
@@ -120,7 +117,7 @@ def ray_calibration(args):
         source = PipelineSource("pretrained", args.pipeline, device)
 
     def run(pipe, **kwargs):
-        return calibrate_on_ray(pipe, source, **_pool_options(args), **kwargs)
+        return calibrate_on_ray(pipe, source, _workers(args), **kwargs)
 
     return run
 
@@ -133,7 +130,7 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
     device = _worker_device(args)
     source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
     source = source or PipelineSource("bundled", inputs.model, device)
-    return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, **_pool_options(args))
+    return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, workers=_workers(args))
 
 
 def _worker_device(args) -> str:

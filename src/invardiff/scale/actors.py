@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 
 logger = logging.getLogger(__name__)
@@ -40,32 +41,47 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
-class ActorPool:
-    """``workers`` actors of ``actor_class(*args)``, each with ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs.
+@dataclass(frozen=True)
+class Workers:
+    """The Ray actors of a pool: how many, what each gets, where the cluster is.
 
-    The actor class must have a ``ready()`` method (the pool waits for it, so that loading a model happens before
-    any task is timed).
+    Attributes:
+        count: actors; each loads the model once.
+        cpus / gpus: Ray resources of each actor (an actor with GPUs runs on ``cuda``, the GPUs Ray gave it).
+        address: the cluster (see :func:`init_ray`); ``None`` starts a local Ray.
+        max_replacements: actors started to replace dead ones (default: ``count``); then the run fails.
     """
 
-    def __init__(
-        self,
-        actor_class,
-        args: tuple,
-        *,
-        workers: int = 1,
-        cpus_per_worker: float = 1,
-        gpus_per_worker: float = 0,
-        max_replacements: int | None = None,
-        address: str | None = None,
-    ):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}.")
-        self.workers = workers
-        self.replacements_left = workers if max_replacements is None else max_replacements
-        ray = init_ray(address, None if address else max(workers, int(workers * cpus_per_worker)))
-        self._actor_class = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(actor_class)
+    count: int = 1
+    cpus: float = 1
+    gpus: float = 0
+    address: str | None = None
+    max_replacements: int | None = None
+
+    def __post_init__(self):
+        if self.count < 1 or self.cpus <= 0 or self.gpus < 0:
+            raise ValueError(f"Workers needs count >= 1, cpus > 0 and gpus >= 0, got {self}.")
+
+    def threads(self, device: str) -> int | None:
+        """torch CPU threads of each actor: its CPU share when it computes on the CPU, else left as they are."""
+        return max(1, int(self.cpus)) if device == "cpu" else None
+
+
+ONE_WORKER = Workers()  # the default: one actor with one CPU on a local Ray
+
+
+class ActorPool:
+    """``workers.count`` actors of ``actor_class(*args)``. The actor class must have a ``ready()`` method (the
+    pool waits for it, so that loading a model happens before any task is timed)."""
+
+    def __init__(self, actor_class, args: tuple, workers: Workers):
+        self.workers = workers.count
+        self.replacements_left = workers.count if workers.max_replacements is None else workers.max_replacements
+        local_cpus = None if workers.address else max(workers.count, int(workers.count * workers.cpus))
+        ray = init_ray(workers.address, local_cpus)
+        self._actor_class = ray.remote(num_cpus=workers.cpus, num_gpus=workers.gpus)(actor_class)
         self._actor_args = args
-        self.actors = [self._actor_class.remote(*args) for _ in range(workers)]
+        self.actors = [self._actor_class.remote(*args) for _ in range(workers.count)]
         ray.get([actor.ready.remote() for actor in self.actors])
 
     def __enter__(self):

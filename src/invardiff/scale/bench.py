@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from ..bench.sweep import OperatingPoint, SweepInputs, count_flops, run_point
-from .actors import ActorPool
+from .actors import ONE_WORKER, ActorPool, Workers
 from .runner import PipelineSource
 
 
@@ -55,21 +55,16 @@ def run_sweep_on_ray(
     done: dict[str, dict] | None = None,
     *,
     source: PipelineSource,
-    workers: int = 1,
-    cpus_per_worker: float = 1,
-    gpus_per_worker: float = 0,
-    address: str | None = None,
+    workers: Workers = ONE_WORKER,
 ) -> list[dict]:
-    """:func:`invardiff.bench.sweep.run_sweep` with the points measured on ``workers`` Ray actors; results in the
+    """:func:`invardiff.bench.sweep.run_sweep` with the points measured on Ray actors (``workers``); results in the
     points' order (``on_result`` sees them as they arrive). Each worker loads its pipeline from ``source`` (the
     driver's ``inputs.load_pipeline`` may hold the driver's copy); ``inputs.generate`` and the points are shipped
     with cloudpickle."""
     todo = [(index, point) for index, point in enumerate(points) if not (done and point.label in done)]
-    threads = max(1, int(cpus_per_worker)) if inputs.device.type == "cpu" else None
     measured = {}
-    options = {"cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "address": address}
     shipped = dataclasses.replace(inputs, load_pipeline=source.load)
-    with ActorPool(_SweepWorker, (shipped, threads), workers=workers, **options) as pool:
+    with ActorPool(_SweepWorker, (shipped, workers.threads(source.device)), workers) as pool:
         for (index, _), result in pool.results(todo, "measure", rounds):
             measured[index] = result
             if on_result is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..calibration.run import PassSetup, calibrate, record_batches
-from .actors import ActorPool
+from .actors import ONE_WORKER, ActorPool, Workers, import_ray
 from .runner import PipelineSource
 
 
@@ -40,16 +40,11 @@ class CalibrationPool(ActorPool):
     """Ray actors that each load ``source`` once and record calibration batches; pass :meth:`record` as the
     ``runner`` of :func:`invardiff.calibration.calibrate`."""
 
-    def __init__(self, source: PipelineSource, *, workers: int = 1, cpus_per_worker: float = 1, **options):
-        threads = max(1, int(cpus_per_worker)) if source.device == "cpu" else None
-        super().__init__(
-            _CalibrationWorker, (source, threads), workers=workers, cpus_per_worker=cpus_per_worker, **options
-        )
+    def __init__(self, source: PipelineSource, workers: Workers = ONE_WORKER):
+        super().__init__(_CalibrationWorker, (source, workers.threads(source.device)), workers)
         self.progress = None
 
     def record(self, name: str, setup: PassSetup, batches: list[list[tuple]], provisional) -> tuple:
-        from .actors import import_ray
-
         shared = (import_ray().put(provisional), setup)  # the same provisional plan for every worker
         by_index = {}
         for (index, _), rates in self.results(list(enumerate(batches)), "record", *shared):
@@ -62,22 +57,10 @@ class CalibrationPool(ActorPool):
         return step, modules
 
 
-def calibrate_on_ray(
-    pipe,
-    source: PipelineSource,
-    *,
-    workers: int = 1,
-    cpus_per_worker: float = 1,
-    gpus_per_worker: float = 0,
-    address: str | None = None,
-    progress=None,
-    **calibrate_kwargs,
-):
+def calibrate_on_ray(pipe, source: PipelineSource, workers: Workers = ONE_WORKER, progress=None, **calibrate_kwargs):
     """:func:`invardiff.calibration.calibrate` on ``pipe`` (the driver's copy, for the family, batch size and
-    provenance) with the runs of both passes recorded by ``workers`` Ray actors loading ``source``. Same arguments
-    and result as ``calibrate``; the plan is byte-identical to a single-process calibration with the same runs and
-    ``batch_size`` (give it explicitly: the automatic one reads the driver's device memory)."""
-    pool_options = {"cpus_per_worker": cpus_per_worker, "gpus_per_worker": gpus_per_worker, "address": address}
-    with CalibrationPool(source, workers=workers, **pool_options) as pool:
+    provenance) with the runs of both passes recorded by Ray actors loading ``source``. Same arguments and result
+    as ``calibrate``; the plan is byte-identical to a single-process calibration with the same runs and batches."""
+    with CalibrationPool(source, workers) as pool:
         pool.progress = progress
         return calibrate(pipe, runner=pool.record, **calibrate_kwargs)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .actors import ActorPool, import_ray
+from .actors import ONE_WORKER, ActorPool, Workers, import_ray
 from .items import Manifest, WorkItem
 from .runner import ItemRunner, PipelineSource, RunReport
 
@@ -48,50 +48,30 @@ class _Worker:
 
 
 class GenerationPool(ActorPool):
-    """A pool of ``workers`` Ray actors generating with ``source``; each :meth:`run` has its own policy.
+    """A pool of Ray actors generating with ``source``; each :meth:`run` has its own policy.
 
     Args:
         source: where each actor loads the pipeline from.
-        workers: actors; each takes ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs of the cluster.
+        workers: how many actors, their resources and the cluster (:class:`~invardiff.scale.actors.Workers`).
         steps: sampling steps (default: the plan's, else the bundled model's).
         batch_items: items per actor call; larger amortises the round trip, smaller loses less when an actor dies.
-        max_replacements: actors started to replace dead ones (default: ``workers``); then the run fails.
-        address: Ray cluster address (see :func:`~invardiff.scale.actors.init_ray`).
 
     Example:
         ```python
         >>> items = work_items(["a red circle", "a blue square"], seeds=[0, 1])
-        >>> with GenerationPool(PipelineSource("bundled", "flux-shapes"), workers=2) as pool:
+        >>> with GenerationPool(PipelineSource("bundled", "flux-shapes"), Workers(2)) as pool:
         ...     report = pool.run(items, "out/", plan)
         ```
     """
 
     def __init__(
-        self,
-        source: PipelineSource,
-        *,
-        workers: int = 1,
-        steps: int | None = None,
-        cpus_per_worker: float = 1,
-        gpus_per_worker: float = 0,
-        batch_items: int = 1,
-        max_replacements: int | None = None,
-        address: str | None = None,
+        self, source: PipelineSource, workers: Workers = ONE_WORKER, steps: int | None = None, batch_items: int = 1
     ):
         if batch_items < 1:
             raise ValueError(f"batch_items must be >= 1, got {batch_items}.")
         self.batch_items = batch_items
         self._runs = 0
-        threads = max(1, int(cpus_per_worker)) if source.device == "cpu" else None
-        super().__init__(
-            _Worker,
-            (source, steps, threads),
-            workers=workers,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            max_replacements=max_replacements,
-            address=address,
-        )
+        super().__init__(_Worker, (source, steps, workers.threads(source.device)), workers)
 
     def run(
         self,
@@ -123,11 +103,10 @@ def generate_on_ray(
     items: list[WorkItem],
     output: str | Path,
     policy=None,
-    *,
-    workers: int = 1,
+    workers: Workers = ONE_WORKER,
+    steps: int | None = None,
     progress: Callable[[WorkItem], None] | None = None,
-    **pool_options,
 ) -> RunReport:
     """Start a :class:`GenerationPool`, generate ``items`` into ``output``, shut the pool down."""
-    with GenerationPool(source, workers=workers, **pool_options) as pool:
+    with GenerationPool(source, workers, steps) as pool:
         return pool.run(items, output, policy, progress)
