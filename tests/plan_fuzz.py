@@ -25,14 +25,20 @@ from invardiff import CachePlan, ModelFacts, PlanError
 from invardiff.engine.state import REUSED
 from invardiff.families import get_family
 from invardiff.model_configs import MODEL_CONFIGS
-from invardiff.official import convert_official_book
+from invardiff.official import convert_official_book, official_book
 
 
 Draw = Callable[[int, int], int]
 STEPS = 4
 # Layers per block list of each family's seed plans: the smallest layout with every block list.
-LAYOUTS = {"flux": {"num_layers": 1, "num_single_layers": 2}, "dit": {"num_layers": 2}, "toy": {"num_layers": 2}}
-OFFICIAL = ("flux", "dit")  # families whose official book layout the fuzz writes (see official_book_of)
+LAYOUTS = {
+    "flux": {"num_layers": 1, "num_single_layers": 2},
+    "dit": {"num_layers": 2},
+    "toy": {"num_layers": 2},
+    "wan": {"num_layers": 2},
+    "hunyuanvideo": {"num_layers": 1, "num_single_layers": 2},
+}
+OFFICIAL = ("flux", "dit", "wan")  # families whose official book layout the fuzz writes (see official_book_of)
 ODD_VALUES = [
     None,
     True,
@@ -77,7 +83,9 @@ def seed_plan(family: str, draw: Draw) -> CachePlan:
 
 
 def official_book_of(plan: CachePlan) -> dict:
-    """``plan`` in the official code's book layout (FLUX or DiT), as the official sampler would load it."""
+    """``plan`` in the official code's book layout (FLUX, DiT or Wan), as the official sampler would load it."""
+    if plan.model.family == "wan":
+        return official_book(plan)  # invardiff writes Wan books itself
     rows = {name: {kind: m.tolist() for kind, m in kinds.items()} for name, kinds in plan.module_reuse.items()}
     book = {"step_cache_book": plan.step_cache.tolist()}
     if plan.model.family == "flux":
@@ -230,7 +238,13 @@ def _tiny_model(family: str, layers: dict[str, int]):
 
 
 # The transformer config argument that sets each block list's depth, in block-list order.
-_LAYER_ARGUMENTS = {"flux": ("num_layers", "num_single_layers"), "dit": ("num_layers",), "toy": ("num_layers",)}
+_LAYER_ARGUMENTS = {
+    "flux": ("num_layers", "num_single_layers"),
+    "dit": ("num_layers",),
+    "toy": ("num_layers",),
+    "wan": ("num_layers",),
+    "hunyuanvideo": ("num_layers", "num_single_layers"),
+}
 
 
 def _layers(family: str) -> dict[str, int]:

@@ -3,8 +3,8 @@
 Two caches on one transformer would each skip work on the assumption that the rest of the model computes: diffusers'
 FirstBlockCache added after invardiff made every later call fail deep inside a block ("no cached output"), and the
 outputs of any stacking would be neither method's. So invardiff refuses to run next to another cache, naming it
-and how to remove it. Hooks that are not caches (group offloading, layerwise casting, context parallelism) are
-not refused: they keep working under invardiff (tested in tests/test_composition.py).
+and how to remove it. Hooks that are not caches (offloading, layerwise casting, context parallelism) are not
+refused; which orders of offloading and invardiff work is tested in tests/test_composition.py.
 """
 
 from __future__ import annotations
