@@ -188,24 +188,19 @@ def save_labelled_grid(full: torch.Tensor, cached: torch.Tensor, report: dict, p
     captions = [_caption(case) for case in report["cases"]]
     caption_lines = max(len(_wrap(text, small, tile - 6)) for text in captions)
     left, title_height, caption_height, psnr_height, gap = 150, 48, 14 * caption_lines + 8, 18, 6
-    width = left + count * (tile + gap)
-    canvas = Image.new("RGB", (width, title_height + caption_height + 2 * tile + psnr_height + gap + 8), "white")
-    draw = ImageDraw.Draw(canvas)
     warned = " (timing warning: see report.md)" if report["timing_warnings"] else ""
-    draw.text(
-        (8, 6),
+    titles = [
         f"{report['model']}, {report['preset']} preset, {report['num_inference_steps']} steps: measured speedup "
         f"{report['measured_speedup']:.2f}x (ideal {report['ideal_speedup']:.2f}x){warned}",
-        fill="black",
-        font=font,
-    )
-    draw.text(
-        (8, 26),
         f"PSNR against full compute: mean {report['psnr']:.1f} dB, worst {report['worst']['psnr']:.1f} dB; "
         f"LPIPS mean {report['lpips']:.3f}",
-        fill="black",
-        font=font,
-    )
+    ]
+    width = max(left + count * (tile + gap), 16 + int(max(font.getlength(title) for title in titles)))
+    height = title_height + caption_height + 2 * (tile + psnr_height) + gap + 4
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, title in enumerate(titles):
+        draw.text((8, 6 + 20 * index), title, fill="black", font=font)
     top = title_height + caption_height
     rows = [(full, "full compute", None), (cached, "with the plan", report["per_image"]["psnr"])]
     for row, (batch, label, psnrs) in enumerate(rows):
