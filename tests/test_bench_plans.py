@@ -31,3 +31,25 @@ def test_synthetic_plans_just_reach_their_ideal_speedup(config, target):
     assert plan.step_cache.any()  # both execution paths: step caching ...
     reused = [matrix for kinds in plan.module_reuse.values() for matrix in kinds.values()]
     assert all(matrix[~plan.step_cache].any() for matrix in reused)  # ... and layer-wise reuse of every kind
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuanvideo", "wan"])
+def test_taylorseer_caches_the_family_attention_units(family):
+    import re
+
+    from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
+
+    from invardiff.bench.peers import _attention_units
+
+    transformer = MODEL_CONFIGS[f"{family}-tiny"].build_transformer("meta")
+    names = [name for name, _ in transformer.named_modules()]
+
+    def matched(patterns):
+        return {name for name in names if any(re.fullmatch(pattern, name) for pattern in patterns)}
+
+    ours, default = matched(_attention_units(transformer)), matched(_TRANSFORMER_BLOCK_IDENTIFIERS)
+    if family == "wan":
+        assert not default  # diffusers' defaults match no Wan module (blocks.N.attn1 / attn2)
+        assert ours == {f"blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)}
+    else:
+        assert ours == default and ours

@@ -110,8 +110,13 @@ def taylorseer(interval: int) -> Peer:
         from diffusers.hooks import TaylorSeerCacheConfig
 
         # Taylor factors in the model's dtype: the default bfloat16 is slow on CPU and would handicap the peer
-        # on the float32 models.
-        return TaylorSeerCacheConfig(cache_interval=interval, taylor_factors_dtype=transformer.dtype)
+        # on the float32 models. The cached modules are the family's attention units: diffusers' default patterns
+        # ("^blocks.*attn", fully matched) name the same modules on FLUX and HunyuanVideo but none on Wan, whose
+        # attentions are blocks.N.attn1 / attn2, where TaylorSeer would silently cache nothing.
+        identifiers = _attention_units(transformer)
+        return TaylorSeerCacheConfig(
+            cache_interval=interval, taylor_factors_dtype=transformer.dtype, cache_identifiers=identifiers
+        )
 
     settings = {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1}
     return _diffusers_peer("diffusers-taylorseer", f"TaylorSeer interval={interval}", config, settings)
@@ -163,6 +168,14 @@ def _cache_dit_target(pipe):
         forward_pattern=[cache_dit.ForwardPattern.Pattern_1, cache_dit.ForwardPattern.Pattern_1],
         check_forward_pattern=True,
     )
+
+
+def _attention_units(transformer) -> list[str]:
+    from ..families import resolve_family
+
+    family = resolve_family(transformer)
+    units = [(spec.attr, unit.module) for spec in family.block_lists for unit in spec.units if "attn" in unit.name]
+    return [rf"{attr}\.\d+\.{module}" for attr, module in units]
 
 
 def _diffusers_peer(method: str, label: str, make_config: Callable, settings: dict) -> Peer:
