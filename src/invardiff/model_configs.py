@@ -101,6 +101,26 @@ def video_config(name: str, family: str, transformer_kwargs: dict, latent: tuple
     return ModelConfig(name, family, transformer_kwargs, **video_fields(latent), **fields)
 
 
+def video_pipeline_size(config: ModelConfig) -> dict:
+    """The ``height``, ``width`` and ``num_frames`` pipeline arguments whose latent is the video config's (a VAE
+    with 8x spatial and 4x temporal compression, as Wan's and HunyuanVideo's)."""
+    frames, height, width = video_latent_shape(config)
+    return {"height": height * 8, "width": width * 8, "num_frames": (frames - 1) * 4 + 1}
+
+
+def video_call_fields(pipe, call_kwargs: dict, default_size: tuple[int, int, int], text_tokens: int, patch) -> dict:
+    """:class:`ModelConfig` fields of one sample of the video pipeline call ``pipe(**call_kwargs)``;
+    ``default_size``: the pipeline's (height, width, num_frames) defaults, ``text_tokens``: its default text length."""
+    height, width, frames = (
+        call_kwargs.get(key) or default
+        for key, default in zip(("height", "width", "num_frames"), default_size, strict=True)
+    )
+    spatial = pipe.vae_scale_factor_spatial
+    latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
+    tokens = call_kwargs.get("max_sequence_length") or text_tokens
+    return {**video_fields(latent, patch), "text_tokens": tokens, "batch": 1}
+
+
 def video_latent_shape(config: ModelConfig) -> tuple[int, int, int]:
     """The ``(frames, height, width)`` latent of one call of a video config."""
     latent = config.extra.get("latent")

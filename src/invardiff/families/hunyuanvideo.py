@@ -27,7 +27,14 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 )
 
 from ..calibration.thresholds import FamilyCalibration
-from ..model_configs import ModelConfig, video_config, video_fields, video_latent_shape
+from ..model_configs import (
+    ModelConfig,
+    video_call_fields,
+    video_config,
+    video_fields,
+    video_latent_shape,
+    video_pipeline_size,
+)
 from . import register_family
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, image_output_index
 
@@ -179,9 +186,7 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
         "negative_prompt_attention_mask": mask[1].to(device),
         "true_cfg_scale": 6.0,  # true CFG: a cond and an uncond call per step
         "guidance_scale": 6.0,  # embedded guidance (HunyuanVideo-T/2-cfgdistill)
-        "height": height * 8,
-        "width": width * 8,
-        "num_frames": (frames - 1) * 4 + 1,
+        **video_pipeline_size(config),
         "num_inference_steps": num_inference_steps,
         "output_type": "latent",  # there is no VAE
         "generator": generator,
@@ -189,12 +194,9 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
 
 
 def _call_shape(pipe, call_kwargs: dict) -> dict:
-    height = call_kwargs.get("height") or 720
-    width = call_kwargs.get("width") or 1280
-    frames = call_kwargs.get("num_frames") or 129
-    spatial = pipe.vae_scale_factor_spatial
-    latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
-    return {**video_fields(latent), "text_tokens": call_kwargs.get("max_sequence_length") or 256, "batch": 1}
+    config = pipe.transformer.config
+    patch = (config.patch_size_t, config.patch_size, config.patch_size)
+    return video_call_fields(pipe, call_kwargs, (720, 1280, 129), 256, patch)
 
 
 HUNYUANVIDEO = register_family(

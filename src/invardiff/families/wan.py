@@ -25,7 +25,14 @@ from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
-from ..model_configs import ModelConfig, video_config, video_fields, video_latent_shape
+from ..model_configs import (
+    ModelConfig,
+    video_call_fields,
+    video_config,
+    video_fields,
+    video_latent_shape,
+    video_pipeline_size,
+)
 from ..official import book_table
 from ..plan import PlanError
 from . import register_family
@@ -211,9 +218,7 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     return {
         "prompt_embeds": embeds[0].to(device, config.torch_dtype),
         "negative_prompt_embeds": embeds[1].to(device, config.torch_dtype),
-        "height": height * 8,  # the VAE's 8x spatial and 4x temporal compression
-        "width": width * 8,
-        "num_frames": (frames - 1) * 4 + 1,
+        **video_pipeline_size(config),
         "num_inference_steps": num_inference_steps,
         "guidance_scale": 5.0,  # classifier-free guidance: a cond and an uncond call per step
         "output_type": "latent",  # there is no VAE
@@ -222,14 +227,8 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
 
 
 def _call_shape(pipe, call_kwargs: dict) -> dict:
-    height = call_kwargs.get("height") or 480
-    width = call_kwargs.get("width") or 832
-    frames = call_kwargs.get("num_frames") or 81
-    spatial = pipe.vae_scale_factor_spatial
-    latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
     transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
-    fields = video_fields(latent, tuple(transformer.config.patch_size))
-    return {**fields, "text_tokens": call_kwargs.get("max_sequence_length") or 512, "batch": 1}
+    return video_call_fields(pipe, call_kwargs, (480, 832, 81), 512, tuple(transformer.config.patch_size))
 
 
 def _experts(pipe) -> tuple[Expert, ...]:
