@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from sync_counter import count_host_syncs
 
 import invardiff
-import toy_family  # noqa: F401  (registers the "toy" family)
 from invardiff.plan import CachePlan, PlanError
 
+import toy_family  # noqa: F401  (registers the "toy" family)
 from helpers import facts_for, plan_from_bits
-from sync_counter import count_host_syncs
 
 
 T = 5
@@ -68,7 +68,11 @@ def hidden_states(transformer, inputs):
 
 def with_coefficients(plan: CachePlan, steps=None, units=None) -> CachePlan:
     return CachePlan(
-        plan.model, plan.num_inference_steps, plan.step_cache, plan.module_reuse, step_extrapolation=steps,
+        plan.model,
+        plan.num_inference_steps,
+        plan.step_cache,
+        plan.module_reuse,
+        step_extrapolation=steps,
         unit_extrapolation=units,
     )
 
@@ -102,9 +106,7 @@ def test_reused_steps_extrapolate_from_the_last_two_computed_states(dtype):
 def test_zero_coefficients_are_bit_identical_to_plain_reuse(dtype):
     transformer = toy(dtype)
     inputs = calls(dtype)
-    plan = plan_from_bits(
-        facts_for(transformer, "toy"), "00100", {"blocks": {"attn": ["00", "00", "11", "01", "01"]}}
-    )
+    plan = plan_from_bits(facts_for(transformer, "toy"), "00100", {"blocks": {"attn": ["00", "00", "11", "01", "01"]}})
     zero = with_coefficients(
         plan, steps=np.zeros(T), units={"blocks": {"attn": np.zeros((T, 2)), "ff": np.zeros((T, 2))}}
     )

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import toy_family  # noqa: F401  (registers the "toy" family)
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
 from invardiff.plan import ModelFacts
 from invardiff.stats import ideal_speedup, plan_flops, unit_reuse
+
+import toy_family  # noqa: F401  (registers the "toy" family)
 
 
 FULL, CACHED, ATTN, FF = 10.0, 1.0, 3.0, 2.0  # FLOPs of a step, a step-cached step, and the units' reuse savings
@@ -90,7 +91,7 @@ def test_step_schedule_is_the_enumerated_optimum(seed, extrapolate):
     budget = T * FULL / speedup
     best = (math.inf, None)
     for reused in itertools.product([False, True], repeat=T - 2):  # steps 1 .. T-2; 0 and T-1 compute
-        computed = [0] + [t for t, r in zip(range(1, T - 1), reused) if not r] + [T - 1]
+        computed = [0] + [t for t, r in zip(range(1, T - 1), reused, strict=True) if not r] + [T - 1]
         flops = len(computed) * FULL + (T - len(computed)) * CACHED
         if not budget - (FULL - CACHED) <= flops <= budget:
             continue
@@ -118,13 +119,13 @@ def test_steps_and_one_unit_jointly_match_enumeration(seed):
     budget = T * FULL / speedup
     best = math.inf
     for reused in itertools.product([False, True], repeat=T - 2):
-        computed = [0] + [t for t, r in zip(range(1, T - 1), reused) if not r] + [T - 1]
+        computed = [0] + [t for t, r in zip(range(1, T - 1), reused, strict=True) if not r] + [T - 1]
         eligible = [s for s in computed if 0 < s < T - 1]
         step_error = sum(
             direct_error(features["step"], features["step"], computed, t, False) for t in range(T) if t not in computed
         )
         for unit_reused in itertools.product([False, True], repeat=len(eligible)):
-            reuses = [s for s, r in zip(eligible, unit_reused) if r]
+            reuses = [s for s, r in zip(eligible, unit_reused, strict=True) if r]
             total = len(computed) * FULL + (T - len(computed)) * CACHED - ATTN * len(reuses)
             if not budget - (FULL - CACHED) <= total <= budget:
                 continue
@@ -212,7 +213,9 @@ def test_recorder_gram_equals_the_features_inner_products(tmp_path):
         recorder.on_unit(state, 0, torch.from_numpy(unit[:, t]))
         recorder.on_hidden(state, torch.from_numpy(hidden[:, t]))
     stats = recorder.stats()
-    expected = stats_from({"step": hidden.reshape(3, T, 8).astype(np.float64), "blocks.0.attn": unit.astype(np.float64)}, window)
+    expected = stats_from(
+        {"step": hidden.reshape(3, T, 8).astype(np.float64), "blocks.0.attn": unit.astype(np.float64)}, window
+    )
     for name in ("step", "blocks.0.attn"):
         np.testing.assert_allclose(stats.gram[name], expected.gram[name], rtol=1e-12)
     assert stats.num_samples == 3 and stats.sizes == {"step": 8, "blocks.0.attn": 6}

@@ -20,7 +20,9 @@ def validate_extrapolation(plan) -> None:
     steps = plan.step_extrapolation
     if steps is not None:
         if steps.shape != (T,):
-            raise PlanError(f"step_extrapolation must have shape ({T},) (one coefficient per step), got {steps.shape}.")
+            raise PlanError(
+                f"step_extrapolation must have shape ({T},) (one coefficient per step), got {steps.shape}."
+            )
         _check_finite(steps, "step_extrapolation")
         misplaced = np.flatnonzero((steps != 0) & ~plan.step_cache)
         if misplaced.size:
@@ -36,7 +38,9 @@ def validate_extrapolation(plan) -> None:
     family = get_family(plan.model.family)
     expected = {facts.name: facts.num_layers for facts in plan.model.block_lists}
     if sorted(plan.unit_extrapolation) != sorted(expected):
-        raise PlanError(f"unit_extrapolation must have the block lists {sorted(expected)}, got {sorted(plan.unit_extrapolation)}.")
+        raise PlanError(
+            f"unit_extrapolation must have the block lists {sorted(expected)}, got {sorted(plan.unit_extrapolation)}."
+        )
     executed = ~plan.step_cache
     for name, units in plan.unit_extrapolation.items():
         names = [unit.name for unit in family.block_list(name).units]
@@ -46,7 +50,9 @@ def validate_extrapolation(plan) -> None:
         for unit, matrix in units.items():
             where = f"unit_extrapolation.{name}.{unit}"
             if matrix.shape != (T, expected[name]):
-                raise PlanError(f"{where} must have shape ({T}, {expected[name]}) (steps x layers), got {matrix.shape}.")
+                raise PlanError(
+                    f"{where} must have shape ({T}, {expected[name]}) (steps x layers), got {matrix.shape}."
+                )
             _check_finite(matrix, where)
             misplaced = np.argwhere((matrix != 0) & ~(reuse[unit] & executed[:, None]))
             if misplaced.size:

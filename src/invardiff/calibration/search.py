@@ -175,7 +175,7 @@ class _Search:
         for key, entries in table.items():
             if key[1] != T - 1:
                 continue
-            for n, (cost, parent) in entries.items():
+            for n, (cost, _) in entries.items():
                 if n not in schedules or cost < schedules[n][0]:
                     schedules[n] = (cost, self._computed(table, key, n))
         result = {}
@@ -236,7 +236,9 @@ class _Search:
         total, step_cost, unit_cost, computed, step_coefficients, unit_choices = best
         plan = self._plan(computed, step_coefficients, unit_choices)
         speedup = ideal_speedup(plan, self.flops)
-        logger.info("searched plan: %d/%d steps computed, %.3gx ideal, error %.4g", len(computed), self.T, speedup, total)
+        logger.info(
+            "searched plan: %d/%d steps computed, %.3gx ideal, error %.4g", len(computed), self.T, speedup, total
+        )
         return SearchResult(plan, total, step_cost, unit_cost, speedup)
 
     def _out_of_reach(self) -> str:
@@ -286,7 +288,9 @@ class _Search:
                 unit_coefficients.setdefault(facts.name, {})[unit.name] = coefficients
         module_reuse = {
             facts.name: {
-                kind: next(unit_reuse[facts.name, u.name] for u in family.block_list(facts.name).units if kind in u.kinds)
+                kind: next(
+                    unit_reuse[facts.name, u.name] for u in family.block_list(facts.name).units if kind in u.kinds
+                )
                 for kind in facts.module_kinds
             }
             for facts in self.stats.model.block_lists
@@ -349,7 +353,9 @@ def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
         slots: dict = {}
         new_costs, parents, reused, coefficients = [], [], [], {}
 
-        def offer(key, values, parent: int, reuse: bool):
+        def offer(
+            key, values, parent: int, reuse: bool, slots=slots, new_costs=new_costs, parents=parents, reused=reused
+        ):
             slot = slots.get(key)
             if slot is None:
                 slots[key] = len(new_costs)

@@ -237,7 +237,11 @@ def record_trajectories(
         raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r:.80}.")
     family = resolve_family(pipe.transformer)
     facts = ModelFacts.for_family(family.name, family.num_layers(pipe.transformer))
-    call_kwargs = {"num_inference_steps": num_inference_steps, **_default_kwargs(family.name), **(pipeline_kwargs or {})}
+    call_kwargs = {
+        "num_inference_steps": num_inference_steps,
+        **_default_kwargs(family.name),
+        **(pipeline_kwargs or {}),
+    }
     recorder = TrajectoryRecorder(enumerate_units(pipe.transformer, family), facts, num_inference_steps, window)
     batch_size = batch_size or len(cases)
     api.enable(pipe, RecordConfig(CachePlan.reuse_nothing(facts, num_inference_steps), recorder))
