@@ -1,5 +1,6 @@
 """The long fuzz of the plan and official-book loaders: N mutated files per family (dict and text level, plans and,
-for FLUX, DiT and Wan, official books), each a PlanError or a plan that runs in the engine on a tiny model of its layout.
+for FLUX, DiT and Wan, official books), each a PlanError or a plan that runs in the engine on a tiny model of its
+layout.
 
 Usage: python benchmarks/plan_fuzz.py --cases 10000 [--families flux dit toy wan hunyuanvideo] [--seed 0]
 Prints one JSON line per family: cases, rejected, ran, foreign (exceptions other than PlanError: must be 0), seconds,

@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from invardiff import CachePlan, ModelFacts, PlanError
-from invardiff import plan_file
+from invardiff import CachePlan, ModelFacts, PlanError, plan_file
 from invardiff.official import bundled_books, convert_official_book
 
 
