@@ -94,7 +94,7 @@ def main(args) -> None:
     inputs = {
         "dit-digits": {"class_labels": list(range(10))},
         "flux-shapes": {"prompts": [shapes.prompt_for(*a) for a in shapes.ALL_ATTRIBUTES[::12]]},
-        "wan-motion": {"prompts": [motion.prompt_for(*a) for a in motion.ALL_ATTRIBUTES[::8]]},
+        "wan-motion": {"prompts": [motion.prompt_for(*a) for a in motion.ALL_ATTRIBUTES[::16]]},
     }[args.name]
     thresholds = "default" if args.name == "wan-motion" else "fast"  # Wan's presets: default, debug-args
     _, rates = calibrate(
