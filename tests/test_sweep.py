@@ -100,7 +100,7 @@ def test_a_failing_metric_is_an_error_not_a_point_that_cannot_run(monkeypatch):
     def broken_fidelity(images, references):
         raise RuntimeError("Input type (torch.cuda.FloatTensor) and weight type (torch.FloatTensor) differ")
 
-    monkeypatch.setattr(sweep, "fidelity", broken_fidelity)
+    monkeypatch.setattr(sweep, "output_fidelity", broken_fidelity)
     with pytest.raises(RuntimeError, match="weight type"):
         run_sweep(_inputs(_Pipeline), [_offset_point("a", 0.1)], rounds=1)
 
