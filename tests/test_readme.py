@@ -23,7 +23,14 @@ NOT_RUN = {
     "ray start": "starts a Ray cluster node (head or worker machine)",
 }
 # Command lines that need the slow walkthrough: the demo, calibrations, and what uses their files.
-SLOW = ("invardiff demo", "invardiff calibrate", "printf ", "out/demo/", "flux-fast.rates.npz")
+SLOW = (
+    "invardiff demo",
+    "invardiff calibrate",
+    "printf ",
+    "out/demo/",
+    "flux-fast.rates.npz",
+    "resample-plan flux-fast.json",  # reads the plan a calibrate line writes
+)
 REPOSITORY = README.parent
 
 
