@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from toy_family import TOY, ToyTransformer
 
 import invardiff
 from invardiff.bench.engine import BENCH_CONFIGS
@@ -15,6 +14,8 @@ from invardiff.dicache import FAMILY_DEFAULT_PRESET
 from invardiff.families import family_names, get_family, resolve_family
 from invardiff.flops import profile_flops
 from invardiff.model_configs import MODEL_CONFIGS, get_model_config
+
+from toy_family import TOY, ToyTransformer
 
 
 T = 6

@@ -31,7 +31,7 @@ from ..plan import CachePlan
 from ..stats import ideal_speedup
 from .loop import Trajectory
 from .plans import bench_plan
-from .timing import Variant, measure_rounds
+from .timing import Variant, measure_rounds, round_progress
 
 
 # Which model config each family runs on, per benchmark size: ``{size: {family: config name}}``, from the family
@@ -55,7 +55,7 @@ def bench_family(
     device: torch.device,
     rounds: int,
     schedule: str = "lockstep",
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str | None], None] | None = None,
     compile_blocks: bool = False,
 ) -> list[dict]:
     """Benchmark the ``books`` (official books like ``"flux/fast"``, synthetic plans like ``"wan/synthetic-2x"``,
@@ -82,11 +82,8 @@ def bench_family(
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
 
-    def on_round(index: int) -> None:
-        if progress is not None:
-            progress(f"{config.name}: round {index}/{rounds}" + (" (warm-up)" if index == 0 else ""))
-
-    times = measure_rounds(timed_variants, rounds, steps=steps, schedule=schedule, on_round=on_round)
+    callbacks = round_progress(progress, config.name, rounds)
+    times = measure_rounds(timed_variants, rounds, steps=steps, schedule=schedule, **callbacks)
     per_round = times.seconds
 
     flops = profile_flops(config)

@@ -18,7 +18,6 @@ runs and detaches after, so all of them run on the one transformer full compute 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,10 +34,7 @@ from .loop import Trajectory
 from .plans import bench_plan
 from .report import timing_warnings
 from .sweep import count_flops
-from .timing import Variant, measure_rounds
-
-
-logger = logging.getLogger(__name__)
+from .timing import Variant, measure_rounds, round_progress
 
 
 @dataclass
@@ -90,7 +86,7 @@ def bench_peers(
     books: list[str],
     device: torch.device,
     rounds: int,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str | None], None] | None = None,
 ) -> list[dict]:
     """Full compute, the official ``books`` of ``family`` and the peers on one loop; one result dict per variant.
 
@@ -141,7 +137,7 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
     times = measure_rounds(
         [Variant(v.label, whole_run(v), attach(v), detach) for v in everything],
         rounds,
-        on_round=lambda index: _note_round(progress, config.name, index, rounds),
+        **round_progress(progress, config.name, rounds),
     )
     full_flops = counted[full.label][0]
     results = []
@@ -169,13 +165,6 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
             }
         )
     return results
-
-
-def _note_round(progress: Callable[[str], None] | None, name: str, index: int, rounds: int) -> None:
-    message = f"{name}: round {index}/{rounds}" + (" (warm-up)" if index == 0 else "")
-    logger.info(message)
-    if progress is not None:
-        progress(message)
 
 
 def peers_table(results: list[dict], meta: dict) -> str:

@@ -91,7 +91,9 @@ def _cell(points: list[dict], metric: str, speedup: float, speed: str, digits: i
     return "—"
 
 
-def equal_speed_table(model: str, results: list[dict], speedups=(2.0, 2.5, 3.0), speed: str = "measured_speedup") -> str:
+def equal_speed_table(
+    model: str, results: list[dict], speedups=(2.0, 2.5, 3.0), speed: str = "measured_speedup"
+) -> str:
     kind = "measured" if speed == "measured_speedup" else "ideal (FLOP-counted, noise-free)"
     lines = [
         f"## {model}: quality at equal {kind} speedup (interpolated along each method's Pareto front)",

@@ -171,6 +171,23 @@ def measure_rounds(
     return RoundTimes(seconds)
 
 
+def round_progress(progress: Callable[[str | None], None] | None, name: str, rounds: int) -> dict:
+    """``measure_rounds`` callbacks for a progress display: ``progress(message)`` names the round that starts (the
+    phase in progress, not the one that finished), ``progress(None)`` says that it finished."""
+
+    def on_start(index: int) -> None:
+        message = f"{name}: round {index}/{rounds}" + (" (warm-up)" if index == 0 else "")
+        logger.info(message)
+        if progress is not None:
+            progress(message)
+
+    def on_round(index: int) -> None:
+        if progress is not None:
+            progress(None)
+
+    return {"on_start": on_start, "on_round": on_round}
+
+
 def _alternate_round(variants: list[Variant], round_index: int, steps: int) -> dict[str, float]:
     elapsed = {}
     for variant in _rotated(variants, round_index):

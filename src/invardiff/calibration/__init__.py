@@ -1,10 +1,10 @@
 """InvarDiff calibration: measure change rates with full compute, then build a cache plan (SPEC.md A.2-A.3)."""
 
+from .budget import calibrate_budget
 from .build import final_books, interplay, provisional_books, quantile_threshold, warmup_steps
 from .rates import CalibrationRates
 from .recorder import CalibrationError, RateRecorder
 from .run import calibrate
-from .thresholds import FAMILY_CALIBRATION, PRESETS, FamilyCalibration, InvarDiffThresholds, parse_thresholds, preset
-from .budget import calibrate_budget
 from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
+from .thresholds import FAMILY_CALIBRATION, PRESETS, FamilyCalibration, InvarDiffThresholds, parse_thresholds, preset
 from .trajectory import TrajectoryStats, record_trajectories

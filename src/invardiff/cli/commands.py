@@ -429,7 +429,12 @@ def _per_family(args, by_family: dict[str, list[str]], label: str, run) -> list[
     results = []
     for family, family_books in by_family.items():
         with tqdm(total=args.rounds + 1, desc=f"{label} {family}", disable=args.json) as bar:
-            results += run(family, family_books, lambda message: (bar.set_postfix_str(message), bar.update(1)))
+            # a message names the round in progress; None: that round finished
+            results += run(
+                family,
+                family_books,
+                lambda message: bar.update(1) if message is None else bar.set_postfix_str(message),
+            )
     return results
 
 
