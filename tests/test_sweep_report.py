@@ -52,3 +52,12 @@ def test_a_front_faster_than_the_target_shows_its_slowest_point():
     assert "| capped | 0.0050 (at 2.30x) | 39.00 (at 2.30x) | 0.0063 | 37.67 |" in table
     slow = [_p(1.2, 0.001, 45.0, "slow"), _p(1.6, 0.002, 41.0, "slow")]
     assert "| slow | — | — | — | — |" in equal_speed_table("model", slow)
+
+
+def test_the_sweep_table_shows_each_points_round_spread_and_timing_warnings():
+    measured = {**_p(2.0, 0.01, 35.0), "spread": 0.11, "timing_warnings": ["2.0 on model: the rounds disagree"]}
+    meta = {"date": "d", "torch": "t", "device": "cpu", "threads": 2, "images": 8, "rounds": 3}
+    table = markdown_table("model", [measured, _p(3.0, 0.02, 30.0)], meta)
+    assert "| m | 2.0 | 2.00x | 11% | 2.00x |" in table
+    assert "| m | 3.0 | 3.00x | n/a | 3.00x |" in table  # a point recorded before spreads were
+    assert "2.0 on model: the rounds disagree" in table

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import timing_warnings
+
 
 def append_jsonl(result: dict, path: Path) -> None:
     with path.open("a") as stream:
@@ -22,20 +24,26 @@ def markdown_table(model: str, results: list[dict], meta: dict) -> str:
         f"ideal = FLOPs of full compute / FLOPs of the point (torch FlopCounterMode). Metrics against full compute: "
         f"mean (worst).",
         "",
-        "| method | point | measured speedup | ideal speedup | PSNR dB | SSIM | LPIPS | computed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | point | measured speedup | round spread | ideal speedup | PSNR dB | SSIM | LPIPS | computed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['label']} | cannot run: {r['error']} | | | | | |")
+            lines.append(f"| {r['method']} | {r['label']} | cannot run: {r['error']} | | | | | | |")
             continue
         steps = _executed_text(r.get("executed"))
         lines.append(
-            f"| {r['method']} | {r['label']} | {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+            f"| {r['method']} | {r['label']} | {r['measured_speedup']:.2f}x | {_spread_text(r)} "
+            f"| {r['ideal_speedup']:.2f}x "
             f"| {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) | {r['ssim']:.4f} ({r['worst']['ssim']:.4f}) "
             f"| {r['lpips']:.4f} ({r['worst']['lpips']:.4f}) | {steps} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + timing_warnings(results)) + "\n"
+
+
+def _spread_text(result: dict) -> str:
+    # Points measured before the spread was recorded (older JSON lines) have none.
+    return f"{result['spread']:.0%}" if "spread" in result else "n/a"
 
 
 def _executed_text(executed: dict | None) -> str:
