@@ -158,3 +158,108 @@ def test_a_policy_mismatch_or_the_world_group_is_a_clear_error_on_every_rank(ran
     for result in ranks:
         assert "enable different cache policies" in result["mismatch"]
         assert "got WORLD or None" in result["world"]
+
+
+# CFG parallelism: four ranks, the two guidance branches on two context-parallel groups of two. Ranks 0 and 1 run
+# the conditional branch, ranks 2 and 3 the unconditional one, each pair sharding the tokens; after every call the
+# ranks that hold the same shard exchange their branch's prediction (as diffusers' CFG-parallel does) and take the
+# same guided Euler step. Each group's reduction must stay inside the group: the branches see different inputs and
+# decide differently.
+
+CFG_WORLD, GUIDANCE = 4, 3.0
+CFG_CONFIG = DiCacheConfig(threshold=0.1, num_inference_steps=STEPS, warmup_ratio=0.2)
+
+
+def _condition():
+    """What the conditional branch adds to the latents (the toy has no text input)."""
+    return 0.8 * torch.randn(BATCH, TOKENS, 4, generator=torch.Generator().manual_seed(2))
+
+
+def _guided_sample(transformer, latents, condition, branches, exchange=None):
+    """A guided Euler loop. ``branches``: the branch names this process computes ("cond", "uncond" or both);
+    ``exchange(prediction)`` returns (cond, uncond) when each process computes one branch. Returns each computed
+    branch's (T, B) decision names."""
+    x = latents
+    with torch.no_grad():
+        for step in range(STEPS):
+            t = torch.full((BATCH,), 1.0 - step / STEPS)
+            predictions = {}
+            for branch in branches:
+                with invardiff.cache_context(transformer, branch, step_index=step):
+                    inputs = x + condition if branch == "cond" else x
+                    predictions[branch] = transformer(inputs, t, return_dict=False)[0]
+            cond, uncond = (
+                exchange(predictions[branches[0]]) if exchange else (predictions["cond"], predictions["uncond"])
+            )
+            x = x - (uncond + GUIDANCE * (cond - uncond)) / STEPS
+    result = invardiff.summary(transformer).branches
+    return {branch: np.array(DECISIONS)[result[branch].probe["decision"]] for branch in branches}
+
+
+def _cfg_rank(rank: int, init_file: str, results: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=CFG_WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    from invardiff.scale.distributed import enable_context_parallel
+
+    # Every rank creates every group, in the same order (torch.distributed's rule).
+    branch_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # context parallel: one per branch
+    shard_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]  # CFG exchange: one per token shard
+    everyone = dist.new_group(list(range(CFG_WORLD)))
+    branch_index, shard_index = divmod(rank, 2)
+    branch = ("cond", "uncond")[branch_index]
+    shard = slice(shard_index * TOKENS // 2, (shard_index + 1) * TOKENS // 2)
+
+    def exchange(prediction):  # (cond, uncond) of this shard from the rank of the other branch
+        parts = [torch.empty_like(prediction) for _ in range(2)]
+        dist.all_gather(parts, prediction.contiguous(), group=shard_groups[shard_index])
+        return parts[0], parts[1]
+
+    out = {"branch": branch}
+    for name, group in (("decisions", branch_groups[branch_index]), ("world_decisions", everyone)):
+        transformer = _model()
+        for block in transformer.blocks:
+            block.attn = ShardedMixer(block.attn, branch_groups[branch_index])
+        enable_context_parallel(transformer, CFG_CONFIG, group)
+        out[name] = _guided_sample(transformer, _latents()[:, shard], _condition()[:, shard], [branch], exchange)[
+            branch
+        ]
+        invardiff.disable(transformer)
+    torch.save(out, f"{results}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cfg_ranks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cfg")
+    context = mp.start_processes(
+        _cfg_rank, args=(str(directory / "init"), str(directory)), nprocs=CFG_WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the CFG-parallel ranks hung (a collective one rank skipped?)")
+    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(CFG_WORLD)]
+
+
+@pytest.mark.slow
+def test_cfg_parallel_groups_keep_each_branch_decision(cfg_ranks):
+    transformer = _model()
+    invardiff.enable(transformer, CFG_CONFIG)
+    try:  # one process, full tokens, both branches under their own cache contexts
+        reference = _guided_sample(transformer, _latents(), _condition(), ["cond", "uncond"])
+    finally:
+        invardiff.disable(transformer)
+    assert (reference["cond"] != reference["uncond"]).any()  # the branches decide differently, so mixing shows
+    for branch in ("cond", "uncond"):
+        assert {"skipped", "computed"} <= set(reference[branch].ravel())
+    for result in cfg_ranks:
+        assert (result["decisions"] == reference[result["branch"]]).all(), result["branch"]
+    # The control: a reduction over all four ranks ties the branches together and departs from the reference.
+    assert any((result["world_decisions"] != reference[result["branch"]]).any() for result in cfg_ranks)

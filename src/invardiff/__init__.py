@@ -20,6 +20,7 @@ _PUBLIC = {
     "is_enabled": "api",
     "reset": "api",
     "summary": "api",
+    "transformers_of": "api",
     "CachePolicy": "engine",
     "EngineError": "engine",
     "EngineSummary": "engine",

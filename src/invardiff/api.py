@@ -105,8 +105,9 @@ def _enable_experts(pipeline, family, experts, plans) -> None:
         raise
 
 
-def _targets(target) -> list[torch.nn.Module]:
-    """The transformers of ``target``: each expert of a pipeline that has several, else its transformer."""
+def transformers_of(target) -> list[torch.nn.Module]:
+    """The transformers of ``target`` (a pipeline or a transformer): each expert of a pipeline that has several
+    (Wan2.2), else its one transformer, unwrapped from ``torch.compile``."""
     transformer, pipeline = _resolve_target(target)
     experts = _experts(resolve_family(transformer), pipeline) if pipeline is not None else ()
     return [unwrap(getattr(pipeline, e.attr)) for e in experts] if experts else [transformer]
@@ -114,7 +115,7 @@ def _targets(target) -> list[torch.nn.Module]:
 
 def disable(target) -> None:
     """Remove invardiff from the transformer(s) and free the caches; the model then behaves exactly as before."""
-    transformers = _targets(target)
+    transformers = transformers_of(target)
     if len(transformers) > 1:
         if not any(attached_engine(t) is not None for t in transformers):
             _engine_or_raise(transformers[0])
@@ -130,7 +131,7 @@ def disable(target) -> None:
 
 
 def is_enabled(target) -> bool:
-    return any(attached_engine(transformer) is not None for transformer in _targets(target))
+    return any(attached_engine(transformer) is not None for transformer in transformers_of(target))
 
 
 @contextmanager
@@ -145,7 +146,7 @@ def enabled(target, plan: CachePlan | object):
 
 def reset(target) -> None:
     """Forget the current run (free every cache); the next call must be step 0."""
-    for transformer in _targets(target):
+    for transformer in transformers_of(target):
         _engine_or_raise(transformer).reset()
 
 
@@ -168,7 +169,7 @@ def summary(target) -> EngineSummary:
     """What the current or last run computed and reused, per branch, step, layer and unit, and its cache bytes.
 
     A pipeline with several transformers (Wan2.2) has one summary per transformer: pass the transformer."""
-    transformers = _targets(target)
+    transformers = transformers_of(target)
     if len(transformers) > 1:
         raise ValueError(
             f"This {type(target).__name__} has one engine per transformer; ask for each summary, e.g. "

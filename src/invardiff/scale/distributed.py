@@ -48,6 +48,10 @@ def policy_digest(config) -> str:
         if dataclasses.is_dataclass(value):
             fields = {f.name: payload(getattr(value, f.name)) for f in dataclasses.fields(value)}
             return {"type": type(value).__name__, **fields}
+        if isinstance(value, dict):  # one config per expert (Wan2.2)
+            return {str(key): payload(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [payload(item) for item in value]
         return value
 
     text = json.dumps(payload(config), sort_keys=True, default=repr)
@@ -90,10 +94,10 @@ def enable_context_parallel(target, config, group) -> None:
         )
     check_same_policy(config, group)
     api.enable(target, config)
-    transformer, _ = api._resolve_target(target)
-    policy = attached_engine(transformer).policy
-    if isinstance(policy, ProbePolicy):
-        policy.context_parallel = ContextParallelReduction(group)
+    for transformer in api.transformers_of(target):  # each expert of a two-expert pipeline has its own policy
+        policy = attached_engine(transformer).policy
+        if isinstance(policy, ProbePolicy):
+            policy.context_parallel = ContextParallelReduction(group)
 
 
 class ContextParallelReduction:
