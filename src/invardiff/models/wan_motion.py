@@ -27,14 +27,14 @@ MAX_SEQUENCE_LENGTH = 8
 TEXT_WIDTH = 64
 TRANSFORMER_CONFIG = {
     "patch_size": (2, 4, 4),
-    "num_attention_heads": 3,
+    "num_attention_heads": 4,
     "attention_head_dim": 32,
     "in_channels": 3,
     "out_channels": 3,
     "text_dim": TEXT_WIDTH,
     "freq_dim": 256,
-    "ffn_dim": 256,
-    "num_layers": 4,
+    "ffn_dim": 512,
+    "num_layers": 5,
     "cross_attn_norm": True,
     "qk_norm": "rms_norm_across_heads",
     "eps": 1e-6,
