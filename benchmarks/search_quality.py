@@ -4,7 +4,12 @@ FLOP-counted run per point), against the peers' points of the committed sweep at
 Calibration: the model's calibration inputs (seed 1000) at the sampling guidance; evaluation: its examples
 (seed 0), disjoint from them. Writes benchmarks/results/search-<model>.{jsonl,md}.
 
+Methods: the plain search (``invardiff-search``, ``+extrap``) and, with ``--verify``, the verified selection
+(``invardiff-search verified``, ``+extrap verified``: per target, the searched plan under a cap of 2, 3 or the window
+on reused runs whose sampled outputs on the calibration inputs come closest to full compute).
+
 Usage: python benchmarks/search_quality.py --model dit-digits [--trajectories PATH] [--speedups 1.5,2,2.5,3,3.5]
+       [--verify]
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from invardiff.bench.sweep import count_flops
 from invardiff.bench.sweep_report import at_speedup
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
+from invardiff.calibration.budget import verified_plans
+from invardiff.calibration.run import _default_kwargs
 from invardiff.calibration.search import SearchConfig, pareto_plans
 from invardiff.calibration.trajectory import TrajectoryStats, record_trajectories
 from invardiff.flops import profile_flops
@@ -35,6 +42,7 @@ def main() -> None:
     parser.add_argument("--speedups", default="1.5,2,2.5,3,3.5")
     parser.add_argument("--sweep", default="benchmarks/results/sweep", help="the committed sweep (peers' points)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--verify", action="store_true", help="also the verified selection's plans")
     args = parser.parse_args()
     target = bundled_target(args.model)
     entry, pipe = target.entry, target.load()
@@ -55,15 +63,21 @@ def main() -> None:
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     speedups = [float(s) for s in args.speedups.split(",")]
     results = []
+    calibration = [(item, CALIBRATION_SEED) for item in target.calibration]
+    call_kwargs = {"num_inference_steps": steps, **_default_kwargs(family), **guidance}
     for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
         config = SearchConfig(max(speedups), extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
-        for found in pareto_plans(stats, flops, speedups, config):
+        found_plans = [(method, found) for found in pareto_plans(stats, flops, speedups, config)]
+        if args.verify:
+            verified = verified_plans(pipe, stats, flops, speedups, config, calibration, call_kwargs)
+            found_plans += [(f"{method} verified", found) for found in verified]
+        for method_label, found in found_plans:
             with invardiff.enabled(pipe, found.plan):
                 point_flops, images = count_flops(lambda: inputs.generate(pipe))
             metrics = fidelity(images, reference)
             result = {
-                "method": method,
-                "label": f"{method} {found.plan.provenance['search']['speedup']:g}x",
+                "method": method_label,
+                "label": f"{method_label} {found.plan.provenance['search']['speedup']:g}x",
                 "settings": {**found.plan.provenance["search"], "calibration_error": found.error},
                 "ideal_speedup": full_flops / point_flops,
                 "planned_ideal_speedup": found.ideal_speedup,

@@ -227,10 +227,11 @@ def _default_kwargs(family: str) -> dict:
     return dict(_pipeline(family).calibration_kwargs)
 
 
-def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict) -> None:
+def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict):
+    """One pipeline call on ``batch`` ((input, seed) pairs, each seed its own generator); the pipeline's output."""
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in batch]
     inputs = [item for item, _ in batch]
-    pipe(**{_pipeline(family).inputs.pipeline_arg: inputs}, generator=generators, **call_kwargs)
+    return pipe(**{_pipeline(family).inputs.pipeline_arg: inputs}, generator=generators, **call_kwargs)
 
 
 def _pipeline(family: str) -> PipelineSpec:

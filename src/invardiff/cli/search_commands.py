@@ -31,6 +31,13 @@ def add_search_arguments(p) -> None:
     group.add_argument("--window", type=int, default=6, help="longest reuse run the trajectories support (default 6)")
     group.add_argument("--max-run", type=int, help="at most this many consecutive reused steps (default: --window)")
     group.add_argument("--warmup-steps", type=int, default=1, help="leading steps that compute everything")
+    group.add_argument(
+        "--verify",
+        action="store_true",
+        help="search each target under caps of 2, 3 and --window reused steps, sample every distinct plan on the "
+        "calibration inputs and keep the one closest to full compute (up to 3 more sampling runs per target; "
+        "replaces --max-run)",
+    )
 
 
 def resample_arguments(p) -> None:
@@ -53,6 +60,8 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         raise ValueError("--budget / --pareto search the plan: drop --preset / --thresholds.")
     if getattr(args, "ray", None) is not None:
         raise ValueError("--ray does not apply to --budget / --pareto yet: the trajectories are recorded in-process.")
+    if args.verify and args.max_run is not None:
+        raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
     speedups = [parse_budget(args.budget)] if args.budget else [parse_budget(s) for s in args.pareto.split(",")]
     config = SearchConfig(
         max(speedups),
@@ -70,6 +79,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         window=args.window,
         batch_size=args.batch_size,
         pipeline_kwargs=extra,
+        verify=args.verify,
     )
     if not results:
         raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")
@@ -79,9 +89,11 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         path = output if args.budget else output.with_name(f"{output.stem}-{target:g}x{output.suffix}")
         result.plan.save(path)
         computed = int((~result.plan.step_cache).sum())
+        verified = result.plan.provenance["search"].get("verified")
+        checked = f", sampled output MSE {verified['output_mse']:.3g}" if verified else ""
         print(
             f"wrote {path} ({result.ideal_speedup:.3f}x ideal, {computed}/{steps} steps computed, "
-            f"calibration error {result.error:.4g})"
+            f"calibration error {result.error:.4g}{checked})"
         )
     trajectories = output.with_name(output.stem + ".trajectories.npz")
     stats.save(trajectories)
