@@ -46,3 +46,9 @@ def test_resample_plan_command(tmp_path, capsys):
     resampled = CachePlan.load(tmp_path / "p20.json")
     assert resampled.num_inference_steps == 20 and resampled.step_cache.sum() == 8
     assert "10 -> 20 steps" in capsys.readouterr().out
+
+
+def test_verify_chooses_the_cap_itself(tmp_path, capsys):
+    argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1", "--steps", "6", "--budget", "2x", "--verify"]
+    assert main([*argv, "--max-run", "2", "-o", str(tmp_path / "p.json")]) == 2
+    assert "drop --max-run" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 import invardiff
 from invardiff.cli.main import main
 from invardiff.models import MODELS, get, load
+from invardiff.models.registry import UNBUNDLED
 
 
 @pytest.fixture
@@ -45,6 +46,14 @@ def test_weights_hash_matches_the_model_card(name):
     assert json.loads((directory / "card.json").read_text())["sha256"] == digest
     assert f"sha256 `{digest}`" in (directory / "MODEL_CARD.md").read_text()
     assert (directory / "diffusion_pytorch_model.safetensors").stat().st_size < 15 * 2**20
+
+
+@pytest.mark.parametrize("name", [*sorted(MODELS), *sorted(UNBUNDLED)])
+def test_demo_preset_is_one_of_the_family_presets(name):
+    from invardiff.calibration.thresholds import PRESETS
+
+    entry = get(name, include_unbundled=True)
+    assert entry.demo_preset in PRESETS[entry.family]  # `invardiff demo --model NAME` without --preset runs
 
 
 def test_models_command_lists_them(capsys):

@@ -51,7 +51,8 @@ CAPPED = {2: ((0.7, 0.4), (0.7, 0.68), (0.8, 0.4), (0.8, 0.68)), 3: ((0.8, 0.4),
 
 
 # invardiff-search: plans searched at these FLOP-ideal speedups (calibration/search.py) from one recording of the
-# calibration trajectories; "+extrap" also extrapolates reused steps and units with the fitted coefficients.
+# calibration trajectories, each verified by sampling the calibration inputs (calibration/budget.py); "+extrap"
+# also extrapolates reused steps and units with the fitted coefficients.
 SEARCH_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5)
 SEARCH_WINDOW = 6
 
@@ -115,6 +116,7 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
         search=config,
         window=SEARCH_WINDOW,
         pipeline_kwargs={"guidance_scale": target.entry.guidance_scale},
+        verify=True,  # each target's plan chosen among caps of 2, 3, 6 reused steps by its sampled error
     )
     return [
         plan_point(

@@ -39,8 +39,10 @@ def _cases(parser, verb: str) -> None:
 
 def demo(p) -> None:
     _device(p)
-    p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes or dit-digits")
-    p.add_argument("--preset", default="fast", help="official preset of the model's family (default fast)")
+    p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes, dit-digits or wan-motion")
+    p.add_argument(
+        "--preset", help="official preset of the model's family (default: the model's, fast for the image models)"
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds for the fixed evaluation inputs")
     p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds after a warm-up")
     p.add_argument("--out", default="out/demo", help="directory for the report, grid, plan and rates")

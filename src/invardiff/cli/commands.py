@@ -554,7 +554,9 @@ def demo(args) -> int:
 
     _use_threads(args)
     device = check_device(args.device)
-    preset(registry.get(args.model).family, args.preset)  # a bad model or preset fails now, not after loading
+    entry = registry.get(args.model)
+    preset_name = args.preset or entry.demo_preset
+    preset(entry.family, preset_name)  # a bad model or preset fails now, not after loading
     seeds = int_list(args.seeds, "--seeds")
     # Phases differ widely in length (calibration is two passes), so the bar shows elapsed time and no ETA.
     with tqdm(total=args.rounds + 3, desc=f"demo {args.model}", disable=args.json, bar_format=PHASE_BAR) as bar:
@@ -563,7 +565,7 @@ def demo(args) -> int:
             bar.n = done
             bar.set_postfix_str(phase)  # the phase in progress
 
-        report, images = run_demo(args.model, args.preset, seeds, args.rounds, device=str(device), progress=progress)
+        report, images = run_demo(args.model, preset_name, seeds, args.rounds, device=str(device), progress=progress)
         bar.n = bar.total
         bar.set_postfix_str("done")
     paths = write_report(report, images, Path(args.out))

@@ -23,6 +23,7 @@ class BundledModel:
         call_shape: :class:`~invardiff.model_configs.ModelConfig` call-shape fields of one transformer call
             (tokens, batch), for FLOP profiles of the model.
         pipeline_kwargs: further arguments of every pipeline call (a video model's clip size and frame count).
+        demo_preset: the InvarDiff preset ``invardiff demo`` calibrates by default (one of the family's presets).
     """
 
     name: str
@@ -35,6 +36,7 @@ class BundledModel:
     examples: tuple = field(default_factory=tuple)
     call_shape: dict = field(default_factory=dict, hash=False)
     pipeline_kwargs: dict = field(default_factory=dict, hash=False)
+    demo_preset: str = "fast"
 
     @property
     def directory(self) -> Path:
@@ -110,7 +112,7 @@ UNBUNDLED: dict[str, BundledModel] = {
         "wan-motion",
         "wan",
         "WanPipeline",
-        "text-conditioned Wan video (4 blocks, hidden 96) on 8-frame 32x32 clips of procedural moving shapes",
+        "text-conditioned Wan video (5 blocks, hidden 128) on 8-frame 32x32 clips of procedural moving shapes",
         num_inference_steps=50,
         guidance_scale=5.0,
         inputs="prompt",
@@ -123,6 +125,7 @@ UNBUNDLED: dict[str, BundledModel] = {
         # 8 frames of 32x32 pixels in patches of 2x4x4: 256 tokens; CFG runs cond and uncond as separate calls
         call_shape={"image_tokens": 256, "text_tokens": 8, "batch": 1, "extra": {"latent": (8, 32, 32)}},
         pipeline_kwargs={"height": 32, "width": 32, "num_frames": 8, "max_sequence_length": 8},
+        demo_preset="debug-args",  # the thresholds the official Wan script runs with (SPEC.md A.8)
     ),
 }
 
