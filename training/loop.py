@@ -21,8 +21,13 @@ def train_for(
     loss_fn: Callable[[], torch.Tensor],
     ema_decay: float,
     clip_grad: float | None = None,
+    decay_from: float | None = None,
 ) -> list[dict]:
     """Run optimizer steps on ``loss_fn()`` until ``minutes`` of training (across restarts) have passed.
+
+    ``decay_from``: a fraction of ``minutes`` after which the learning rate falls from its initial value to zero
+    along a half cosine (a warmup-free "stable, then decay" schedule; the schedule follows elapsed time, as the
+    budget does); ``None`` keeps it constant.
 
     A checkpoint (weights, EMA, optimizer, data generator, loss log) is written every 3 minutes and at the end, and
     picked up again on restart, so a killed run continues where it stopped.
@@ -37,7 +42,19 @@ def train_for(
         generator.set_state(state["generator"])
         step, losses, elapsed = state["step"], state["losses"], state["elapsed"]
     start, last_save, running = time.time() - elapsed, time.time(), []
+    base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["initial_lr"] = base  # kept in the checkpoint: a resumed run decays from the same value
     while time.time() - start < minutes * 60:
+        if decay_from is not None:
+            progress = (time.time() - start) / (minutes * 60)
+            factor = (
+                1.0
+                if progress < decay_from
+                else 0.5 * (1 + np.cos(np.pi * (progress - decay_from) / (1 - decay_from)))
+            )
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * factor
         loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

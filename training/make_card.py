@@ -64,6 +64,16 @@ def learning_score(name: str, images, cases) -> float:
     )
 
 
+def _schedule(args: dict) -> str:
+    """The learning-rate schedule and timestep sampling of a run, where the script has options for them."""
+    parts = []
+    if args.get("decay_from") is not None:
+        parts.append(f" (constant, then cosine-decayed to 0 over the last {1 - args['decay_from']:.0%} of the time)")
+    if args.get("shift"):
+        parts.append(f", logit-normal timesteps shifted by {args['shift']:g} toward noise")
+    return "".join(parts)
+
+
 def save_grid(images: torch.Tensor, path: Path, columns: int = 10, scale: int = 4) -> None:
     from PIL import Image
 
@@ -136,7 +146,7 @@ def main(args) -> None:
 
 - Data: {data}
 - Config: `{json.dumps(log["config"])}`
-- Training: {log["losses"][-1]["step"]} steps in {log["losses"][-1]["minutes"]:.1f} minutes on a 2-core CPU, batch {log["args"]["batch_size"]}, lr {log["args"]["lr"]}, EMA {log["args"]["ema"]}, seed {log["args"]["seed"]}; final loss (mean of the last 50 steps) {log["losses"][-1]["loss"]:.4f}. Loss curve: `train_log.json`.
+- Training: {log["losses"][-1]["step"]} steps in {log["losses"][-1]["minutes"]:.1f} minutes on a 2-core CPU, batch {log["args"]["batch_size"]}, lr {log["args"]["lr"]}{_schedule(log["args"])}, EMA {log["args"]["ema"]}, seed {log["args"]["seed"]}; final loss (mean of the last 50 steps) {log["losses"][-1]["loss"]:.4f}. Loss curve: `train_log.json`.
 - Weights: `diffusion_pytorch_model.safetensors` ({weights.stat().st_size / 2**20:.1f} MiB), sha256 `{digest}`.
 - Learning check ({check}), {len(images)} samples: **trained {trained:.0%}**, same architecture with random weights {untrained:.0%}.
 - Retrain: `{retrain[args.name]}` then `python training/make_card.py {args.name} --run training/runs/{args.name}`.

@@ -56,7 +56,18 @@ def train(args) -> None:
         )[0]
         return F.mse_loss(prediction, noise - clips)
 
-    losses = train_for(args.minutes, out, model, ema, optimizer, generator, loss_fn, args.ema, clip_grad=1.0)
+    losses = train_for(
+        args.minutes,
+        out,
+        model,
+        ema,
+        optimizer,
+        generator,
+        loss_fn,
+        args.ema,
+        clip_grad=1.0,
+        decay_from=args.decay_from,
+    )
     ema.eval().save_pretrained(out / "ema", safe_serialization=True)
     # UMT5 ties encoder.embed_tokens to shared: store the tied weight once (restored on load).
     state = {
@@ -75,6 +86,9 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument(
+        "--decay-from", type=float, default=0.7, help="fraction of --minutes after which the lr decays (cosine) to 0"
+    )
     parser.add_argument("--shift", type=float, default=3.0, help="timestep shift of the logit-normal draw")
     parser.add_argument("--prompt-dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)

@@ -103,11 +103,6 @@ MODELS = {
         examples=(0, 3, 5, 8),
         call_shape={"batch": 2},  # batched CFG
     ),
-}
-
-
-# Models whose training is in progress: listed here (not in MODELS) until they pass their learning check.
-UNBUNDLED: dict[str, BundledModel] = {
     "wan-motion": BundledModel(
         "wan-motion",
         "wan",
@@ -128,6 +123,10 @@ UNBUNDLED: dict[str, BundledModel] = {
         demo_preset="debug-args",  # the thresholds the official Wan script runs with (SPEC.md A.8)
     ),
 }
+
+
+# Models whose training is in progress: listed here (not in MODELS) until they pass their learning check.
+UNBUNDLED: dict[str, BundledModel] = {}
 
 
 def get(name: str, include_unbundled: bool = False) -> BundledModel:
