@@ -4,6 +4,7 @@ separate cond / uncond calls): identity, exactness against the reference executo
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -199,3 +200,16 @@ def test_wan22_each_expert_follows_its_own_plan():
             assert branch.step_status.tolist() == plan.step_cache.astype(int).tolist()
     ffn = summaries["transformer_2"].branches["cond"].counts()["blocks"]["ffn"]
     assert ffn["reused"] == sum(row.count("1") for row in low_reuse)
+
+
+@pytest.mark.parametrize("name", ["wan-tiny"])  # the HunyuanVideo toy pipeline has no text encoders
+def test_calibrate_on_a_video_model_config_samples_its_clip_size(name, tmp_path):
+    # Without the config's size the toy pipeline would sample its default (81 frames of 480p): hours on a CPU.
+    from invardiff.cli.main import main
+    from invardiff.model_configs import video_pipeline_size
+
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    argv = ["calibrate", "--model-config", name, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "6"]
+    assert main([*argv, "--thresholds", "step=0.5", "-o", str(tmp_path / "p.json")]) == 0
+    recorded = json.loads((tmp_path / "p.json").read_text())["provenance"]["calibration"]["pipeline_kwargs"]
+    assert {k: recorded[k] for k in ("height", "width", "num_frames")} == video_pipeline_size(MODEL_CONFIGS[name])

@@ -56,6 +56,30 @@ CAPPED = {2: ((0.7, 0.4), (0.7, 0.68), (0.8, 0.4), (0.8, 0.68)), 3: ((0.8, 0.4),
 SEARCH_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5)
 SEARCH_WINDOW = 6
 
+# The video model (wan-motion: a run is a clip of 8 frames at 50 steps with CFG, about 2.5 s) runs a smaller sweep
+# to finish within 30 minutes on the 2-core CPU (the full image-model set took 70 s a point with 4 clips: 50
+# minutes): 2 evaluation clips (the first two examples: every colour, shape, direction and speed differs between
+# them; 16 frames), the grid's step levels 0.6 and 0.8 with modules 0 and 0.68, the capped plans at step 0.8 /
+# modules 0.68, the search at the speedups the comparisons are made at, and plan+probe at 0.1 and 0.2. DiCache and
+# the peers keep the image models' settings.
+VIDEO_EXAMPLES = 2
+VIDEO_GRID = ((0.6, 0.8), (0.0, 0.68))
+VIDEO_CAPPED = {2: ((0.8, 0.68),), 3: ((0.8, 0.68),)}
+VIDEO_SEARCH_SPEEDUPS = (2.0, 2.5, 3.0)
+VIDEO_PLAN_PROBE_THRESHOLDS = {AGGRESSIVE: (0.1, 0.2)}
+
+
+def _plan_grid(family: str) -> tuple[tuple, tuple, dict, tuple]:
+    """(grid step levels, grid module levels, capped plans, search speedups) of the sweep on ``family``."""
+    if _video(family):
+        return (*VIDEO_GRID, VIDEO_CAPPED, VIDEO_SEARCH_SPEEDUPS)
+    return GRID_STEP_LEVELS, GRID_MODULE_LEVELS, CAPPED, SEARCH_SPEEDUPS
+
+
+def _video(family: str) -> bool:
+    return family in ("wan", "hunyuanvideo")
+
+
 CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
 
 
@@ -65,7 +89,8 @@ def sweep_inputs(
     """The evaluation images: every example with every seed, or the given (input, seed) ``cases``; ``batch`` images
     per pipeline call."""
     entry = target.entry
-    cases = cases or [(item, seed) for seed in seeds for item in entry.examples]
+    examples = entry.examples[:VIDEO_EXAMPLES] if _video(target.family) else entry.examples
+    cases = cases or [(item, seed) for seed in seeds for item in examples]
     return SweepInputs(
         model=target.name,
         load_pipeline=target.load,
@@ -85,17 +110,17 @@ def _calibrate(target: SweepTarget, thresholds):
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
         thresholds=thresholds,
-        pipeline_kwargs=_calibration_guidance(target),
+        pipeline_kwargs={**target.entry.pipeline_kwargs, **_calibration_guidance(target)} or None,
         **runs,
     )
     return plan
 
 
-def _calibration_guidance(target: SweepTarget) -> dict | None:
+def _calibration_guidance(target: SweepTarget) -> dict:
     # Calibrate at the sampling guidance scale, unless the family's official calibration fixes one (DiT
     # calibrates without classifier-free guidance).
     if "guidance_scale" in get_family(target.family).pipeline.calibration_kwargs:
-        return None
+        return {}
     return {"guidance_scale": target.entry.guidance_scale}
 
 
@@ -107,15 +132,16 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
 
     seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
     cases = [(item, seed) for seed in seeds for item in target.calibration]
-    config = SearchConfig(SEARCH_SPEEDUPS[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    speedups = _plan_grid(target.family)[3]
+    config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
     results, _ = calibrate_budget(
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
         cases=cases,
-        speedups=list(SEARCH_SPEEDUPS),
+        speedups=list(speedups),
         search=config,
         window=SEARCH_WINDOW,
-        pipeline_kwargs={"guidance_scale": target.entry.guidance_scale},
+        pipeline_kwargs={**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale},
         verify=True,  # each target's plan chosen among caps of 2, 3, 6 reused steps by its sampled error
     )
     return [
@@ -144,6 +170,7 @@ def sweep_points(
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; expected some of {METHODS}.")
     family = target.family
+    grid_steps, grid_modules, capped, _ = _plan_grid(family)
     note = progress or (lambda message: None)
     points, plans = [], {}
     if {"invardiff", "plan+probe"} & set(methods):
@@ -163,8 +190,8 @@ def sweep_points(
         return grid_plans[step, level]
 
     if "invardiff-grid" in methods:
-        for step in GRID_STEP_LEVELS:
-            for level in GRID_MODULE_LEVELS:
+        for step in grid_steps:
+            for level in grid_modules:
                 label, thresholds = _grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
     for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
@@ -172,7 +199,7 @@ def sweep_points(
             note(f"searching {method}")
             points += _search_points(target, method, extrapolate)
     if "invardiff-capped" in methods:
-        for max_run, levels in CAPPED.items():
+        for max_run, levels in capped.items():
             for step, level in levels:
                 label, thresholds = _grid_point(family, step, level)
                 plan = cap_step_runs(grid_plan(step, level), max_run)
@@ -186,7 +213,8 @@ def sweep_points(
             points.append(dicache_point(family, per_sample=per_sample))
             points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS]
     if "plan+probe" in methods:
-        for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, DEFAULT_PLAN_PROBE_THRESHOLDS).items():
+        default = VIDEO_PLAN_PROBE_THRESHOLDS if _video(family) else DEFAULT_PLAN_PROBE_THRESHOLDS
+        for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, default).items():
             if isinstance(plan_key, str):
                 plan_label, plan = plan_key, plans[plan_key]
             else:

@@ -181,13 +181,19 @@ def plot(p) -> None:
 
 
 def bench(p) -> None:
-    p.add_argument("--model", nargs="+", default=["flux-shapes", "dit-digits"], help="bundled model(s)")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=["flux-shapes", "dit-digits"],
+        help="bundled model(s): flux-shapes, dit-digits (the default) and the video model wan-motion",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
         type=_sweep_method,
         help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
-        "with capped step runs; dicache; plan+probe; peers (default: all)",
+        "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; dicache; "
+        "plan+probe; peers (default: all)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
     p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds per point")

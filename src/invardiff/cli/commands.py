@@ -181,6 +181,12 @@ def calibrate(args) -> int:
         if "guidance_scale" not in get_family(family).pipeline.calibration_kwargs:
             extra["guidance_scale"] = entry.guidance_scale
     extra = {k: v for k, v in extra.items() if v is not None}
+    if args.model_config:
+        from ..model_configs import get_model_config, video_pipeline_size
+
+        config = get_model_config(args.model_config)
+        if "latent" in config.extra:  # a video config: its clip size, not the pipeline's default 81 frames of 480p
+            extra = {**video_pipeline_size(config), **extra}
     if wants_search(args):  # --budget / --pareto: record trajectories, search plans (search_commands.py)
         return calibrate_budget(args, pipe, steps, runs, extra)
     if args.ray is not None:  # the same calibration, its runs recorded on Ray workers (invardiff.scale)
