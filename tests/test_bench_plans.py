@@ -53,3 +53,34 @@ def test_taylorseer_caches_the_family_attention_units(family):
         assert ours == {f"blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)}
     else:
         assert ours == default and ours
+
+
+def test_a_plan_file_is_a_benchmark_plan_of_its_family(tmp_path):
+    from invardiff.bench.plans import is_plan_file, plan_family
+
+    config = MODEL_CONFIGS["wan-tiny"]
+    plan = bench_plan("wan/synthetic-2x", config)
+    plan.save(tmp_path / "calibrated.json")
+    name = str(tmp_path / "calibrated.json")
+    assert is_plan_file(name) and not is_plan_file("wan/synthetic-2x") and not is_plan_file(str(tmp_path / "x.json"))
+    assert plan_family(name) == "wan" and plan_family("flux/fast") == "flux"
+    assert bench_plan(name, config) == plan
+    with pytest.raises(ValueError, match="does not fit the benchmark config hunyuanvideo-tiny.*--model-config"):
+        bench_plan(name, MODEL_CONFIGS["hunyuanvideo-tiny"])
+
+
+@pytest.mark.slow
+def test_bench_engine_runs_a_plan_file(tmp_path, capsys):
+    import json
+
+    from invardiff.bench.engine import BENCH_CONFIGS
+    from invardiff.cli.main import main
+
+    config = MODEL_CONFIGS[BENCH_CONFIGS["tiny"]["wan"]]
+    plan = bench_plan("wan/synthetic-3x", config)
+    plan.save(tmp_path / "plan.json")
+    argv = ["bench-engine", "--config", "tiny", "--books", str(tmp_path / "plan.json"), "--rounds", "1"]
+    assert main([*argv, "--out", str(tmp_path), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["book"] == str(tmp_path / "plan.json")
+    assert result["ideal_speedup"] == pytest.approx(ideal_speedup(plan, profile_flops(config)))

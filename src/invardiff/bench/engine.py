@@ -30,7 +30,7 @@ from ..model_configs import MODEL_CONFIGS
 from ..plan import CachePlan
 from ..stats import ideal_speedup
 from .loop import Trajectory
-from .plans import bench_plan
+from .plans import bench_plan, is_plan_file
 from .timing import Variant, measure_rounds, round_progress
 
 
@@ -95,7 +95,7 @@ def bench_family(
         results.append(
             {
                 "book": name,
-                "source": plan.provenance.get("source", {}).get("file", "synthetic"),
+                "source": name if is_plan_file(name) else plan.provenance.get("source", {}).get("file", "synthetic"),
                 "model_config": config.name,
                 "device": str(device),
                 "dtype": config.dtype,

@@ -4,10 +4,14 @@ A family without official books (Wan, HunyuanVideo) is benchmarked on synthetic 
 ``"<family>/synthetic-2x"`` and ``"<family>/synthetic-3x"``: built on the benchmark config's own depth and step count,
 they mix step caching and layer-wise reuse of every unit, reaching at least the named FLOP-ideal speedup (and just
 over it). They measure how much of the ideal the engine turns into wall-clock speed; their outputs are not meant to
-be good (calibrated plans are benchmarked by file: ``invardiff bench-engine --plans PLAN.json``).
+be good. A calibrated plan is benchmarked by file (``invardiff bench-engine --books PLAN.json``): a plan calibrated
+on the family's benchmark config, e.g. ``invardiff calibrate --model-config wan-bench --steps 50 ...`` (random
+weights: its decisions follow the random model's change rates, which is all an engine benchmark needs).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -36,8 +40,30 @@ def default_bench_plans(family: str) -> list[str]:
     return books or [f"{family}/{label}" for label in SYNTHETIC]
 
 
+def is_plan_file(name: str) -> bool:
+    """Whether a ``--books`` entry names a plan file rather than a bundled book or synthetic plan."""
+    return name.endswith(".json") and Path(name).is_file()
+
+
+def plan_family(name: str) -> str:
+    """The family a ``--books`` entry belongs to: the prefix of a book name, the model family of a plan file."""
+    return CachePlan.load(name).model.family if is_plan_file(name) else name.split("/")[0]
+
+
 def bench_plan(name: str, config: ModelConfig) -> CachePlan:
-    """The plan ``name`` (see :func:`bench_plan_names`) for the benchmark config ``config``."""
+    """The plan ``name`` (see :func:`bench_plan_names`, or a plan file) for the benchmark config ``config``."""
+    if is_plan_file(name):
+        plan = CachePlan.load(name)
+        depth = get_family(config.family).num_layers(config.build_transformer("meta"))
+        try:
+            plan.check_model(config.family, depth)
+            plan.check_num_steps(config.steps)
+        except ValueError as error:
+            raise ValueError(
+                f"{name} does not fit the benchmark config {config.name}: {error} Calibrate it on that config: "
+                f"invardiff calibrate --model-config {config.name} --steps {config.steps} ..."
+            ) from None
+        return plan
     family, _, label = name.partition("/")
     if label in SYNTHETIC:
         depth = get_family(family).num_layers(config.build_transformer("meta"))

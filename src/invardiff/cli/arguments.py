@@ -226,8 +226,9 @@ def bench_engine(p) -> None:
     p.add_argument(
         "--books",
         nargs="+",
-        help="plans by name: official books (flux/fast, dit/slow) or synthetic plans of a FLOP-ideal speedup "
-        "(wan/synthetic-2x, hunyuanvideo/synthetic-3x); default: each family's books, else its synthetic plans",
+        help="plans by name: official books (flux/fast, dit/slow), synthetic plans of a FLOP-ideal speedup "
+        "(wan/synthetic-2x, hunyuanvideo/synthetic-3x) or plan files calibrated on the family's benchmark config "
+        "(PLAN.json); default: each --family's books, else its synthetic plans",
     )
     p.add_argument(
         "--config",

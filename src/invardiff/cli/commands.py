@@ -382,13 +382,13 @@ def bench_engine(args) -> int:
     _use_threads(args)
     device = check_device(args.device)
     schedule = args.schedule or ("alternate" if device.type == "cuda" else "lockstep")
-    from ..bench.plans import bench_plan_names, default_bench_plans
+    from ..bench.plans import bench_plan_names, default_bench_plans, is_plan_file
 
     available = bench_plan_names()
     books = args.books or [name for family in args.family for name in default_bench_plans(family)]
-    unknown = sorted(set(books) - set(available))
+    unknown = sorted(book for book in set(books) - set(available) if not is_plan_file(book))
     if unknown:
-        raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}.")
+        raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}, or a plan file (PLAN.json).")
     if args.peers:
         if args.compile:
             raise ValueError("--compile is not available with --peers yet: the peers' hooks are not compiled here.")
@@ -399,7 +399,7 @@ def bench_engine(args) -> int:
             family, args.config, family_books, device, args.rounds, schedule, progress, compile_blocks=args.compile
         )
 
-    by_family = {f: family_books for f, family_books in _books_by_family(books).items() if f in args.family}
+    by_family = _books_by_family(books)  # --books name their own families; --family picks the default books
     results = _per_family(args, by_family, "bench-engine", run)
     stem = f"bench-engine-{args.config}-{device.type}" + ("-compiled" if args.compile else "")
     return _report(args, results, stem, [_public_fields(r) for r in results])
@@ -424,9 +424,11 @@ def _bench_engine_peers(args, device, books: list[str]) -> int:
 
 
 def _books_by_family(books: list[str]) -> dict[str, list[str]]:
+    from ..bench.plans import plan_family
+
     by_family: dict[str, list[str]] = {}
     for book in books:
-        by_family.setdefault(book.split("/")[0], []).append(book)
+        by_family.setdefault(plan_family(book), []).append(book)
     return by_family
 
 
