@@ -636,10 +636,10 @@ def bench(args) -> int:
         model = target.name
         jsonl = out / f"sweep-{model}.jsonl"
         inputs = sweep_inputs(target, seeds, device, cases, args.batch)
-        if args.report_only:  # tables and plots again from the JSON lines, nothing is run
-            results = [json.loads(line) for line in jsonl.read_text().splitlines()]
-        else:
+        if not args.report_only:
             results = _run_bench(args, target, inputs, jsonl)
+        if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
+            results = [json.loads(line) for line in jsonl.read_text().splitlines()]
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
