@@ -61,3 +61,25 @@ def test_the_sweep_table_shows_each_points_round_spread_and_timing_warnings():
     assert "| m | 2.0 | 2.00x | 11% | 2.00x |" in table
     assert "| m | 3.0 | 3.00x | n/a | 3.00x |" in table  # a point recorded before spreads were
     assert "2.0 on model: the rounds disagree" in table
+
+
+def test_a_resumed_sweep_reports_the_kept_points_too(tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from invardiff.cli import commands
+    from invardiff.cli.main import main
+
+    committed = Path(__file__).parents[1] / "benchmarks/results/sweep/sweep-dit-digits.jsonl"
+    kept = [json.loads(line) for line in committed.read_text().splitlines()[:3]]
+    (tmp_path / "sweep-dit-digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept[:2]))
+
+    def run_one_point(args, target, inputs, jsonl):  # the run measures only the point it was asked for
+        with open(jsonl, "a") as handle:
+            handle.write(json.dumps(kept[2]) + "\n")
+        return [kept[2]]
+
+    monkeypatch.setattr(commands, "_run_bench", run_one_point)
+    assert main(["bench", "--model", "dit-digits", "--resume", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "sweep-dit-digits.md").read_text()
+    assert all(f"| {r['label']} |" in report for r in kept)
