@@ -108,19 +108,24 @@ def _rank(rank: int, init_file: str, results: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cp")
+def _run_ranks(function, world: int, directory, what: str) -> list[dict]:
+    """``function(rank, init_file, results)`` on ``world`` spawned processes; each rank's saved results. Fails
+    instead of hanging when the ranks do not finish within 240 s (a collective one rank skipped)."""
     context = mp.start_processes(
-        _rank, args=(str(directory / "init"), str(directory)), nprocs=WORLD, join=False, start_method="spawn"
+        function, args=(str(directory / "init"), str(directory)), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + 240
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("the context-parallel ranks hung (a collective one rank skipped?)")
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+            pytest.fail(f"the {what} ranks hung (a collective one rank skipped?)")
+    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run_ranks(_rank, WORLD, tmp_path_factory.mktemp("cp"), "context-parallel")
 
 
 @pytest.fixture(scope="module")
@@ -235,17 +240,7 @@ def _cfg_rank(rank: int, init_file: str, results: str) -> None:
 
 @pytest.fixture(scope="module")
 def cfg_ranks(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("cfg")
-    context = mp.start_processes(
-        _cfg_rank, args=(str(directory / "init"), str(directory)), nprocs=CFG_WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the CFG-parallel ranks hung (a collective one rank skipped?)")
-    return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(CFG_WORLD)]
+    return _run_ranks(_cfg_rank, CFG_WORLD, tmp_path_factory.mktemp("cfg"), "CFG-parallel")
 
 
 @pytest.mark.slow

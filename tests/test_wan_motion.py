@@ -72,10 +72,8 @@ def test_prompts_are_words_of_the_bundled_tokenizer():
 
 @pytest.mark.slow
 def test_learning_check_of_the_bundled_weights():
-    from invardiff.models import MODELS, checks, get, load
+    from invardiff.models import checks, get, load
 
-    if "wan-motion" not in MODELS:
-        pytest.skip("wan-motion is not bundled yet: its weights fail this check (see its MODEL_CARD.md)")
     pipe, entry = load("wan-motion"), get("wan-motion")
     clips, cases = checks.motion_samples(pipe, entry)
     assert clips.shape == (20, 8, 3, 32, 32) and len(set(cases)) == 20
@@ -86,3 +84,16 @@ def test_learning_check_of_the_bundled_weights():
     random_clips, _ = checks.motion_samples(pipe, entry)
     # chance of matching colour, direction and speed together is about 1/32
     assert motion.agreement(random_clips, cases) <= 0.25
+
+
+def test_calibrate_on_the_bundled_model_samples_its_clip_size(tmp_path):
+    # The memory estimate and the runs used WanPipeline's default clip (81 frames of 480p) and failed.
+    import json
+
+    from invardiff.cli.main import main
+
+    (tmp_path / "prompts.txt").write_text("a red circle moving up fast\n")
+    argv = ["calibrate", "--model", "wan-motion", "--prompts", str(tmp_path / "prompts.txt"), "--steps", "6"]
+    assert main([*argv, "--preset", "debug-args", "-o", str(tmp_path / "plan.json")]) == 0
+    recorded = json.loads((tmp_path / "plan.json").read_text())["provenance"]["calibration"]["pipeline_kwargs"]
+    assert (recorded["height"], recorded["width"], recorded["num_frames"]) == (32, 32, 8)

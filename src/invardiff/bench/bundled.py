@@ -9,7 +9,7 @@ import torch
 from ..calibration import calibrate
 from ..calibration.thresholds import PRESETS, InvarDiffThresholds, uniform_thresholds
 from ..demo import _generate
-from ..families import get_family
+from ..families import get_family, is_video
 from ..plan_transforms import cap_step_runs
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
@@ -71,13 +71,9 @@ VIDEO_PLAN_PROBE_THRESHOLDS = {AGGRESSIVE: (0.1, 0.2)}
 
 def _plan_grid(family: str) -> tuple[tuple, tuple, dict, tuple]:
     """(grid step levels, grid module levels, capped plans, search speedups) of the sweep on ``family``."""
-    if _video(family):
+    if is_video(family):
         return (*VIDEO_GRID, VIDEO_CAPPED, VIDEO_SEARCH_SPEEDUPS)
     return GRID_STEP_LEVELS, GRID_MODULE_LEVELS, CAPPED, SEARCH_SPEEDUPS
-
-
-def _video(family: str) -> bool:
-    return family in ("wan", "hunyuanvideo")
 
 
 CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
@@ -89,7 +85,7 @@ def sweep_inputs(
     """The evaluation images: every example with every seed, or the given (input, seed) ``cases``; ``batch`` images
     per pipeline call."""
     entry = target.entry
-    examples = entry.examples[:VIDEO_EXAMPLES] if _video(target.family) else entry.examples
+    examples = entry.examples[:VIDEO_EXAMPLES] if is_video(target.family) else entry.examples
     cases = cases or [(item, seed) for seed in seeds for item in examples]
     return SweepInputs(
         model=target.name,
@@ -213,7 +209,7 @@ def sweep_points(
             points.append(dicache_point(family, per_sample=per_sample))
             points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS]
     if "plan+probe" in methods:
-        default = VIDEO_PLAN_PROBE_THRESHOLDS if _video(family) else DEFAULT_PLAN_PROBE_THRESHOLDS
+        default = VIDEO_PLAN_PROBE_THRESHOLDS if is_video(family) else DEFAULT_PLAN_PROBE_THRESHOLDS
         for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, default).items():
             if isinstance(plan_key, str):
                 plan_label, plan = plan_key, plans[plan_key]

@@ -11,6 +11,7 @@ three per target) over the calibration inputs, on top of the recording pass.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -112,7 +113,8 @@ def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch
         with api.enabled(pipe, result.plan):
             output = sample()
         candidates.append(result)
-        errors.append(float(((output - reference) ** 2).mean()))
+        error = float(((output - reference) ** 2).mean())
+        errors.append(error if math.isfinite(error) else math.inf)  # a plan that turns the output NaN loses
     if not candidates:
         logger.warning("skipping %.3gx: no cap on reused runs reaches it", config.speedup)
         return None

@@ -181,6 +181,8 @@ def calibrate(args) -> int:
         if "guidance_scale" not in get_family(family).pipeline.calibration_kwargs:
             extra["guidance_scale"] = entry.guidance_scale
     extra = {k: v for k, v in extra.items() if v is not None}
+    if entry is not None:  # a bundled video model's clip size and frame count
+        extra = {**entry.pipeline_kwargs, **extra}
     if args.model_config:
         from ..model_configs import get_model_config, video_pipeline_size
 

@@ -93,6 +93,11 @@ def resolve_family(transformer: torch.nn.Module) -> FamilySpec:
     )
 
 
+def is_video(name: str) -> bool:
+    """Whether family ``name`` generates video: its pipelines return clips, (B, F, C, H, W) ``.frames``."""
+    return get_family(name).name in ("wan", "hunyuanvideo")
+
+
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` stays cheap and
     # free of import cycles (family files import the generic types they fill, e.g. calibration thresholds).
@@ -114,6 +119,7 @@ __all__ = [
     "families",
     "family_names",
     "get_family",
+    "is_video",
     "register_family",
     "resolve_family",
 ]

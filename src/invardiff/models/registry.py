@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..families import INPUT_KINDS, get_family
+from ..families import INPUT_KINDS, get_family, is_video
 from .loading import quiet_loading
 
 
@@ -45,7 +45,7 @@ class BundledModel:
     @property
     def video(self) -> bool:
         """Whether the pipeline returns clips (``.frames``, (B, F, C, H, W)) rather than images."""
-        return get_family(self.family).name in ("wan", "hunyuanvideo")
+        return is_video(self.family)
 
     def model_config(self):
         """The :class:`~invardiff.model_configs.ModelConfig` of this model as it samples (its transformer config,
