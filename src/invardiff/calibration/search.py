@@ -345,40 +345,22 @@ def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
     start = np.full(size, math.inf)
     start[0] = 0.0
     keys, costs = [(None, computed[0])], [start]
-    ones, zeros = np.ones(size, dtype=bool), np.zeros(size, dtype=bool)
     history = []  # per position: (parent index (K, size), reused (K, size), coefficient per parent index)
     for index in range(1, len(computed)):
         s = computed[index]
         eligible = s >= config.warmup_steps and s != search.T - 1
-        slots: dict = {}
-        new_costs, parents, reused, coefficients = [], [], [], {}
-
-        def offer(
-            key, values, parent: int, reuse: bool, slots=slots, new_costs=new_costs, parents=parents, reused=reused
-        ):
-            slot = slots.get(key)
-            if slot is None:
-                slots[key] = len(new_costs)
-                new_costs.append(values.copy())
-                parents.append(np.full(size, parent))
-                reused.append((ones if reuse else zeros).copy())
-                return
-            better = values < new_costs[slot]
-            new_costs[slot][better] = values[better]
-            parents[slot][better] = parent
-            reused[slot][better] = reuse
-
+        frontier, coefficients = _Frontier(size), {}
         for parent, ((previous, anchor), values) in enumerate(zip(keys, costs, strict=True)):
             keep = extrapolate and s + 1 - anchor <= stats.window
-            offer((anchor if keep else None, s), values, parent, False)  # compute at s
+            frontier.offer((anchor if keep else None, s), values, parent, False)  # compute at s
             if eligible and s - anchor <= limit:
                 error, coefficients[parent] = search.unit_error(stream, previous, anchor, s)
                 shifted = np.full(size, math.inf)
                 shifted[1:] = values[:-1] + error
-                offer((previous, anchor), shifted, parent, True)
-        keys = sorted(slots, key=slots.get)
-        costs = new_costs
-        history.append((np.stack(parents), np.stack(reused), coefficients))
+                frontier.offer((previous, anchor), shifted, parent, True)
+        keys = sorted(frontier.slots, key=frontier.slots.get)
+        costs = frontier.costs
+        history.append((np.stack(frontier.parents), np.stack(frontier.reused), coefficients))
     stacked = np.stack(costs)  # (K, size)
     best_key = stacked.argmin(axis=0)
     best = stacked[best_key, np.arange(size)]
@@ -395,6 +377,31 @@ def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
         return chosen
 
     return best, reuses
+
+
+class _Frontier:
+    """One position of a unit's dynamic programme: per state, the least cost of every reuse count, and for each
+    count the parent state and whether this step reused."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.slots: dict = {}  # state -> row
+        self.costs: list[np.ndarray] = []
+        self.parents: list[np.ndarray] = []
+        self.reused: list[np.ndarray] = []
+
+    def offer(self, key, values: np.ndarray, parent: int, reuse: bool) -> None:
+        slot = self.slots.get(key)
+        if slot is None:
+            self.slots[key] = len(self.costs)
+            self.costs.append(values.copy())
+            self.parents.append(np.full(self.size, parent))
+            self.reused.append(np.full(self.size, reuse))
+            return
+        better = values < self.costs[slot]
+        self.costs[slot][better] = values[better]
+        self.parents[slot][better] = parent
+        self.reused[slot][better] = reuse
 
 
 def _allocate(curves, need: float):
