@@ -12,6 +12,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 import invardiff
 from invardiff import CachePlan
 from invardiff.calibration.record_policy import RecordConfig
+from invardiff.engine import engine as engine_module
 from invardiff.engine.engine import EngineError, TimestepCheck
 from invardiff.model_configs import MODEL_CONFIGS
 
@@ -25,13 +26,27 @@ def _flux_schedule(steps: int) -> torch.Tensor:
     return scheduler.timesteps
 
 
+@pytest.fixture(params=["host", "device"])
+def check_path(request, monkeypatch):
+    # The CPU checks each call on host floats; an accelerator folds the check on the device and reads it once. The
+    # device path runs here on the CPU by making host reads look costly, so both paths face the same cases.
+    if request.param == "device":
+        monkeypatch.setattr(engine_module, "host_reads_are_free", lambda device: False)
+    return request.param
+
+
+def _finish(check: TimestepCheck) -> None:
+    check.verify("cond")  # the device path's one read; nothing is pending on the host path
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("steps", [28, 50, 70, 100])
-def test_timestep_check_accepts_the_rounding_of_the_calls_dtype(dtype, steps):
+def test_timestep_check_accepts_the_rounding_of_the_calls_dtype(dtype, steps, check_path):
     timesteps = _flux_schedule(steps)
     check = TimestepCheck(timesteps, scale=1000.0)
     for step, t in enumerate(timesteps):
         check.add(t.expand(1).to(dtype) / 1000, step, "cond")  # what FluxPipeline passes; raises on a mismatch
+    _finish(check)
 
 
 def test_the_former_fixed_tolerance_flagged_bf16_flux_at_70_and_100_steps():
@@ -49,12 +64,21 @@ def test_the_former_fixed_tolerance_flagged_bf16_flux_at_70_and_100_steps():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_call_one_step_off_is_still_caught_in_low_precision(dtype):
+def test_a_call_one_step_off_is_still_caught_in_low_precision(dtype, check_path):
     timesteps = _flux_schedule(28)
     check = TimestepCheck(timesteps, scale=1000.0)
     check.add(timesteps[0].expand(1).to(dtype) / 1000, 0, "cond")
     with pytest.raises(EngineError, match="scheduler's schedule says step 1"):
         check.add(timesteps[2].expand(1).to(dtype) / 1000, 1, "cond")  # step 1 sent step 2's timestep
+        _finish(check)
+
+
+def test_a_batch_with_two_timesteps_is_caught(check_path):
+    timesteps = _flux_schedule(28)
+    check = TimestepCheck(timesteps, scale=1000.0)
+    with pytest.raises(EngineError, match="has timestep"):
+        check.add(torch.stack([timesteps[0], timesteps[1]]) / 1000, 0, "cond")  # one sample a step ahead
+        _finish(check)
 
 
 @pytest.mark.slow  # bf16 matmuls are slow on the CPU: about 2 minutes

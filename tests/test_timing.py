@@ -109,9 +109,11 @@ def test_speedup_figures_report_spread_and_warn_only_when_the_rounds_do_not_supp
     assert "rerun on an idle machine" in loaded["timing_warnings"][0]
     # Two of three rounds: the median itself is implausible against the FLOP-ideal 3.4x (the README's 39.71x case).
     implausible = speedup_figures([39.7, 38.9, 40.1], ideal=3.4, label="implausible")
-    assert implausible["timing_warnings"] == [
-        w for w in implausible["timing_warnings"] if "exceeds the FLOP-ideal 3.40x" in w
-    ] and len(implausible["timing_warnings"]) == 1
+    assert (
+        implausible["timing_warnings"]
+        == [w for w in implausible["timing_warnings"] if "exceeds the FLOP-ideal 3.40x" in w]
+        and len(implausible["timing_warnings"]) == 1
+    )
     # Within 10% above ideal is noise, not a warning; half the rounds' range widens the allowance.
     assert speedup_figures([3.7, 3.7, 3.7], ideal=3.4)["timing_warnings"] == []
     assert len(speedup_figures([3.8, 3.8, 3.8], ideal=3.4)["timing_warnings"]) == 1

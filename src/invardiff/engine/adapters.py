@@ -29,7 +29,8 @@ from .state import COMPUTED, REUSED, take_rows
 
 INACTIVE, COMPUTE, REUSE, PLAIN = 0, 1, 2, 3  # unit modes
 INPUT, PROBE, SKIP, SUBSET = 1, 2, 4, 8  # block mode flags
-_ATTRIBUTES = ("_invardiff_mode", "_invardiff_slot")
+MODE = "_invardiff_mode"  # the attribute an adapted module reads its mode from
+_ATTRIBUTES = (MODE, "_invardiff_slot")
 
 
 class UnitSlot:
