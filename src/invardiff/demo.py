@@ -1,5 +1,5 @@
 """The whole workflow on a bundled trained model: calibrate, build a plan, generate with and without it,
-measure the speedup (one process, full compute and the plan taking turns clip by clip) and the fidelity against
+measure the speedup (one process, full compute and the plan taking turns input by input) and the fidelity against
 full compute."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run_demo(
     entry = registry.get(name)
     pipe = registry.load(name, device)
     # The cached variant runs its own copy (the bundled models are a few MiB), so that full compute and the plan
-    # take turns clip by clip (lockstep): a drift of the machine's speed within a round then hits both alike.
+    # take turns input by input (lockstep): a drift of the machine's speed within a round then hits both alike.
     cached_pipe = registry.load(name, device)
     note = progress or (lambda phase, done: None)
     note("calibration pass 1 (full compute)", 0)
