@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import invardiff
+from invardiff.bench.timing import Variant, measure_rounds, timed
 from invardiff.calibration import calibrate
 from invardiff.demo import CALIBRATION, _generate
 from invardiff.engine.install import attached_engine
@@ -57,24 +58,40 @@ def main() -> None:
     )
     invardiff.enable(cached_pipe, plan)
     engine = attached_engine(cached_pipe.transformer)
-    calls = {"full": _timed_calls(full_pipe), "cached": _timed_calls(cached_pipe)}
-    bookkeeping = _timed_bookkeeping(engine)
+    # Every transformer call, and the engine's begin_call and end_call (the hooks reach them through the instance).
+    calls = {"full": [], "cached": [], "begin": [], "end": []}
+    full_pipe.transformer.forward = _timed(full_pipe.transformer.forward, calls["full"])
+    cached_pipe.transformer.forward = _timed(cached_pipe.transformer.forward, calls["cached"])
+    engine.begin_call = _timed(engine.begin_call, calls["begin"])
+    engine.end_call = _timed(engine.end_call, calls["end"])
     cases = [(item, 0) for item in entry.examples]
-    runs = {"full": [], "cached": []}
-    for round_index in range(args.rounds + 1):  # round 0 warms up
-        for times in (*calls.values(), bookkeeping):
+    recorded = []  # per timed round: the call times of each variant and the bookkeeping per call
+
+    def start_round(index: int) -> None:
+        for times in calls.values():
             times.clear()
-        totals = {"full": 0.0, "cached": 0.0}
-        for index, case in enumerate(cases):
-            order = [("full", full_pipe), ("cached", cached_pipe)][:: 1 if (round_index + index) % 2 else -1]
-            for name, pipe in order:
-                start = time.perf_counter()
-                _generate(pipe, entry, [case])
-                totals[name] += time.perf_counter() - start
-        if round_index:
-            for name in runs:
-                runs[name].append({"seconds": totals[name], "calls": list(calls[name])})
-            runs["cached"][-1]["bookkeeping"] = list(bookkeeping)
+
+    def end_round(index: int) -> None:
+        if index >= 1:  # round 0 warms up
+            bookkeeping = np.add(calls["begin"], calls["end"]).tolist()
+            recorded.append({"full": list(calls["full"]), "cached": list(calls["cached"]), "bookkeeping": bookkeeping})
+
+    def generate(pipe):
+        return lambda index: timed(lambda: _generate(pipe, entry, [cases[index]]), "cpu")[0]
+
+    times = measure_rounds(
+        [Variant("full", generate(full_pipe)), Variant("cached", generate(cached_pipe))],
+        args.rounds,
+        steps=len(cases),
+        schedule="lockstep",  # full compute and the plan take turns input by input, as in the demo
+        on_start=start_round,
+        on_round=end_round,
+    )
+    runs = {"full": [], "cached": []}
+    for index, round_calls in enumerate(recorded):
+        for name in runs:
+            runs[name].append({"seconds": times.seconds[name][index], "calls": round_calls[name]})
+        runs["cached"][-1]["bookkeeping"] = round_calls["bookkeeping"]
     report = _report(args.model, preset, plan, entry, cases, runs)
     print(json.dumps(report, indent=1))
     out = Path(args.out)
@@ -82,42 +99,17 @@ def main() -> None:
     (out / f"call-costs-{args.model}.md").write_text(_markdown(report))
 
 
-def _timed_calls(pipe) -> list[float]:
-    times = []
-    forward = pipe.transformer.forward
+def _timed(function, times: list[float]):
+    """``function``, appending the wall-clock seconds of each call to ``times``."""
 
-    def timed_forward(*args, **kwargs):
+    def timed_function(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return forward(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             times.append(time.perf_counter() - start)
 
-    pipe.transformer.forward = timed_forward
-    return times
-
-
-def _timed_bookkeeping(engine) -> list[float]:
-    # One entry per call: begin_call + end_call (the hooks reach both through the engine instance).
-    times, begin, end = [], engine.begin_call, engine.end_call
-    pending = []
-
-    def timed_begin(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return begin(*args, **kwargs)
-        finally:
-            pending.append(time.perf_counter() - start)
-
-    def timed_end(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return end(*args, **kwargs)
-        finally:
-            times.append(pending.pop() + time.perf_counter() - start)
-
-    engine.begin_call, engine.end_call = timed_begin, timed_end
-    return times
+    return timed_function
 
 
 def _report(model, preset, plan, entry, cases, runs) -> dict:

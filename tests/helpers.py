@@ -12,12 +12,9 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import invardiff
 from invardiff import CachePlan, ModelFacts
-from invardiff.families import get_family
+from invardiff.families import get_family, is_video
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline, pipeline_call_kwargs
-
-
-VIDEO_FAMILIES = ("wan", "hunyuanvideo")
 
 
 def tiny_pipeline(family: str, seed: int = 0):
@@ -50,7 +47,7 @@ def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
     kwargs = {**pipeline_call_kwargs(config, steps, seed=seed), **overrides}
     if config.family == "flux":
         return pipe(**kwargs).images.clone()
-    if config.family in VIDEO_FAMILIES:
+    if is_video(config.family):
         return pipe(**kwargs).frames.clone()  # the toy video pipelines have no VAE: latents
     captured = {}
     original_decode = pipe.vae.decode

@@ -14,6 +14,7 @@ import torch
 from . import api
 from .bench.timing import Variant, measure_rounds, timed
 from .calibration import calibrate
+from .calibration.run import output_tensor
 from .families import INPUT_KINDS
 from .flops import profile_flops
 from .metrics import output_fidelity
@@ -132,9 +133,7 @@ def _generate(pipe, entry, cases, batch: int = 1) -> torch.Tensor:
         if len(chunk) > 1:
             kwargs[INPUT_KINDS[entry.inputs].pipeline_arg] = [item for item, _ in chunk]
             kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
-        result = pipe(**kwargs)
-        output = result.frames if hasattr(result, "frames") else result.images  # video pipelines: (B, F, C, H, W)
-        images.append(torch.as_tensor(np.asarray(output)) if not torch.is_tensor(output) else output)
+        images.append(output_tensor(pipe(**kwargs)))  # video pipelines: (B, F, C, H, W)
     batch_images = torch.cat(images)
     if batch_images.shape[-1] in (1, 3) and batch_images.shape[1] not in (1, 3):  # numpy layout (B, H, W, C)
         batch_images = batch_images.permute(0, 3, 1, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -56,24 +57,46 @@ CAPPED = {2: ((0.7, 0.4), (0.7, 0.68), (0.8, 0.4), (0.8, 0.68)), 3: ((0.8, 0.4),
 SEARCH_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5)
 SEARCH_WINDOW = 6
 
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """The InvarDiff points of a sweep and its evaluation inputs, per kind of model.
+
+    Attributes:
+        step_levels / module_levels: the invardiff-grid quantiles.
+        capped: invardiff-capped, ``{max run: ((step level, module level), ...)}``.
+        search_speedups: the FLOP-ideal targets of invardiff-search.
+        plan_probe: plan+probe thresholds per plan, for families without their own in :data:`PLAN_PROBE_THRESHOLDS`.
+        examples: how many of the model's examples are evaluated (``None``: all).
+    """
+
+    step_levels: tuple
+    module_levels: tuple
+    capped: dict
+    search_speedups: tuple
+    plan_probe: dict
+    examples: int | None = None
+
+
+IMAGE_SWEEP = SweepGrid(GRID_STEP_LEVELS, GRID_MODULE_LEVELS, CAPPED, SEARCH_SPEEDUPS, DEFAULT_PLAN_PROBE_THRESHOLDS)
 # The video model (wan-motion: a run is a clip of 8 frames at 50 steps with CFG, about 2.5 s) runs a smaller sweep
 # to finish within 30 minutes on the 2-core CPU (the full image-model set took 70 s a point with 4 clips: 50
 # minutes): 2 evaluation clips (the first two examples: every colour, shape, direction and speed differs between
 # them; 16 frames), the grid's step levels 0.6 and 0.8 with modules 0 and 0.68, the capped plans at step 0.8 /
 # modules 0.68, the search at the speedups the comparisons are made at, and plan+probe at 0.1 and 0.2. DiCache and
 # the peers keep the image models' settings.
-VIDEO_EXAMPLES = 2
-VIDEO_GRID = ((0.6, 0.8), (0.0, 0.68))
-VIDEO_CAPPED = {2: ((0.8, 0.68),), 3: ((0.8, 0.68),)}
-VIDEO_SEARCH_SPEEDUPS = (2.0, 2.5, 3.0)
-VIDEO_PLAN_PROBE_THRESHOLDS = {AGGRESSIVE: (0.1, 0.2)}
+VIDEO_SWEEP = SweepGrid(
+    step_levels=(0.6, 0.8),
+    module_levels=(0.0, 0.68),
+    capped={2: ((0.8, 0.68),), 3: ((0.8, 0.68),)},
+    search_speedups=(2.0, 2.5, 3.0),
+    plan_probe={AGGRESSIVE: (0.1, 0.2)},
+    examples=2,
+)
 
 
-def _plan_grid(family: str) -> tuple[tuple, tuple, dict, tuple]:
-    """(grid step levels, grid module levels, capped plans, search speedups) of the sweep on ``family``."""
-    if is_video(family):
-        return (*VIDEO_GRID, VIDEO_CAPPED, VIDEO_SEARCH_SPEEDUPS)
-    return GRID_STEP_LEVELS, GRID_MODULE_LEVELS, CAPPED, SEARCH_SPEEDUPS
+def sweep_grid(family: str) -> SweepGrid:
+    return VIDEO_SWEEP if is_video(family) else IMAGE_SWEEP
 
 
 CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
@@ -85,7 +108,7 @@ def sweep_inputs(
     """The evaluation images: every example with every seed, or the given (input, seed) ``cases``; ``batch`` images
     per pipeline call."""
     entry = target.entry
-    examples = entry.examples[:VIDEO_EXAMPLES] if is_video(target.family) else entry.examples
+    examples = entry.examples[: sweep_grid(target.family).examples]
     cases = cases or [(item, seed) for seed in seeds for item in examples]
     return SweepInputs(
         model=target.name,
@@ -128,7 +151,7 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
 
     seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
     cases = [(item, seed) for seed in seeds for item in target.calibration]
-    speedups = _plan_grid(target.family)[3]
+    speedups = sweep_grid(target.family).search_speedups
     config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
     results, _ = calibrate_budget(
         target.load(),
@@ -166,7 +189,7 @@ def sweep_points(
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; expected some of {METHODS}.")
     family = target.family
-    grid_steps, grid_modules, capped, _ = _plan_grid(family)
+    grid = sweep_grid(family)
     note = progress or (lambda message: None)
     points, plans = [], {}
     if {"invardiff", "plan+probe"} & set(methods):
@@ -186,8 +209,8 @@ def sweep_points(
         return grid_plans[step, level]
 
     if "invardiff-grid" in methods:
-        for step in grid_steps:
-            for level in grid_modules:
+        for step in grid.step_levels:
+            for level in grid.module_levels:
                 label, thresholds = _grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
     for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
@@ -195,7 +218,7 @@ def sweep_points(
             note(f"searching {method}")
             points += _search_points(target, method, extrapolate)
     if "invardiff-capped" in methods:
-        for max_run, levels in capped.items():
+        for max_run, levels in grid.capped.items():
             for step, level in levels:
                 label, thresholds = _grid_point(family, step, level)
                 plan = cap_step_runs(grid_plan(step, level), max_run)
@@ -209,8 +232,7 @@ def sweep_points(
             points.append(dicache_point(family, per_sample=per_sample))
             points += [dicache_point(family, t, per_sample=per_sample) for t in DICACHE_THRESHOLDS]
     if "plan+probe" in methods:
-        default = VIDEO_PLAN_PROBE_THRESHOLDS if is_video(family) else DEFAULT_PLAN_PROBE_THRESHOLDS
-        for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, default).items():
+        for plan_key, deltas in PLAN_PROBE_THRESHOLDS.get(family, grid.plan_probe).items():
             if isinstance(plan_key, str):
                 plan_label, plan = plan_key, plans[plan_key]
             else:

@@ -20,7 +20,7 @@ import torch
 from ..families import resolve_family
 from ..flops import profile_flops
 from .batching import pipeline_call_config
-from .run import _call, _default_kwargs
+from .run import _call, _default_kwargs, output_tensor
 from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
 from .trajectory import TrajectoryStats, record_trajectories
 
@@ -141,9 +141,8 @@ def _same_plan(a, b) -> bool:
 
 def _outputs(pipe, family: str, cases: list[tuple], call_kwargs: dict, batch_size: int) -> torch.Tensor:
     """The pipeline's outputs for ``cases`` (every output as float32, concatenated over the batches)."""
-    outputs = []
-    for start in range(0, len(cases), batch_size):
-        result = _call(pipe, family, cases[start : start + batch_size], call_kwargs)
-        output = result.frames if hasattr(result, "frames") else result.images
-        outputs.append(torch.as_tensor(np.asarray(output)) if not torch.is_tensor(output) else output)
-    return torch.cat([output.float().cpu() for output in outputs])
+    outputs = [
+        output_tensor(_call(pipe, family, cases[start : start + batch_size], call_kwargs)).float().cpu()
+        for start in range(0, len(cases), batch_size)
+    ]
+    return torch.cat(outputs)

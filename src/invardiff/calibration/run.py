@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .. import api
@@ -232,6 +233,12 @@ def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict):
     generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in batch]
     inputs = [item for item, _ in batch]
     return pipe(**{_pipeline(family).inputs.pipeline_arg: inputs}, generator=generators, **call_kwargs)
+
+
+def output_tensor(result) -> torch.Tensor:
+    """A pipeline call's output as a tensor: a video pipeline's ``.frames`` ((B, F, C, H, W)), else ``.images``."""
+    output = result.frames if hasattr(result, "frames") else result.images
+    return output if torch.is_tensor(output) else torch.as_tensor(np.asarray(output))
 
 
 def _pipeline(family: str) -> PipelineSpec:

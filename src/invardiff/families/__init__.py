@@ -95,7 +95,8 @@ def resolve_family(transformer: torch.nn.Module) -> FamilySpec:
 
 def is_video(name: str) -> bool:
     """Whether family ``name`` generates video: its pipelines return clips, (B, F, C, H, W) ``.frames``."""
-    return get_family(name).name in ("wan", "hunyuanvideo")
+    pipeline = get_family(name).pipeline
+    return pipeline is not None and pipeline.video
 
 
 def _load_builtin_families() -> None:

@@ -240,6 +240,7 @@ HUNYUANVIDEO = register_family(
         pipeline=PipelineSpec(
             input_kind="prompt",
             output_type="pt",
+            video=True,
             scheduler=_scheduler,
             calibration_kwargs={"output_type": "latent"},
             build_toy=_build_toy,

@@ -179,6 +179,7 @@ class PipelineSpec:
     Attributes:
         input_kind: a key of :data:`INPUT_KINDS`: ``"prompt"`` or ``"class"``.
         output_type: the ``output_type`` under which the pipeline returns images in [0, 1] as tensors or arrays.
+        video: the pipeline returns clips (``.frames``, (B, F, C, H, W)) rather than images.
         scheduler: ``scheduler()`` returns a new scheduler of the family's sampler (toy and bundled pipelines).
         calibration_kwargs: pipeline arguments of every calibration call unless the caller overrides them (the
             official code's settings, e.g. DiT calibrates without classifier-free guidance).
@@ -198,6 +199,7 @@ class PipelineSpec:
     output_type: str
     scheduler: Callable[[], Any]
     calibration_kwargs: dict = field(default_factory=dict)
+    video: bool = False
     batched_cfg: bool = False
     build_toy: Callable[..., Any] | None = None
     call_shape: Callable[[Any, dict], dict] | None = None

@@ -318,6 +318,7 @@ WAN = register_family(
         pipeline=PipelineSpec(
             input_kind="prompt",
             output_type="pt",
+            video=True,
             scheduler=_scheduler,
             calibration_kwargs={"output_type": "latent", "guidance_scale": 5.0},
             build_toy=_build_toy,
