@@ -36,6 +36,9 @@ class DiCachePolicy(ProbePolicy):
             )
         self.num_steps = num_steps
 
+    def steps_needed(self) -> int | None:
+        return self.config.num_inference_steps
+
     def new_branch(self, state) -> ProbeBranch:
         branch = super().new_branch(state)
         # Which samples warm up at which step: by their branch's official counter (WAN counts calls, so in a call
