@@ -218,8 +218,9 @@ def test_wan_batched_cfg_makes_each_branchs_official_decisions(T):
     # call does and, with per-sample state, makes that branch's decisions.
     expected, library, worst = _run_both(T, batched=True)
     assert library == expected
-    # A batch of two takes other matmul paths than a batch of one: float32 rounding only.
-    assert worst < 1e-4
+    # A batch of two takes other matmul paths than a batch of one: float32 rounding only (8e-7 measured on this CPU,
+    # on outputs of magnitude ~1).
+    assert worst < 1e-5
 
 
 @pytest.mark.parametrize("T", STEP_COUNTS)
