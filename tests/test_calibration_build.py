@@ -177,3 +177,15 @@ def test_built_plans_satisfy_the_invariants(data):
             assert matrix[plan.step_cache].all()
             after_run = np.flatnonzero(plan.step_cache[:-1] & ~plan.step_cache[1:]) + 1
             assert not matrix[after_run].any()
+
+
+def test_thresholds_take_nonskip_by_its_key_or_its_field_name_once():
+    from invardiff.calibration.thresholds import parse_thresholds
+
+    # to_dict() and plan provenance write the field name nonskip_rate: it is the key nonskip, not a module kind.
+    assert parse_thresholds("nonskip_rate=0.1,step=0.7", "dit") == parse_thresholds("nonskip=0.1,step=0.7", "dit")
+    assert parse_thresholds("nonskip_rate=0.1,step=0.7", "dit").nonskip_rate == 0.1
+    with pytest.raises(ValueError, match="'nonskip_rate' is given twice"):
+        parse_thresholds("nonskip=0.1,nonskip_rate=0.2,step=0.7", "dit")
+    with pytest.raises(ValueError, match="'transformer_blocks.ff' is given twice"):
+        parse_thresholds("step=0.7,transformer_blocks.ff=0.2,transformer_blocks.ff=0.3", "dit")

@@ -42,6 +42,20 @@ CALIBRATE_DIT = ["calibrate", "--model", "dit-digits", "--preset", "fast"]
         ([*CALIBRATE_DIT, "--classes", "1,5000", "--steps", "10"], "Class ids [5000] are out of range"),
         ([*CALIBRATE_DIT, "--classes", "1,2", "--steps", "1"], "expected a step count of at least 3, got 1"),
         ([*CALIBRATE_DIT, "--classes", "1,x", "--steps", "10"], "--classes takes comma-separated integers"),
+        (
+            [
+                "calibrate",
+                "--model",
+                "dit-digits",
+                "--classes",
+                "1",
+                "--steps",
+                "10",
+                "--thresholds",
+                "nonskp=0.1,step=1",
+            ],
+            "Unknown threshold keys ['nonskp'] for family 'dit': expected nonskip (or nonskip_rate), step, or module",
+        ),
         ([*GENERATE, "--class", "3", "--steps", "0"], "expected a step count of at least 1, got 0"),
         (
             [*GENERATE, "--class", "3", "--policy", "dicache", "--plan", "p.json"],

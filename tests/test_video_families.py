@@ -163,6 +163,35 @@ def test_wan22_single_plan_is_refused_with_how_to_pass_two():
     assert not invardiff.is_enabled(pipe)
 
 
+@pytest.mark.parametrize("kind", ["plan", "dicache"])
+def test_wan22_step_count_error_names_the_expert_and_its_own_count(kind):
+    # The pipeline call has T steps; transformer_2 runs only its part of them, so "call the pipeline with
+    # num_inference_steps=T" would be no fix: the message names the expert, its count and the count it needs.
+    config, pipe = _two_expert_pipeline()
+    high_steps, low_steps = _expert_steps(pipe)
+    facts = facts_for(pipe.transformer, "wan")
+    if kind == "plan":
+        configs = {
+            "transformer": invardiff.CachePlan.reuse_nothing(facts, high_steps),
+            "transformer_2": invardiff.CachePlan.reuse_nothing(facts, T),
+        }
+        error_type = invardiff.PlanError
+    else:
+        configs = {
+            "transformer": invardiff.DiCacheConfig(threshold=0.1),
+            "transformer_2": invardiff.DiCacheConfig(threshold=0.1, num_inference_steps=T),
+        }
+        error_type = invardiff.EngineError
+    with invardiff.enabled(pipe, configs):
+        with pytest.raises(error_type) as raised:
+            run_pipeline(pipe, config, T)
+    message = str(raised.value)
+    assert f"of transformer_2 is for {T} steps" in message
+    assert f"this pipeline call of {T} steps gives transformer_2 {low_steps} of them" in message
+    assert f"a plan or config for {low_steps} steps" in message
+    assert f"num_inference_steps={T}" not in message
+
+
 @pytest.mark.slow
 def test_wan22_each_expert_follows_its_own_plan():
     config, pipe = _two_expert_pipeline()

@@ -64,7 +64,7 @@ def enable(target, plan: CachePlan | object) -> None:
     _enable_one(transformer, family, plan, pipeline)
 
 
-def _enable_one(transformer, family, plan, pipeline, schedule_part=None) -> None:
+def _enable_one(transformer, family, plan, pipeline, expert=None) -> None:
     if attached_engine(transformer) is not None:
         raise ValueError("invardiff is already enabled on this transformer; call invardiff.disable(...) first.")
     refused = foreign.refusal(transformer, "Cannot enable invardiff") or foreign.offload_refusal(transformer)
@@ -73,7 +73,8 @@ def _enable_one(transformer, family, plan, pipeline, schedule_part=None) -> None
     load_builtin_policies()
     units = enumerate_units(transformer, family)
     policy = build_policy(plan, family, transformer, units)
-    engine = CacheEngine(transformer, family, policy, units, pipeline, schedule_part)
+    schedule_part, expert_name = (None, None) if expert is None else (expert.steps, expert.attr)
+    engine = CacheEngine(transformer, family, policy, units, pipeline, schedule_part, expert_name)
     install(transformer, family, engine)
     logger.info("invardiff enabled on %s (%s family): %s", type(transformer).__name__, family.name, policy.describe())
 
@@ -97,7 +98,7 @@ def _enable_experts(pipeline, family, experts, plans) -> None:
     try:
         for expert in experts:
             transformer = unwrap(getattr(pipeline, expert.attr))
-            _enable_one(transformer, family, plans[expert.attr], pipeline, expert.steps)
+            _enable_one(transformer, family, plans[expert.attr], pipeline, expert)
             done.append(transformer)
     except BaseException:
         for transformer in done:  # all or nothing

@@ -108,21 +108,38 @@ def uniform_thresholds(family: str, step: float, level: float) -> InvarDiffThres
     return InvarDiffThresholds(nonskip, step, dict.fromkeys(module_keys(family), level))
 
 
+# ``parse_thresholds`` keys that are not module kinds, and the field of InvarDiffThresholds each sets: the short
+# names and the field names alike (``to_dict`` writes the field names).
+SCALAR_KEYS = {"nonskip": "nonskip_rate", "nonskip_rate": "nonskip_rate", "step": "step"}
+
+
 def parse_thresholds(text: str, family: str) -> InvarDiffThresholds:
-    """Parse ``"nonskip=0.1,step=0.7,transformer_blocks.attn=0.68,..."``; unset kinds default to 0 (disabled)."""
-    values = {}
+    """Parse ``"nonskip=0.1,step=0.7,transformer_blocks.attn=0.68,..."``; unset kinds default to 0 (disabled).
+
+    ``nonskip`` (or its field name ``nonskip_rate``) is the warm-up fraction, ``step`` the step level, and every
+    other key a module kind ``<block_list>.<kind>`` of the family."""
+    values, scalars = {}, {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
+        key = key.strip()
         try:
-            values[key.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise ValueError(f"Threshold {item!r} is not KEY=FLOAT (e.g. step=0.7).") from None
-    if "step" not in values:
+        field_name = SCALAR_KEYS.get(key)
+        target, name = (scalars, field_name) if field_name else (values, key)
+        if name in target:
+            alias = " (nonskip and nonskip_rate are one key)" if name == "nonskip_rate" else ""
+            raise ValueError(f"Threshold {key!r} is given twice in {text!r}{alias}; give each key once.")
+        target[name] = number
+    if "step" not in scalars:
         raise ValueError("Thresholds need step=LEVEL (and optionally nonskip=RATE and <block_list>.<kind>=LEVEL).")
-    nonskip = values.pop("nonskip", 0.0)
-    step = values.pop("step")
     known = set(module_keys(family)) if family in PRESETS else set(values)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"Unknown module kinds {unknown} for family {family!r}; expected some of {sorted(known)}.")
-    return InvarDiffThresholds(nonskip, step, {kind: values.get(kind, 0.0) for kind in sorted(known)})
+        raise ValueError(
+            f"Unknown threshold keys {unknown} for family {family!r}: expected nonskip (or nonskip_rate), step, or "
+            f"module kinds among {sorted(known)}."
+        )
+    nonskip = scalars.get("nonskip_rate", 0.0)
+    return InvarDiffThresholds(nonskip, scalars["step"], {kind: values.get(kind, 0.0) for kind in sorted(known)})

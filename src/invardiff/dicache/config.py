@@ -15,6 +15,10 @@ from ..plan import CachePlan
 
 ERRORS = ("delta_y", "delta_minus")
 COMPARISONS = ("<", "<=")
+WARMUP_COUNTERS = ("steps", "calls")
+# The official WAN pipeline calls the transformer twice per step, the conditional branch first (SPEC.md B.2): a
+# branch's position here is its call's position within the step. A call outside a named context counts as "cond".
+CALL_ORDER = ("cond", "uncond")
 
 
 def _check_probe_settings(threshold, probe_depth, error, skip_when, allow_inf: bool = False) -> None:
@@ -44,8 +48,23 @@ class DiCacheConfig:
             read from the scheduler at every call; manual loops must give it (warm-up and the last step need it).
         probe_depth (`int`): m, the number of leading blocks of the first block list that form the probe.
         error (`str`): ``"delta_y"`` (probe change) or ``"delta_minus"`` (|probe change - input change|).
-        warmup_ratio (`float`): r; steps up to ``floor(r * N)`` are always computed.
-        warmup_inclusive (`bool`): FLUX's ``step <= floor(r * N)`` (True) or WAN/HunyuanVideo's ``<`` (False).
+        warmup_ratio (`float`): r; the counter's first ``floor(r * total)`` values (and, when ``warmup_inclusive``,
+            the next one) are always computed.
+        warmup_inclusive (`bool`): FLUX's ``counter <= floor(r * total)`` (True) or WAN/HunyuanVideo's ``<``.
+        warmup_counter (`str`): what the warm-up counts, as the official code's counter does. ``"steps"`` (FLUX,
+            HunyuanVideo, DiT: one call per step, total N): a branch warms up at the same steps as every other.
+            ``"calls"`` (WAN): the counter ticks at every transformer call, two a step, the conditional call then
+            the unconditional one (total 2N), so at step k the branch "cond" is at call 2k and "uncond" at 2k + 1;
+            when ``floor(r * 2N)`` is odd the conditional branch warms up one step longer. A branch's warm-up does
+            not depend on how the branches are called: alone, as two calls, or batched (``batch_branches``).
+        batch_branches (`tuple[str, ...]`, *optional*): for ``warmup_counter="calls"`` with a call that holds both
+            branches (one ``cache_context``, or none): the branch of each equal part of the batch in batch order,
+            e.g. ``("cond", "uncond")`` when the conditional samples come first. Each part then warms up as its
+            branch's official call would (give every sample its own decisions with ``per_sample=True``). Unset, a
+            call outside a ``"cond"``/``"uncond"`` context counts as the conditional call.
+        add_input_last (`bool`): the order of the extrapolation's additions: ``x + (W_beta + gamma (W_alpha -
+            W_beta))`` (True: FLUX's and WAN's official ``x += ...``) or ``(x + W_beta) + gamma (W_alpha - W_beta)``
+            (False: HunyuanVideo's official ``x + W_beta + ...``). Equal in exact arithmetic; the rounding differs.
         force_last_step (`bool`): always compute the last step (FLUX).
         skip_when (`str`): ``"<"`` (FLUX, WAN) or ``"<="`` (HunyuanVideo): the comparison of accumulator and delta.
         gamma_max (`float`): upper clip of the extrapolation step (1.5 FLUX/HunyuanVideo, 2 WAN).
@@ -64,9 +83,28 @@ class DiCacheConfig:
     skip_when: str = "<"
     gamma_max: float = 1.5
     per_sample: bool = True
+    warmup_counter: str = "steps"
+    batch_branches: tuple[str, ...] | None = None
+    add_input_last: bool = True
 
     def __post_init__(self):
         _check_probe_settings(self.threshold, self.probe_depth, self.error, self.skip_when)
+        if self.warmup_counter not in WARMUP_COUNTERS:
+            raise ValueError(f"warmup_counter must be one of {WARMUP_COUNTERS}, got {self.warmup_counter!r}.")
+        if self.batch_branches is not None:
+            branches = self.batch_branches
+            if isinstance(branches, str) or not branches or any(b not in CALL_ORDER for b in branches):
+                raise ValueError(
+                    f"batch_branches must be a tuple of branch names from {CALL_ORDER} in batch order, e.g. "
+                    f"('cond', 'uncond'), got {branches!r}."
+                )
+            if self.warmup_counter != "calls":
+                raise ValueError(
+                    "batch_branches sets the warm-up of each part of a batched call under warmup_counter='calls'; "
+                    "with warmup_counter='steps' every branch warms up alike. Set warmup_counter='calls' or leave "
+                    "batch_branches unset."
+                )
+            object.__setattr__(self, "batch_branches", tuple(branches))  # a list from JSON compares equal
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}.")
         if not (math.isfinite(self.gamma_max) and self.gamma_max >= 1.0):
@@ -84,9 +122,15 @@ class DiCacheConfig:
             raise ValueError(f"Unknown DiCache preset {name!r}; expected one of {sorted(PRESETS)}.")
         return replace(PRESETS[name], **overrides)
 
-    def is_warmup(self, step: int, num_steps: int) -> bool:
-        boundary = math.floor(self.warmup_ratio * num_steps)
-        return step <= boundary if self.warmup_inclusive else step < boundary
+    def is_warmup(self, step: int, num_steps: int, branch: str = "cond") -> bool:
+        """Whether ``step`` of ``branch`` (a name of :data:`CALL_ORDER`) is always computed in an ``num_steps``-step
+        run: the official counter (a step, or WAN's call count) against ``floor(warmup_ratio * total)``."""
+        if self.warmup_counter == "calls":
+            counter, total = len(CALL_ORDER) * step + CALL_ORDER.index(branch), len(CALL_ORDER) * num_steps
+        else:
+            counter, total = step, num_steps
+        boundary = math.floor(self.warmup_ratio * total)  # the official int(num_steps * ret_ratio)
+        return counter <= boundary if self.warmup_inclusive else counter < boundary
 
     def is_forced(self, step: int, num_steps: int) -> bool:
         return self.force_last_step and step == num_steps - 1
@@ -97,9 +141,16 @@ PRESETS = {
     "flux": DiCacheConfig(threshold=0.4),
     "flux-delta-minus": DiCacheConfig(threshold=0.08, error="delta_minus", warmup_ratio=0.0),
     "hunyuanvideo": DiCacheConfig(
-        threshold=0.1, warmup_inclusive=False, force_last_step=False, skip_when="<=", gamma_max=1.5
+        threshold=0.1,
+        warmup_inclusive=False,
+        force_last_step=False,
+        skip_when="<=",
+        gamma_max=1.5,
+        add_input_last=False,
     ),
-    "wan2.1": DiCacheConfig(threshold=0.08, warmup_inclusive=False, force_last_step=False, gamma_max=2.0),
+    "wan2.1": DiCacheConfig(
+        threshold=0.08, warmup_inclusive=False, force_last_step=False, gamma_max=2.0, warmup_counter="calls"
+    ),
 }
 # Each family's default preset (``FamilySpec.dicache_preset``), by family name.
 FAMILY_DEFAULT_PRESET = LazyTable(lambda: {spec.name: spec.dicache_preset for spec in families()})

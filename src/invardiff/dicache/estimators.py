@@ -71,12 +71,17 @@ def extrapolate(
     full_beta: torch.Tensor,
     gamma: torch.Tensor,
     has_two: torch.Tensor,
+    add_input_last: bool = True,
 ) -> torch.Tensor:
     """Y = x + W_beta + gamma (W_alpha - W_beta) where a sample has two computed steps, else x + W_alpha.
 
-    Computed in float32 and returned in the input's dtype. ``gamma`` and ``has_two`` are ``(B,)``.
+    ``add_input_last``: ``x + (W_beta + gamma (W_alpha - W_beta))``, the order of FLUX's and WAN's official
+    ``x += ...``; else ``(x + W_beta) + gamma (W_alpha - W_beta)``, HunyuanVideo's. Both cost the same; they differ
+    by float rounding only (up to a few ulps of x). Computed in float32 and returned in the input's dtype.
+    ``gamma`` and ``has_two`` are ``(B,)``.
     """
     shape = (-1,) + (1,) * (block_input.ndim - 1)
     x, alpha, beta = block_input.float(), full_alpha.float(), full_beta.float()
-    extrapolated = x + beta + gamma.view(shape) * (alpha - beta)
+    step = gamma.view(shape) * (alpha - beta)
+    extrapolated = x + (beta + step) if add_input_last else (x + beta) + step
     return torch.where(has_two.view(shape), extrapolated, x + alpha).to(block_input.dtype)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..engine.engine import EngineError
+import numpy as np
+import torch
+
+from ..engine.engine import DEFAULT_BRANCH, EngineError
 from ..engine.policy import StepAction, register_policy
 from ..engine.state import put_rows
 from ..families import FamilySpec
 from ..policies.plan import PlanPolicy, check_plan_fits
-from .config import DiCacheConfig, PlanProbeConfig
-from .probe import ProbePolicy
+from .config import CALL_ORDER, DiCacheConfig, PlanProbeConfig
+from .probe import ProbeBranch, ProbePolicy
 
 
 class DiCachePolicy(ProbePolicy):
@@ -33,16 +36,40 @@ class DiCachePolicy(ProbePolicy):
             )
         self.num_steps = num_steps
 
+    def steps_needed(self) -> int | None:
+        return self.config.num_inference_steps
+
+    def new_branch(self, state) -> ProbeBranch:
+        branch = super().new_branch(state)
+        # Which samples warm up at which step: by their branch's official counter (WAN counts calls, so in a call
+        # holding both branches the conditional samples may warm up one step longer than the unconditional ones).
+        rows = _row_branches(self.config, state.name, branch.batch)
+        table = np.array(
+            [[self.config.is_warmup(k, self.num_steps, name) for name in rows] for k in range(state.num_steps)]
+        )
+        branch.warmup = table
+        mixed = table.any(axis=1) & ~table.all(axis=1)
+        # One host-to-device copy per run, and only when some step warms up part of the batch.
+        branch.warmup_device = (
+            torch.as_tensor(table, device=state.call["hidden_states"].device) if mixed.any() else None
+        )
+        return branch
+
     def begin_step(self, state) -> StepAction:
         self.check_call(state)
         return StepAction.PROBE
 
-    def full_reason(self, step: int) -> str | None:
-        if self.config.is_warmup(step, self.num_steps):
+    def full_reason(self, state) -> str | None:
+        if state.policy_state.warmup[state.step].all():
             return "warmup"
-        if self.config.is_forced(step, self.num_steps):
+        if self.config.is_forced(state.step, self.num_steps):
             return "last_step"
         return None
+
+    def warmup_rows(self, state):
+        branch = state.policy_state
+        rows = branch.warmup[state.step]
+        return (rows, branch.warmup_device[state.step]) if rows.any() else None
 
     def head_input(self, state, hidden):
         return self.assemble(state, hidden), None
@@ -66,8 +93,8 @@ class PlanProbePolicy(ProbePolicy, PlanPolicy):
         self.check_call(state)
         return StepAction.PROBE if self.step_cached[state.step] else StepAction.COMPUTE
 
-    def full_reason(self, step: int) -> str | None:
-        return None if self.step_cached[step] else "plan_compute"
+    def full_reason(self, state) -> str | None:
+        return None if self.step_cached[state.step] else "plan_compute"
 
     def unit_to_keep(self, state, unit: int, output):
         if not self.step_cached[state.step]:
@@ -86,6 +113,33 @@ class PlanProbePolicy(ProbePolicy, PlanPolicy):
     def describe(self) -> dict:
         settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.name != "plan"}
         return {"policy": self.name, "provenance": self.plan.provenance, **settings}
+
+
+def _row_branches(config: DiCacheConfig, name: str, batch: int) -> list[str]:
+    """The CFG branch of each sample of a call on the engine branch ``name``, as the warm-up counts them."""
+    parts = config.batch_branches
+    if name in CALL_ORDER:
+        if parts is not None:
+            raise EngineError(
+                f"DiCache batch_branches={parts} describes a call that holds several CFG branches, but this call "
+                f"runs in cache_context {name!r}, one branch. Leave batch_branches unset for pipelines that call "
+                f"each branch separately."
+            )
+        return [name] * batch
+    if config.warmup_counter == "calls" and name != DEFAULT_BRANCH:
+        raise EngineError(
+            f"DiCache with warmup_counter='calls' counts the official calls of each step in the order {CALL_ORDER}; "
+            f"this call runs in cache_context {name!r}. Name the branches {CALL_ORDER}, or use "
+            f"warmup_counter='steps'."
+        )
+    if parts is None:
+        return ["cond"] * batch
+    if batch % len(parts):
+        raise EngineError(
+            f"DiCache batch_branches={parts} splits the batch into {len(parts)} equal parts, but this call has "
+            f"{batch} samples. Give the call {len(parts)} equal parts, one per branch, or fix batch_branches."
+        )
+    return [name for name in parts for _ in range(batch // len(parts))]
 
 
 def _check_probe_depth(depth: int, family: FamilySpec, transformer) -> None:

@@ -59,6 +59,9 @@ class ProbeBranch:
         # context parallelism: samples whose last computed residual was not finite on this rank's shard; the
         # window reset waits for the next step's all-reduce, where every rank learns of it
         self.pending_reset: torch.Tensor | None = None
+        # DiCache: (T, B) which samples warm up at each step, on the host; on the device when it varies in a call
+        self.warmup: np.ndarray | None = None
+        self.warmup_device: torch.Tensor | None = None
         # records for invardiff.summary
         self.error = np.full((num_steps, batch), np.nan)
         self.accumulated = np.full((num_steps, batch), np.nan)
@@ -100,9 +103,15 @@ class ProbePolicy(CachePolicy):
         self.threshold = config.threshold
         self.gamma_max = getattr(config, "gamma_max", 1.0)
 
-    def full_reason(self, step: int) -> str | None:
-        """A reason to compute ``step`` without asking the probe, or ``None`` to let it decide."""
+    def full_reason(self, state) -> str | None:
+        """A reason to compute every sample of this call without asking the probe, or ``None`` to let it decide."""
         raise NotImplementedError
+
+    def warmup_rows(self, state) -> tuple[np.ndarray, torch.Tensor] | None:
+        """The samples of this call that compute for their warm-up while the others ask the probe (a batched call
+        holding CFG branches that warm up for different lengths): ``(B,)`` bool on the host and on the features'
+        device, or ``None`` when there are none."""
+        return None
 
     def check_call(self, state) -> None:
         for name in CONTROLNET_ARGUMENTS:
@@ -120,7 +129,8 @@ class ProbePolicy(CachePolicy):
     def decide(self, state, block_input: torch.Tensor, probe: torch.Tensor) -> ProbeDecision:
         branch, step = state.policy_state, state.step
         branch.block_input, branch.probe = block_input, probe
-        reason = self.full_reason(step)
+        reason = self.full_reason(state)
+        warm = None if reason is not None else self.warmup_rows(state)
         if reason is None and branch.probe_prev is None:
             reason = "no_reference"
         measured = None
@@ -129,6 +139,8 @@ class ProbePolicy(CachePolicy):
             measured = self.context_parallel.reduce(self, branch, block_input, probe, needed=reason is None)
         if reason is not None:
             branch.decision[step] = CODE[reason]
+            if warm is not None:
+                branch.decision[step][warm[0]] = CODE["warmup"]
             branch.accumulator.zero_()
             return COMPUTE_ALL
         config = self.config
@@ -148,6 +160,8 @@ class ProbePolicy(CachePolicy):
         if not config.per_sample:  # one decision for the batch
             has_windows = has_windows.all().expand(branch.batch)
         skip = finite & under & has_windows
+        if warm is not None:
+            skip = skip & ~warm[1]
         packed = torch.stack(
             [error.double(), accumulated, skip.double(), finite.double(), has_windows.double(), gamma]
         )
@@ -158,6 +172,9 @@ class ProbePolicy(CachePolicy):
         skipped, computed = ("plan_reuse", "vetoed") if self.reuse == "plan" else ("skipped", "computed")
         reasons = np.where(finite_h, np.where(windows_h, CODE[computed], CODE["no_reference"]), CODE["non_finite"])
         branch.decision[step] = np.where(skip_h, CODE[skipped], reasons)
+        if warm is not None:  # computed without the probe's say, as the official warm-up (no error recorded)
+            branch.decision[step][warm[0]] = CODE["warmup"]
+            branch.error[step][warm[0]] = branch.accumulated[step][warm[0]] = np.nan
         if not skip_h.any():
             return COMPUTE_ALL
         if self.reuse == "extrapolate":
@@ -184,7 +201,12 @@ class ProbePolicy(CachePolicy):
                 raise RuntimeError(f"invardiff: the plan reuses step {state.step} but no hidden state is cached.")
             return state.hidden
         return extrapolate(
-            branch.block_input, branch.full_alpha, branch.full_beta, gamma.float(), branch.computed_steps >= 2
+            branch.block_input,
+            branch.full_alpha,
+            branch.full_beta,
+            gamma.float(),
+            branch.computed_steps >= 2,
+            self.config.add_input_last,
         )
 
     # ----- at the head -----

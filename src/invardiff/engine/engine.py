@@ -147,6 +147,7 @@ class CacheEngine:
         units: list[UnitRef],
         pipeline=None,
         schedule_part=None,
+        expert: str | None = None,
     ):
         self.family = family
         self.transformer = transformer
@@ -155,6 +156,7 @@ class CacheEngine:
         self.pipeline = pipeline
         # schedule_part(pipeline, timesteps) -> slice: the steps of the schedule this transformer runs (an expert).
         self.schedule_part = schedule_part
+        self.expert = expert  # the pipeline attribute of this transformer when it is one of several experts
         self._steps = None  # the part of the current schedule this transformer runs
         self.signature = inspect.signature(transformer.forward)
         self.branches: dict[str, BranchState] = {}
@@ -325,7 +327,7 @@ class CacheEngine:
             _refuse_multi_call_scheduler(self.pipeline.scheduler, self.policy.name)
             part = slice(None) if self.schedule_part is None else self.schedule_part(self.pipeline, timesteps)
             steps = timesteps[part]
-            self.policy.start_run(len(steps))
+            self._start_run(len(steps), len(timesteps))
             self.reset()
             self._schedule, self._steps = timesteps, steps
         timesteps = self._steps
@@ -337,6 +339,22 @@ class CacheEngine:
         if step < len(timesteps):
             check.add(call["timestep"], step, name)
         return step
+
+    def _start_run(self, count: int, total: int) -> None:
+        try:
+            self.policy.start_run(count)
+        except (ValueError, EngineError) as error:
+            needed = self.policy.steps_needed()
+            if self.expert is None or needed is None or needed == count:
+                raise
+            # The policy's advice speaks of the pipeline's step count; an expert runs only its part of it.
+            raise type(error)(
+                f"The {self.policy.name} policy of {self.expert} is for {needed} steps, but this pipeline call of "
+                f"{total} steps gives {self.expert} {count} of them (the pipeline splits its steps between its "
+                f"experts). Give {self.expert} a plan or config for {count} steps (a config without "
+                f"num_inference_steps follows the scheduler), or change num_inference_steps until {self.expert} "
+                f"runs {needed} steps."
+            ) from error
 
     # ----- cached tensors (called by the hooks) -----
     def store_unit(self, state: BranchState, unit: int, value) -> None:

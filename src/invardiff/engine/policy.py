@@ -74,6 +74,11 @@ class CachePolicy:
         if self.num_steps is not None and num_steps != self.num_steps:
             raise ValueError(f"The {self.name} policy runs {self.num_steps} steps; this run has {num_steps}.")
 
+    def steps_needed(self) -> int | None:
+        """The step count this policy runs whatever the scheduler says (a plan's, a config's fixed count), or
+        ``None`` when it follows the scheduler. The engine names it when an expert gets another count."""
+        return None
+
     def new_branch(self, state) -> object | None:
         """Per-branch policy state, made at step 0 of each run of a CFG branch (``state.call`` is the call)."""
         return None

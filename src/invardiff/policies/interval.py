@@ -81,6 +81,9 @@ class IntervalPolicy(CachePolicy):
             )
         self.num_steps = num_steps
 
+    def steps_needed(self) -> int | None:
+        return self.config.num_inference_steps
+
     def new_branch(self, state) -> _Computed:
         return _Computed()
 

@@ -115,6 +115,9 @@ class PlanPolicy(CachePolicy):
             self._load(plan)
         self.plan.check_num_steps(num_steps)
 
+    def steps_needed(self) -> int | None:
+        return None if self.original_plan is not None else self.plan.num_inference_steps
+
     def begin_step(self, state) -> StepAction:
         return StepAction.REUSE if self.step_cached[state.step] else StepAction.COMPUTE
 
