@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..files import atomic_path, read_json_lines, write_text
 from ..official import convert_official_book
 from ..plan import CachePlan
 
@@ -550,9 +551,10 @@ def generate(args) -> int:
             save_gif(torch.from_numpy(np.asarray(image)).permute(0, 3, 1, 2), path)
             continue
         array = (np.asarray(image) * 255).round().astype(np.uint8)
-        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+        with atomic_path(path) as temporary:
+            Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(temporary)
     if summary is not None:
-        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        write_text(summary_path, json.dumps(summary, indent=1) + "\n")
     print(f"wrote {', '.join(map(str, paths))}" + (f" and {summary_path}" if summary is not None else ""))
     return 0
 
@@ -641,7 +643,7 @@ def bench(args) -> int:
         if not args.report_only:
             results = _run_bench(args, target, inputs, jsonl)
         if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
-            results = [json.loads(line) for line in jsonl.read_text().splitlines()]
+            results = read_json_lines(jsonl)
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -661,7 +663,7 @@ def bench(args) -> int:
             from ..scale.bench import TIMING_NOTE
 
             table += "\n" + TIMING_NOTE.format(workers=args.workers) + "\n"
-        (out / f"sweep-{model}.md").write_text(table)
+        write_text(out / f"sweep-{model}.md", table)
         plot_pareto(model, results, out / f"sweep-{model}.png")
         print(table)
         print(f"wrote {jsonl}, {out / f'sweep-{model}.md'} and {out / f'sweep-{model}.png'}")
@@ -682,7 +684,7 @@ def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
 
     done = {}
     if args.resume and jsonl.exists():
-        done = {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+        done = {r["label"]: r for r in read_json_lines(jsonl)}
     else:
         jsonl.unlink(missing_ok=True)
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
