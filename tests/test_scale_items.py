@@ -1,4 +1,5 @@
-"""Work items and the manifest of a batch generation (no Ray needed)."""
+"""Work items and the manifest of a batch generation (no Ray needed): an item is done only with the settings it was
+made with, and a resume with other settings is refused naming what differs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import json
 import numpy as np
 import pytest
 
-from invardiff.scale import Manifest, WorkItem, work_items
+from invardiff import ModelFacts
+from invardiff.dicache import DiCacheConfig, PlanProbeConfig
+from invardiff.policies.plan import PlanConfig
+from invardiff.scale import Manifest, PipelineSource, WorkItem, work_items
+from invardiff.scale.items import SettingsMismatch
+from invardiff.scale.runner import output_settings
+
+from helpers import plan_from_bits
+
+
+SETTINGS = {"model": {"name": "toy"}, "call": {"num_inference_steps": 4}, "policy": None}
 
 
 def test_item_ids_come_from_the_input_and_duplicates_are_dropped():
@@ -29,13 +40,63 @@ def test_work_items_need_inputs_and_seeds():
 def test_manifest_records_once_and_a_new_manifest_reads_what_is_done(tmp_path):
     item, other = WorkItem(3, 0), WorkItem(4, 0)
     image = np.full((2, 2, 1), 7, np.uint8)
-    manifest = Manifest(tmp_path)
+    manifest = Manifest(tmp_path, SETTINGS)
     manifest.record(item, image, {"output_sha256": "x"})
     manifest.record(item, image + 1, {"output_sha256": "y"})  # a late duplicate: ignored
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert [json.loads(line)["output_sha256"] for line in lines] == ["x"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["class3-seed0.png", "manifest.jsonl"]
-    again = Manifest(tmp_path)
+    again = Manifest(tmp_path, SETTINGS)
     assert again.pending([item, other]) == [other]
     (tmp_path / "class3-seed0.png").unlink()  # a recorded item whose image is gone is generated again
-    assert Manifest(tmp_path).pending([item, other]) == [item, other]
+    assert Manifest(tmp_path, SETTINGS).pending([item, other]) == [item, other]
+
+
+def test_a_resume_with_other_settings_is_refused_naming_the_fields(tmp_path):
+    Manifest(tmp_path, SETTINGS).record(WorkItem(3, 0), np.zeros((2, 2, 1), np.uint8), {})
+    other = {**SETTINGS, "call": {"num_inference_steps": 50}, "policy": {"type": "PlanConfig", "step_reuse": "state"}}
+    with pytest.raises(SettingsMismatch) as caught:
+        Manifest(tmp_path, other)
+    assert caught.value.differences == [("call.num_inference_steps", 4, 50), ("policy", None, other["policy"])]
+    assert "(call.num_inference_steps: 4 there, 50 now; policy: None there, PlanConfig(...) now)" in str(caught.value)
+    fresh = Manifest(tmp_path, other, overwrite=True)  # starts afresh: the item is pending again
+    assert fresh.pending([WorkItem(3, 0)]) == [WorkItem(3, 0)]
+    assert (tmp_path / "manifest.jsonl").read_text() == ""
+    fresh.record(WorkItem(3, 0), np.ones((2, 2, 1), np.uint8), {})
+    assert Manifest(tmp_path, other).pending([WorkItem(3, 0)]) == []  # the same settings resume
+    residual = {**other, "policy": {"type": "PlanConfig", "step_reuse": "residual"}}
+    with pytest.raises(SettingsMismatch, match=r"\(policy.step_reuse: 'state' there, 'residual' now\)"):
+        Manifest(tmp_path, residual)
+
+
+def test_a_manifest_without_settings_is_not_resumed(tmp_path):
+    (tmp_path / "class3-seed0.png").write_bytes(b"")
+    record = {"key": "class3-seed0", "id": "class3", "input": 3, "seed": 0, "file": "class3-seed0.png"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(record) + "\n")  # as an earlier invardiff wrote it
+    with pytest.raises(SettingsMismatch, match="not recorded"):
+        Manifest(tmp_path, SETTINGS)
+
+
+def test_output_settings_hold_everything_that_changes_an_output():
+    source = PipelineSource("bundled", "dit-digits")
+    facts = ModelFacts.for_family("dit", {"transformer_blocks": 4})
+    plan, other_plan = plan_from_bits(facts, "0010"), plan_from_bits(facts, "0100")
+    settings = {
+        "full": output_settings(source, None),
+        "steps": output_settings(source, None, steps=5),
+        "plan": output_settings(source, PlanConfig(plan)),
+        "other plan": output_settings(source, PlanConfig(other_plan)),
+        "residual": output_settings(source, PlanConfig(plan, step_reuse="residual")),
+        "probe": output_settings(source, PlanProbeConfig(plan, threshold=0.3)),
+        "probe inf": output_settings(source, PlanProbeConfig(plan, threshold=float("inf"))),
+        "dicache": output_settings(source, DiCacheConfig.preset("flux", threshold=0.5)),
+        "dicache warmup": output_settings(source, DiCacheConfig.preset("flux", threshold=0.5, warmup_ratio=0.1)),
+    }
+    digests = {name: json.dumps(value, sort_keys=True) for name, value in settings.items()}
+    assert len(set(digests.values())) == len(digests)  # every change of settings is a change of key
+    full = settings["full"]
+    assert full["call"] == {"num_inference_steps": 50, "guidance_scale": 1.5, "output_type": "np"}
+    assert full["model"]["name"] == "dit-digits" and len(full["model"]["files_sha256"]) == 64
+    assert settings["plan"]["call"]["num_inference_steps"] == 4  # the plan's step count
+    assert settings["probe inf"]["policy"]["threshold"] == "inf"  # JSON has no infinity
+    assert output_settings(source, PlanConfig(plan)) == settings["plan"]  # the same settings: the same key

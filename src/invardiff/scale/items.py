@@ -74,12 +74,9 @@ class SettingsMismatch(ValueError):
 
 
 def describe(differences: list[tuple[str, object, object]], limit: int = 6) -> str:
-    """``field: X there, Y now; ...`` for the first ``limit`` differences (digests shortened to 12 characters)."""
-
-    def show(value) -> str:
-        return "unset" if value is _MISSING else repr(value[:12] if _is_digest(value) else value)
-
-    parts = [f"{field}: {show(there)} there, {show(now)} now" for field, there, now in differences[:limit]]
+    """``field: X there, Y now; ...`` for the first ``limit`` differences (digests shortened to 12 characters, a
+    config shown by its type)."""
+    parts = [f"{field}: {_show(there)} there, {_show(now)} now" for field, there, now in differences[:limit]]
     more = len(differences) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
@@ -88,32 +85,29 @@ def settings_digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-_MISSING = object()
+UNSET = object()  # a field that one of two settings lacks
 
 
-def _is_digest(value) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+def _show(value) -> str:
+    if value is UNSET:
+        return "unset"
+    if isinstance(value, dict):
+        return f"{value['type']}(...)" if "type" in value else "{...}"
+    is_digest = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return repr(value[:12] if is_digest else value)
 
 
-def _flatten(value, prefix: str = "") -> dict:
-    if isinstance(value, dict) and value:
-        flat = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def differences(there: dict | None, now: dict) -> list[tuple[str, object, object]]:
-    """The fields of two settings that differ, as ``(dotted field, there, now)`` (a missing one is unset)."""
-    if there is None:
+def differences(there, now, field: str = "") -> list[tuple[str, object, object]]:
+    """The fields of two settings that differ, as ``(dotted field, there, now)``; a field one side lacks is
+    :data:`UNSET`, and a whole config on one side only is one difference (``policy: None there, PlanConfig now``)."""
+    if field == "" and there is None:
         return [("settings", "not recorded (an older invardiff)", "recorded")]
-    old, new = _flatten(there), _flatten(now)
-    return [
-        (key, old.get(key, _MISSING), new.get(key, _MISSING))
-        for key in sorted(set(old) | set(new))
-        if old.get(key, _MISSING) != new.get(key, _MISSING)
-    ]
+    if isinstance(there, dict) and isinstance(now, dict):
+        found = []
+        for key in sorted(set(there) | set(now), key=lambda key: (key != "type", key)):  # a config's type first
+            found += differences(there.get(key, UNSET), now.get(key, UNSET), f"{field}.{key}" if field else key)
+        return found
+    return [] if there == now else [(field, there, now)]
 
 
 class Manifest:
