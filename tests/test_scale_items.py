@@ -4,6 +4,8 @@ made with, and a resume with other settings is refused naming what differs."""
 from __future__ import annotations
 
 import json
+import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from invardiff import ModelFacts
 from invardiff.dicache import DiCacheConfig, PlanProbeConfig
 from invardiff.policies.plan import PlanConfig
-from invardiff.scale import Manifest, PipelineSource, WorkItem, work_items
+from invardiff.scale import Manifest, PipelineSource, WorkItem, actors, work_items
+from invardiff.scale.actors import Workers
 from invardiff.scale.items import SettingsMismatch
 from invardiff.scale.runner import output_settings
 
@@ -100,3 +103,63 @@ def test_output_settings_hold_everything_that_changes_an_output():
     assert settings["plan"]["call"]["num_inference_steps"] == 4  # the plan's step count
     assert settings["probe inf"]["policy"]["threshold"] == "inf"  # JSON has no infinity
     assert output_settings(source, PlanConfig(plan)) == settings["plan"]  # the same settings: the same key
+
+
+class FakeRay:
+    """The few calls of Ray an actor pool makes before its actors run: a cluster of ``cluster`` resources whose
+    actors never become ready (they wait for resources held elsewhere)."""
+
+    def __init__(self, cluster: dict):
+        self.cluster, self.started, self.killed = cluster, [], []
+
+    def cluster_resources(self) -> dict:
+        return self.cluster
+
+    def available_resources(self) -> dict:
+        return {"CPU": 0.0}
+
+    def remote(self, **resources):
+        fake = self
+
+        class Actor:
+            def __init__(self):
+                self.ready = SimpleNamespace(remote=lambda: object())
+                fake.started.append(self)
+
+        return lambda actor_class: SimpleNamespace(remote=lambda *args: Actor())
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return [], refs
+
+    def kill(self, actor):
+        self.killed.append(actor)
+
+
+@pytest.mark.parametrize(
+    ("workers", "says"),
+    [
+        (
+            Workers(1, gpus=1),
+            "1 Ray worker(s) with 1 GPU(s) each need 1 GPU(s), but the Ray cluster has 2 CPU(s) and 0",
+        ),
+        (Workers(999), "999 Ray worker(s) with 1 CPU(s) each need 999 CPU(s), but the Ray cluster has 2 CPU(s)"),
+        (Workers(3, cpus=0.75), "3 Ray worker(s) with 0.75 CPU(s) each need 2.25 CPU(s)"),
+    ],
+)
+def test_workers_the_cluster_cannot_hold_are_refused_before_any_actor_starts(workers, says, monkeypatch):
+    fake = FakeRay({"CPU": 2.0})
+    monkeypatch.setattr(actors, "init_ray", lambda *args, **kwargs: fake)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        actors.ActorPool(object, (), workers)
+    assert fake.started == []
+
+
+def test_actors_that_never_start_time_out_and_are_killed(monkeypatch):
+    fake = FakeRay({"CPU": 2.0})
+    monkeypatch.setattr(actors, "init_ray", lambda *args, **kwargs: fake)
+    monkeypatch.setattr(actors, "import_ray", lambda: fake)
+    monkeypatch.setattr(actors, "POLL_SECONDS", 0.001)
+    seen = []
+    with pytest.raises(TimeoutError, match=r"2 of 2 Ray worker\(s\) did not start within 0.05 s \(free now: 0 CPU"):
+        actors.ActorPool(object, (), Workers(2, timeout=0.05), on_start=lambda *args: seen.append(args))
+    assert seen == [(0, 2)] and fake.killed == fake.started and len(fake.started) == 2

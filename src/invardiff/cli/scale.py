@@ -78,6 +78,10 @@ def generate_many(args) -> int:
             f"{error.directory} holds {error.count} output(s) made with other settings "
             f"({describe(error.differences)}); pass --overwrite to replace them, or give another -o DIR."
         ) from None
+    if args.ray is not None:  # the cluster is joined, and checked to hold the workers, before the progress bars
+        from ..scale.actors import connect
+
+        connect(_workers(args))
     done = len(items) - len(manifest.pending(items))
     kind = "clip" if entry.video else "image"
     with tqdm(total=len(items), initial=done, desc=f"generate {args.model}", unit=kind) as bar:

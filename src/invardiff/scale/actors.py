@@ -97,6 +97,14 @@ def check_resources(workers: Workers, cluster: dict) -> None:
         )
 
 
+def connect(workers: Workers):
+    """Ray, connected to ``workers``' cluster (:func:`init_ray`), once the cluster is known to hold them all
+    (:func:`check_resources`)."""
+    ray = init_ray(workers.address)
+    check_resources(workers, ray.cluster_resources())
+    return ray
+
+
 def _resources(ray) -> str:
     free = ray.available_resources()
     return f"free now: {free.get('CPU', 0):g} CPU(s), {free.get('GPU', 0):g} GPU(s)"
@@ -114,8 +122,7 @@ class ActorPool:
         self.workers = workers.count
         self.timeout = workers.timeout
         self.replacements_left = workers.count if workers.max_replacements is None else workers.max_replacements
-        ray = init_ray(workers.address)
-        check_resources(workers, ray.cluster_resources())
+        ray = connect(workers)
         self._actor_class = ray.remote(num_cpus=workers.cpus, num_gpus=workers.gpus)(actor_class)
         self._actor_args = args
         self.actors = [self._actor_class.remote(*args) for _ in range(workers.count)]

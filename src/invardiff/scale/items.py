@@ -114,7 +114,7 @@ class Manifest:
     """The records of the finished items in ``directory`` (one JSON line each) and the writer of new ones.
 
     Args:
-        directory: the output directory (created if missing).
+        directory: the output directory (created with the first output).
         settings: what besides input and seed determines an output (:func:`~invardiff.scale.runner.output_settings`);
             recorded with every item.
         overwrite: forget the items recorded with any settings and start the manifest afresh (their files are
@@ -126,7 +126,6 @@ class Manifest:
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(f"{self.directory} is a file; the outputs need a directory.")
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / MANIFEST
         self.settings, self.digest = settings, settings_digest(settings)
         self.records: dict[str, dict] = {}
@@ -154,6 +153,7 @@ class Manifest:
         already recorded is not written again (a retried item whose first result arrived after all)."""
         if self.done(item):
             return self.directory / self.records[item.key]["file"]
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{item.key}{'.gif' if output.ndim == 4 else '.png'}"
         if output.ndim == 4:
             from ..video_files import save_gif
