@@ -98,3 +98,18 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(argv, 
     code, err = run(argv, capsys)
     assert code == 2 and says in one_error_line(err)
     assert (tmp_path / "a-file").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_steps_other_than_the_plans_are_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    from invardiff import CachePlan
+    from invardiff.models import load
+    from invardiff.scale import runner
+
+    from helpers import facts_for
+
+    facts = facts_for(load("dit-digits").transformer, "dit")  # the plan fits the model: only its steps are wrong
+    CachePlan.reuse_nothing(facts, 4).save(tmp_path / "plan.json")
+    monkeypatch.setattr(runner, "ItemRunner", None)  # a worker would be a started work
+    argv = [*DIT[:-1], "5", "--classes", "3", "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")]
+    code, err = run(argv, capsys)
+    assert code == 2 and "--steps 5 does not match the plan's 4 steps" in one_error_line(err)

@@ -507,7 +507,7 @@ def generate(args) -> int:
     from .. import api
     from ..calibration.run import check_inputs
     from ..models import get, load
-    from .policy_args import chosen_policy, policy_config
+    from .policy_args import chosen_policy, planned_steps, policy_config
     from .scale import check_ray_options, generate_many, wants_many
 
     check_ray_options(args)
@@ -518,10 +518,7 @@ def generate(args) -> int:
         raise ValueError(f"{args.model} takes {'--prompt TEXT' if entry.inputs == 'prompt' else '--class N'}.")
     policy = chosen_policy(args)
     config = policy_config(args, entry.family)
-    plan = getattr(config, "plan", None)
-    steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
-    if plan is not None and steps != plan.num_inference_steps:
-        raise ValueError(f"--steps {steps} does not match the plan's {plan.num_inference_steps} steps ({args.plan}).")
+    steps = planned_steps(args, config) or entry.num_inference_steps
     out = Path(args.output)
     suffix = f"-{policy.replace('+', '-')}" if policy else ""
     extension = ".gif" if entry.video else ".png"  # a video model writes each clip as an animated GIF

@@ -61,7 +61,7 @@ def generate_many(args) -> int:
     from ..scale.items import SettingsMismatch, describe
     from ..scale.runner import output_settings
     from .commands import int_list, read_prompts
-    from .policy_args import policy_config
+    from .policy_args import planned_steps, policy_config
 
     entry = get(args.model)
     if args.batch != 1:
@@ -70,6 +70,7 @@ def generate_many(args) -> int:
     seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
     items = work_items(inputs, seeds)
     config = policy_config(args, entry.family)
+    planned_steps(args, config)  # a --steps other than the plan's is refused now, not in every worker
     source = PipelineSource("bundled", args.model, _worker_device(args))
     try:  # before any work: a resume must have the settings of the finished items
         manifest = Manifest(args.output, output_settings(source, config, args.steps), args.overwrite)
