@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -92,12 +93,7 @@ def generate_many(args) -> int:
         else:
             from ..scale.ray_pool import generate_on_ray
 
-            with tqdm(desc="Ray workers ready", unit="worker", position=1, leave=False) as starting:
-
-                def on_start(ready: int, count: int) -> None:
-                    starting.total, starting.n = count, ready
-                    starting.refresh()
-
+            with start_bar(position=1) as on_start:
                 report = generate_on_ray(
                     source, items, args.output, config, _workers(args), args.steps, progress, args.overwrite, on_start
                 )
@@ -107,6 +103,20 @@ def generate_many(args) -> int:
         f"{Path(report.output) / 'manifest.jsonl'}; {report.items_per_second:.2f} items/s on {where}"
     )
     return 0
+
+
+@contextmanager
+def start_bar(position: int = 0):
+    """A progress bar of the Ray workers ready, and the ``on_start(ready, count)`` callback that moves it."""
+    from tqdm import tqdm
+
+    with tqdm(desc="Ray workers ready", unit="worker", position=position, leave=False) as bar:
+
+        def on_start(ready: int, count: int) -> None:
+            bar.total, bar.n = count, ready
+            bar.refresh()
+
+        yield on_start
 
 
 def _inputs(args, entry, read_prompts, int_list) -> list:
@@ -155,7 +165,8 @@ def ray_calibration(args):
         source = PipelineSource("pretrained", args.pipeline, device)
 
     def run(pipe, **kwargs):
-        return calibrate_on_ray(pipe, source, _workers(args), **kwargs)
+        with start_bar() as on_start:
+            return calibrate_on_ray(pipe, source, _workers(args), on_start=on_start, **kwargs)
 
     return run
 
@@ -168,7 +179,11 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
     device = _worker_device(args)
     source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
     source = source or PipelineSource("bundled", inputs.model, device)
-    return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, workers=_workers(args))
+    with start_bar(position=1) as on_start:
+        workers = _workers(args)
+        return run_sweep_on_ray(
+            inputs, points, args.rounds, on_result, done, source=source, workers=workers, on_start=on_start
+        )
 
 
 def _worker_device(args) -> str:

@@ -158,7 +158,7 @@ class Manifest:
         if output.ndim == 4:
             from ..video_files import save_gif
 
-            save_gif(torch.from_numpy(output).permute(0, 3, 1, 2).float() / 255, path)  # (F, C, H, W) in [0, 1]
+            save_gif(torch.tensor(output).permute(0, 3, 1, 2).float() / 255, path)  # (F, C, H, W) in [0, 1]
         else:
             from PIL import Image
 
