@@ -113,3 +113,14 @@ def test_steps_other_than_the_plans_are_refused_before_the_work(tmp_path, monkey
     argv = [*DIT[:-1], "5", "--classes", "3", "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")]
     code, err = run(argv, capsys)
     assert code == 2 and "--steps 5 does not match the plan's 4 steps" in one_error_line(err)
+
+
+def test_an_unwritable_output_directory_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    from invardiff.cli import outputs
+
+    monkeypatch.chdir(tmp_path)
+    # permission bits do not bind root (these tests may run as root): the check's access test is what is replaced
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(commands, "demo", lambda args: pytest.fail("the demo started its work"))
+    code, err = run(["demo", "--out", "reports/demo"], capsys)
+    assert code == 2 and f"--out reports/demo: {tmp_path} is not writable (permission denied)" in one_error_line(err)

@@ -43,4 +43,6 @@ def check_output(path: Path, kind: str, option: str) -> None:
     if not parent.is_dir():
         raise ValueError(f"{option} {path}: {parent} is a file, so {path} cannot be created. Give another path.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {parent} is not writable (permission denied). Give another path.")
+        raise ValueError(
+            f"{option} {path}: {parent.absolute()} is not writable (permission denied). Give another path."
+        )

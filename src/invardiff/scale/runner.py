@@ -189,14 +189,14 @@ class ItemRunner:
     """
 
     def __init__(self, source: PipelineSource, steps: int | None = None, threads: int | None = None):
+        from ..families import is_video, resolve_family
+
         if threads is not None:
             torch.set_num_threads(threads)
         self.source, self.requested_steps = source, steps
         self.pipe = source.load()
         self.policy = None
         self.steps = sampling_steps(source, steps, None)
-        from ..families import is_video, resolve_family
-
         self.video = is_video(resolve_family(self.pipe.transformer).name)  # its pipeline returns clips (.frames)
 
     def use(self, policy) -> None:
