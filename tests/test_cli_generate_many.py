@@ -101,13 +101,12 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(argv, 
 
 
 def test_steps_other_than_the_plans_are_refused_before_the_work(tmp_path, monkeypatch, capsys):
-    from invardiff import CachePlan
-    from invardiff.models import load
+    from invardiff import CachePlan, ModelFacts
+    from invardiff.models import get
     from invardiff.scale import runner
 
-    from helpers import facts_for
-
-    facts = facts_for(load("dit-digits").transformer, "dit")  # the plan fits the model: only its steps are wrong
+    layers = json.loads((get("dit-digits").directory / "config.json").read_text())["num_layers"]
+    facts = ModelFacts.for_family("dit", {"transformer_blocks": layers})  # the plan fits: only its steps are wrong
     CachePlan.reuse_nothing(facts, 4).save(tmp_path / "plan.json")
     monkeypatch.setattr(runner, "ItemRunner", None)  # a worker would be a started work
     argv = [*DIT[:-1], "5", "--classes", "3", "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")]
