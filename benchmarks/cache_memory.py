@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from invardiff.files import write_text
 from invardiff.memory import cache_memory
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.official import bundled_books, convert_official_book
@@ -22,7 +23,7 @@ def main(args):
         rows.append({"book": book, "model_config": config.name, "dtype": config.dtype, **memory})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cache-memory-full.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out / "cache-memory-full.json", json.dumps(rows, indent=1) + "\n")
     lines = [
         "| book | model config | peak cache (GiB) | every unit output + H of a step (GiB) | ratio |",
         "|---|---|---|---|---|",
@@ -31,7 +32,7 @@ def main(args):
         peak, every = r["peak_cache_bytes"] / 2**30, r["all_outputs_bytes"] / 2**30
         name = f"{r['model_config']} ({r['dtype']})"
         lines.append(f"| {r['book']} | {name} | {peak:.3f} | {every:.3f} | {peak / every:.2f} |")
-    (out / "cache-memory-full.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "cache-memory-full.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

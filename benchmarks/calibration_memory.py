@@ -62,12 +62,13 @@ def child(steps: int) -> None:
 
 
 def estimates(out: Path) -> None:
+    from invardiff.files import write_text
     from invardiff.memory import calibration_memory
     from invardiff.model_configs import MODEL_CONFIGS
 
     rows = {name: calibration_memory(MODEL_CONFIGS[name]) for name in ESTIMATE_CONFIGS}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration-memory-estimate.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out / "calibration-memory-estimate.json", json.dumps(rows, indent=1) + "\n")
     gib = 2**30
     table = [
         "| config | streams | references (GiB) | working (GiB) | total per sample (GiB) | former: two float32 (GiB) |",
@@ -82,11 +83,13 @@ def estimates(out: Path) -> None:
         "\nPer sample (per row of the transformer batch), model dtype bfloat16; measured by the calibration "
         "recorder on the meta device (`invardiff inspect --calibration-memory --model-config NAME`)."
     )
-    (out / "calibration-memory-estimate.md").write_text("\n".join(table) + "\n")
+    write_text(out / "calibration-memory-estimate.md", "\n".join(table) + "\n")
     print("\n".join(table))
 
 
 def main(args) -> None:
+    from invardiff.files import write_text
+
     estimates(Path(args.out))
     if args.estimate_only:
         return
@@ -111,7 +114,7 @@ def main(args) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration-memory.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(out / "calibration-memory.json", json.dumps(summary, indent=1) + "\n")
     table = ["| steps | peak RSS (MiB) | RSS before calibration (MiB) | seconds |", "|---|---|---|---|"]
     table += [
         f"| {r['steps']} | {r['peak_rss_mib']:.0f} | {r['rss_before_calibration_mib']:.0f} | {r['seconds']:.1f} |"
@@ -122,7 +125,7 @@ def main(args) -> None:
         f"{calibration_growth:+.1%}). Config {CONFIG}: hidden 256, 4+8 blocks, 1024 image + 64 text tokens, "
         f"{len(PROMPTS)} prompts in one batch."
     )
-    (out / "calibration-memory.md").write_text("\n".join(table) + "\n")
+    write_text(out / "calibration-memory.md", "\n".join(table) + "\n")
     print("\n".join(table))
 
 

@@ -31,6 +31,7 @@ from invardiff.calibration import calibrate
 from invardiff.demo import CALIBRATION, _generate
 from invardiff.engine.install import attached_engine
 from invardiff.families import INPUT_KINDS
+from invardiff.files import write_text
 from invardiff.flops import profile_flops
 from invardiff.models import registry
 from invardiff.stats import ideal_speedup
@@ -95,8 +96,8 @@ def main() -> None:
     report = _report(args.model, preset, plan, entry, cases, runs)
     print(json.dumps(report, indent=1))
     out = Path(args.out)
-    (out / f"call-costs-{args.model}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"call-costs-{args.model}.md").write_text(_markdown(report))
+    write_text(out / f"call-costs-{args.model}.json", json.dumps(report, indent=1) + "\n")
+    write_text(out / f"call-costs-{args.model}.md", _markdown(report))
 
 
 def _timed(function, times: list[float]):

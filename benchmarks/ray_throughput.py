@@ -22,6 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
+from invardiff.files import write_text
 from invardiff.models import get
 from invardiff.scale import PipelineSource, run_local, work_items
 from invardiff.scale.actors import Workers
@@ -74,7 +75,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ray-throughput-{args.model}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out / f"ray-throughput-{args.model}.json", json.dumps(result, indent=1) + "\n")
     rates = result["items_per_second"]
     table = [
         f"# Ray throughput, {args.model} ({result['steps']} steps, {len(items)} items, "
@@ -86,7 +87,7 @@ def main() -> None:
         "",
         f"Ray overhead at 1 worker against the plain loop: {overhead:+.1%} (median of per-round ratios).",
     ]
-    (out / f"ray-throughput-{args.model}.md").write_text("\n".join(table) + "\n")
+    write_text(out / f"ray-throughput-{args.model}.md", "\n".join(table) + "\n")
     print("\n".join(table))
 
 

@@ -20,6 +20,7 @@ from invardiff.bench.targets import bundled_target
 from invardiff.calibration import calibrate
 from invardiff.calibration.budget import calibrate_budget
 from invardiff.demo import _generate
+from invardiff.files import write_text
 from invardiff.metrics import lpips, psnr
 from invardiff.plan_transforms import resample_plan
 
@@ -60,7 +61,7 @@ def main() -> None:
                 rows.append({"plan": kind, "steps": steps, "how": how, **_evaluate(pipe, entry, plan, steps)})
                 print(json.dumps(rows[-1]))
     out = Path(args.out)
-    (out / f"resample-{args.model}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out / f"resample-{args.model}.json", json.dumps(rows, indent=1) + "\n")
     lines = [
         f"# {args.model}: plans moved across step counts (calibrated at {SOURCE_STEPS}, resampled) vs recalibrated",
         "",
@@ -75,7 +76,7 @@ def main() -> None:
             f"| {r['plan']} | {r['steps']} | {r['how']} | {r['ideal_speedup']:.2f}x | {r['steps_reused']} | "
             f"{r['psnr']:.2f} | {r['lpips']:.4f} |"
         )
-    (out / f"resample-{args.model}.md").write_text("\n".join(lines) + "\n")
+    write_text(out / f"resample-{args.model}.md", "\n".join(lines) + "\n")
 
 
 def _preset_guidance(target) -> dict:

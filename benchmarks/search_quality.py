@@ -28,6 +28,7 @@ from invardiff.calibration.budget import verified_plans
 from invardiff.calibration.run import _default_kwargs
 from invardiff.calibration.search import SearchConfig, pareto_plans
 from invardiff.calibration.trajectory import TrajectoryStats, record_trajectories
+from invardiff.files import write_text
 from invardiff.flops import profile_flops
 from invardiff.metrics import fidelity
 
@@ -87,11 +88,9 @@ def main() -> None:
             results.append(result)
             print(json.dumps({k: result[k] for k in ("label", "ideal_speedup", "psnr", "lpips")}))
     out = Path(args.out)
-    with open(out / f"search-{args.model}.jsonl", "w") as handle:
-        for result in results:
-            handle.write(json.dumps(result) + "\n")
+    write_text(out / f"search-{args.model}.jsonl", "".join(json.dumps(result) + "\n" for result in results))
     sweep = [json.loads(line) for line in (Path(args.sweep) / f"sweep-{args.model}.jsonl").read_text().splitlines()]
-    (out / f"search-{args.model}.md").write_text(_table(args.model, results, sweep))
+    write_text(out / f"search-{args.model}.md", _table(args.model, results, sweep))
 
 
 def _table(model: str, results: list[dict], sweep: list[dict]) -> str:

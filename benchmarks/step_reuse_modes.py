@@ -15,6 +15,7 @@ import invardiff
 from invardiff.bench.bundled import GRID_MODULE_LEVELS, GRID_STEP_LEVELS, _calibrate, _grid_point, sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
+from invardiff.files import write_text
 from invardiff.metrics import lpips, psnr
 
 
@@ -41,7 +42,7 @@ def main(name: str) -> None:
                 }
             )
     out = Path(__file__).parent / "results"
-    (out / f"step-reuse-{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_text(out / f"step-reuse-{name}.json", json.dumps(rows, indent=1) + "\n")
     lines = [
         f"# {name}: state vs residual step reuse on the InvarDiff grid (4 images, vs full compute)",
         "",
@@ -53,7 +54,7 @@ def main(name: str) -> None:
             f"| {state['point']} | {state['ideal_speedup']:.2f}x | {state['psnr']:.2f} / {residual['psnr']:.2f} "
             f"| {state['lpips']:.4f} / {residual['lpips']:.4f} |"
         )
-    (out / f"step-reuse-{name}.md").write_text("\n".join(lines) + "\n")
+    write_text(out / f"step-reuse-{name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

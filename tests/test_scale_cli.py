@@ -5,8 +5,10 @@ python -m pytest -q tests/test_scale_cli.py"""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
+from test_cli_errors import one_error_line, run
 
 from invardiff.cli.main import main
 
@@ -50,3 +52,57 @@ def test_calibrate_on_ray_writes_the_single_process_plan(tmp_path):
 def test_workers_without_ray_is_refused(tmp_path, capsys):
     assert main(["generate", "--model", "dit-digits", "--classes", "1", "--workers", "2", "-o", str(tmp_path)]) == 2
     assert "need --ray" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bounded():
+    """A hang fails the test after 3 minutes instead of stopping the suite."""
+
+    def hang(*_):
+        raise TimeoutError("the command hung")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(180)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--gpus-per-worker", "1000"], "1 Ray worker(s) with 1000 GPU(s) each need 1000 GPU(s), but the Ray cluster"),
+        (["--workers", "999"], "999 Ray worker(s) with 1 CPU(s) each need 999 CPU(s), but the Ray cluster has"),
+    ],
+)
+def test_workers_beyond_the_cluster_are_refused_at_once(options, says, tmp_path, capsys, bounded):
+    argv = ["generate", "--model", "dit-digits", "--classes", "1", "--ray", *options, "-o", str(tmp_path / "out")]
+    code, err = run(argv, capsys)
+    assert code == 2 and says in one_error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_video_model_on_ray_writes_the_clips_of_one_process(tmp_path, bounded):
+    (tmp_path / "prompts.txt").write_text("a red square moving down slow\na blue circle moving left slow\n")
+    common = ["generate", "--model", "wan-motion", "--steps", "2", "--prompts", str(tmp_path / "prompts.txt")]
+    assert main([*common, "-o", str(tmp_path / "local")]) == 0
+    assert main([*common, "--ray", "--workers", "2", "-o", str(tmp_path / "ray")]) == 0
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local") and len(_digests(tmp_path / "ray")) == 2
+    for gif in (tmp_path / "local").glob("*.gif"):
+        assert (tmp_path / "ray" / gif.name).read_bytes() == gif.read_bytes()
+
+
+def test_actors_that_cannot_be_placed_time_out(tmp_path, bounded):
+    from invardiff.scale import PipelineSource
+    from invardiff.scale.actors import Workers
+    from invardiff.scale.ray_pool import GenerationPool
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    held = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])  # another job holds every CPU
+    ray.get(held.ready(), timeout=60)
+    try:
+        with pytest.raises(TimeoutError, match=r"1 of 1 Ray worker\(s\) did not start within 3 s \(free now: 0 CPU"):
+            GenerationPool(PipelineSource("bundled", "dit-digits"), Workers(1, timeout=3))
+    finally:
+        ray.util.remove_placement_group(held)

@@ -16,6 +16,7 @@ from .bench.timing import Variant, measure_rounds, timed
 from .calibration import calibrate
 from .calibration.run import output_tensor
 from .families import INPUT_KINDS
+from .files import atomic_path, write_text
 from .flops import profile_flops
 from .metrics import output_fidelity
 from .models import registry
@@ -145,7 +146,7 @@ def write_report(report: dict, images: dict, out: Path) -> dict[str, Path]:
     model: ``clips.gif``, full compute and the plan side by side, and the frame strip ``frames.png``), and the
     calibrated ``plan.json`` with its ``plan.rates.npz`` (for ``invardiff generate --plan``, ``build-plan``)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     images["plan"].save(out / "plan.json")
     images["rates"].save(out / "plan.rates.npz")
     if images["full"].ndim == 5:
@@ -172,7 +173,7 @@ def write_report(report: dict, images: dict, out: Path) -> dict[str, Path]:
         f"steps step-cached. {layout}.",
         *(f"\n**Timing warning**: {warning}" for warning in report["timing_warnings"]),
     ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     return {"json": out / "report.json", "markdown": out / "report.md", **pictures}
 
 
@@ -229,7 +230,8 @@ def save_labelled_grid(full: torch.Tensor, cached: torch.Tensor, report: dict, p
         x = left + column * (tile + gap)
         for line_index, line in enumerate(_wrap(text, small, tile - 6)):
             draw.text((x + 2, title_height + 14 * line_index), line, fill="black", font=small)
-    canvas.save(path)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary)
 
 
 def _caption(case: dict) -> str:

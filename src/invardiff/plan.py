@@ -184,11 +184,13 @@ class CachePlan:
         return _plan_from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        """Write the plan as UTF-8 JSON; refuses (:class:`PlanError`) what :meth:`load` would refuse (a NaN, a
-        huge integer or deep nesting in the provenance), so that a saved plan always loads."""
+        """Write the plan as UTF-8 JSON, atomically; refuses (:class:`PlanError`) what :meth:`load` would refuse (a
+        NaN, a huge integer or deep nesting in the provenance), so that a saved plan always loads."""
         text = json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
         parse_json(text.encode("utf-8"), path, "an invardiff plan file")
-        Path(path).write_text(text, encoding="utf-8")
+        from .files import write_text
+
+        write_text(path, text)  # atomically: a failed write leaves the old file, never a truncated one
 
     @classmethod
     def load(cls, path: str | Path) -> CachePlan:

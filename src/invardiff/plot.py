@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_path
 from .plan import CachePlan
 
 
@@ -41,7 +42,8 @@ def plot_plan(plan: CachePlan, path: str | Path, title: str | None = None) -> No
     axes[-1, 0].set_xlabel("step t (0 = noisiest)")
     figure.suptitle(title or _default_title(plan), fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)
 
 
 def _matplotlib():
@@ -108,4 +110,5 @@ def plot_rates(rates, path: str | Path, thresholds=None) -> None:
         figure.colorbar(image, ax=axis, fraction=0.02)
     axes[-1, 0].set_xlabel("step index j (0 = noisiest)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110)

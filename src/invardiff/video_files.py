@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_path
+
 
 def save_gif(clip: torch.Tensor, path: Path, scale: int = 4, frame_ms: int = 150) -> None:
     """One clip (F, C, H, W) in [0, 1] as a looping GIF, each pixel ``scale`` x ``scale``."""
     from .demo import _to_pil
 
     frames = [_to_pil(frame, scale) for frame in clip]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    with atomic_path(path) as temporary:
+        frames[0].save(temporary, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
 
 def save_side_by_side_gif(
@@ -31,7 +34,8 @@ def save_side_by_side_gif(
         _sheet([(label, clips[:, index]) for label, clips in rows], title, scale) for index in range(_frames(rows))
     ]
     frames = [frame.convert("P", palette=Image.Palette.ADAPTIVE, colors=255) for frame in frames]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    with atomic_path(path) as temporary:
+        frames[0].save(temporary, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
 
 def save_frame_strip(rows: list[tuple[str, torch.Tensor]], path: Path, title: str = "", scale: int = 3) -> None:
@@ -53,7 +57,8 @@ def save_frame_strip(rows: list[tuple[str, torch.Tensor]], path: Path, title: st
     for sheet in sheets:
         canvas.paste(sheet, (0, y))
         y += sheet.height
-    canvas.save(path)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary)
 
 
 def _frames(rows) -> int:

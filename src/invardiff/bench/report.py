@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
+from ..files import write_text
 
 
 def write_results(results: list[dict], directory: Path, stem: str, table=None) -> dict[str, Path]:
@@ -25,9 +26,9 @@ def write_results(results: list[dict], directory: Path, stem: str, table=None) -
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     json_path = directory / f"{stem}.json"
-    json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    write_text(json_path, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     md_path = directory / f"{stem}.md"
-    md_path.write_text((table or engine_table)(results, meta))
+    write_text(md_path, (table or engine_table)(results, meta))
     return {"json": json_path, "markdown": md_path}
 
 

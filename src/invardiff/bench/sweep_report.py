@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from ..files import append_json_line, atomic_path
 from .report import timing_warnings
 
 
 def append_jsonl(result: dict, path: Path) -> None:
-    with path.open("a") as stream:
-        stream.write(json.dumps(result) + "\n")
+    append_json_line(path, result)
 
 
 def markdown_table(model: str, results: list[dict], meta: dict) -> str:
@@ -139,4 +138,5 @@ def plot_pareto(model: str, results: list[dict], path: Path) -> None:
     axes[1].legend(fontsize=8)
     figure.suptitle(f"{model}: speed vs fidelity (lines: each method's Pareto front)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)

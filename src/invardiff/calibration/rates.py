@@ -118,7 +118,9 @@ class CalibrationRates:
         }
         arrays.update({f"first/{k}": v for k, v in self.first_modules.items()})
         arrays.update({f"corrected/{k}": v for k, v in self.corrected_modules.items()})
-        with open(path, "wb") as handle:
+        from ..files import atomic_path
+
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
     @classmethod

@@ -121,7 +121,10 @@ class TrajectoryStats:
             "provenance": self.provenance,
         }
         arrays = {f"gram/{name}": matrix for name, matrix in self.gram.items()}
-        with open(path, "wb") as handle:  # np.savez would append .npz to a name without it
+        from ..files import atomic_path
+
+        # a handle: np.savez would append .npz to a name without it
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             np.savez(handle, header=np.array(json.dumps(header)), **arrays)
 
     @classmethod

@@ -68,7 +68,11 @@ def generate(p) -> None:
         "--batch", type=at_least(1, "a batch size"), default=1, help="images per call (seeds seed, seed+1, ...)"
     )
     p.add_argument("-o", "--output", required=True, help="output directory (created when the images are written)")
-    p.add_argument("--overwrite", action="store_true", help="replace images already in the output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace images already in the output directory (many items: also those of other settings)",
+    )
     from .scale import add_generate_options
 
     add_generate_options(p, item)  # --prompts / --classes / --seeds / --ray / --workers: many images

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..files import atomic_path, read_json_lines, write_text
 from ..official import convert_official_book
 from ..plan import CachePlan
 
@@ -506,7 +507,7 @@ def generate(args) -> int:
     from .. import api
     from ..calibration.run import check_inputs
     from ..models import get, load
-    from .policy_args import chosen_policy, policy_config
+    from .policy_args import chosen_policy, planned_steps, policy_config
     from .scale import check_ray_options, generate_many, wants_many
 
     check_ray_options(args)
@@ -517,10 +518,7 @@ def generate(args) -> int:
         raise ValueError(f"{args.model} takes {'--prompt TEXT' if entry.inputs == 'prompt' else '--class N'}.")
     policy = chosen_policy(args)
     config = policy_config(args, entry.family)
-    plan = getattr(config, "plan", None)
-    steps = args.steps or (plan.num_inference_steps if plan else entry.num_inference_steps)
-    if plan is not None and steps != plan.num_inference_steps:
-        raise ValueError(f"--steps {steps} does not match the plan's {plan.num_inference_steps} steps ({args.plan}).")
+    steps = planned_steps(args, config) or entry.num_inference_steps
     out = Path(args.output)
     suffix = f"-{policy.replace('+', '-')}" if policy else ""
     extension = ".gif" if entry.video else ".png"  # a video model writes each clip as an animated GIF
@@ -550,9 +548,10 @@ def generate(args) -> int:
             save_gif(torch.from_numpy(np.asarray(image)).permute(0, 3, 1, 2), path)
             continue
         array = (np.asarray(image) * 255).round().astype(np.uint8)
-        Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+        with atomic_path(path) as temporary:
+            Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(temporary)
     if summary is not None:
-        summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+        write_text(summary_path, json.dumps(summary, indent=1) + "\n")
     print(f"wrote {', '.join(map(str, paths))}" + (f" and {summary_path}" if summary is not None else ""))
     return 0
 
@@ -641,7 +640,7 @@ def bench(args) -> int:
         if not args.report_only:
             results = _run_bench(args, target, inputs, jsonl)
         if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
-            results = [json.loads(line) for line in jsonl.read_text().splitlines()]
+            results = read_json_lines(jsonl)
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -661,7 +660,7 @@ def bench(args) -> int:
             from ..scale.bench import TIMING_NOTE
 
             table += "\n" + TIMING_NOTE.format(workers=args.workers) + "\n"
-        (out / f"sweep-{model}.md").write_text(table)
+        write_text(out / f"sweep-{model}.md", table)
         plot_pareto(model, results, out / f"sweep-{model}.png")
         print(table)
         print(f"wrote {jsonl}, {out / f'sweep-{model}.md'} and {out / f'sweep-{model}.png'}")
@@ -682,7 +681,7 @@ def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
 
     done = {}
     if args.resume and jsonl.exists():
-        done = {r["label"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+        done = {r["label"]: r for r in read_json_lines(jsonl)}
     else:
         jsonl.unlink(missing_ok=True)
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:

@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="invardiff: %(message)s")
     try:
         from . import commands
+        from .outputs import check_outputs
 
+        check_outputs(args)  # before the work: a bad output path is refused now, not after minutes of sampling
         return getattr(commands, args.handler)(args) or 0
     except KeyboardInterrupt:
         print(f"invardiff {args.command}: interrupted", file=sys.stderr)

@@ -66,6 +66,15 @@ def chosen_policy(args) -> str | None:
     return policy
 
 
+def planned_steps(args, config) -> int | None:
+    """``--steps``, else the plan's step count (``None``: neither); a ``--steps`` other than the plan's is refused."""
+    plan = getattr(config, "plan", None)
+    steps = args.steps or (plan.num_inference_steps if plan else None)
+    if plan is not None and steps != plan.num_inference_steps:
+        raise ValueError(f"--steps {steps} does not match the plan's {plan.num_inference_steps} steps ({args.plan}).")
+    return steps
+
+
 def policy_config(args, family: str):
     """The config to pass to ``invardiff.enable`` (``None``: full compute), from the options above."""
     policy = chosen_policy(args)

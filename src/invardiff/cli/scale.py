@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
+
+
+RAY_TIMEOUT = 600.0  # seconds without progress; the default of invardiff.scale.actors.Workers.timeout
 
 
 def add_ray_options(parser, what: str) -> None:
@@ -22,6 +26,13 @@ def add_ray_options(parser, what: str) -> None:
     )
     group.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs of each actor (its torch threads)")
     group.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs of each actor (it then runs on cuda)")
+    group.add_argument(
+        "--ray-timeout",
+        type=float,
+        default=RAY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up when no worker started and no task finished for this long (default {RAY_TIMEOUT:g})",
+    )
 
 
 def add_generate_options(parser, item_group) -> None:
@@ -30,24 +41,28 @@ def add_generate_options(parser, item_group) -> None:
     item_group.add_argument("--classes", help="many images: comma-separated class ids (DiT models), e.g. 0,3,5")
     parser.add_argument(
         "--seeds",
-        help="with --prompts / --classes: comma-separated seeds, every input with every seed (default: --seed); "
-        "one image per (input, seed), named by both, skipped when the output directory's manifest has it",
+        help="comma-separated seeds, every input (--prompt / --class / --prompts / --classes) with every seed "
+        "(default: --seed); one image per (input, seed), named by both, skipped when the output directory's "
+        "manifest has it with the same settings (model, steps, policy, ...)",
     )
     add_ray_options(parser, "generate")
 
 
 def wants_many(args) -> bool:
-    return bool(args.prompts or args.classes or args.ray)
+    # --seeds with one --prompt / --class is many items too: one image per seed, as the option says
+    return bool(args.prompts or args.classes or args.seeds or args.ray)
 
 
 def generate_many(args) -> int:
-    """``invardiff generate --prompts FILE | --classes LIST [--ray [ADDRESS] --workers N] -o DIR``."""
+    """``invardiff generate --prompts FILE | --classes LIST | --seeds LIST [--ray [ADDRESS] --workers N] -o DIR``."""
     from tqdm import tqdm
 
     from ..models import get
     from ..scale import Manifest, PipelineSource, run_local, work_items
+    from ..scale.items import SettingsMismatch, describe
+    from ..scale.runner import output_settings
     from .commands import int_list, read_prompts
-    from .policy_args import policy_config
+    from .policy_args import planned_steps, policy_config
 
     entry = get(args.model)
     if args.batch != 1:
@@ -56,22 +71,52 @@ def generate_many(args) -> int:
     seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
     items = work_items(inputs, seeds)
     config = policy_config(args, entry.family)
+    planned_steps(args, config)  # a --steps other than the plan's is refused now, not in every worker
     source = PipelineSource("bundled", args.model, _worker_device(args))
-    done = len(items) - len(Manifest(args.output).pending(items))
-    with tqdm(total=len(items), initial=done, desc=f"generate {args.model}", unit="item") as bar:
+    try:  # before any work: a resume must have the settings of the finished items
+        manifest = Manifest(args.output, output_settings(source, config, args.steps), args.overwrite)
+    except SettingsMismatch as error:
+        raise ValueError(
+            f"{error.directory} holds {error.count} output(s) made with other settings "
+            f"({describe(error.differences)}); pass --overwrite to replace them, or give another -o DIR."
+        ) from None
+    if args.ray is not None:  # the cluster is joined, and checked to hold the workers, before the progress bars
+        from ..scale.actors import connect
+
+        connect(_workers(args))
+    done = len(items) - len(manifest.pending(items))
+    kind = "clip" if entry.video else "image"
+    with tqdm(total=len(items), initial=done, desc=f"generate {args.model}", unit=kind) as bar:
         progress = lambda item: bar.update(1)  # noqa: E731
         if args.ray is None:
-            report = run_local(source, items, args.output, config, args.steps, progress)
+            report = run_local(source, items, args.output, config, args.steps, progress, args.overwrite)
         else:
             from ..scale.ray_pool import generate_on_ray
 
-            report = generate_on_ray(source, items, args.output, config, _workers(args), args.steps, progress)
+            with start_bar(position=1) as on_start:
+                report = generate_on_ray(
+                    source, items, args.output, config, _workers(args), args.steps, progress, args.overwrite, on_start
+                )
     where = "this process" if args.ray is None else f"{report.workers} Ray worker(s)"
     print(
-        f"wrote {report.generated} image(s) to {report.output} ({report.skipped} already there), manifest "
+        f"wrote {report.generated} {kind}(s) to {report.output} ({report.skipped} already there), manifest "
         f"{Path(report.output) / 'manifest.jsonl'}; {report.items_per_second:.2f} items/s on {where}"
     )
     return 0
+
+
+@contextmanager
+def start_bar(position: int = 0):
+    """A progress bar of the Ray workers ready, and the ``on_start(ready, count)`` callback that moves it."""
+    from tqdm import tqdm
+
+    with tqdm(desc="Ray workers ready", unit="worker", position=position, leave=False) as bar:
+
+        def on_start(ready: int, count: int) -> None:
+            bar.total, bar.n = count, ready
+            bar.refresh()
+
+        yield on_start
 
 
 def _inputs(args, entry, read_prompts, int_list) -> list:
@@ -91,14 +136,17 @@ def _workers(args):
     from ..scale.actors import Workers
 
     address = None if args.ray == "local" else args.ray
-    return Workers(args.workers, args.cpus_per_worker, args.gpus_per_worker, address)
+    return Workers(args.workers, args.cpus_per_worker, args.gpus_per_worker, address, timeout=args.ray_timeout)
 
 
 def check_ray_options(args) -> None:
     """``--workers`` and the per-worker resources mean nothing without ``--ray``: refuse them rather than run one
     process while the user expects several."""
-    if args.ray is None and (args.workers != 1 or args.cpus_per_worker != 1 or args.gpus_per_worker != 0):
-        raise ValueError("--workers, --cpus-per-worker and --gpus-per-worker need --ray [ADDRESS].")
+    given = args.workers != 1 or args.cpus_per_worker != 1 or args.gpus_per_worker != 0
+    if args.ray is None and (given or args.ray_timeout != RAY_TIMEOUT):
+        raise ValueError("--workers, --cpus-per-worker, --gpus-per-worker and --ray-timeout need --ray [ADDRESS].")
+    if not args.ray_timeout > 0:
+        raise ValueError(f"--ray-timeout takes a number of seconds above 0, got {args.ray_timeout:g}.")
 
 
 def ray_calibration(args):
@@ -117,7 +165,8 @@ def ray_calibration(args):
         source = PipelineSource("pretrained", args.pipeline, device)
 
     def run(pipe, **kwargs):
-        return calibrate_on_ray(pipe, source, _workers(args), **kwargs)
+        with start_bar() as on_start:
+            return calibrate_on_ray(pipe, source, _workers(args), on_start=on_start, **kwargs)
 
     return run
 
@@ -130,7 +179,11 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
     device = _worker_device(args)
     source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
     source = source or PipelineSource("bundled", inputs.model, device)
-    return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, workers=_workers(args))
+    with start_bar(position=1) as on_start:
+        workers = _workers(args)
+        return run_sweep_on_ray(
+            inputs, points, args.rounds, on_result, done, source=source, workers=workers, on_start=on_start
+        )
 
 
 def _worker_device(args) -> str:

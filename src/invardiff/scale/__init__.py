@@ -2,8 +2,17 @@
 generation is split over ranks (context parallelism). Ray is an optional extra (``pip install invardiff[ray]``);
 importing this package does not import it."""
 
-from .items import Manifest, WorkItem, work_items
-from .runner import ItemRunner, PipelineSource, run_local
+from .items import Manifest, SettingsMismatch, WorkItem, work_items
+from .runner import ItemRunner, PipelineSource, output_settings, run_local
 
 
-__all__ = ["ItemRunner", "Manifest", "PipelineSource", "WorkItem", "run_local", "work_items"]
+__all__ = [
+    "ItemRunner",
+    "Manifest",
+    "PipelineSource",
+    "SettingsMismatch",
+    "WorkItem",
+    "output_settings",
+    "run_local",
+    "work_items",
+]

@@ -56,15 +56,16 @@ def run_sweep_on_ray(
     *,
     source: PipelineSource,
     workers: Workers = ONE_WORKER,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """:func:`invardiff.bench.sweep.run_sweep` with the points measured on Ray actors (``workers``); results in the
     points' order (``on_result`` sees them as they arrive). Each worker loads its pipeline from ``source`` (the
     driver's ``inputs.load_pipeline`` may hold the driver's copy); ``inputs.generate`` and the points are shipped
-    with cloudpickle."""
+    with cloudpickle; ``on_start(ready, count)`` reports the actors' start."""
     todo = [(index, point) for index, point in enumerate(points) if not (done and point.label in done)]
     measured = {}
     shipped = dataclasses.replace(inputs, load_pipeline=source.load)
-    with ActorPool(_SweepWorker, (shipped, workers.threads(source.device)), workers) as pool:
+    with ActorPool(_SweepWorker, (shipped, workers.threads(source.device)), workers, on_start) as pool:
         for (index, _), result in pool.results(todo, "measure", rounds):
             measured[index] = result
             if on_result is not None:

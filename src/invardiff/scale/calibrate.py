@@ -40,8 +40,8 @@ class CalibrationPool(ActorPool):
     """Ray actors that each load ``source`` once and record calibration batches; pass :meth:`record` as the
     ``runner`` of :func:`invardiff.calibration.calibrate`."""
 
-    def __init__(self, source: PipelineSource, workers: Workers = ONE_WORKER):
-        super().__init__(_CalibrationWorker, (source, workers.threads(source.device)), workers)
+    def __init__(self, source: PipelineSource, workers: Workers = ONE_WORKER, on_start=None):
+        super().__init__(_CalibrationWorker, (source, workers.threads(source.device)), workers, on_start)
         self.progress = None
 
     def record(self, name: str, setup: PassSetup, batches: list[list[tuple]], provisional) -> tuple:
@@ -57,10 +57,13 @@ class CalibrationPool(ActorPool):
         return step, modules
 
 
-def calibrate_on_ray(pipe, source: PipelineSource, workers: Workers = ONE_WORKER, progress=None, **calibrate_kwargs):
+def calibrate_on_ray(
+    pipe, source: PipelineSource, workers: Workers = ONE_WORKER, progress=None, on_start=None, **calibrate_kwargs
+):
     """:func:`invardiff.calibration.calibrate` on ``pipe`` (the driver's copy, for the family, batch size and
     provenance) with the runs of both passes recorded by Ray actors loading ``source``. Same arguments and result
-    as ``calibrate``; the plan is byte-identical to a single-process calibration with the same runs and batches."""
-    with CalibrationPool(source, workers) as pool:
+    as ``calibrate``; the plan is byte-identical to a single-process calibration with the same runs and batches.
+    ``on_start(ready, count)`` reports the actors' start (:class:`~invardiff.scale.actors.ActorPool`)."""
+    with CalibrationPool(source, workers, on_start) as pool:
         pool.progress = progress
         return calibrate(pipe, runner=pool.record, **calibrate_kwargs)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .actors import ONE_WORKER, ActorPool, Workers, import_ray
 from .items import Manifest, WorkItem
-from .runner import ItemRunner, PipelineSource, RunReport
+from .runner import ItemRunner, PipelineSource, RunReport, output_settings
 
 
 class _Worker:
@@ -55,6 +55,7 @@ class GenerationPool(ActorPool):
         workers: how many actors, their resources and the cluster (:class:`~invardiff.scale.actors.Workers`).
         steps: sampling steps (default: the plan's, else the bundled model's).
         batch_items: items per actor call; larger amortises the round trip, smaller loses less when an actor dies.
+        on_start: ``on_start(ready, count)`` while the actors start (:class:`~invardiff.scale.actors.ActorPool`).
 
     Example:
         ```python
@@ -65,13 +66,19 @@ class GenerationPool(ActorPool):
     """
 
     def __init__(
-        self, source: PipelineSource, workers: Workers = ONE_WORKER, steps: int | None = None, batch_items: int = 1
+        self,
+        source: PipelineSource,
+        workers: Workers = ONE_WORKER,
+        steps: int | None = None,
+        batch_items: int = 1,
+        on_start: Callable[[int, int], None] | None = None,
     ):
         if batch_items < 1:
             raise ValueError(f"batch_items must be >= 1, got {batch_items}.")
         self.batch_items = batch_items
+        self.source, self.steps = source, steps
         self._runs = 0
-        super().__init__(_Worker, (source, steps, workers.threads(source.device)), workers)
+        super().__init__(_Worker, (source, steps, workers.threads(source.device)), workers, on_start)
 
     def run(
         self,
@@ -79,13 +86,15 @@ class GenerationPool(ActorPool):
         output: str | Path,
         policy=None,
         progress: Callable[[WorkItem], None] | None = None,
+        overwrite: bool = False,
     ) -> RunReport:
         """Generate the items of ``items`` not yet in ``output``'s manifest with ``policy`` (a config for
-        :func:`invardiff.enable`, ``None``: full compute); returns when all are recorded."""
+        :func:`invardiff.enable`, ``None``: full compute); returns when all are recorded. ``output`` holding items
+        of other settings raises :class:`~invardiff.scale.items.SettingsMismatch` unless ``overwrite``."""
         ray = import_ray()
+        manifest = Manifest(output, output_settings(self.source, policy, self.steps), overwrite)
         self._runs += 1
         shared = (ray.put(policy), self._runs)  # shipped once; each actor enables it at its first batch of the run
-        manifest = Manifest(output)
         pending = manifest.pending(items)
         batches = [pending[i : i + self.batch_items] for i in range(0, len(pending), self.batch_items)]
         start = time.perf_counter()
@@ -106,7 +115,13 @@ def generate_on_ray(
     workers: Workers = ONE_WORKER,
     steps: int | None = None,
     progress: Callable[[WorkItem], None] | None = None,
+    overwrite: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
 ) -> RunReport:
-    """Start a :class:`GenerationPool`, generate ``items`` into ``output``, shut the pool down."""
-    with GenerationPool(source, workers, steps) as pool:
-        return pool.run(items, output, policy, progress)
+    """Start a :class:`GenerationPool`, generate ``items`` into ``output``, shut the pool down. ``output``'s
+    manifest is checked before the pool starts (:class:`~invardiff.scale.items.SettingsMismatch`);
+    ``on_start(ready, count)`` reports the actors' start (see :class:`~invardiff.scale.actors.ActorPool`)."""
+    if not overwrite:
+        Manifest(output, output_settings(source, policy, steps))  # refuses a mismatched resume before any work
+    with GenerationPool(source, workers, steps, on_start=on_start) as pool:
+        return pool.run(items, output, policy, progress, overwrite)
