@@ -6,7 +6,7 @@ runtime policy (``policy.py``) decides what to do. The step index of a call come
 1. an explicit ``step_index`` given by the caller (``invardiff.cache_context(transformer, name, step_index=i)``, or
    diffusers' ``transformer.cache_context(name, step_index=i)`` when no pipeline was passed to ``enable``);
 2. the pipeline passed to ``enable``: its scheduler's timesteps, or the part of them this transformer runs when
-   the pipeline switches transformers along the schedule (Wan2.2's experts: ``schedule_part``, counted from 0).
+   the pipeline switches transformers along the schedule (Wan2.2's experts: ``expert.steps``, counted from 0).
    A new ``timesteps`` tensor means a new pipeline call (``set_timesteps`` ran): all state resets, and the policy
    checks the schedule's length. Calls are counted per branch; that each call's timestep is its step's entry of
    the schedule is checked on the device and read back once, at the branch's last step (``TimestepCheck``), so
@@ -146,15 +146,16 @@ class CacheEngine:
         policy: CachePolicy,
         units: list[UnitRef],
         pipeline=None,
-        schedule_part=None,
+        expert=None,
     ):
         self.family = family
         self.transformer = transformer
         self.policy = policy
         self.units = units
         self.pipeline = pipeline
-        # schedule_part(pipeline, timesteps) -> slice: the steps of the schedule this transformer runs (an expert).
-        self.schedule_part = schedule_part
+        # An Expert (families.spec) when the pipeline switches transformers: expert.steps(pipeline, timesteps) is the
+        # slice of the schedule this transformer runs.
+        self.expert = expert
         self._steps = None  # the part of the current schedule this transformer runs
         self.signature = inspect.signature(transformer.forward)
         self.branches: dict[str, BranchState] = {}
@@ -323,9 +324,9 @@ class CacheEngine:
         if timesteps is not self._schedule:
             # set_timesteps made a new schedule: this is the start of a new pipeline call.
             _refuse_multi_call_scheduler(self.pipeline.scheduler, self.policy.name)
-            part = slice(None) if self.schedule_part is None else self.schedule_part(self.pipeline, timesteps)
+            part = slice(None) if self.expert is None else self.expert.steps(self.pipeline, timesteps)
             steps = timesteps[part]
-            self.policy.start_run(len(steps))
+            self._start_run(steps, part, len(timesteps))
             self.reset()
             self._schedule, self._steps = timesteps, steps
         timesteps = self._steps
@@ -337,6 +338,21 @@ class CacheEngine:
         if step < len(timesteps):
             check.add(call["timestep"], step, name)
         return step
+
+    def _start_run(self, steps: torch.Tensor, part: slice, call_steps: int) -> None:
+        try:
+            self.policy.start_run(len(steps))
+        except PlanError:
+            if self.expert is None:
+                raise
+            # The policy's message speaks of the whole call; an expert's plan covers only its part of it.
+            start, stop, _ = part.indices(call_steps)
+            raise PlanError(
+                f"Expert {self.expert.attr!r} runs steps {start}-{stop - 1} ({len(steps)} steps) of this "
+                f"{call_steps}-step call, but its {self.policy.name} policy is for {self.policy.num_steps} steps. "
+                f"Each expert's plan covers the steps that expert runs, counted from 0: call the "
+                f"pipeline with the step count the plans were made for, or calibrate plans for this one."
+            ) from None
 
     # ----- cached tensors (called by the hooks) -----
     def store_unit(self, state: BranchState, unit: int, value) -> None:
