@@ -200,6 +200,9 @@ def test_the_cli_calibrates_a_saved_wan22_pipeline_into_one_file(calibrated, tmp
         assert (tmp_path / f"pair.{name}.rates.npz").is_file()
     assert main([*source, "--steps", str(T), "--budget", "2x", "-o", str(tmp_path / "b.json")]) == 2
     assert "is not implemented" in capsys.readouterr().err
+    # generate reads the pair, and refuses it before loading a model: every bundled model has one transformer.
+    assert main(["generate", "--model", "wan-motion", "--prompt", PROMPT, "--plan", str(out), "-o", "x"]) == 2
+    assert "holds one plan per expert (transformer, transformer_2)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -128,9 +128,7 @@ def calibrate(
             *corrected[part.name],
             scheduler=type(pipe.scheduler).__name__,
             epsilon=epsilon,
-            provenance=provenance
-            if part.name is None
-            else {**provenance, "expert": part.name, "steps": list(part.steps)},
+            provenance=part.provenance(provenance),
         )
         for part in parts
     }
@@ -154,6 +152,10 @@ class CalibrationPart:
     @property
     def num_steps(self) -> int:
         return self.steps[1] - self.steps[0]
+
+    def provenance(self, calibration: dict) -> dict:
+        """The calibration's provenance, with the expert and its steps for an expert."""
+        return calibration if self.name is None else {**calibration, "expert": self.name, "steps": list(self.steps)}
 
 
 def calibration_parts(pipe, family, num_inference_steps: int) -> tuple[CalibrationPart, ...]:
