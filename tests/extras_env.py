@@ -79,10 +79,11 @@ def restricted_site(directory: Path, extras: tuple[str, ...], no_deps: tuple[str
     return set(distributions)
 
 
-def run_python(directory: Path, code: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """``code`` in a fresh interpreter whose only third-party packages are those in ``directory``."""
+def run_python(directory: Path, code: str, cwd: Path, timeout: float, args=()) -> subprocess.CompletedProcess:
+    """``code`` (with ``sys.argv[1:] = args``) in a fresh interpreter whose only third-party packages are those in
+    ``directory``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
     env.update(PYTHONPATH=os.pathsep.join([str(directory), str(ROOT / "src")]), PYTHONNOUSERSITE="1")
     return subprocess.run(
-        [sys.executable, "-S", "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-S", "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
