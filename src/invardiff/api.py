@@ -14,6 +14,7 @@ from .engine.engine import CacheEngine
 from .engine.install import attached_engine, enumerate_units, install, uninstall, unwrap
 from .engine.policy import build_policy
 from .engine.summary import EngineSummary, summarize
+from .expert_plans import ExpertPlans
 from .families import resolve_family
 from .plan import CachePlan
 from .policies import load_builtin_policies
@@ -39,7 +40,9 @@ def enable(target, plan: CachePlan | object) -> None:
             DiCache decides online per sample from a shallow probe; plan+probe lets that probe veto a plan's reuse.
             A pipeline that switches transformers along the schedule (Wan2.2: ``transformer`` for high noise,
             ``transformer_2`` for low noise) takes one per transformer, ``{"transformer": plan_high,
-            "transformer_2": plan_low}``; each covers the steps its transformer runs, counted from 0.
+            "transformer_2": plan_low}``; each covers the steps its transformer runs, counted from 0. An
+            :class:`~invardiff.expert_plans.ExpertPlans` (what ``calibrate`` makes for such a pipeline) is such a
+            mapping, checked here against the pipeline's split of its steps.
 
     Example:
         ```python
@@ -73,8 +76,7 @@ def _enable_one(transformer, family, plan, pipeline, expert=None) -> None:
     load_builtin_policies()
     units = enumerate_units(transformer, family)
     policy = build_policy(plan, family, transformer, units)
-    schedule_part, expert_name = (None, None) if expert is None else (expert.steps, expert.attr)
-    engine = CacheEngine(transformer, family, policy, units, pipeline, schedule_part, expert_name)
+    engine = CacheEngine(transformer, family, policy, units, pipeline, expert)
     install(transformer, family, engine)
     logger.info("invardiff enabled on %s (%s family): %s", type(transformer).__name__, family.name, policy.describe())
 
@@ -83,6 +85,13 @@ def _experts(family, pipeline) -> tuple:
     if pipeline is None or family.pipeline is None or family.pipeline.experts is None:
         return ()
     return family.pipeline.experts(pipeline)
+
+
+def pipeline_experts(target) -> tuple:
+    """The :class:`~invardiff.families.spec.Expert` transformers of a pipeline that switches transformers along
+    the schedule (Wan2.2: ``transformer``, then ``transformer_2``), in schedule order; ``()`` otherwise."""
+    transformer, pipeline = _resolve_target(target)
+    return _experts(resolve_family(transformer), pipeline)
 
 
 def _enable_experts(pipeline, family, experts, plans) -> None:
@@ -94,6 +103,8 @@ def _enable_experts(pipeline, family, experts, plans) -> None:
             f"runs its own part of the steps with its own plan or policy. Pass one per transformer: "
             f"invardiff.enable(pipe, {{{', '.join(f'{name!r}: ...' for name in names)}}}) (got {given})."
         )
+    if isinstance(plans, ExpertPlans):
+        plans.check_pipeline(pipeline)  # every expert gets its plan's steps, or nothing is enabled
     done = []
     try:
         for expert in experts:

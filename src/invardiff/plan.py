@@ -293,6 +293,11 @@ def _model_from_dict(data: Any) -> ModelFacts:
 def _plan_from_dict(data: Any) -> CachePlan:
     if not isinstance(data, dict):
         raise PlanError(f"A plan must be a JSON object, got {type(data).__name__}.")
+    if data.get("format") == "invardiff-expert-plans":  # expert_plans.EXPERT_PLANS_FORMAT (it imports this module)
+        raise PlanError(
+            "This holds one plan per expert of a pipeline that switches transformers (Wan2.2), not one plan: read "
+            "it with invardiff.load_plan(path) or invardiff.ExpertPlans.load(path)."
+        )
     if data.get("format") != PLAN_FORMAT:
         raise PlanError(
             f"Unknown plan format {data.get('format')!r}; expected {PLAN_FORMAT!r}. Official InvarDiff cache books "

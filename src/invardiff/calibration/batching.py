@@ -22,13 +22,18 @@ def auto_batch_size(
     """The largest batch (at most ``num_samples``, at least 1) whose estimated calibration memory fits ``budget``.
 
     The per-sample estimate is :func:`invardiff.memory.calibration_memory` at the shapes of the pipeline call
-    (measured on the meta device). ``budget`` defaults to half the free memory of the transformer's CUDA device
-    (the other half for the activations), or :data:`HOST_BUDGET` when the references live in host memory.
+    (measured on the meta device), summed over the experts of a pipeline that switches transformers (each
+    expert's recorder holds its references until the next call). ``budget`` defaults to half the free memory of
+    the transformer's CUDA device (the other half for the activations), or :data:`HOST_BUDGET` when the
+    references live in host memory.
     """
+    from ..api import transformers_of
     from ..memory import calibration_memory
 
-    config = pipeline_call_config(pipe, family, call_kwargs)
-    estimate = calibration_memory(config, offload)
+    configs = [pipeline_call_config(pipe, family, call_kwargs, t) for t in transformers_of(pipe)]
+    estimates = [calibration_memory(config, offload) for config in configs]
+    estimate = {key: sum(e[key] for e in estimates) for key in ("total", "references", "working")}
+    config = configs[0]
     device = pipe.transformer.device
     on_device = device.type == "cuda" and offload != "cpu"
     if budget is None:
@@ -57,10 +62,10 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} bytes"
 
 
-def pipeline_call_config(pipe, family: str, call_kwargs: dict) -> ModelConfig:
-    """The transformer's config with the input shapes of one calibration sample of the pipeline call (``batch``:
-    its transformer rows)."""
-    transformer = pipe.transformer
+def pipeline_call_config(pipe, family: str, call_kwargs: dict, transformer=None) -> ModelConfig:
+    """The config of ``transformer`` (default: the pipeline's) with the input shapes of one calibration sample of
+    the pipeline call (``batch``: its transformer rows)."""
+    transformer = pipe.transformer if transformer is None else transformer
     shape = get_family(family).pipeline.call_shape(pipe, call_kwargs)
     dtype = str(transformer.dtype).removeprefix("torch.")
     return ModelConfig.from_transformer_config("calibration", family, transformer.config, dtype=dtype, **shape)

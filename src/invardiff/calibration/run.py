@@ -12,7 +12,8 @@ import torch
 
 from .. import api
 from .._version import __version__
-from ..engine.install import enumerate_units
+from ..engine.install import enumerate_units, unwrap
+from ..expert_plans import ExpertPlans, expert_steps
 from ..families import PipelineSpec, get_family, resolve_family
 from ..plan import CachePlan, ModelFacts
 from .rates import CalibrationRates
@@ -42,7 +43,7 @@ def calibrate(
     epsilon: float = 1e-8,
     progress: Callable[[str, int, int], None] | None = None,
     runner: Callable | None = None,
-) -> tuple[CachePlan, CalibrationRates]:
+) -> tuple[CachePlan, CalibrationRates] | tuple[ExpertPlans, dict[str, CalibrationRates]]:
     """Calibrate an InvarDiff plan on ``pipe`` (FluxPipeline with ``prompts``, DiTPipeline with ``class_labels``).
 
     The calibration runs: by default one per prompt or class, run ``i`` with seed ``seed + i``, so every run has
@@ -53,6 +54,12 @@ def calibrate(
     provisional plan they give drives pass 2, which re-measures them with frozen references inside provisional
     reuse runs (the resampling correction, SPEC.md A.3); the final plan comes from the corrected rates. Cost:
     two full-compute sampling runs per calibration run.
+
+    A pipeline that switches transformers along the schedule (Wan2.2's ``transformer`` and ``transformer_2``) is
+    calibrated expert by expert in the same two passes: each expert's rates are recorded over the steps it runs
+    (counted from 0) and its plan is built from them alone, with the warm-up and the quantiles taken over its own
+    steps. The plans come back as one :class:`~invardiff.expert_plans.ExpertPlans`, which ``invardiff.enable``
+    takes as it is; the rates as ``{expert: CalibrationRates}``. Each expert needs at least 3 steps.
 
     Args:
         thresholds: an :class:`InvarDiffThresholds` or a preset name of the pipeline's family (``"fast"``...).
@@ -71,7 +78,8 @@ def calibrate(
             workers; the plan is byte-identical). ``None``: every run in this process on ``pipe``.
 
     Returns:
-        The plan, and the rates artifact from which plans can be rebuilt without the model.
+        The plan, and the rates artifact from which plans can be rebuilt without the model (for a pipeline with
+        experts: the :class:`ExpertPlans` and each expert's rates).
     """
     transformer = pipe.transformer
     family = resolve_family(transformer)
@@ -83,9 +91,9 @@ def calibrate(
             f"Calibration needs num_inference_steps >= {MIN_STEPS} (a change rate compares three consecutive steps), "
             f"got {num_inference_steps}."
         )
+    parts = calibration_parts(pipe, family, num_inference_steps)
     samples, seed_rule = _samples(family.name, prompts, class_labels, seeds, seed, cases)
     check_inputs(pipe, family.name, [item for item, _ in samples])
-    facts = ModelFacts.for_family(family.name, family.num_layers(transformer))
     call_kwargs = {
         "num_inference_steps": num_inference_steps,
         **_default_kwargs(family.name),
@@ -98,38 +106,90 @@ def calibrate(
         batch_size = auto_batch_size(pipe, family.name, len(samples), call_kwargs, memory_budget, offload)
 
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    setup = PassSetup(family.name, facts, num_inference_steps, call_kwargs, epsilon, offload, options.record_branches)
+    setup = PassSetup(family.name, parts, call_kwargs, epsilon, offload, options.record_branches)
 
-    def run_pass(name: str, provisional=None) -> tuple:
+    def run_pass(name: str, provisional=None) -> dict:
         if runner is not None:
             return runner(name, setup, batches, provisional)
         report = None if progress is None else (lambda index: progress(name, index + 1, len(batches)))
         return record_batches(pipe, setup, batches, provisional, report)
 
-    first_step, first_modules = run_pass("pass 1 (full compute)")
-    stub = CalibrationRates(
-        facts, num_inference_steps, thresholds, options, first_step, first_modules, first_step, first_modules
-    )
+    first = run_pass("pass 1 (full compute)")
+    frozen = {part.name: _frozen(part, first[part.name], thresholds, options) for part in parts}
+    corrected = run_pass("pass 2 (resampling correction)", frozen)
+    provenance = _provenance(pipe, samples, seed_rule, call_kwargs)
+    rates = {
+        part.name: CalibrationRates(
+            part.facts,
+            part.num_steps,
+            thresholds,
+            options,
+            *first[part.name],
+            *corrected[part.name],
+            scheduler=type(pipe.scheduler).__name__,
+            epsilon=epsilon,
+            provenance=part.provenance(provenance),
+        )
+        for part in parts
+    }
+    if parts[0].name is None:
+        return rates[None].build_plan(), rates[None]
+    plans = {name: part_rates.build_plan() for name, part_rates in rates.items()}
+    boundary = getattr(pipe.config, "boundary_ratio", None)
+    return ExpertPlans(plans, num_inference_steps, boundary, type(pipe).__name__), rates
+
+
+@dataclass(frozen=True)
+class CalibrationPart:
+    """One transformer a calibration pass records: ``name`` is its pipeline attribute for an expert of a pipeline
+    that switches transformers (``None``: the pipeline's one transformer), ``steps`` the ``[first, stop)`` steps
+    of the call it runs."""
+
+    name: str | None
+    facts: ModelFacts
+    steps: tuple[int, int]
+
+    @property
+    def num_steps(self) -> int:
+        return self.steps[1] - self.steps[0]
+
+    def provenance(self, calibration: dict) -> dict:
+        """The calibration's provenance, with the expert and its steps for an expert."""
+        return calibration if self.name is None else {**calibration, "expert": self.name, "steps": list(self.steps)}
+
+
+def calibration_parts(pipe, family, num_inference_steps: int) -> tuple[CalibrationPart, ...]:
+    """The transformers a ``num_inference_steps`` calibration of ``pipe`` records: its experts with the steps each
+    runs (each needs :data:`MIN_STEPS`), or its one transformer over every step."""
+    split = expert_steps(pipe, num_inference_steps)
+    if not split:
+        facts = ModelFacts.for_family(family.name, family.num_layers(pipe.transformer))
+        return (CalibrationPart(None, facts, (0, num_inference_steps)),)
+    parts = []
+    for name, steps in split.items():
+        transformer = unwrap(getattr(pipe, name))
+        facts = ModelFacts.for_family(family.name, family.num_layers(transformer))
+        part = CalibrationPart(name, facts, (steps.start, steps.stop))
+        if part.num_steps < MIN_STEPS:
+            raise ValueError(
+                f"Expert {name!r} runs {part.num_steps} of the {num_inference_steps} steps (boundary_ratio "
+                f"{pipe.config.boundary_ratio}); calibrating it needs at least {MIN_STEPS} (a change rate compares "
+                f"three consecutive steps). Calibrate with more steps."
+            )
+        parts.append(part)
+    return tuple(parts)
+
+
+def _frozen(part: CalibrationPart, first: tuple, thresholds: InvarDiffThresholds, options: FamilyCalibration) -> dict:
+    """The streams pass 2 freezes: the provisional plan of ``part``'s pass-1 rates (:class:`RateRecorder`)."""
+    step, modules = first
+    stub = CalibrationRates(part.facts, part.num_steps, thresholds, options, step, modules, step, modules)
     provisional_step, provisional_modules = stub.provisional()
     # Streams absent from `frozen` never freeze: FLUX does not correct its step stream.
     frozen = {"step": provisional_step} if options.correct_step else {}
     for kind, bits in provisional_modules.items():
         frozen.update({(kind, layer): bits[:, layer] for layer in range(bits.shape[1])})
-    corrected_step, corrected_modules = run_pass("pass 2 (resampling correction)", frozen)
-    rates = CalibrationRates(
-        facts,
-        num_inference_steps,
-        thresholds,
-        options,
-        first_step,
-        first_modules,
-        corrected_step,
-        corrected_modules,
-        scheduler=type(pipe.scheduler).__name__,
-        epsilon=epsilon,
-        provenance=_provenance(pipe, samples, seed_rule, call_kwargs),
-    )
-    return rates.build_plan(), rates
+    return frozen
 
 
 @dataclass(frozen=True)
@@ -137,25 +197,25 @@ class PassSetup:
     """What recording a calibration pass needs besides the pipeline and the runs (picklable, for remote workers)."""
 
     family: str
-    facts: ModelFacts
-    num_steps: int
+    parts: tuple[CalibrationPart, ...]
     call_kwargs: dict
     epsilon: float
     offload: str | None
     branches: tuple | None = None  # the CFG branches recorded (None: all)
 
 
-def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provisional=None, progress=None) -> tuple:
-    """Per-run rates (step ``(N, T)``, per kind ``(N, T, L)``, runs in batch order) of one pipeline call per batch
-    of (input, seed) runs, under ``provisional`` (see :class:`RateRecorder`). A run's rates depend only on its
-    batch, so recording the batches on several workers and concatenating them in order gives the same arrays."""
+def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provisional=None, progress=None) -> dict:
+    """Per-run rates of one pipeline call per batch of (input, seed) runs, under ``provisional`` (``{part name:
+    frozen streams}``, see :class:`RateRecorder`): ``{part name: (step (N, T), {kind: (N, T, L)})}``, runs in batch
+    order, ``T`` the part's steps. A run's rates depend only on its batch, so recording the batches on several
+    workers and concatenating them in order gives the same arrays."""
     options = (setup.epsilon, setup.offload, setup.branches)
-    with recording(pipe, setup.facts, setup.num_steps, provisional, *options) as recorder:
+    with _recording(pipe, setup.parts, provisional or {}, *options) as recorders:
         for index, batch in enumerate(batches):
             _call(pipe, setup.family, batch, setup.call_kwargs)
             if progress is not None:
                 progress(index)
-    return recorder.rates()
+    return {name: recorder.rates() for name, recorder in recorders.items()}
 
 
 @contextmanager
@@ -163,17 +223,34 @@ def recording(target, facts: ModelFacts, num_steps: int, provisional=None, epsil
     """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step of
     the CFG ``branches`` (``None``: all); on exit the engine is removed and the recorder's reference features are
     freed (its rates stay)."""
-    transformer = getattr(target, "transformer", target)
-    family = resolve_family(transformer)
-    units = enumerate_units(transformer, family)
-    recorder = RateRecorder(units, family, num_steps, provisional, epsilon, offload, branches)
-    api.enable(target, RecordConfig(CachePlan.reuse_nothing(facts, num_steps), recorder))
+    part = CalibrationPart(None, facts, (0, num_steps))
+    with _recording(target, (part,), {None: provisional}, epsilon, offload, branches) as recorders:
+        yield recorders[None]
+
+
+@contextmanager
+def _recording(target, parts: tuple[CalibrationPart, ...], provisional: dict, epsilon, offload, branches):
+    """:func:`recording` of every part: one recorder per transformer (``{part name: recorder}``), all enabled at
+    once (a pipeline with experts takes one recording policy per expert)."""
+    recorders, configs = {}, {}
+    for part in parts:
+        transformer = unwrap(
+            getattr(target, "transformer", target) if part.name is None else getattr(target, part.name)
+        )
+        family = resolve_family(transformer)
+        units = enumerate_units(transformer, family)
+        recorder = RateRecorder(units, family, part.num_steps, provisional.get(part.name), epsilon, offload, branches)
+        recorders[part.name] = recorder
+        configs[part.name] = RecordConfig(CachePlan.reuse_nothing(part.facts, part.num_steps), recorder)
+    api.enable(target, configs[None] if None in configs else configs)
     try:
-        yield recorder
-        recorder.finish()  # the last step's rates to the host (and their NaN check)
+        yield recorders
+        for recorder in recorders.values():
+            recorder.finish()  # the last step's rates to the host (and their NaN check)
     finally:
         api.disable(target)
-        recorder.release()
+        for recorder in recorders.values():
+            recorder.release()
 
 
 def _samples(family: str, prompts, class_labels, seeds, seed: int, cases) -> tuple[list[tuple], str]:

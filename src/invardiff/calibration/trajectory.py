@@ -212,6 +212,21 @@ def _flatten(output) -> torch.Tensor:
     return torch.cat([tensor.detach().reshape(tensor.shape[0], -1) for tensor in tensors], dim=1).clone()
 
 
+def refuse_experts(pipe) -> None:
+    """The budgeted search plans one transformer over the whole schedule; a pipeline that switches transformers
+    (Wan2.2's experts) would need one search per expert and a split of the budget between them, which is not
+    implemented: raise NotImplementedError saying what to do instead."""
+    from .. import api
+
+    experts = [expert.attr for expert in api.pipeline_experts(pipe)]
+    if experts:
+        raise NotImplementedError(
+            f"Budgeted calibration (--budget / --pareto) of a pipeline that switches transformers along the schedule "
+            f"({type(pipe).__name__} with {', '.join(experts)}) is not implemented; calibrate it with thresholds "
+            f"(--preset / --thresholds), which builds one plan per expert."
+        )
+
+
 def record_trajectories(
     pipe,
     *,
@@ -235,6 +250,7 @@ def record_trajectories(
     from .record_policy import RecordConfig
     from .run import _call, _default_kwargs
 
+    refuse_experts(pipe)
     cases = [tuple(case) for case in cases]
     if not cases or any(len(case) != 2 for case in cases):
         raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r:.80}.")

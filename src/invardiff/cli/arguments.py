@@ -81,7 +81,11 @@ def generate(p) -> None:
 def calibrate(p) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a bundled model (see `invardiff models`): flux-shapes, dit-digits")
-    source.add_argument("--pipeline", help="a local diffusers pipeline directory (FluxPipeline or DiTPipeline)")
+    source.add_argument(
+        "--pipeline",
+        help="a local diffusers pipeline directory (Flux, DiT, Wan; a Wan2.2 pipeline with transformer_2 gets one "
+        "plan per expert, written as one file)",
+    )
     source.add_argument("--model-config", help="a random-weight toy pipeline: flux-tiny, dit-tiny, flux-bench, ...")
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--prompts", help="text file, one prompt per line (Flux)")
@@ -103,6 +107,7 @@ def calibrate(p) -> None:
     p.add_argument("--width", type=at_least(1, "a width"), help="Flux image width in pixels")
     p.add_argument("--guidance-scale", type=float, help="default: Flux 3.5 (distilled), DiT 1.0 (no CFG, official)")
     p.add_argument("--max-sequence-length", type=at_least(1, "a token count"), help="Flux T5 tokens")
+    p.add_argument("--num-frames", type=at_least(1, "a frame count"), help="video pipelines (Wan): frames per clip")
     p.add_argument(
         "--batch-size",
         type=at_least(1, "a batch size"),

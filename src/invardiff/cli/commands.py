@@ -174,6 +174,7 @@ def calibrate(args) -> int:
         "width": args.width,
         "guidance_scale": args.guidance_scale,
         "max_sequence_length": args.max_sequence_length,
+        "num_frames": args.num_frames,
     }
     if entry is not None and args.guidance_scale is None:
         from ..families import get_family
@@ -213,13 +214,22 @@ def calibrate(args) -> int:
             **runs,
         )
     plan.save(args.output)
+    if isinstance(rates, dict):  # a pipeline with experts (Wan2.2): one plan and one rates file per expert
+        paths = {name: rates_path_for(args.output, name) for name in rates}
+        for name, path in paths.items():
+            rates[name].save(path)
+        cached = ", ".join(f"{name} {_step_cached(plan[name])}" for name in plan)
+        written = ", ".join(str(path) for path in paths.values())
+        print(f"wrote {args.output} (one plan per expert; steps step-cached: {cached}) and {written}")
+        return 0
     rates_path = rates_path_for(args.output)
     rates.save(rates_path)
-    print(
-        f"wrote {args.output} ({int(plan.step_cache.sum())}/{plan.num_inference_steps} steps step-cached) "
-        f"and {rates_path} ({rates.num_runs} runs)"
-    )
+    print(f"wrote {args.output} ({_step_cached(plan)} steps step-cached) and {rates_path} ({rates.num_runs} runs)")
     return 0
+
+
+def _step_cached(plan) -> str:
+    return f"{int(plan.step_cache.sum())}/{plan.num_inference_steps}"
 
 
 def resample_plan(args) -> int:
@@ -309,9 +319,10 @@ def build_plan(args) -> int:
     return 0
 
 
-def rates_path_for(plan_path: str) -> Path:
+def rates_path_for(plan_path: str, expert: str | None = None) -> Path:
+    """Where calibrate writes the rates of ``plan_path`` (of one expert: ``PLAN.<expert>.rates.npz``)."""
     path = Path(plan_path)
-    return path.with_name(path.stem + ".rates.npz")
+    return path.with_name(path.stem + (f".{expert}" if expert else "") + ".rates.npz")
 
 
 def _thresholds(args, family: str):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..dicache import PRESETS, DiCacheConfig, PlanProbeConfig
+from ..expert_plans import ExpertPlans, load_plan
 from ..families import get_family
-from ..plan import CachePlan
 from ..policies.plan import PlanConfig
 
 
@@ -82,7 +82,14 @@ def policy_config(args, family: str):
         return None
     if policy in ("plan", "plan+probe") and not args.plan:
         raise ValueError(f"--policy {policy} needs --plan PLAN.json (make one with `invardiff calibrate`).")
-    plan = CachePlan.load(args.plan) if args.plan else None
+    plan = load_plan(args.plan) if args.plan else None
+    if isinstance(plan, ExpertPlans):
+        # The commands that take a policy run the bundled models, each with one transformer.
+        raise ValueError(
+            f"{args.plan} holds one plan per expert ({', '.join(plan)}) of a pipeline that switches transformers "
+            f"along the schedule (Wan2.2), but the bundled models run one transformer each; give a plan calibrated "
+            f"on the model (invardiff calibrate --model NAME), or pass the pair to invardiff.enable on its pipeline."
+        )
     if policy == "plan":
         return PlanConfig(plan, step_reuse=args.step_reuse or "state")
     overrides = {

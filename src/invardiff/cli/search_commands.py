@@ -53,6 +53,7 @@ def wants_search(args) -> bool:
 def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     from ..calibration.budget import calibrate_budget as run
     from ..calibration.search import SearchConfig, parse_budget
+    from ..calibration.trajectory import refuse_experts
 
     if args.budget and args.pareto:
         raise ValueError("Give either --budget (one plan) or --pareto (one plan per target), not both.")
@@ -62,6 +63,10 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         raise ValueError("--ray does not apply to --budget / --pareto yet: the trajectories are recorded in-process.")
     if args.verify and args.max_run is not None:
         raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
+    try:
+        refuse_experts(pipe)
+    except NotImplementedError as error:
+        raise ValueError(str(error)) from None  # a one-line error (exit status 2), as for any option it refuses
     speedups = [parse_budget(args.budget)] if args.budget else [parse_budget(s) for s in args.pareto.split(",")]
     config = SearchConfig(
         max(speedups),

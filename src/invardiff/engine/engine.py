@@ -6,7 +6,7 @@ runtime policy (``policy.py``) decides what to do. The step index of a call come
 1. an explicit ``step_index`` given by the caller (``invardiff.cache_context(transformer, name, step_index=i)``, or
    diffusers' ``transformer.cache_context(name, step_index=i)`` when no pipeline was passed to ``enable``);
 2. the pipeline passed to ``enable``: its scheduler's timesteps, or the part of them this transformer runs when
-   the pipeline switches transformers along the schedule (Wan2.2's experts: ``schedule_part``, counted from 0).
+   the pipeline switches transformers along the schedule (Wan2.2's experts: ``expert.steps``, counted from 0).
    A new ``timesteps`` tensor means a new pipeline call (``set_timesteps`` ran): all state resets, and the policy
    checks the schedule's length. Calls are counted per branch; that each call's timestep is its step's entry of
    the schedule is checked on the device and read back once, at the branch's last step (``TimestepCheck``), so
@@ -146,17 +146,16 @@ class CacheEngine:
         policy: CachePolicy,
         units: list[UnitRef],
         pipeline=None,
-        schedule_part=None,
-        expert: str | None = None,
+        expert=None,
     ):
         self.family = family
         self.transformer = transformer
         self.policy = policy
         self.units = units
         self.pipeline = pipeline
-        # schedule_part(pipeline, timesteps) -> slice: the steps of the schedule this transformer runs (an expert).
-        self.schedule_part = schedule_part
-        self.expert = expert  # the pipeline attribute of this transformer when it is one of several experts
+        # An Expert (families.spec) when the pipeline switches transformers: expert.steps(pipeline, timesteps) is the
+        # slice of the schedule this transformer runs.
+        self.expert = expert
         self._steps = None  # the part of the current schedule this transformer runs
         self.signature = inspect.signature(transformer.forward)
         self.branches: dict[str, BranchState] = {}
@@ -325,9 +324,9 @@ class CacheEngine:
         if timesteps is not self._schedule:
             # set_timesteps made a new schedule: this is the start of a new pipeline call.
             _refuse_multi_call_scheduler(self.pipeline.scheduler, self.policy.name)
-            part = slice(None) if self.schedule_part is None else self.schedule_part(self.pipeline, timesteps)
+            part = slice(None) if self.expert is None else self.expert.steps(self.pipeline, timesteps)
             steps = timesteps[part]
-            self._start_run(len(steps), len(timesteps))
+            self._start_run(steps, part, len(timesteps))
             self.reset()
             self._schedule, self._steps = timesteps, steps
         timesteps = self._steps
@@ -340,20 +339,22 @@ class CacheEngine:
             check.add(call["timestep"], step, name)
         return step
 
-    def _start_run(self, count: int, total: int) -> None:
+    def _start_run(self, steps: torch.Tensor, part: slice, call_steps: int) -> None:
         try:
-            self.policy.start_run(count)
+            self.policy.start_run(len(steps))
         except (ValueError, EngineError) as error:
             needed = self.policy.steps_needed()
-            if self.expert is None or needed is None or needed == count:
+            if self.expert is None or needed is None or needed == len(steps):
                 raise
-            # The policy's advice speaks of the pipeline's step count; an expert runs only its part of it.
+            # The policy's advice speaks of the whole call; an expert runs only its part of it, counted from 0.
+            name, (start, stop, _) = self.expert.attr, part.indices(call_steps)
             raise type(error)(
-                f"The {self.policy.name} policy of {self.expert} is for {needed} steps, but this pipeline call of "
-                f"{total} steps gives {self.expert} {count} of them (the pipeline splits its steps between its "
-                f"experts). Give {self.expert} a plan or config for {count} steps (a config without "
-                f"num_inference_steps follows the scheduler), or change num_inference_steps until {self.expert} "
-                f"runs {needed} steps."
+                f"Expert {name!r} runs steps {start}-{stop - 1} ({len(steps)} steps) of this {call_steps}-step call, "
+                f"but the {self.policy.name} policy of {name} is for {needed} steps: this pipeline call of "
+                f"{call_steps} steps gives {name} {len(steps)} of them (the pipeline splits its steps between its "
+                f"experts). Give {name} a plan or config for {len(steps)} steps (a config without "
+                f"num_inference_steps follows the scheduler), or change num_inference_steps until {name} runs "
+                f"{needed} steps."
             ) from error
 
     # ----- cached tensors (called by the hooks) -----

@@ -54,7 +54,8 @@ def load_saved_pipeline(path: str | Path):
     """The pipeline saved in directory ``path`` (``local_files_only``; no network access).
 
     Components of an ``invardiff.*`` library (the parameter-free :class:`~invardiff.toy_pipelines.IdentityVAE`)
-    are rebuilt from their ``config.json``: they have no weights file for diffusers to load.
+    are rebuilt from their ``config.json``: they have no weights file for diffusers to load. Components saved as
+    ``None`` (a random-weight WanPipeline without a VAE) load as ``None``.
     """
     import diffusers
 
@@ -82,4 +83,6 @@ def load_saved_pipeline(path: str | Path):
             if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("invardiff."):
                 component_class = getattr(importlib.import_module(value[0]), value[1])
                 own[name] = component_class.from_config(component_class.load_config(directory / name))
+            elif value == [None, None]:  # saved without it (a toy WanPipeline's VAE): diffusers would ask for it
+                own[name] = None
         return pipeline_class.from_pretrained(directory, local_files_only=True, **own)

@@ -28,7 +28,7 @@ class _CalibrationWorker:
             torch.set_num_threads(threads)
         self.pipe = source.load()
 
-    def record(self, task: tuple[int, list], provisional, setup: PassSetup) -> tuple:
+    def record(self, task: tuple[int, list], provisional, setup: PassSetup) -> dict:
         index, batch = task
         return record_batches(self.pipe, setup, [batch], provisional)
 
@@ -44,7 +44,7 @@ class CalibrationPool(ActorPool):
         super().__init__(_CalibrationWorker, (source, workers.threads(source.device)), workers, on_start)
         self.progress = None
 
-    def record(self, name: str, setup: PassSetup, batches: list[list[tuple]], provisional) -> tuple:
+    def record(self, name: str, setup: PassSetup, batches: list[list[tuple]], provisional) -> dict:
         shared = (import_ray().put(provisional), setup)  # the same provisional plan for every worker
         by_index = {}
         for (index, _), rates in self.results(list(enumerate(batches)), "record", *shared):
@@ -52,9 +52,13 @@ class CalibrationPool(ActorPool):
             if self.progress is not None:
                 self.progress(name, len(by_index), len(batches))
         ordered = [by_index[index] for index in range(len(batches))]  # the single-process run order
-        step = np.concatenate([step for step, _ in ordered])
-        modules = {kind: np.concatenate([modules[kind] for _, modules in ordered]) for kind in ordered[0][1]}
-        return step, modules
+        return {part: _concatenate([rates[part] for rates in ordered]) for part in ordered[0]}
+
+
+def _concatenate(batches: list[tuple]) -> tuple:
+    """One part's (step, modules) rates of several batches, runs in batch order."""
+    step = np.concatenate([step for step, _ in batches])
+    return step, {kind: np.concatenate([modules[kind] for _, modules in batches]) for kind in batches[0][1]}
 
 
 def calibrate_on_ray(
