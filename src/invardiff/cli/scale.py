@@ -109,6 +109,7 @@ def ray_calibration(args):
     from ..scale.calibrate import calibrate_on_ray
 
     device = _worker_device(args)
+    _no_transformer(args)
     if getattr(args, "model", None):
         source = PipelineSource("bundled", args.model, device)
     elif args.model_config:
@@ -128,9 +129,16 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
     from ..scale.bench import run_sweep_on_ray
 
     device = _worker_device(args)
+    _no_transformer(args)
     source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
     source = source or PipelineSource("bundled", inputs.model, device)
     return run_sweep_on_ray(inputs, points, args.rounds, on_result, done, source=source, workers=_workers(args))
+
+
+def _no_transformer(args) -> None:
+    if getattr(args, "transformer", None):
+        raise ValueError("--ray does not take --transformer yet: save the pipeline with your transformer in it "
+                         "(pipe.save_pretrained(DIR)) and give --pipeline DIR.")  # fmt: skip
 
 
 def _worker_device(args) -> str:
