@@ -12,6 +12,7 @@ from ..calibration.thresholds import PRESETS, InvarDiffThresholds, uniform_thres
 from ..demo import _generate
 from ..families import get_family, is_video
 from ..plan_transforms import cap_step_runs
+from ..stats import extrapolation_work
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
 from .targets import CALIBRATION_SEED, SweepTarget, check_held_out  # noqa: F401 (CALIBRATION_SEED: benchmarks)
@@ -151,7 +152,11 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
         plan_point(
             f"{method} {result.plan.provenance['search']['speedup']:g}x",
             result.plan,
-            {**result.plan.provenance["search"], "calibration_error": result.error},
+            {
+                **result.plan.provenance["search"],
+                "calibration_error": result.error,
+                "extrapolated_entries": extrapolation_work(result.plan),  # reported beside their measured cost
+            },
             method=method,
         )
         for result in results

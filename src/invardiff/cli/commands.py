@@ -31,6 +31,7 @@ def inspect_plan(args) -> int:
 
         flops = profile_flops(config)
     summary = plan_summary(plan, flops)
+    full_run = plan.num_inference_steps * flops.full_step if flops is not None else None
     if config is not None:
         summary["call_shape"] = _call_shape(config)
     if args.memory:
@@ -51,6 +52,13 @@ def inspect_plan(args) -> int:
         print(
             f"{name:36} {stat['reuse_fraction']:8.1%} {stat['reuse_fraction_outside_step_cache']:19.1%}  "
             f"{stat['reused_steps_outside_step_cache']}"
+        )
+    work = summary.get("extrapolated_entries")
+    if work is not None:
+        flops_text = f" ({work['flops'] / full_run:.2%} of full compute's FLOPs)" if flops is not None else ""
+        print(
+            f"extrapolation: {work['steps']} step-cached steps and {work['units']} unit reuses extrapolate, one lerp "
+            f"each{flops_text}, counted in the ideal speedup"
         )
     if flops is not None:
         shape = ", ".join(f"{k} {v}" for k, v in summary["call_shape"].items())
@@ -743,6 +751,9 @@ def bench(args) -> int:
                 equal_speed_table(model, results, speed="ideal_speedup"),
             ]
         )
+        from ..bench.extrapolation_cost import sweep_note
+
+        table += sweep_note(target, results, device)  # extrapolating points: what a lerp costs beside plain reuse
         if args.ray is not None:  # how the timing was distributed (invardiff.scale.bench)
             from ..scale.bench import TIMING_NOTE
 
