@@ -157,7 +157,8 @@ def get_model_config(name_or_path: str) -> ModelConfig:
     if spec.configs.json_shape is not None:
         shapes.update(spec.configs.json_shape(raw))
     shapes["dtype"] = weights_dtype(path.parent) or shapes["dtype"]
-    return ModelConfig.from_transformer_config(path.stem, spec.name, raw, **shapes)
+    name = path.parent.name if path.stem == "config" else path.stem  # DIR/config.json is named after DIR
+    return ModelConfig.from_transformer_config(name, spec.name, raw, **shapes)
 
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}

@@ -95,8 +95,11 @@ def _inspected_config(args):
     elif args.model_config or own:
         from ..models.sources import ModelSource
 
-        path = args.model_config or str(ModelSource(None, args.pipeline, args.transformer).transformer_config())
+        source = ModelSource(None, args.pipeline, args.transformer) if own else None
+        path = args.model_config or str(source.transformer_config())
         config = get_model_config(path)
+        if source is not None:
+            config = dataclasses.replace(config, name=source.name)
         if path not in MODEL_CONFIGS and not set(overrides) >= {"image_tokens", "dtype"}:
             assumed = ", ".join(f"{k} {v}" for k, v in _call_shape(config).items() if k not in overrides)
             print(
