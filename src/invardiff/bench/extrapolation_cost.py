@@ -72,7 +72,7 @@ def sweep_note(target, results: list[dict], device="cpu") -> str:
     pipe, entry = target.load(), target.entry
     config = pipeline_call_config(pipe, entry.family, entry.call_kwargs(entry.examples[0], 0))
     costs = extrapolation_costs(profile_flops(config), device, pipe.transformer.dtype, repeats=50)
-    lines = [cost_line(costs, f"{target.name} (one transformer call)"), ""]
+    lines = ["", cost_line(costs, f"{target.name} (one transformer call)"), ""]
     lines += [f"- {label}: {c['steps']} step-cached steps and {c['units']} unit reuses extrapolate per run"
               for label, c in counts.items()]  # fmt: skip
     return "\n".join(lines) + "\n"
