@@ -110,6 +110,17 @@ def test_own_pipeline_and_bare_transformer_end_to_end(own_dit, capsys):
         assert result["ideal_speedup"] == bare["bench"][label]["ideal_speedup"] >= 1.0
 
 
+def test_demo_on_your_own_pipeline(own_dit, capsys):
+    out = own_dit / "demo"
+    argv = ["demo", "--pipeline", str(own_dit / "my-dit"), "--classes", "3,5", "--steps", "6", "--rounds", "1"]
+    assert main([*argv, "--seeds", "0", "--json", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "my-dit" and report["preset"] == "fast"  # the family's default preset
+    assert report["cases"] == [{"input": 3, "seed": 0}, {"input": 5, "seed": 0}]
+    # calibrated on the evaluated classes with their own noises, never an evaluated one
+    assert report["plan_provenance"]["calibration"]["runs"] == [[3, 1000], [5, 1001]]
+
+
 def test_fine_tuned_transformer_on_a_base_pipeline(own_dit, tmp_path, capsys):
     """--pipeline BASE --transformer DIR: the fine-tune replaces the base pipeline's transformer."""
     tiny_transformer(seed=1).save_pretrained(tmp_path / "tuned")

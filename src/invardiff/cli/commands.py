@@ -571,7 +571,7 @@ def generate(args) -> int:
     source = ModelSource.from_args(args)
     if wants_many(args):  # --prompts / --classes / --ray: one image per (input, seed), with a manifest
         if source.model is None:
-            raise NotImplementedError(
+            raise ValueError(
                 "--prompts / --classes / --ray take a bundled --model for now; generate with your own model one "
                 "input at a time (--prompt TEXT or --class N, --batch N for several seeds)."
             )
@@ -636,6 +636,7 @@ def _check_item_kind(args, name: str, kind: str) -> None:
 def demo(args) -> int:
     from ..calibration import preset
     from ..demo import run_demo, write_report
+    from ..families import get_family
     from ..models.sources import ModelSource
 
     _use_threads(args)
@@ -648,7 +649,12 @@ def demo(args) -> int:
             raise ValueError(f"{', '.join(given)} apply to your own model (--pipeline / --transformer).")
         preset(source.bundled.family, args.preset or source.bundled.demo_preset)  # a bad preset fails now
     target = _own_target(args, source, str(device))
-    preset_name = args.preset or target.entry.demo_preset
+    # a bundled model's demo preset; your own model's: its family's default (the first)
+    preset_name = args.preset or (
+        target.entry.demo_preset if source.model else next(iter(get_family(target.family).presets), None)
+    )
+    if preset_name is None:
+        raise ValueError(f"The {target.family} family has no preset: the demo needs one (--preset NAME).")
     preset(target.family, preset_name)
     # Phases differ widely in length (calibration is two passes), so the bar shows elapsed time and no ETA.
     with tqdm(total=args.rounds + 3, desc=f"demo {source.name}", disable=args.json, bar_format=PHASE_BAR) as bar:
