@@ -124,8 +124,8 @@ def test_demo_runs_on_the_device_given(monkeypatch, tmp_path, capsys):
 
     calls = {}
 
-    def fake_run_demo(name, preset, seeds, rounds, device="cpu", progress=None):
-        calls.update(name=name, device=device)
+    def fake_run_demo(target, preset, seeds, rounds, device="cpu", progress=None):
+        calls.update(name=target.name, device=device)
         return {"report": True}, {}
 
     monkeypatch.setattr(invardiff.demo, "run_demo", fake_run_demo)

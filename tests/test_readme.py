@@ -30,6 +30,7 @@ SLOW = (
     "out/demo/",
     "flux-fast.rates.npz",
     "resample-plan flux-fast.json",  # reads the plan a calibrate line writes
+    "my-dit",  # the own-model lines: the pipeline a Python snippet saves, the plans its calibrate lines write
 )
 REPOSITORY = README.parent
 

@@ -29,6 +29,52 @@ def test_ideal_speedup_on_a_hand_made_profile():
     assert ideal_speedup(plan, profile) == pytest.approx(400 / 254, rel=1e-12)
 
 
+def test_extrapolated_reuses_pay_their_lerp():
+    """An extrapolated reuse rebuilds its value with one lerp: 3 FLOPs per element (subtract, multiply, add)."""
+    from invardiff.stats import extrapolation_work
+
+    facts = ModelFacts.for_family("dit", {"transformer_blocks": 2})
+    units = {"transformer_blocks": {"attn": np.array([10.0, 10.0]), "ff": np.array([30.0, 30.0])}}
+    elements = {"transformer_blocks": {"attn": np.array([2.0, 2.0]), "ff": np.array([1.0, 5.0])}}
+    profile = FlopProfile("hand", "dit", {"transformer_blocks": 2}, 100.0, 4.0, units, 7.0, elements)
+    # Steps: 0 full (100), 1 full (100), 2 step-cached and extrapolated (4 + 3 x 7 = 25), 3 reuses attn in both
+    # layers (the one in layer 0 extrapolated: 3 x 2) and ff in layer 1 (extrapolated: 3 x 5):
+    # 100 - 20 - 30 + 6 + 15 = 71; 296 FLOPs against 4 x 100.
+    plan = plan_from_bits(
+        facts, "0010", {"transformer_blocks": {"attn": ["00", "00", "11", "11"], "ff": ["00", "00", "11", "01"]}}
+    )
+    plan.step_extrapolation = np.array([0.0, 0.0, 0.5, 0.0])
+    plan.unit_extrapolation = {"transformer_blocks": {"attn": np.zeros((4, 2)), "ff": np.zeros((4, 2))}}
+    plan.unit_extrapolation["transformer_blocks"]["attn"][3, 0] = -0.25
+    plan.unit_extrapolation["transformer_blocks"]["ff"][3, 1] = 0.75
+    assert extrapolation_work(plan, profile) == {"steps": 1, "units": 2, "flops": 21.0 + 6.0 + 15.0}
+    assert ideal_speedup(plan, profile) == pytest.approx(400 / 296, rel=1e-12)
+
+
+def test_the_flop_counter_counts_an_extrapolated_reuse():
+    """The sweep counts the FLOPs of its runs with flop_counter: an extrapolated reuse (one lerp) is 3 per element,
+    a plain one nothing."""
+    import torch
+
+    from invardiff.flops import flop_counter
+    from invardiff.policies.extrapolation import Pair, extrapolate
+
+    previous, anchor = torch.randn(4, 5), torch.randn(4, 5)
+    for kept, coefficient, expected in ((Pair(previous, anchor), 0.3, 60), (anchor, 0.0, 0)):
+        counter = flop_counter()
+        with counter:
+            extrapolate(kept, coefficient)
+        assert counter.get_total_flops() == expected
+
+
+def test_profiles_record_the_sizes_an_extrapolation_rebuilds():
+    profile = profile_flops(MODEL_CONFIGS["dit-tiny"])
+    # dit-tiny: H and every unit output are (batch 2, 16 tokens, D 32) = 1024 elements.
+    assert profile.step_elements == 1024
+    assert profile.unit_elements["transformer_blocks"]["attn"].tolist() == [1024, 1024]
+    assert profile.unit_elements["transformer_blocks"]["ff"].tolist() == [1024, 1024]
+
+
 def test_dit_unit_flops_match_the_matmul_count():
     profile = profile_flops(MODEL_CONFIGS["dit-tiny"])
     # dit-tiny: D = 32, 16 tokens (8x8 latent, patch 2), batch 2. FeedForward: D -> 4D -> D, 2 FLOPs per MAC.

@@ -19,7 +19,6 @@ from .families import INPUT_KINDS
 from .files import atomic_path, write_text
 from .flops import profile_flops
 from .metrics import output_fidelity
-from .models import registry
 from .stats import ideal_speedup
 
 
@@ -42,36 +41,43 @@ CALIBRATION = {
 
 
 def run_demo(
-    name: str,
+    target,
     preset_name: str,
     seeds: list[int],
     rounds: int = 3,
     device: str = "cpu",
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Returns the report and the images (``full``, ``cached``: (N, C, H, W) in [0, 1], examples x seeds; a video
+    """The demo on ``target`` (a :class:`~invardiff.bench.targets.SweepTarget`: a bundled model by name, or your
+    own model): calibrate on its calibration runs, evaluate its examples with every seed (never a calibration run).
+    Returns the report and the images (``full``, ``cached``: (N, C, H, W) in [0, 1], examples x seeds; a video
     model's clips are (N, F, C, H, W), and its report has the metrics of :func:`~invardiff.metrics.video_fidelity`).
 
     ``progress(phase, done)`` is called when a phase starts, with its name and the number of phases done (of
     ``rounds + 3``: calibration, warm-up, the rounds, metrics)."""
-    entry = registry.get(name)
-    pipe = registry.load(name, device)
-    # The cached variant runs its own copy (the bundled models are a few MiB), so that full compute and the plan
-    # take turns input by input (lockstep): a drift of the machine's speed within a round then hits both alike.
-    cached_pipe = registry.load(name, device)
+    if isinstance(target, str):
+        from .bench.targets import bundled_target
+
+        target = bundled_target(target, device)
+    from .bench.targets import check_held_out
+
+    entry, name = target.entry, target.name
+    cases = [(item, seed) for seed in seeds for item in entry.examples]
+    check_held_out(target, cases)
+    pipe = target.load()
+    # The cached variant runs its own copy, so that full compute and the plan take turns input by input (lockstep):
+    # a drift of the machine's speed within a round then hits both alike.
+    cached_pipe = target.source.load(device)
     note = progress or (lambda phase, done: None)
     note("calibration pass 1 (full compute)", 0)
-    inputs = {INPUT_KINDS[entry.inputs].calibrate_arg: CALIBRATION[name]}
-    plan, rates = calibrate(  # one run per calibration input, each with its own noise (seeds 0, 1, ...)
+    plan, rates = calibrate(  # one run per calibration input, each with its own noise
         pipe,
         num_inference_steps=entry.num_inference_steps,
         thresholds=preset_name,
-        seed=0,
-        pipeline_kwargs=entry.pipeline_kwargs or None,  # a video model's clip size and frame count
+        cases=target.calibration_runs(),
+        pipeline_kwargs=target.calibration_kwargs() or None,  # as the sweep calibrates
         progress=lambda phase, done, total: note(f"calibration {phase}: batch {done}/{total} done", 0),
-        **inputs,
     )
-    cases = [(item, seed) for seed in seeds for item in entry.examples]
 
     outputs = {"full": [None] * len(cases), "cached": [None] * len(cases)}
     summaries = {}
@@ -105,7 +111,7 @@ def run_demo(
     )
     note("metrics", rounds + 2)
     full, cached, summary = torch.cat(outputs["full"]), torch.cat(outputs["cached"]), summaries["cached"]
-    flops = profile_flops(entry.model_config())
+    flops = profile_flops(entry.model_config() if target.source.model else _call_config(pipe, entry))
     ideal = ideal_speedup(plan, flops)
     report = {
         "model": name,
@@ -122,6 +128,14 @@ def run_demo(
         "rounds": rounds,
     }
     return report, {"full": full, "cached": cached, "plan": plan, "rates": rates}
+
+
+def _call_config(pipe, entry):
+    # your own model's FLOP profile at the shapes of its sampling calls
+    from .calibration.batching import pipeline_call_config
+
+    kwargs = entry.call_kwargs(entry.examples[0], 0)
+    return pipeline_call_config(pipe, entry.family, kwargs)
 
 
 def _generate(pipe, entry, cases, batch: int = 1) -> torch.Tensor:

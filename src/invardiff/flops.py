@@ -5,12 +5,17 @@ modulation, unit FLOPs, what is always paid such as Flux single-block ``proj_out
 step-cached step (conditioning plus head). Only matmul-class ops are counted (what FlopCounterMode counts, plus
 attention on every backend, see :func:`flop_counter`); elementwise work is treated as free, which makes the ideal
 speedup an upper bound. ``inspect`` and ``bench`` count with the same :func:`flop_counter`.
+
+One elementwise cost is counted, because a plan adds it rather than skips it: a reused entry that extrapolates
+(``v_a + c (v_a - v_p)``, one ``torch.lerp``) costs :data:`LERP_FLOPS` per element of the value it rebuilds; the
+profile records those sizes (the step stream H, and each unit's cached output per layer).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,17 +32,28 @@ from .plan import CachePlan
 _ATTENTION_KERNELS = ("_scaled_dot_product_flash_attention_for_cpu",)
 
 
+# FLOPs per element of an extrapolated reuse: lerp(p, a, w) = p + w (a - p) is a subtraction, a multiplication and
+# an addition.
+LERP_FLOPS = 3
+
+
 def flop_counter() -> FlopCounterMode:
     """A ``FlopCounterMode`` (no display) that also counts attention on the backends torch's table misses, so that a
-    run counts the same FLOPs on CPU, CUDA and the meta device."""
+    run counts the same FLOPs on CPU, CUDA and the meta device, and ``torch.lerp`` (an extrapolated reuse, the one
+    elementwise op a plan adds; :data:`LERP_FLOPS` per element)."""
     extra = {
         getattr(torch.ops.aten, name): _attention_flops for name in _ATTENTION_KERNELS if hasattr(torch.ops.aten, name)
     }
+    extra[torch.ops.aten.lerp] = _lerp_flops  # the overload packet: Scalar and Tensor weights alike
     return FlopCounterMode(display=False, custom_mapping=extra)
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)  # torch's formula for its other attention kernels
+
+
+def _lerp_flops(*args, out_shape=None, **kwargs) -> int:
+    return LERP_FLOPS * math.prod(out_shape)
 
 
 @dataclass
@@ -48,6 +64,12 @@ class FlopProfile:
     full_step: float
     step_cached: float
     units: dict[str, dict[str, np.ndarray]]  # {block_list: {unit: (L,) FLOPs saved by a reuse}}
+    step_elements: float = 0.0  # elements of H in one call: what an extrapolated step-cached step rebuilds
+    unit_elements: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # {block_list: {unit: (L,)}}
+
+    def extrapolation_flops(self, stream_elements: float) -> float:
+        """FLOPs of one extrapolated reuse of a value of ``stream_elements`` elements."""
+        return LERP_FLOPS * stream_elements
 
     def check_plan(self, plan: CachePlan) -> None:
         plan.check_model(self.family, self.num_layers)
@@ -59,6 +81,8 @@ class FlopProfile:
             "full_step_flops": self.full_step,
             "step_cached_flops": self.step_cached,
             "unit_flops": {b: {u: v.tolist() for u, v in units.items()} for b, units in self.units.items()},
+            "step_elements": self.step_elements,
+            "unit_elements": {b: {u: v.tolist() for u, v in us.items()} for b, us in self.unit_elements.items()},
         }
 
 
@@ -72,11 +96,18 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
     def capture(module, args):
         captured["hidden"] = args[0]  # returns None: the call's arguments stay unchanged
 
-    handle = head.register_forward_pre_hook(capture)
+    handles = [head.register_forward_pre_hook(capture)]
+    sizes: dict[str, int] = {}  # module path -> elements of its output (the value a reuse keeps)
+    for spec in family.block_lists:
+        for layer in range(len(getattr(model, spec.attr))):
+            for unit in spec.units:
+                path = f"{spec.attr}.{layer}.{unit.submodules[-1]}"  # the passthrough's output when there is one
+                handles.append(model.get_submodule(path).register_forward_hook(_record_size(sizes, path)))
     counter = flop_counter()
     with torch.no_grad(), counter:
         model(**call)
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     counts = {_strip_root(name): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     full_step = float(counts.get("", 0))
 
@@ -99,8 +130,30 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
             )
             for unit in spec.units
         }
+    elements = {
+        spec.attr: {
+            unit.name: np.array(
+                [
+                    sizes[f"{spec.attr}.{layer}.{unit.submodules[-1]}"]
+                    for layer in range(len(getattr(model, spec.attr)))
+                ],
+                dtype=np.float64,
+            )
+            for unit in spec.units
+        }
+        for spec in family.block_lists
+    }
     num_layers = family.num_layers(model)
-    return FlopProfile(config.name, config.family, num_layers, full_step, step_cached, units)
+    step_elements = float(captured["hidden"].numel())
+    return FlopProfile(config.name, config.family, num_layers, full_step, step_cached, units, step_elements, elements)
+
+
+def _record_size(sizes: dict[str, int], path: str):
+    def hook(module, args, output):
+        tensors = [output] if torch.is_tensor(output) else [t for t in output if torch.is_tensor(t)]
+        sizes[path] = sum(t.numel() for t in tensors)
+
+    return hook
 
 
 def _strip_root(name: str) -> str:

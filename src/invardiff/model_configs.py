@@ -136,8 +136,9 @@ MODEL_CONFIGS: Mapping[str, ModelConfig] = LazyTable(
 
 
 def get_model_config(name_or_path: str) -> ModelConfig:
-    """A named config, or a diffusers ``config.json`` of a supported transformer (the family's default call shapes,
-    bfloat16)."""
+    """A named config, or a diffusers ``config.json`` of a supported transformer: the family's default call shapes
+    (and those the config determines, :attr:`~invardiff.families.ConfigSpec.json_shape`), in the dtype of the
+    safetensors weights beside it (none there: the family's default, else bfloat16)."""
     if name_or_path in MODEL_CONFIGS:
         return MODEL_CONFIGS[name_or_path]
     path = Path(name_or_path)
@@ -152,5 +153,24 @@ def get_model_config(name_or_path: str) -> ModelConfig:
     if spec is None:
         supported = ", ".join(f.transformer_class.__name__ for f in families() if f.configs)
         raise ValueError(f"{path}: _class_name {class_name!r} is not a supported transformer ({supported}).")
-    shapes = spec.configs.json_defaults
-    return ModelConfig.from_transformer_config(path.stem, spec.name, raw, dtype="bfloat16", **shapes)
+    shapes = {"dtype": "bfloat16", **spec.configs.json_defaults}
+    if spec.configs.json_shape is not None:
+        shapes.update(spec.configs.json_shape(raw))
+    shapes["dtype"] = weights_dtype(path.parent) or shapes["dtype"]
+    name = path.parent.name if path.stem == "config" else path.stem  # DIR/config.json is named after DIR
+    return ModelConfig.from_transformer_config(name, spec.name, raw, **shapes)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def weights_dtype(directory: Path) -> str | None:
+    """The floating dtype of the safetensors weights in ``directory`` (read from a file header, no tensor loaded);
+    ``None`` when there are none."""
+    for file in sorted(directory.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                return _SAFETENSORS_DTYPES[entry["dtype"]]
+    return None

@@ -63,6 +63,8 @@ def plan_summary(plan: CachePlan, flops=None) -> dict:
         "step_cached_indices": np.flatnonzero(plan.step_cache).tolist(),
         "modules": modules,
     }
+    if plan.extrapolates:
+        result["extrapolated_entries"] = extrapolation_work(plan, flops)
     if flops is not None:
         result["model_config"] = flops.config_name
         result["ideal_speedup"] = ideal_speedup(plan, flops)
@@ -71,7 +73,8 @@ def plan_summary(plan: CachePlan, flops=None) -> dict:
 
 
 def plan_flops(plan: CachePlan, flops) -> float:
-    """FLOPs the plan executes over all steps on the profiled config (one CFG branch or batched call)."""
+    """FLOPs the plan executes over all steps on the profiled config (one CFG branch or batched call), the
+    arithmetic of its extrapolated reuses included (:func:`extrapolation_work`)."""
     flops.check_plan(plan)
     total = 0.0
     for t in range(plan.num_inference_steps):
@@ -82,7 +85,28 @@ def plan_flops(plan: CachePlan, flops) -> float:
         for facts in plan.model.block_lists:
             for unit, reuse in unit_reuse(plan, facts.name).items():
                 total -= float(np.dot(reuse[t], flops.units[facts.name][unit]))
-    return total
+    return total + extrapolation_work(plan, flops)["flops"]
+
+
+def extrapolation_work(plan: CachePlan, flops=None) -> dict:
+    """What a plan's extrapolation adds to a run: how many reused entries extrapolate (step-cached steps, and unit
+    reuses at executed steps, with a nonzero coefficient) and, with a :class:`FlopProfile` that records the stream
+    sizes, their FLOPs (one lerp each, :data:`invardiff.flops.LERP_FLOPS` per element)."""
+    steps = plan.step_cache & (plan.step_extrapolation != 0) if plan.step_extrapolation is not None else None
+    work = {"steps": int(steps.sum()) if steps is not None else 0, "units": 0, "flops": 0.0}
+    if flops is not None and steps is not None:
+        work["flops"] += work["steps"] * flops.extrapolation_flops(flops.step_elements)
+    if plan.unit_extrapolation is None:
+        return work
+    executed = ~plan.step_cache
+    for facts in plan.model.block_lists:
+        for unit, reuse in unit_reuse(plan, facts.name).items():
+            extrapolated = reuse & executed[:, None] & (plan.unit_extrapolation[facts.name][unit] != 0)  # (T, L)
+            work["units"] += int(extrapolated.sum())
+            sizes = flops.unit_elements.get(facts.name, {}).get(unit) if flops is not None else None
+            if sizes is not None:
+                work["flops"] += flops.extrapolation_flops(float(extrapolated.sum(axis=0) @ sizes))
+    return work
 
 
 def ideal_speedup(plan: CachePlan, flops) -> float:

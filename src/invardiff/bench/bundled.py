@@ -12,9 +12,10 @@ from ..calibration.thresholds import PRESETS, InvarDiffThresholds, uniform_thres
 from ..demo import _generate
 from ..families import get_family, is_video
 from ..plan_transforms import cap_step_runs
+from ..stats import extrapolation_work
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
-from .targets import SweepTarget
+from .targets import CALIBRATION_SEED, SweepTarget, check_held_out  # noqa: F401 (CALIBRATION_SEED: benchmarks)
 
 
 METHODS = (
@@ -99,17 +100,15 @@ def sweep_grid(family: str) -> SweepGrid:
     return VIDEO_SWEEP if is_video(family) else IMAGE_SWEEP
 
 
-CALIBRATION_SEED = 1000  # calibration never sees the evaluation's noise
-
-
 def sweep_inputs(
     target: SweepTarget, seeds: list[int], device: str = "cpu", cases: list[tuple] | None = None, batch: int = 1
 ) -> SweepInputs:
     """The evaluation images: every example with every seed, or the given (input, seed) ``cases``; ``batch`` images
-    per pipeline call."""
+    per pipeline call. None of them may be a calibration run of the target (:func:`check_held_out`)."""
     entry = target.entry
     examples = entry.examples[: sweep_grid(target.family).examples]
     cases = cases or [(item, seed) for seed in seeds for item in examples]
+    check_held_out(target, cases)
     return SweepInputs(
         model=target.name,
         load_pipeline=target.load,
@@ -120,37 +119,23 @@ def sweep_inputs(
 
 
 def _calibrate(target: SweepTarget, thresholds):
-    # One run per calibration input, each with its own noise (seeds seed, seed + 1, ...), unless the target
-    # gives explicit (input, seed) cases.
-    runs = target.calibration_kwargs()
-    if "cases" not in runs:
-        runs["seed"] = 0 if target.calibration != target.entry.examples else CALIBRATION_SEED
     plan, _ = calibrate(
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
         thresholds=thresholds,
-        pipeline_kwargs={**target.entry.pipeline_kwargs, **_calibration_guidance(target)} or None,
-        **runs,
+        cases=target.calibration_runs(),  # the held-out rule (targets.py)
+        pipeline_kwargs=target.calibration_kwargs() or None,
     )
     return plan
 
 
-def _calibration_guidance(target: SweepTarget) -> dict:
-    # Calibrate at the sampling guidance scale, unless the family's official calibration fixes one (DiT
-    # calibrates without classifier-free guidance).
-    if "guidance_scale" in get_family(target.family).pipeline.calibration_kwargs:
-        return {}
-    return {"guidance_scale": target.entry.guidance_scale}
-
-
 def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[OperatingPoint]:
     # The trajectories are recorded at the sampling guidance (the calls the plan will run, both CFG halves when
-    # the pipeline batches them), on the calibration inputs, which are disjoint from the evaluation examples.
+    # the pipeline batches them), on the target's calibration runs (the held-out rule, targets.py).
     from ..calibration.budget import calibrate_budget
     from ..calibration.search import SearchConfig
 
-    seeds = [0] if target.calibration != target.entry.examples else [CALIBRATION_SEED]
-    cases = [(item, seed) for seed in seeds for item in target.calibration]
+    cases = target.calibration_runs()
     speedups = sweep_grid(target.family).search_speedups
     config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
     results, _ = calibrate_budget(
@@ -167,7 +152,11 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
         plan_point(
             f"{method} {result.plan.provenance['search']['speedup']:g}x",
             result.plan,
-            {**result.plan.provenance["search"], "calibration_error": result.error},
+            {
+                **result.plan.provenance["search"],
+                "calibration_error": result.error,
+                "extrapolated_entries": extrapolation_work(result.plan),  # reported beside their measured cost
+            },
             method=method,
         )
         for result in results

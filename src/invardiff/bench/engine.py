@@ -28,7 +28,8 @@ from ..families import LazyTable, families
 from ..flops import profile_flops
 from ..model_configs import MODEL_CONFIGS
 from ..plan import CachePlan
-from ..stats import ideal_speedup
+from ..stats import extrapolation_work, ideal_speedup
+from .extrapolation_cost import extrapolation_costs
 from .loop import Trajectory
 from .plans import bench_plan, is_plan_file
 from .timing import Variant, measure_rounds, round_progress
@@ -87,6 +88,7 @@ def bench_family(
     per_round = times.seconds
 
     flops = profile_flops(config)
+    costs = extrapolation_costs(flops, device, config.torch_dtype, repeats=50)  # reuse with and without a lerp
     overhead = times.median_ratio("reuse_nothing", "stock") - 1.0
     results = []
     for name, plan in plans.items():
@@ -112,6 +114,8 @@ def bench_family(
                 "all_outputs_bytes": summaries[name].all_outputs_bytes,
                 "median_seconds": {v: times.median_seconds(v) for v in ("stock", "reuse_nothing", name)},
                 "seconds_per_round": {v: per_round[v] for v in ("stock", "reuse_nothing", name)},
+                "extrapolated_entries": extrapolation_work(plan, flops),
+                "reused_entry_cost": costs,
             }
         )
     return results

@@ -56,9 +56,9 @@ def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float, per_sam
 
 def peer_points(target: SweepTarget) -> list[OperatingPoint]:
     """Every peer at the pipeline settings; MagCache's ratios from its calibration mode on the target's
-    calibration inputs."""
+    calibration runs (the held-out rule, targets.py)."""
     entry, pipe = target.entry, target.load()
-    runs = [lambda item=item: pipe(**entry.call_kwargs(item, 0)) for item in target.calibration]
+    runs = [lambda case=case: pipe(**entry.call_kwargs(*case)) for case in target.calibration_runs()]
     ratios = peers.calibrate_mag_ratios(pipe.transformer, entry.num_inference_steps, runs)
     return [_peer_point(peer) for peer in peers.peers(peers.PIPELINE, entry.num_inference_steps, ratios)]
 

@@ -55,7 +55,15 @@ def engine_table(results: list[dict], meta: dict) -> str:
             f"| {r['peak_cache_bytes'] / 2**20:.1f} MiB | {r['all_outputs_bytes'] / 2**20:.1f} MiB "
             f"| {seconds['stock']:.2f} | {seconds[r['book']]:.2f} |"
         )
-    return "\n".join(lines + timing_warnings(results)) + "\n"
+    return "\n".join(lines + entry_costs(results) + timing_warnings(results)) + "\n"
+
+
+def entry_costs(results: list[dict]) -> list[str]:
+    """Markdown lines: per model config, the measured cost of a reused entry with and without extrapolation."""
+    from .extrapolation_cost import cost_line
+
+    configs = {r["model_config"]: r["reused_entry_cost"] for r in results if r.get("reused_entry_cost")}
+    return ["", *(cost_line(costs, config) for config, costs in configs.items())] if configs else []
 
 
 def timing_warnings(results: list[dict]) -> list[str]:

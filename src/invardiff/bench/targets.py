@@ -1,17 +1,20 @@
-"""What a sweep runs on: a bundled model, or any diffusers Flux / DiT pipeline directory a user points it at."""
+"""What a sweep runs on (a bundled model, or your own pipeline or transformer), and the held-out rule: every
+method, ours and the peers', calibrates on :meth:`SweepTarget.calibration_runs` only, and
+:func:`check_held_out` refuses an evaluation (input, seed) among them."""
 
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..demo import CALIBRATION
-from ..families import INPUT_KINDS, resolve_family
-from ..models import registry
+from ..families import INPUT_KINDS
 from ..models.registry import BundledModel
+from ..models.sources import ModelSource
+
+
+CALIBRATION_SEED = 1000  # the first calibration seed when the calibration inputs are the evaluated ones
 
 
 @dataclass(frozen=True)
@@ -19,12 +22,14 @@ class SweepTarget:
     """``entry`` says how to sample (steps, guidance, inputs, the evaluation examples); ``load`` returns the
     target's pipeline, loaded on the first call and shared by every later one (calibrations, the peers' calibration
     and the sweep run on it, each leaving it as it found it: one copy of the weights, however large);
-    ``calibration`` are the inputs calibrations run on (kept apart from the evaluation examples)."""
+    ``calibration`` are the inputs calibrations run on, ``calibration_cases`` explicit (input, seed) runs instead;
+    ``source`` loads a fresh copy (the demo's second pipeline)."""
 
     entry: BundledModel
     load: Callable[[], object]
     calibration: tuple
-    calibration_cases: tuple | None = None  # explicit (input, seed) calibration runs instead
+    calibration_cases: tuple | None = None
+    source: ModelSource | None = None
 
     @property
     def name(self) -> str:
@@ -34,50 +39,66 @@ class SweepTarget:
     def family(self) -> str:
         return self.entry.family
 
-    def calibration_kwargs(self) -> dict:
+    def calibration_runs(self) -> list[tuple]:
+        """The (input, seed) runs every method calibrates on: the explicit cases, else one run per calibration input,
+        each with its own noise (seeds ``base, base + 1, ...``; ``base`` 0 when the calibration inputs are not the
+        evaluated ones, else :data:`CALIBRATION_SEED`)."""
         if self.calibration_cases:
-            return {"cases": list(self.calibration_cases)}
-        return {INPUT_KINDS[self.entry.inputs].calibrate_arg: list(self.calibration)}
+            return [tuple(case) for case in self.calibration_cases]
+        base = CALIBRATION_SEED if set(self.calibration) & set(self.entry.examples) else 0
+        return [(item, base + index) for index, item in enumerate(self.calibration)]
+
+    def calibration_kwargs(self) -> dict:
+        """Pipeline arguments of a threshold calibration: the sampling settings (a video model's clip size), at the
+        sampling guidance scale unless the family's official calibration fixes one (DiT calibrates without
+        classifier-free guidance)."""
+        from ..families import get_family
+
+        fixed = "guidance_scale" in get_family(self.family).pipeline.calibration_kwargs
+        return {**self.entry.pipeline_kwargs, **({} if fixed else {"guidance_scale": self.entry.guidance_scale})}
+
+
+def check_held_out(target: SweepTarget, evaluation: list[tuple]) -> None:
+    """Refuse evaluation (input, seed) pairs that the target's calibration runs on: an evaluated sample must never
+    have been seen by any calibration."""
+    seen = set(map(tuple, target.calibration_runs()))
+    leaked = [case for case in map(tuple, evaluation) if case in seen]
+    if leaked:
+        raise ValueError(
+            f"Evaluation inputs {leaked[:4]} are also calibration runs of {target.name}: choose evaluation seeds or "
+            "calibration cases (--calibration-cases) that do not overlap."
+        )
 
 
 def bundled_target(name: str, device: str = "cpu") -> SweepTarget:
-    load = functools.cache(lambda: registry.load(name, device))
-    return SweepTarget(registry.get(name), load, tuple(CALIBRATION[name]))
+    return source_target(ModelSource(model=name), device=device)
 
 
-def pipeline_target(
-    path: str,
-    inputs: list,
-    num_inference_steps: int,
-    guidance_scale: float | None,
+def source_target(
+    source: ModelSource,
+    inputs: list | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     device: str = "cpu",
-    calibration: list | None = None,
     calibration_cases: list[tuple] | None = None,
 ) -> SweepTarget:
-    """A saved diffusers pipeline (``save_pretrained`` layout, loaded with ``local_files_only``; invardiff's own
-    pipeline classes and identity VAE included). ``inputs`` are prompts (Flux) or class ids (DiT); calibration runs
-    on ``calibration_cases`` ((input, seed) pairs), on ``calibration`` or, by default, on the same inputs (with other
-    seeds than the evaluation's). ``guidance_scale`` ``None``: the pipeline's own default (FluxPipeline 3.5,
-    DiTPipeline 4.0)."""
-    from ..models.loading import load_saved_pipeline
+    """The target of ``source``: a bundled model evaluates its examples and calibrates on its own calibration
+    inputs (:data:`invardiff.demo.CALIBRATION`); your own pipeline evaluates ``inputs`` (prompts or class ids) at
+    ``num_inference_steps`` and ``guidance_scale`` (``None``: the pipeline's own default) and calibrates on
+    ``calibration_cases`` ((input, seed) pairs) or, by default, on the same inputs with seeds from
+    :data:`CALIBRATION_SEED` (never the evaluation's)."""
 
     @functools.cache
     def load():
-        pipe = load_saved_pipeline(path)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
+        return source.load(device)
 
-    family = resolve_family(load().transformer)
-    if family.pipeline is None:
-        raise ValueError(f"{path} is a {family.name} pipeline, whose family describes no pipeline calls.")
-    kind = family.pipeline.input_kind
-    if (kind == "prompt") != all(isinstance(item, str) for item in inputs):
-        raise ValueError(f"{path} is a {family.name} pipeline: give it {INPUT_KINDS[kind].cli_flag}.")
-    if guidance_scale is None:
-        guidance_scale = inspect.signature(type(load()).__call__).parameters["guidance_scale"].default
-    name = Path(path).name
-    entry = BundledModel(
-        name, family.name, "user pipeline", str(path), num_inference_steps, guidance_scale, kind, tuple(inputs)
-    )
+    if source.model is not None:
+        if inputs or num_inference_steps or guidance_scale is not None or calibration_cases:
+            raise ValueError("A bundled model is evaluated on its own examples and settings.")
+        return SweepTarget(source.bundled, load, tuple(CALIBRATION[source.model]), None, source)
+    entry = source.sampling(load(), num_inference_steps, guidance_scale, inputs or ())
+    kind = entry.inputs
+    if not inputs or (kind == "prompt") != all(isinstance(item, str) for item in inputs):
+        raise ValueError(f"{source.name} is a {entry.family} model: give it {INPUT_KINDS[kind].cli_flag}.")
     cases = tuple(map(tuple, calibration_cases)) if calibration_cases else None
-    return SweepTarget(entry, load, tuple(calibration or inputs), cases)
+    return SweepTarget(entry, load, tuple(inputs), cases, source)

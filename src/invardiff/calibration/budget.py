@@ -20,7 +20,7 @@ import torch
 from ..families import resolve_family
 from ..flops import profile_flops
 from .batching import pipeline_call_config
-from .run import _call, _default_kwargs, output_tensor
+from .run import _call, check_cases, output_tensor, sampling_defaults
 from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
 from .trajectory import TrajectoryStats, record_trajectories
 
@@ -45,11 +45,13 @@ def calibrate_budget(
 ) -> tuple[list[SearchResult], TrajectoryStats]:
     """Plans of least calibration-set error at each FLOP-ideal speedup in ``speedups`` (one per target).
 
-    One full-compute pass over ``cases`` (``[(prompt or class id, seed), ...]``) records the trajectories
+    One full-compute pass over ``cases`` (``[(prompt or class id, seed or latents), ...]``, as in
+    :func:`~invardiff.calibration.calibrate`) records the trajectories
     (:func:`record_trajectories`); the FLOPs come from the transformer at the calibration call's shapes
     (:func:`invardiff.flops.profile_flops`); :func:`invardiff.calibration.search.search_plan` does the rest for
     each target. ``search`` sets everything but the speedup (default: no extrapolation, unit reuse on).
-    ``window`` bounds the longest reuse run (and the features held per stream while recording).
+    ``window`` bounds the longest reuse run (and the features held per stream while recording). The calls run at
+    the pipeline's default guidance scale unless ``pipeline_kwargs`` sets one (:func:`sampling_defaults`).
 
     ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS` by the
     sampled outputs' error on the calibration inputs (see the module docstring; ``search.max_run`` is then
@@ -67,7 +69,11 @@ def calibrate_budget(
         pipeline_kwargs=pipeline_kwargs,
     )
     family = resolve_family(pipe.transformer).name
-    call_kwargs = {"num_inference_steps": num_inference_steps, **_default_kwargs(family), **(pipeline_kwargs or {})}
+    call_kwargs = {
+        "num_inference_steps": num_inference_steps,
+        **sampling_defaults(pipe, family),
+        **(pipeline_kwargs or {}),
+    }
     flops = profile_flops(pipeline_call_config(pipe, family, call_kwargs))
     config = replace(search or SearchConfig(speedup=max(speedups)), speedup=max(speedups))
     if not verify:
@@ -82,7 +88,7 @@ def verified_plans(
     ``speedups``, the searched plan (one per cap of :data:`VERIFY_MAX_RUNS`) whose outputs on ``cases`` sampled
     with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning."""
     family = resolve_family(pipe.transformer).name
-    cases = [tuple(case) for case in cases]
+    cases = check_cases(cases)
 
     def sample() -> torch.Tensor:
         return _outputs(pipe, family, cases, call_kwargs, batch_size or len(cases))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,9 +50,11 @@ def calibrate(
 
     The calibration runs: by default one per prompt or class, run ``i`` with seed ``seed + i``, so every run has
     its own noise (as the official code draws a fresh noise per run; a repeated class is then a new run, not a
-    duplicate); with ``seeds``, every input with every seed; with ``cases``, exactly the given (input, seed) pairs.
-    The provenance records every run's input and seed. Runs are batched ``batch_size`` at a time and measured per
-    sample. Pass 1 measures the change rates with full compute; the
+    duplicate); with ``seeds``, every input with every seed; with ``cases``, exactly the given (input, noise)
+    pairs, the noise a seed or the latents themselves (a tensor: the pipeline's ``latents`` argument for one
+    sample, e.g. ``(C, H, W)`` for DiT, packed ``(N, C)`` for Flux; every case a seed, or every case latents). The
+    provenance records every run's input and seed (latents: their shape, dtype and SHA-256). Runs are batched
+    ``batch_size`` at a time and measured per sample. Pass 1 measures the change rates with full compute; the
     provisional plan they give drives pass 2, which re-measures them with frozen references inside provisional
     reuse runs (the resampling correction, SPEC.md A.3); the final plan comes from the corrected rates. Cost:
     two full-compute sampling runs per calibration run.
@@ -258,11 +262,9 @@ def _samples(family: str, prompts, class_labels, seeds, seed: int, cases) -> tup
     if cases is not None:
         if prompts is not None or class_labels is not None or seeds is not None:
             raise ValueError("Give calibration runs either as cases=[(input, seed), ...] or as inputs and seeds.")
-        samples = [tuple(case) for case in cases]
-        if not samples or any(len(case) != 2 for case in samples):
-            raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r}.")
+        samples = check_cases(cases)
         _check_input_kind(family, [item for item, _ in samples])
-        return samples, "cases"
+        return samples, "cases (explicit latents)" if torch.is_tensor(samples[0][1]) else "cases"
     given = {"prompts": prompts, "class_labels": class_labels}
     wanted = _pipeline(family).inputs.calibrate_arg
     inputs = given.pop(wanted)
@@ -273,6 +275,29 @@ def _samples(family: str, prompts, class_labels, seeds, seed: int, cases) -> tup
     if not seeds:
         raise ValueError("Calibration needs at least one seed.")
     return [(item, s) for s in seeds for item in inputs], "every input with every seed"
+
+
+def check_cases(cases) -> list[tuple]:
+    """``cases`` as a list of (input, noise) tuples, the noise a seed (int) or latents (a tensor), all of one kind;
+    a ValueError says what was expected otherwise."""
+    samples = [tuple(case) for case in cases] if isinstance(cases, (list, tuple)) else []
+    if not samples or any(len(case) != 2 for case in samples):
+        raise ValueError(f"cases must be a non-empty list of (input, seed or latents) pairs, got {cases!r:.80}.")
+    kinds = {"latents" if torch.is_tensor(noise) else type(noise).__name__ for _, noise in samples}
+    if not (kinds == {"int"} or kinds == {"latents"}):
+        raise ValueError(
+            f"Every case's noise must be a seed (int), or every case's latents (a tensor); got {sorted(kinds)}."
+        )
+    return samples
+
+
+def noise_record(noise):
+    """How the provenance records a run's noise: its seed, or its latents' shape, dtype and SHA-256."""
+    if not torch.is_tensor(noise):
+        return noise
+    flat = noise.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {"latents_sha256": digest, "shape": list(noise.shape), "dtype": str(noise.dtype).removeprefix("torch.")}
 
 
 def _check_input_kind(family: str, items: list) -> None:
@@ -305,11 +330,34 @@ def _default_kwargs(family: str) -> dict:
     return dict(_pipeline(family).calibration_kwargs)
 
 
+def sampling_defaults(pipe, family: str) -> dict:
+    """Default arguments of the calls a budgeted calibration records and samples: the family's calibration
+    arguments, but the guidance scale the pipeline samples with by default (the search records the calls its plan
+    will run, both CFG halves where the pipeline batches them), not the official threshold calibration's (DiT: 1)."""
+    from ..models.sources import pipeline_default
+
+    kwargs = {k: v for k, v in _default_kwargs(family).items() if k != "guidance_scale"}
+    guidance = pipeline_default(pipe, "guidance_scale")
+    return kwargs if guidance is None else {"guidance_scale": guidance, **kwargs}
+
+
 def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict):
-    """One pipeline call on ``batch`` ((input, seed) pairs, each seed its own generator); the pipeline's output."""
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in batch]
-    inputs = [item for item, _ in batch]
-    return pipe(**{_pipeline(family).inputs.pipeline_arg: inputs}, generator=generators, **call_kwargs)
+    """One pipeline call on ``batch`` ((input, noise) pairs: each seed its own generator, or the latents stacked
+    into the call's ``latents``); the pipeline's output."""
+    spec = _pipeline(family)
+    inputs = {spec.inputs.pipeline_arg: [item for item, _ in batch]}
+    noises = [noise for _, noise in batch]
+    if not torch.is_tensor(noises[0]):
+        return pipe(
+            **inputs, generator=[torch.Generator(device="cpu").manual_seed(seed) for seed in noises], **call_kwargs
+        )
+    latents = torch.stack(noises)
+    if "latents" in inspect.signature(type(pipe).__call__).parameters:
+        return pipe(**inputs, latents=latents, **call_kwargs)
+    if spec.with_latents is None:
+        raise ValueError(f"{type(pipe).__name__} takes no latents argument; calibrate it with seeds instead.")
+    with spec.with_latents(pipe, latents):
+        return pipe(**inputs, **call_kwargs)
 
 
 def output_tensor(result) -> torch.Tensor:
@@ -335,9 +383,9 @@ def _provenance(pipe, samples, seed_rule: str, call_kwargs) -> dict:
     return {
         "pipeline": type(pipe).__name__,
         "inputs": list(dict.fromkeys(item for item, _ in samples)),
-        "seeds": list(dict.fromkeys(seed for _, seed in samples)),
+        "seeds": list(dict.fromkeys(seed for _, seed in samples if not torch.is_tensor(seed))),
         "seed_rule": seed_rule,
-        "runs": [[item, seed] for item, seed in samples],
+        "runs": [[item, noise_record(noise)] for item, noise in samples],
         "num_runs": len(samples),
         "pipeline_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
         "dtype": str(pipe.transformer.dtype).removeprefix("torch."),

@@ -236,7 +236,8 @@ def record_trajectories(
     batch_size: int | None = None,
     pipeline_kwargs: dict | None = None,
 ) -> TrajectoryStats:
-    """One full-compute pass over the calibration ``cases`` (``[(prompt or class id, seed), ...]``), recording
+    """One full-compute pass over the calibration ``cases`` (``[(prompt or class id, seed or latents), ...]``),
+    at the pipeline's default guidance scale unless ``pipeline_kwargs`` sets one, recording
     :class:`TrajectoryStats` for :func:`invardiff.calibration.search.search_plan`.
 
     Cost: one full-compute sampling run per case, plus ``window + 1`` inner products per stream and step.
@@ -248,17 +249,15 @@ def record_trajectories(
     from ..families import resolve_family
     from ..plan import CachePlan
     from .record_policy import RecordConfig
-    from .run import _call, _default_kwargs
+    from .run import _call, check_cases, noise_record, sampling_defaults
 
     refuse_experts(pipe)
-    cases = [tuple(case) for case in cases]
-    if not cases or any(len(case) != 2 for case in cases):
-        raise ValueError(f"cases must be a non-empty list of (input, seed) pairs, got {cases!r:.80}.")
+    cases = check_cases(cases)
     family = resolve_family(pipe.transformer)
     facts = ModelFacts.for_family(family.name, family.num_layers(pipe.transformer))
     call_kwargs = {
         "num_inference_steps": num_inference_steps,
-        **_default_kwargs(family.name),
+        **sampling_defaults(pipe, family.name),
         **(pipeline_kwargs or {}),
     }
     recorder = TrajectoryRecorder(enumerate_units(pipe.transformer, family), facts, num_inference_steps, window)
@@ -271,7 +270,7 @@ def record_trajectories(
         api.disable(pipe)
         recorder.release()
     provenance = {
-        "cases": [list(case) for case in cases],
+        "cases": [[item, noise_record(noise)] for item, noise in cases],
         "pipeline_kwargs": {k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str, bool))},
         "scheduler": type(pipe.scheduler).__name__,
         "timesteps": [float(t) for t in pipe.scheduler.timesteps.tolist()],

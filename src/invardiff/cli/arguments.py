@@ -37,9 +37,45 @@ def _cases(parser, verb: str) -> None:
     )
 
 
+def model_source(parser, bundled: str, many: bool = False, config: bool = False):
+    """The one model-source option group of every command that runs a model: ``--model NAME`` (bundled), or your
+    own ``--pipeline DIR_OR_HUB_ID`` and/or ``--transformer DIR`` (resolved by
+    :meth:`invardiff.models.sources.ModelSource.from_args`). ``many``: ``--model`` takes several names;
+    ``config``: also ``--model-config`` (a random-weight toy pipeline). Returns the group."""
+    group = parser.add_argument_group("model (a bundled --model NAME, or your own --pipeline and/or --transformer)")
+    group.add_argument("--model", nargs="+" if many else None, help=f"bundled model: {bundled} (`invardiff models`)")
+    group.add_argument(
+        "--pipeline",
+        metavar="DIR_OR_HUB_ID",
+        help="your own pipeline: a directory written by pipe.save_pretrained(DIR), or a Hugging Face hub id already "
+        "in the local cache (loaded with local_files_only; never downloaded); calibrate on a Wan2.2 pipeline with "
+        "transformer_2 writes one plan per expert, in one file",
+    )
+    group.add_argument(
+        "--transformer",
+        metavar="DIR",
+        help="your own transformer (config.json + weights, e.g. a fine-tune): with --pipeline BASE it replaces "
+        "BASE's transformer; alone, the family's stock pipeline around it (DiT: pixel space, invardiff's "
+        "IdentityVAE)",
+    )
+    if config:
+        group.add_argument("--model-config", help="a random-weight toy pipeline: flux-tiny, dit-tiny, flux-bench, ...")
+    return group
+
+
 def demo(p) -> None:
     _device(p)
-    p.add_argument("--model", default="flux-shapes", help="bundled model: flux-shapes, dit-digits or wan-motion")
+    model_source(p, "flux-shapes (the default), dit-digits or wan-motion")
+    own = p.add_argument_group("your own model (--pipeline / --transformer)")
+    own.add_argument("--prompts", help="text file, one prompt per line: the evaluated inputs (Flux, Wan)")
+    own.add_argument("--classes", help="comma-separated class ids: the evaluated inputs (DiT)")
+    own.add_argument("--steps", type=at_least(3, "a step count"), help="sampling steps")
+    own.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's own default)")
+    own.add_argument(
+        "--calibration-cases",
+        help="a JSON file of (input, seed) pairs to calibrate on (default: the evaluated inputs with seeds 1000, "
+        "1001, ...: never an evaluated noise)",
+    )
     p.add_argument(
         "--preset", help="official preset of the model's family (default: the model's, fast for the image models)"
     )
@@ -57,13 +93,18 @@ def models(p) -> None:
 def generate(p) -> None:
     from .policy_args import add_policy_arguments
 
-    p.add_argument("--model", required=True, help="bundled model name (see `invardiff models`)")
+    model_source(p, "flux-shapes, dit-digits, wan-motion")
     add_policy_arguments(p)
     item = p.add_mutually_exclusive_group(required=True)
     item.add_argument("--prompt", help="text prompt (Flux models)")
     item.add_argument("--class", dest="class_id", type=int, help="class id (DiT models)")
     p.add_argument("--seed", type=at_least(0, "a seed"), default=0)
-    p.add_argument("--steps", type=at_least(1, "a step count"), help="default: the model's (the plan's, with --plan)")
+    p.add_argument(
+        "--steps",
+        type=at_least(1, "a step count"),
+        help="default: the bundled model's, or the plan's with --plan (needed for your own pipeline without a plan)",
+    )
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the model's, or the pipeline's own)")
     p.add_argument(
         "--batch", type=at_least(1, "a batch size"), default=1, help="images per call (seeds seed, seed+1, ...)"
     )
@@ -79,18 +120,16 @@ def generate(p) -> None:
 
 
 def calibrate(p) -> None:
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a bundled model (see `invardiff models`): flux-shapes, dit-digits")
-    source.add_argument(
-        "--pipeline",
-        help="a local diffusers pipeline directory (Flux, DiT, Wan; a Wan2.2 pipeline with transformer_2 gets one "
-        "plan per expert, written as one file)",
-    )
-    source.add_argument("--model-config", help="a random-weight toy pipeline: flux-tiny, dit-tiny, flux-bench, ...")
+    model_source(p, "flux-shapes, dit-digits, wan-motion", config=True)
     inputs = p.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--prompts", help="text file, one prompt per line (Flux)")
     inputs.add_argument("--classes", help="comma-separated class ids (DiT), e.g. 207,360,387")
     _cases(inputs, "calibrate on")
+    p.add_argument(
+        "--latents",
+        help="instead of seeds: a .pt or .safetensors file of the noises to calibrate with, one per run in run order "
+        "(a tensor (N, ...) or a list of N tensors; each the pipeline's latents argument for one sample)",
+    )
     p.add_argument(
         "--seeds",
         help="comma-separated seeds: every input runs with every seed. Default: one run per input, each with its own "
@@ -159,7 +198,8 @@ def build_plan(p) -> None:
 def inspect(p) -> None:
     p.add_argument("plan", nargs="?", help="a plan file (not with --calibration-memory)")
     p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
-    p.add_argument("--model", help="a bundled model (its own call shapes): flux-shapes, dit-digits")
+    model_source(p, "flux-shapes, dit-digits, wan-motion (their own call shapes); --pipeline / --transformer: the "
+                 "transformer config they hold, read without loading weights")  # fmt: skip
     shape = p.add_argument_group("call shape (with a config.json: defaults are the family's, and are printed)")
     shape.add_argument("--image-tokens", type=at_least(1, "a token count"), help="image tokens per transformer call")
     shape.add_argument("--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (Flux)")
@@ -190,12 +230,7 @@ def plot(p) -> None:
 
 
 def bench(p) -> None:
-    p.add_argument(
-        "--model",
-        nargs="+",
-        default=["flux-shapes", "dit-digits"],
-        help="bundled model(s): flux-shapes, dit-digits (the default) and the video model wan-motion",
-    )
+    model_source(p, "one or more of flux-shapes, dit-digits (the default: both) and the video model wan-motion", True)
     p.add_argument(
         "--methods",
         nargs="+",
@@ -211,14 +246,17 @@ def bench(p) -> None:
     p.add_argument("--out", default="benchmarks/results/sweep")
     p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
     p.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON lines")
-    p.add_argument("--pipeline", help="instead of bundled models: a saved diffusers Flux / DiT pipeline directory")
-    p.add_argument("--prompts", help="with --pipeline (Flux): a text file, one prompt per line")
-    p.add_argument("--classes", help="with --pipeline (DiT): comma-separated class ids")
-    _cases(p, "evaluate (with --pipeline, instead of --prompts / --classes and --seeds)")
-    p.add_argument("--calibration-cases", help="with --pipeline: a JSON file of (input, seed) pairs to calibrate on")
-    p.add_argument("--steps", type=at_least(3, "a step count"), help="with --pipeline: sampling steps")
+    p.add_argument("--prompts", help="your own model (Flux, Wan): a text file, one prompt per line")
+    p.add_argument("--classes", help="your own model (DiT): comma-separated class ids")
+    _cases(p, "evaluate (your own model, instead of --prompts / --classes and --seeds)")
     p.add_argument(
-        "--guidance", type=float, help="with --pipeline: guidance scale (default: the pipeline's own default)"
+        "--calibration-cases",
+        help="your own model: a JSON file of (input, seed) pairs every method calibrates on (default: the evaluated "
+        "inputs with seeds 1000, 1001, ...); an evaluated (input, seed) among them is refused",
+    )
+    p.add_argument("--steps", type=at_least(3, "a step count"), help="your own model: sampling steps")
+    p.add_argument(
+        "--guidance", type=float, help="your own model: guidance scale (default: the pipeline's own default)"
     )
     p.add_argument(
         "--batch", type=at_least(1, "a batch size"), default=1, help="evaluation images per pipeline call (default 1)"

@@ -32,6 +32,7 @@ def inspect_plan(args) -> int:
 
         flops = profile_flops(config)
     summary = plan_summary(plan, flops)
+    full_run = plan.num_inference_steps * flops.full_step if flops is not None else None
     if config is not None:
         summary["call_shape"] = _call_shape(config)
     if args.memory:
@@ -52,6 +53,13 @@ def inspect_plan(args) -> int:
         print(
             f"{name:36} {stat['reuse_fraction']:8.1%} {stat['reuse_fraction_outside_step_cache']:19.1%}  "
             f"{stat['reused_steps_outside_step_cache']}"
+        )
+    work = summary.get("extrapolated_entries")
+    if work is not None:
+        flops_text = f" ({work['flops'] / full_run:.2%} of full compute's FLOPs)" if flops is not None else ""
+        print(
+            f"extrapolation: {work['steps']} step-cached steps and {work['units']} unit reuses extrapolate, one lerp "
+            f"each{flops_text}, counted in the ideal speedup"
         )
     if flops is not None:
         shape = ", ".join(f"{k} {v}" for k, v in summary["call_shape"].items())
@@ -78,20 +86,27 @@ def _inspected_config(args):
     from ..model_configs import MODEL_CONFIGS, get_model_config
 
     overrides = {k: getattr(args, k) for k in SHAPE_OPTIONS if getattr(args, k) is not None}
-    if args.model and args.model_config:
-        raise ValueError("Give --model NAME (a bundled model) or --model-config, not both.")
+    own = args.pipeline or args.transformer
+    if sum(bool(x) for x in (args.model, own, args.model_config)) > 1:
+        raise ValueError("Give one of --model NAME (a bundled model), --pipeline / --transformer, --model-config.")
     if args.model:
         from ..models import registry
 
         config = registry.get(args.model).model_config()
-    elif args.model_config:
-        config = get_model_config(args.model_config)
-        if args.model_config not in MODEL_CONFIGS and not set(overrides) >= {"image_tokens", "dtype"}:
+    elif args.model_config or own:
+        from ..models.sources import ModelSource
+
+        source = ModelSource(None, args.pipeline, args.transformer) if own else None
+        path = args.model_config or str(source.transformer_config())
+        config = get_model_config(path)
+        if source is not None:
+            config = dataclasses.replace(config, name=source.name)
+        if path not in MODEL_CONFIGS and not set(overrides) >= {"image_tokens", "dtype"}:
             assumed = ", ".join(f"{k} {v}" for k, v in _call_shape(config).items() if k not in overrides)
             print(
-                f"invardiff inspect: note: {args.model_config} gives no call shape; assumed the {config.family} "
-                f"family's defaults: {assumed} (set --image-tokens, --text-tokens, --batch, --dtype to match your "
-                "runs)",
+                f"invardiff inspect: note: {path} gives no call shape; assumed the {config.family} family's "
+                f"defaults: {assumed} (the dtype of the weights beside it, if any; set --image-tokens, "
+                "--text-tokens, --batch, --dtype to match your runs)",
                 file=sys.stderr,
             )
     else:
@@ -153,22 +168,14 @@ def calibrate(args) -> int:
     from ..calibration import calibrate as run_calibration
 
     _use_threads(args)
-    pipe, family, entry = _load_pipeline(args)
     from .search_commands import calibrate_budget, wants_search
 
-    thresholds = None if wants_search(args) else _thresholds(args, family)
+    runs = _calibration_runs(args)  # bad inputs fail before the model loads
+    pipe, family, entry = _load_pipeline(args)
+    thresholds = None if wants_search(args) else _thresholds(args, family, default=True)
     steps = args.steps or (entry.num_inference_steps if entry else None)
     if steps is None:
         raise ValueError("calibrate needs --steps N (the plan's num_inference_steps).")
-    runs = {"seed": args.seed} if args.seeds is None else {"seeds": int_list(args.seeds, "--seeds")}
-    if args.cases:
-        if args.seeds is not None:
-            raise ValueError("--seeds does not apply with --cases (each case carries its seed).")
-        runs = {"cases": read_cases(args.cases)}
-    elif args.prompts:
-        runs["prompts"] = read_prompts(args.prompts)
-    else:
-        runs["class_labels"] = int_list(args.classes, "--classes")
     extra = {
         "height": args.height,
         "width": args.width,
@@ -179,8 +186,10 @@ def calibrate(args) -> int:
     if entry is not None and args.guidance_scale is None:
         from ..families import get_family
 
-        # A bundled model calibrates at its sampling guidance, unless its family's official calibration fixes one.
-        if "guidance_scale" not in get_family(family).pipeline.calibration_kwargs:
+        # A bundled model calibrates at its sampling guidance, unless its family's official threshold calibration
+        # fixes one; the budgeted search records the calls its plans will run, at the sampling guidance (as the
+        # library's calibrate_budget and the sweep do).
+        if wants_search(args) or "guidance_scale" not in get_family(family).pipeline.calibration_kwargs:
             extra["guidance_scale"] = entry.guidance_scale
     extra = {k: v for k, v in extra.items() if v is not None}
     if entry is not None:  # a bundled video model's clip size and frame count
@@ -213,6 +222,8 @@ def calibrate(args) -> int:
             progress=bars.update,
             **runs,
         )
+    if args.latents:  # the library records each run's latents by hash; the file they came from is the CLI's to say
+        plan.provenance["calibration"]["latents_file"] = rates.provenance["latents_file"] = str(args.latents)
     plan.save(args.output)
     if isinstance(rates, dict):  # a pipeline with experts (Wan2.2): one plan and one rates file per expert
         paths = {name: rates_path_for(args.output, name) for name in rates}
@@ -230,6 +241,52 @@ def calibrate(args) -> int:
 
 def _step_cached(plan) -> str:
     return f"{int(plan.step_cache.sum())}/{plan.num_inference_steps}"
+
+
+def _calibration_runs(args) -> dict:
+    """``calibrate``'s runs as keyword arguments of the library: inputs with seeds, explicit cases, or inputs with
+    the latents of a file (one per input, in order)."""
+    if args.latents:
+        if args.cases or args.seeds is not None:
+            raise ValueError("--latents replaces the seeds: give the inputs with --prompts or --classes, not "
+                             "--cases or --seeds.")  # fmt: skip
+        items = read_prompts(args.prompts) if args.prompts else int_list(args.classes, "--classes")
+        latents = read_latents(args.latents)
+        if len(latents) != len(items):
+            raise ValueError(
+                f"{args.latents} holds {len(latents)} latents for {len(items)} inputs; give one per input, in order."
+            )
+        return {"cases": list(zip(items, latents, strict=True))}
+    runs = {"seed": args.seed} if args.seeds is None else {"seeds": int_list(args.seeds, "--seeds")}
+    if args.cases:
+        if args.seeds is not None:
+            raise ValueError("--seeds does not apply with --cases (each case carries its seed).")
+        return {"cases": read_cases(args.cases)}
+    if args.prompts:
+        return {**runs, "prompts": read_prompts(args.prompts)}
+    return {**runs, "class_labels": int_list(args.classes, "--classes")}
+
+
+def read_latents(path: str) -> list[torch.Tensor]:
+    """The latents of a ``.pt`` file (a tensor ``(N, ...)`` or a list of N tensors, loaded with
+    ``weights_only``) or a ``.safetensors`` file (one tensor ``(N, ...)``, any name): one tensor per run."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"--latents {path}: no such file (expected a .pt or .safetensors file of latents).")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = list(load_file(str(file)).values())
+        if len(tensors) != 1:
+            raise ValueError(f"{path} holds {len(tensors)} tensors; expected one, of shape (runs, ...).")
+        loaded = tensors[0]
+    else:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    if torch.is_tensor(loaded):
+        loaded = list(loaded.unbind(0))
+    if not isinstance(loaded, (list, tuple)) or not loaded or not all(torch.is_tensor(t) for t in loaded):
+        raise ValueError(f"{path}: expected a tensor (runs, ...) or a list of tensors, got {type(loaded).__name__}.")
+    return list(loaded)
 
 
 def resample_plan(args) -> int:
@@ -325,45 +382,46 @@ def rates_path_for(plan_path: str, expert: str | None = None) -> Path:
     return path.with_name(path.stem + (f".{expert}" if expert else "") + ".rates.npz")
 
 
-def _thresholds(args, family: str):
+def _thresholds(args, family: str, default: bool = False):
     from ..calibration import parse_thresholds, preset
+    from ..families import get_family
 
     if args.thresholds:
         return parse_thresholds(args.thresholds, family)
     if args.preset:
         return preset(family, args.preset)
-    raise ValueError("Give --preset NAME or --thresholds ... (see invardiff calibrate --help).")
+    name = next(iter(get_family(family).presets), None) if default else None
+    if name is None:
+        raise ValueError("Give --preset NAME or --thresholds ... (see invardiff calibrate --help).")
+    print(
+        f"invardiff: no --preset or --thresholds given: the {family} family's default preset {name!r}", file=sys.stderr
+    )
+    return preset(family, name)
 
 
 def _load_pipeline(args):
     """The pipeline to calibrate, its family name and, for a bundled model, its registry entry."""
     from ..families import resolve_family
+    from ..models.sources import ModelSource
 
     device = check_device(args.device)
     entry = None
-    if args.model:
-        from ..models import registry
-
-        entry = registry.get(args.model)
-        pipe = registry.load(args.model, device)
-    elif args.model_config:
+    if args.model_config:
+        if args.model or args.pipeline or args.transformer:
+            raise ValueError("Give --model-config (a random-weight toy) or a model (--model / --pipeline / "
+                             "--transformer), not both.")  # fmt: skip
         from ..model_configs import get_model_config
         from ..toy_pipelines import build_pipeline
 
         config = get_model_config(args.model_config)
         pipe = build_pipeline(config, config.build_transformer(device), text_encoders=True)
     else:
-        pipe = load_pipeline_directory(args.pipeline)
+        source = ModelSource.from_args(args)
+        entry = source.bundled
+        pipe = source.load(device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, resolve_family(pipe.transformer).name, entry
-
-
-def load_pipeline_directory(path: str):
-    """A saved diffusers pipeline, with one-line errors for what a user can get wrong."""
-    from ..models.loading import load_saved_pipeline
-
-    return load_saved_pipeline(path)
 
 
 def check_device(name: str) -> torch.device:
@@ -517,28 +575,40 @@ def generate(args) -> int:
 
     from .. import api
     from ..calibration.run import check_inputs
-    from ..models import get, load
+    from ..models.sources import ModelSource
     from .policy_args import chosen_policy, planned_steps, policy_config
     from .scale import check_ray_options, generate_many, wants_many
 
     check_ray_options(args)
+    source = ModelSource.from_args(args)
     if wants_many(args):  # --prompts / --classes / --ray: one image per (input, seed), with a manifest
+        if source.model is None:
+            raise ValueError(
+                "--prompts / --classes / --ray take a bundled --model for now; generate with your own model one "
+                "input at a time (--prompt TEXT or --class N, --batch N for several seeds)."
+            )
         return generate_many(args)
-    entry = get(args.model)
-    if (entry.inputs == "prompt") != (args.prompt is not None):
-        raise ValueError(f"{args.model} takes {'--prompt TEXT' if entry.inputs == 'prompt' else '--class N'}.")
+    bundled = source.bundled
+    if bundled is not None:  # a bundled model's input kind and the plan's family are checked before loading it
+        _check_item_kind(args, source.name, bundled.inputs)
+        config = policy_config(args, bundled.family)
+    pipe = source.load()
+    if bundled is None:
+        from ..families import resolve_family
+
+        config = policy_config(args, resolve_family(pipe.transformer).name)
+    entry = source.sampling(pipe, planned_steps(args, config), args.guidance)
+    _check_item_kind(args, source.name, entry.inputs)
+    steps = entry.num_inference_steps
     policy = chosen_policy(args)
-    config = policy_config(args, entry.family)
-    steps = planned_steps(args, config) or entry.num_inference_steps
     out = Path(args.output)
     suffix = f"-{policy.replace('+', '-')}" if policy else ""
     extension = ".gif" if entry.video else ".png"  # a video model writes each clip as an animated GIF
-    paths = [out / f"{args.model}-seed{args.seed + index}{suffix}{extension}" for index in range(args.batch)]
-    summary_path = out / f"{args.model}-seed{args.seed}{suffix}.summary.json"
+    paths = [out / f"{source.name}-seed{args.seed + index}{suffix}{extension}" for index in range(args.batch)]
+    summary_path = out / f"{source.name}-seed{args.seed}{suffix}.summary.json"
     existing = [str(path) for path in [*paths, summary_path] if path.exists()]
     if existing and not args.overwrite:
         raise ValueError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or another -o DIR.")
-    pipe = load(args.model)
     item = args.prompt if args.prompt is not None else args.class_id
     check_inputs(pipe, entry.family, [item])
     if config is not None:
@@ -567,25 +637,42 @@ def generate(args) -> int:
     return 0
 
 
+def _check_item_kind(args, name: str, kind: str) -> None:
+    if (kind == "prompt") != (args.prompt is not None):
+        raise ValueError(f"{name} takes {'--prompt TEXT' if kind == 'prompt' else '--class N'}.")
+
+
 def demo(args) -> int:
     from ..calibration import preset
     from ..demo import run_demo, write_report
-    from ..models import registry
+    from ..families import get_family
+    from ..models.sources import ModelSource
 
     _use_threads(args)
     device = check_device(args.device)
-    entry = registry.get(args.model)
-    preset_name = args.preset or entry.demo_preset
-    preset(entry.family, preset_name)  # a bad model or preset fails now, not after loading
     seeds = int_list(args.seeds, "--seeds")
+    source = ModelSource.from_args(args, default_model="flux-shapes")
+    if source.model is not None:
+        given = [f"--{k.replace('_', '-')}" for k in OWN_MODEL_OPTIONS if getattr(args, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to your own model (--pipeline / --transformer).")
+        preset(source.bundled.family, args.preset or source.bundled.demo_preset)  # a bad preset fails now
+    target = _own_target(args, source, str(device))
+    # a bundled model's demo preset; your own model's: its family's default (the first)
+    preset_name = args.preset or (
+        target.entry.demo_preset if source.model else next(iter(get_family(target.family).presets), None)
+    )
+    if preset_name is None:
+        raise ValueError(f"The {target.family} family has no preset: the demo needs one (--preset NAME).")
+    preset(target.family, preset_name)
     # Phases differ widely in length (calibration is two passes), so the bar shows elapsed time and no ETA.
-    with tqdm(total=args.rounds + 3, desc=f"demo {args.model}", disable=args.json, bar_format=PHASE_BAR) as bar:
+    with tqdm(total=args.rounds + 3, desc=f"demo {source.name}", disable=args.json, bar_format=PHASE_BAR) as bar:
 
         def progress(phase: str, done: int) -> None:
             bar.n = done
             bar.set_postfix_str(phase)  # the phase in progress
 
-        report, images = run_demo(args.model, preset_name, seeds, args.rounds, device=str(device), progress=progress)
+        report, images = run_demo(target, preset_name, seeds, args.rounds, device=str(device), progress=progress)
         bar.n = bar.total
         bar.set_postfix_str("done")
     paths = write_report(report, images, Path(args.out))
@@ -602,6 +689,33 @@ def demo(args) -> int:
 
 PHASE_BAR = "{desc}: {n}/{total} phases done, {elapsed} elapsed{postfix}"
 
+# `demo` and `bench` options that describe your own model (a bundled model has its own inputs and settings).
+OWN_MODEL_OPTIONS = ("prompts", "classes", "steps", "guidance", "calibration_cases")
+
+
+def _own_target(args, source, device: str, cases: list[tuple] | None = None):
+    """The sweep / demo target of ``source``: a bundled model as it is, or your own model with the evaluated inputs
+    (``--prompts``, ``--classes`` or the cases' inputs), ``--steps``, ``--guidance`` and ``--calibration-cases``."""
+    from ..bench.targets import source_target
+
+    if source.model is not None:
+        return source_target(source, device=device)
+    if sum(bool(x) for x in (args.prompts, args.classes, cases)) != 1:
+        raise ValueError(
+            "Your own model needs one of --prompts FILE (Flux, Wan), --classes 1,2,3 (DiT), --cases FILE."
+        )
+    items = (
+        read_prompts(args.prompts)
+        if args.prompts
+        else int_list(args.classes, "--classes")
+        if args.classes
+        else list(dict.fromkeys(item for item, _ in cases))
+    )
+    if not args.steps:
+        raise ValueError("Your own model needs --steps N (the sampling step count).")
+    calibration = read_cases(args.calibration_cases) if args.calibration_cases else None
+    return source_target(source, items, args.steps, args.guidance, device, calibration)
+
 
 def _quiet_cache_dit() -> None:
     # cache-dit logs every enable_cache on stdout (INFO and WARNING), which would interleave with the progress bars
@@ -615,33 +729,21 @@ def bench(args) -> int:
 
     from ..bench.bundled import sweep_inputs
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
-    from ..bench.targets import bundled_target, pipeline_target
+    from ..models.sources import ModelSource
 
     _use_threads(args)
     device = str(check_device(args.device))
     seeds = int_list(args.seeds, "--seeds")
     cases = read_cases(args.cases) if args.cases else None
-    pipeline_only = {"--prompts": args.prompts, "--classes": args.classes, "--steps": args.steps,
-                     "--guidance": args.guidance, "--calibration-cases": args.calibration_cases}  # fmt: skip
-    if args.pipeline:
-        if sum(bool(x) for x in (args.prompts, args.classes, cases)) != 1:
-            raise ValueError("--pipeline needs one of --prompts FILE (Flux), --classes 1,2,3 (DiT), --cases FILE.")
-        items = (
-            read_prompts(args.prompts)
-            if args.prompts
-            else int_list(args.classes, "--classes")
-            if args.classes
-            else list(dict.fromkeys(item for item, _ in cases))
-        )
-        if not args.steps:
-            raise ValueError("--pipeline needs --steps N (the sampling step count to benchmark).")
-        calibration_cases = read_cases(args.calibration_cases) if args.calibration_cases else None
-        targets = [pipeline_target(args.pipeline, items, args.steps, args.guidance, device, None, calibration_cases)]
+    if args.pipeline or args.transformer:
+        if args.model:
+            raise ValueError("Give bundled --model NAME(s) or your own --pipeline / --transformer, not both.")
+        targets = [_own_target(args, ModelSource(None, args.pipeline, args.transformer), device, cases)]
     else:
-        given = [option for option, value in pipeline_only.items() if value]
+        given = [f"--{k.replace('_', '-')}" for k in OWN_MODEL_OPTIONS if getattr(args, k) is not None]
         if given or cases:
-            raise ValueError(f"{', '.join(given) or '--cases'} applies only with --pipeline DIR.")
-        targets = [bundled_target(model, device) for model in args.model]
+            raise ValueError(f"{', '.join(given) or '--cases'} applies only to your own --pipeline / --transformer.")
+        targets = [_own_target(args, ModelSource(model), device) for model in args.model or BENCH_MODELS]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
@@ -667,6 +769,9 @@ def bench(args) -> int:
                 equal_speed_table(model, results, speed="ideal_speedup"),
             ]
         )
+        from ..bench.extrapolation_cost import sweep_note
+
+        table += sweep_note(target, results, device)  # extrapolating points: what a lerp costs beside plain reuse
         if args.ray is not None:  # how the timing was distributed (invardiff.scale.bench)
             from ..scale.bench import TIMING_NOTE
 
@@ -676,6 +781,9 @@ def bench(args) -> int:
         print(table)
         print(f"wrote {jsonl}, {out / f'sweep-{model}.md'} and {out / f'sweep-{model}.png'}")
     return 0
+
+
+BENCH_MODELS = ("flux-shapes", "dit-digits")  # `bench` without a model
 
 
 def _device_name(device: torch.device) -> str:

@@ -157,6 +157,7 @@ def ray_calibration(args):
     from ..scale.calibrate import calibrate_on_ray
 
     device = _worker_device(args)
+    _no_transformer(args)
     if getattr(args, "model", None):
         source = PipelineSource("bundled", args.model, device)
     elif args.model_config:
@@ -177,6 +178,7 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
     from ..scale.bench import run_sweep_on_ray
 
     device = _worker_device(args)
+    _no_transformer(args)
     source = PipelineSource("pretrained", args.pipeline, device) if args.pipeline else None
     source = source or PipelineSource("bundled", inputs.model, device)
     with start_bar(position=1) as on_start:
@@ -184,6 +186,12 @@ def ray_sweep(args, inputs, points, on_result, done) -> list[dict]:
         return run_sweep_on_ray(
             inputs, points, args.rounds, on_result, done, source=source, workers=workers, on_start=on_start
         )
+
+
+def _no_transformer(args) -> None:
+    if getattr(args, "transformer", None):
+        raise ValueError("--ray does not take --transformer yet: save the pipeline with your transformer in it "
+                         "(pipe.save_pretrained(DIR)) and give --pipeline DIR.")  # fmt: skip
 
 
 def _worker_device(args) -> str:

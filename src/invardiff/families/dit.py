@@ -11,6 +11,9 @@ Around the engine: class-conditional pipelines (``DiTPipeline``), the official D
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiTTransformer2DModel
@@ -123,6 +126,49 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     return DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=_scheduler())
 
 
+def _bare_pipeline(transformer):
+    from diffusers import DiTPipeline
+
+    from ..toy_pipelines import IdentityVAE
+
+    # No VAE comes with a bare transformer: invardiff's identity VAE returns the latents as the image, which is right
+    # for a pixel-space model and wrong for a latent-space one (DiT-XL/2 needs its Stable Diffusion VAE).
+    channels = transformer.config.in_channels
+    pipe = DiTPipeline(transformer=transformer, vae=IdentityVAE(latent_channels=channels), scheduler=_scheduler())
+    note = (
+        f"DiTPipeline with invardiff's IdentityVAE (pixel space: the {channels}-channel samples are the images) and "
+        "DDIM; a latent-space DiT needs its VAE: --pipeline BASE with --transformer DIR"
+    )
+    return pipe, note
+
+
+_LATENTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _with_latents(pipe, latents: torch.Tensor):
+    # DiTPipeline.__call__ takes no latents (diffusers 0.42): it draws them with pipeline_dit.randn_tensor, so that
+    # name is replaced for the duration of the call by one that returns the given latents (checked against the shape
+    # the pipeline asks for). The lock keeps two such calls in this process from replacing it at once.
+    from diffusers.pipelines.dit import pipeline_dit
+
+    def given(shape, generator=None, device=None, dtype=None, layout=None):
+        if tuple(shape) != tuple(latents.shape):
+            raise ValueError(
+                f"The latents have shape {tuple(latents.shape)} but the DiT pipeline draws {tuple(shape)} "
+                "(batch, in_channels, sample_size, sample_size)."
+            )
+        return latents.to(device=device, dtype=dtype)
+
+    with _LATENTS_LOCK:
+        drawn = pipeline_dit.randn_tensor
+        pipeline_dit.randn_tensor = given
+        try:
+            yield
+        finally:
+            pipeline_dit.randn_tensor = drawn
+
+
 def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, device) -> dict:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     labels = [(seed * 7 + i) % 1000 for i in range(max(1, config.batch // 2))]  # batch = labels x CFG halves
@@ -191,11 +237,15 @@ DIT = register_family(
             build_toy=_build_toy,
             call_shape=_call_shape,
             toy_call_kwargs=_toy_call_kwargs,
+            bare=_bare_pipeline,
+            with_latents=_with_latents,
         ),
         configs=ConfigSpec(
             example_call=_example_call,
             call_timestep=_call_timestep,
-            json_defaults={"batch": 2, "steps": 50},  # one class with batched CFG, the DiT README's 50 steps
+            # one class with batched CFG, the DiT README's 50 steps; no text; DiT-XL/2's weights are float32
+            json_defaults={"batch": 2, "steps": 50, "text_tokens": 0, "dtype": "float32"},
+            json_shape=lambda config: {"image_tokens": (config["sample_size"] // config["patch_size"]) ** 2},
             named=NAMED_CONFIGS,
             bench={"cpu": "dit-bench", "full": "dit-xl-2", "tiny": "dit-tiny-fulldepth"},
         ),

@@ -193,6 +193,12 @@ class PipelineSpec:
             call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
         experts: ``experts(pipe)`` returns the :class:`Expert` transformers of a pipeline that switches
             transformers along the schedule, or ``()`` when one transformer runs every step.
+        bare: ``bare(transformer)`` returns the stock pipeline around a bare trained transformer and a note on what
+            it assumed, for families whose pipeline needs nothing else (``--transformer DIR`` alone); ``None``:
+            the family's pipeline needs more (text encoders, a VAE), so a bare transformer needs a base pipeline.
+        with_latents: ``with_latents(pipe, latents)`` returns a context manager within which the pipeline's calls
+            start from ``latents`` instead of drawing them, for pipelines whose ``__call__`` takes no ``latents``
+            (DiTPipeline); ``None``: the pipeline takes ``latents=`` (or explicit latents are not supported).
     """
 
     input_kind: str
@@ -205,6 +211,8 @@ class PipelineSpec:
     call_shape: Callable[[Any, dict], dict] | None = None
     toy_call_kwargs: Callable[..., dict] | None = None
     experts: Callable[[Any], tuple[Expert, ...]] | None = None
+    bare: Callable[[Any], tuple[Any, str]] | None = None
+    with_latents: Callable[[Any, torch.Tensor], Any] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -227,6 +235,8 @@ class ConfigSpec:
             and typed like the tensor ``like`` (Flux passes ``t / 1000``, DiT an integer step in [0, 999]).
         json_defaults: :class:`~invardiff.model_configs.ModelConfig` fields for a diffusers ``config.json`` of the
             family (the call shapes a config file does not say, e.g. tokens per sample).
+        json_shape: ``json_shape(config)`` returns the call-shape fields that a ``config.json`` determines (DiT: its
+            image tokens from the sample and patch sizes), over ``json_defaults``; ``None``: none.
         named: the family's named configs, found by name through ``invardiff.model_configs.MODEL_CONFIGS``.
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
     """
@@ -234,6 +244,7 @@ class ConfigSpec:
     example_call: Callable[..., dict]
     call_timestep: Callable[[float, torch.Tensor], torch.Tensor]
     json_defaults: dict = field(default_factory=dict)
+    json_shape: Callable[[dict], dict] | None = None
     named: tuple[ModelConfig, ...] = ()
     bench: dict[str, str] = field(default_factory=dict)
 

@@ -19,7 +19,11 @@ QUIET_AT_LOAD = {
     "transformers.utils.import_utils": ("requires torchvision (not installed)",),
     # accelerate only speeds up loading large checkpoints
     "diffusers.models.modeling_utils": ("because `accelerate` was not found",),
-    "diffusers.pipelines.pipeline_utils": ("because `accelerate` was not found", "Expected types for vae"),
+    "diffusers.pipelines.pipeline_utils": (
+        "because `accelerate` was not found",
+        "Expected types for vae",
+        "Expected types for id2label",
+    ),
 }
 
 
@@ -35,13 +39,20 @@ class _DropMessages(logging.Filter):
 
 @contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Silence :data:`QUIET_AT_LOAD` (these messages on these loggers only) for the duration of a model load."""
+    """Silence :data:`QUIET_AT_LOAD` (these messages on these loggers only) and diffusers' loading progress bar for
+    the duration of a model load."""
+    from diffusers.utils import logging as diffusers_logging
+
     filters = [(logging.getLogger(name), _DropMessages(fragments)) for name, fragments in QUIET_AT_LOAD.items()]
     for logger, dropper in filters:
         logger.addFilter(dropper)
+    bar = diffusers_logging.is_progress_bar_enabled()  # "Loading pipeline components": a bar per load, on stderr
+    diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
         for logger, dropper in filters:
             logger.removeFilter(dropper)
 

@@ -176,12 +176,17 @@ def _load_dit_digits(entry: BundledModel):
     from ..toy_pipelines import IdentityVAE
 
     transformer = DiTTransformer2DModel.from_pretrained(entry.directory, local_files_only=True).eval()
-    return DiTPipeline(
+    id2label = {i: f"digit {i}" for i in range(10)}
+    pipe = DiTPipeline(
         transformer=transformer,
         vae=IdentityVAE(latent_channels=1),
         scheduler=get_family(entry.family).pipeline.scheduler(),
-        id2label={i: f"digit {i}" for i in range(10)},
+        id2label=id2label,
     )
+    # DiTPipeline does not keep id2label in its config, so save_pretrained would drop it and the saved model would
+    # accept all 1000 class ids of its embedding table (10 trained); in the config it is saved and loaded back.
+    pipe.register_to_config(id2label=id2label)
+    return pipe
 
 
 def _load_wan_motion(entry: BundledModel):

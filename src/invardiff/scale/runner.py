@@ -56,9 +56,10 @@ class PipelineSource:
             config = get_model_config(self.name)
             pipe = build_pipeline(config, config.build_transformer(self.device), text_encoders=True)
         else:
-            from diffusers import DiffusionPipeline
+            from ..models.sources import ModelSource
 
-            pipe = DiffusionPipeline.from_pretrained(self.name, local_files_only=True)
+            # a directory or a cached hub id; invardiff's own pipeline classes and IdentityVAE included
+            pipe = ModelSource(pipeline=self.name).load()
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device)
 

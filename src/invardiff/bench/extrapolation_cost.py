@@ -1,0 +1,78 @@
+"""The measured cost of one reused entry with extrapolation beside a plain reused one, on a model's stream sizes.
+
+A plain reuse hands back the cached tensor; an extrapolated one rebuilds it with one ``torch.lerp`` over the two
+kept values (``invardiff.policies.extrapolation``). The FLOP count charges that lerp (``invardiff.flops``), but a
+lerp is memory-bound, so its time is what tells how far an extrapolating plan falls short of its FLOP-ideal
+speedup. Both are timed through the engine's own :func:`~invardiff.policies.extrapolation.extrapolate`, on tensors
+of the sizes of the step stream H and of the largest unit output, on the device and in the dtype of the runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..policies.extrapolation import Pair, extrapolate
+from .timing import median, timed
+
+
+def extrapolation_costs(flops, device="cpu", dtype: torch.dtype = torch.float32, repeats: int = 200) -> dict:
+    """``{"step": ..., "unit": ...}``, each ``{"elements", "plain_us", "extrapolated_us"}``: the median
+    microseconds of one reused entry of that stream's size, plain and extrapolated (``flops``: a
+    :class:`~invardiff.flops.FlopProfile`, which records the sizes), over ``repeats`` timed batches of 16 entries
+    after a warm-up."""
+    units = [float(sizes.max()) for per_unit in flops.unit_elements.values() for sizes in per_unit.values()]
+    streams = {"step": flops.step_elements, "unit": max(units, default=0.0)}
+    return {name: _cost(int(elements), device, dtype, repeats) for name, elements in streams.items() if elements}
+
+
+def _cost(elements: int, device, dtype: torch.dtype, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    previous, anchor = (torch.randn(elements, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+    kept = Pair(previous, anchor)
+    entries = 16  # per timed batch: a single entry is below the timer's resolution on small models
+
+    def plain():
+        for _ in range(entries):
+            extrapolate(anchor, 0.0)
+
+    def extrapolated():
+        for _ in range(entries):
+            extrapolate(kept, 0.3)
+
+    seconds = {}
+    for name, run in (("plain", plain), ("extrapolated", extrapolated)):
+        run()  # warm-up
+        seconds[name] = median([timed(run, device)[0] for _ in range(repeats)]) / entries
+    return {
+        "elements": elements,
+        "plain_us": seconds["plain"] * 1e6,
+        "extrapolated_us": seconds["extrapolated"] * 1e6,
+    }
+
+
+def cost_line(costs: dict, where: str) -> str:
+    """One markdown line naming the measured per-entry costs."""
+    parts = [
+        f"{name} ({c['elements']} elements) {c['plain_us']:.1f} us plain, {c['extrapolated_us']:.1f} us extrapolated"
+        for name, c in costs.items()
+    ]
+    return f"Reused entry on {where}, measured: " + "; ".join(parts) + "."
+
+
+def sweep_note(target, results: list[dict], device="cpu") -> str:
+    """Markdown for a sweep whose points extrapolate: the measured per-entry costs on the target's call shapes and,
+    per extrapolating point, how many entries of a run extrapolate (``""`` when no point does)."""
+    counts = {r["label"]: r["settings"].get("extrapolated_entries") for r in results}
+    counts = {label: c for label, c in counts.items() if c and (c["steps"] or c["units"])}
+    if not counts:
+        return ""
+    from ..calibration.batching import pipeline_call_config
+    from ..flops import profile_flops
+
+    pipe, entry = target.load(), target.entry
+    config = pipeline_call_config(pipe, entry.family, entry.call_kwargs(entry.examples[0], 0))
+    costs = extrapolation_costs(profile_flops(config), device, pipe.transformer.dtype, repeats=50)
+    lines = ["", cost_line(costs, f"{target.name} (one transformer call)"), ""]
+    lines += [f"- {label}: {c['steps']} step-cached steps and {c['units']} unit reuses extrapolate per run"
+              for label, c in counts.items()]  # fmt: skip
+    return "\n".join(lines) + "\n"
