@@ -1,0 +1,70 @@
+"""The misuse cases of issue 25 item 6 that used to hang or end in a traceback: each is now refused up front with
+one line (CLI: exit status 2) naming what was expected and what to do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_cli_errors import one_error_line, run
+from test_extrapolation import T, facts_for, plan_from_bits, toy, with_coefficients
+from test_resample import plan_28
+from test_search import stats_from
+
+from invardiff import CachePlan
+from invardiff.plan import PlanError
+from invardiff.plan_transforms import resample_plan
+
+
+def test_resampling_beyond_the_training_timesteps_is_refused_before_the_work(tmp_path, capsys):
+    from invardiff.plan_transforms import MAX_RESAMPLE_STEPS
+
+    plan = plan_28()
+    assert resample_plan(plan, MAX_RESAMPLE_STEPS).num_inference_steps == 1000  # the bound itself is allowed
+    with pytest.raises(ValueError, match="from 3 to 1000"):
+        resample_plan(plan, MAX_RESAMPLE_STEPS + 1)
+    plan.save(tmp_path / "p.json")
+    # 10,000,000 steps ran for 4 minutes and 5 GB before this bound; the refusal comes from the library's check.
+    code, err = run(["resample-plan", str(tmp_path / "p.json"), "--steps", "10000000", "-o", str(tmp_path / "o.json")],
+                    capsys)  # fmt: skip
+    assert code == 2 and "num_steps must be an integer from 3 to 1000" in one_error_line(err)
+    assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.parametrize("coefficient", [1e300, -1001.0, float("nan"), float("inf")])
+def test_the_loader_bounds_extrapolation_coefficients(coefficient, tmp_path, capsys):
+    from invardiff.plan_extrapolation import MAX_COEFFICIENT
+
+    plan = plan_from_bits(facts_for(toy(), "toy"), "00110")
+    data = with_coefficients(plan, steps=[0.0, 0.0, MAX_COEFFICIENT, -MAX_COEFFICIENT, 0.0]).to_dict()
+    assert CachePlan.from_dict(data).step_extrapolation[2] == 1000.0  # the bound itself loads
+    data["step_extrapolation"][2] = coefficient
+    with pytest.raises(PlanError, match="step_extrapolation must hold (finite numbers|coefficients from -1000 to 1)"):
+        CachePlan.from_dict(data)
+    units = {"blocks": {"attn": [[0.0, 0.0]] * T, "ff": [[0.0, 0.0]] * T}}
+    data["step_extrapolation"][2], data["unit_extrapolation"] = 0.0, units
+    data["module_reuse"]["blocks"]["ff"] = ["00", "00", "00", "00", "11"]  # ff reused at the executed step 4
+    assert CachePlan.from_dict(data).unit_extrapolation is not None
+    units["blocks"]["ff"][4] = [0.0, coefficient]
+    with pytest.raises(PlanError, match=r"unit_extrapolation\.blocks\.ff must hold"):
+        CachePlan.from_dict(data)
+    (tmp_path / "p.json").write_text(json.dumps(data))  # the CLI: one line, exit 2 (inspect reads the plan)
+    code, err = run(["inspect", str(tmp_path / "p.json")], capsys)
+    says = "unit_extrapolation.blocks.ff must hold" if abs(coefficient) < float("inf") else "which is not JSON"
+    assert code == 2 and says in one_error_line(err)
+
+
+def test_the_fit_clips_to_the_bound_and_never_errs_more_than_plain_reuse():
+    from invardiff.plan_extrapolation import MAX_COEFFICIENT
+
+    # f_p and f_a differ by 1e-6 and f_t is 1 further: the least-squares c = 1 / 1e-6 = 1e6, clipped to 1000, whose
+    # squared error (1 - 1000 * 1e-6)^2 = 0.998001 is below plain reuse's 1.
+    h = np.array([[[0.0], [1e-6], [1e-6 + 1.0]]])
+    stats = stats_from({"step": h, "blocks.0.attn": h, "blocks.0.ff": h}, window=2)
+    coefficient, squared = stats.fit("step", 0, 1, 2)
+    assert coefficient == MAX_COEFFICIENT
+    assert squared == pytest.approx((1.0 - MAX_COEFFICIENT * 1e-6) ** 2, rel=1e-9)
+    assert stats.fit("step", 0, 1, 2) < (MAX_COEFFICIENT, stats.reuse_error("step", 1, 2))
+    h[0, 2, 0] = 1e-6 - 1.0  # the other way: -1000
+    assert stats_from({"step": h, "blocks.0.attn": h, "blocks.0.ff": h}, window=2).fit("step", 0, 1, 2)[0] == -1000.0
