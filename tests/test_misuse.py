@@ -68,3 +68,19 @@ def test_the_fit_clips_to_the_bound_and_never_errs_more_than_plain_reuse():
     assert stats.fit("step", 0, 1, 2) < (MAX_COEFFICIENT, stats.reuse_error("step", 1, 2))
     h[0, 2, 0] = 1e-6 - 1.0  # the other way: -1000
     assert stats_from({"step": h, "blocks.0.attn": h, "blocks.0.ff": h}, window=2).fit("step", 0, 1, 2)[0] == -1000.0
+
+
+def test_plan_probe_with_a_format_2_plan_is_refused_as_a_bad_argument(tmp_path, capsys):
+    from invardiff import ModelFacts, PlanProbeConfig
+
+    reuse = CachePlan.reuse_nothing(ModelFacts.for_family("dit", {"transformer_blocks": 6}), 10)
+    steps = np.zeros(10)
+    reuse.step_cache[4], steps[4] = True, 0.5  # step 4 extrapolates from steps 2 and 3
+    plan = CachePlan(reuse.model, 10, reuse.step_cache, reuse.module_reuse, step_extrapolation=steps)
+    with pytest.raises(ValueError, match="plan\\+probe takes a plan without extrapolation coefficients"):
+        PlanProbeConfig(plan, threshold=0.3)
+    plan.save(tmp_path / "v2.json")
+    argv = ["generate", "--model", "dit-digits", "--class", "3", "--policy", "plan+probe", "--threshold", "0.3"]
+    code, err = run([*argv, "--plan", str(tmp_path / "v2.json"), "-o", str(tmp_path / "out")], capsys)
+    assert code == 2 and "Use the plan alone (policy plan)" in one_error_line(err)
+    assert not (tmp_path / "out").exists()
