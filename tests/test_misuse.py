@@ -4,6 +4,7 @@ one line (CLI: exit status 2) naming what was expected and what to do."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,3 +85,54 @@ def test_plan_probe_with_a_format_2_plan_is_refused_as_a_bad_argument(tmp_path, 
     code, err = run([*argv, "--plan", str(tmp_path / "v2.json"), "-o", str(tmp_path / "out")], capsys)
     assert code == 2 and "Use the plan alone (policy plan)" in one_error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+SIZE_CASES = [
+    # (family, pipeline size arguments, what the refusal says): the tiny pipelines have a VAE factor of 8 and
+    # patches of 2 (Flux: 2x2 packing), so sides are multiples of 16; video frames are 1 + a multiple of 4.
+    ("flux", {"height": 30, "width": 32}, "height=30 does not fit FluxPipeline: height must be a multiple of 16"),
+    ("flux", {"height": 32, "width": 40}, "the nearest valid values are 32 and 48"),
+    ("dit", {"height": 32}, "DiTPipeline takes no height"),
+    ("wan", {"height": 30, "width": 30}, "height=30 does not fit WanPipeline: height must be a multiple of 16"),
+    (
+        "wan",
+        {"num_frames": 6},
+        "num_frames must be 1 + a multiple of 4 (the VAE's temporal factor 4); the nearest valid values are 5 and 9",
+    ),  # fmt: skip
+    ("hunyuanvideo", {"width": 8}, "the nearest valid values are 16."),
+    ("hunyuanvideo", {"num_frames": 0}, "the nearest valid values are 1."),
+]
+
+
+@pytest.mark.parametrize(("family", "sizes", "says"), SIZE_CASES, ids=[f"{c[0]}-{c[1]}" for c in SIZE_CASES])
+def test_calibration_refuses_sizes_off_the_patch_grid_before_sampling(family, sizes, says):
+    from invardiff.calibration import InvarDiffThresholds, calibrate, record_trajectories
+
+    from helpers import tiny_pipeline
+
+    _, pipe = tiny_pipeline(family)
+    inputs = {"class_labels": [1]} if family == "dit" else {"prompts": ["a cat"]}
+    with pytest.raises(ValueError, match=re.escape(says)):
+        calibrate(pipe, num_inference_steps=3, thresholds=InvarDiffThresholds(0.1, 0.5), pipeline_kwargs=sizes,
+                  **inputs)  # fmt: skip
+    item = inputs.get("class_labels", inputs.get("prompts"))[0]
+    with pytest.raises(ValueError, match=re.escape(says)):  # the budgeted search's recording pass
+        record_trajectories(pipe, num_inference_steps=3, cases=[(item, 0)], pipeline_kwargs=sizes)
+
+
+def test_valid_sizes_pass_the_size_check():
+    from invardiff.calibration.run import check_call_size
+
+    from helpers import tiny_pipeline
+
+    for family, sizes in [("flux", {"height": 48, "width": 16}), ("wan", {"height": 32, "width": 64, "num_frames": 9}),
+                          ("hunyuanvideo", {"num_frames": 1}), ("dit", {})]:  # fmt: skip
+        check_call_size(tiny_pipeline(family)[1], family, sizes)  # returns: no refusal
+
+
+def test_wan_motion_calibration_at_30x30_is_one_line(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a red circle moving left fast\n")
+    argv = ["calibrate", "--model", "wan-motion", "--prompts", str(tmp_path / "p.txt"), "--preset", "debug-args"]
+    code, err = run([*argv, "--height", "30", "--width", "30", "-o", str(tmp_path / "plan.json")], capsys)
+    assert code == 2
+    assert "height=30 does not fit WanMotionPipeline" in one_error_line(err) and "16 and 32" in err

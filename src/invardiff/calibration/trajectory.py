@@ -236,7 +236,7 @@ def record_trajectories(
     from ..families import resolve_family
     from ..plan import CachePlan
     from .record_policy import RecordConfig
-    from .run import _call, _default_kwargs
+    from .run import _call, _default_kwargs, check_call_size
 
     cases = [tuple(case) for case in cases]
     if not cases or any(len(case) != 2 for case in cases):
@@ -248,6 +248,7 @@ def record_trajectories(
         **_default_kwargs(family.name),
         **(pipeline_kwargs or {}),
     }
+    check_call_size(pipe, family.name, call_kwargs)
     recorder = TrajectoryRecorder(enumerate_units(pipe.transformer, family), facts, num_inference_steps, window)
     batch_size = batch_size or len(cases)
     api.enable(pipe, RecordConfig(CachePlan.reuse_nothing(facts, num_inference_steps), recorder))
