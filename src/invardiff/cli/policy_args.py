@@ -1,13 +1,11 @@
-"""Command-line options that choose a cache policy (plan, DiCache, plan+probe) and build its config."""
+"""Command-line options that choose a cache policy (plan, DiCache, plan+probe) and build its config. Defining the
+options imports nothing heavy (`generate --help` stays free of torch); building the config does."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..dicache import PRESETS, DiCacheConfig, PlanProbeConfig
-from ..families import get_family
-from ..plan import CachePlan
-from ..policies.plan import PlanConfig
+from .arguments import registry_choice
 
 
 POLICIES = ("plan", "dicache", "plan+probe")
@@ -32,7 +30,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", choices=POLICIES, help="default: plan when --plan is given, else full compute (no cache)"
     )
     group.add_argument(
-        "--dicache-preset", choices=sorted(PRESETS), help="official DiCache setting (default: the family's)"
+        "--dicache-preset",
+        type=registry_choice(_dicache_presets, "DiCache presets"),
+        help="official DiCache setting (default: the family's)",
     )
     group.add_argument("--threshold", type=float, help="delta: DiCache skip threshold / plan+probe veto threshold")
     group.add_argument("--probe-depth", type=int, help="m, the probe's number of leading blocks (default 1)")
@@ -53,6 +53,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _dicache_presets() -> list[str]:
+    from ..dicache import PRESETS
+
+    return sorted(PRESETS)
+
+
 def chosen_policy(args) -> str | None:
     """The policy the options ask for (``None``: full compute); an option that does not apply to it is an error."""
     policy = args.policy or ("plan" if args.plan else None)
@@ -68,6 +74,11 @@ def chosen_policy(args) -> str | None:
 
 def policy_config(args, family: str):
     """The config to pass to ``invardiff.enable`` (``None``: full compute), from the options above."""
+    from ..dicache import DiCacheConfig, PlanProbeConfig
+    from ..families import get_family
+    from ..plan import CachePlan
+    from ..policies.plan import PlanConfig
+
     policy = chosen_policy(args)
     if policy is None:
         return None
