@@ -136,3 +136,29 @@ def test_wan_motion_calibration_at_30x30_is_one_line(tmp_path, capsys):
     code, err = run([*argv, "--height", "30", "--width", "30", "-o", str(tmp_path / "plan.json")], capsys)
     assert code == 2
     assert "height=30 does not fit WanMotionPipeline" in one_error_line(err) and "16 and 32" in err
+
+
+def test_the_demo_report_quotes_times_beside_the_ratios_they_make():
+    from invardiff.demo import report_markdown
+
+    # Round 1 ran while the machine was busy: its full compute took 233.9 s against 56.0 s (4.18x); rounds 2 and 3
+    # give 2.19x and 2.17x. The headline is the median of the rounds, 2.19x; the totals make 462.9 / 161.0 = 2.88x.
+    full, cached = [233.9, 120.0, 109.0], [56.0, 54.8, 50.2]
+    ratios = [f / c for f, c in zip(full, cached, strict=True)]
+    report = {
+        "model": "dit-digits", "preset": "fast", "num_inference_steps": 50, "rounds": 3,
+        "measured_speedup": sorted(ratios)[1], "round_speedups": ratios, "spread": (max(ratios) - min(ratios)) / 2.19,
+        "timing_warnings": [], "ideal_speedup": 2.67, "psnr": 31.3, "ssim": 0.99, "lpips": 0.015,
+        "worst": {"psnr": 27.6, "ssim": 0.98, "lpips": 0.03}, "steps_step_cached": 24,
+        "seconds": {"full": 120.0, "cached": 54.8}, "round_seconds": {"full": full, "cached": cached},
+    }  # fmt: skip
+    text = report_markdown(report, "Grid")
+    assert "| measured speedup (median of rounds) |" in text and "| 2.19x | 2.67x |" in text
+    assert "Measured speedup 2.19x: the median of the 3 rounds' speedups" in text
+    rounds = "round 1: 233.9 s / 56.0 s = 4.18x; round 2: 120.0 s / 54.8 s = 2.19x; round 3: 109.0 s / 50.2 s = 2.17x"
+    assert rounds in text
+    assert "All rounds together: full compute 462.9 s, with the plan 161.0 s, a total-time ratio of 2.88x" in text
+    # Every speedup in the text is the headline, the ideal, a round's own ratio or the labelled total-time ratio.
+    quoted = {float(x) for x in re.findall(r"(\d+\.\d+)x", text)}
+    assert quoted == {2.19, 2.67, 4.18, 2.17, 2.88}
+    assert "120.00 s" not in text  # no median time quoted without its ratio (it read 233.9 s against 56.0 s)
