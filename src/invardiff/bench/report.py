@@ -35,11 +35,7 @@ def engine_table(results: list[dict], meta: dict) -> str:
     lines = [
         f"Engine benchmark ({meta['date']}, torch {meta['torch']}, {meta['cuda_device'] or 'CPU'}, "
         f"{meta['threads']} threads). Medians of per-round ratios; stock and reuse-nothing rows are per model."
-        + (
-            f" Every variant compiled ({results[0]['compiled']}, {results[0]['compiled_graphs']} graphs)."
-            if results and results[0].get("compiled")
-            else ""
-        ),
+        + _compiled_note(results),
         "",
         "| book | model config | measured speedup | round spread | ideal speedup | efficiency "
         "| reuse-nothing overhead "
@@ -55,6 +51,18 @@ def engine_table(results: list[dict], meta: dict) -> str:
             f"| {seconds['stock']:.2f} | {seconds[r['book']]:.2f} |"
         )
     return "\n".join(lines + timing_warnings(results)) + "\n"
+
+
+def _compiled_note(results: list[dict]) -> str:
+    """How each model config's variants were compiled (regionally by diffusers, or block by block), if they were."""
+    compiled = {r["model_config"]: (r["compiled"], r["compiled_graphs"]) for r in results if r.get("compiled")}
+    if not compiled:
+        return ""
+    return (
+        " Every variant compiled: "
+        + "; ".join(f"{config}: {how}, {graphs} graphs" for config, (how, graphs) in compiled.items())
+        + "."
+    )
 
 
 def timing_warnings(results: list[dict]) -> list[str]:

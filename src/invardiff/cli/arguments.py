@@ -281,8 +281,9 @@ def bench_engine(p) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run every variant, stock included, under compile_repeated_blocks (inductor): plan-compiled over "
-        "stock-compiled; compilation happens in the warm-up round",
+        help="run every variant, stock included, with its blocks compiled (inductor): compile_repeated_blocks where "
+        "the model class declares repeated blocks, else block by block (DiT); plan-compiled over stock-compiled; "
+        "compilation happens in the warm-up round",
     )
     p.add_argument(
         "--peers",
