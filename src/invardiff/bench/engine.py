@@ -72,13 +72,16 @@ def bench_family(
     any_plan = next(iter(plans.values()))
     variants = {"stock": None, "reuse_nothing": CachePlan.reuse_nothing(any_plan.model, steps), **plans}
     stock = config.build_transformer(device)
-    compiled = []  # how the blocks were compiled (the same for every variant)
+    compiled: list[str] = []  # how the blocks were compiled (the same for every variant)
     compile_ = None
     if compile_blocks:
         torch._dynamo.reset()
         counters.clear()
         spec = get_family(family)
-        compile_ = lambda transformer: compiled.append(compile_regions(transformer, spec, backend))  # noqa: E731
+
+        def compile_(transformer: torch.nn.Module) -> None:
+            compiled.append(compile_regions(transformer, spec, backend))
+
     if schedule == "lockstep":
         timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device, compile_)
     elif schedule == "alternate":
