@@ -178,7 +178,9 @@ def inspect(p) -> None:
     p.add_argument("--model", help="a bundled model (its own call shapes; see `invardiff models`)")
     shape = p.add_argument_group("call shape (with a config.json: defaults are the family's, and are printed)")
     shape.add_argument("--image-tokens", type=at_least(1, "a token count"), help="image tokens per transformer call")
-    shape.add_argument("--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (text-conditioned)")
+    shape.add_argument(
+        "--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (text-conditioned)"
+    )
     shape.add_argument("--batch", type=at_least(1, "a batch size"), help="rows per transformer call (DiT CFG: 2)")
     shape.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument(

@@ -26,8 +26,12 @@ def add_ray_options(parser, what: str) -> None:
 
 def add_generate_options(parser, item_group) -> None:
     """``generate`` over many items: --prompts FILE or --classes LIST (beside --prompt / --class) and --seeds."""
-    item_group.add_argument("--prompts", help="many outputs: a text file, one prompt per line (text-conditioned models)")
-    item_group.add_argument("--classes", help="many outputs: comma-separated class ids (class-conditioned models), e.g. 0,3,5")
+    item_group.add_argument(
+        "--prompts", help="many outputs: a text file, one prompt per line (text-conditioned models)"
+    )
+    item_group.add_argument(
+        "--classes", help="many outputs: comma-separated class ids (class-conditioned models), e.g. 0,3,5"
+    )
     parser.add_argument(
         "--seeds",
         help="with --prompts / --classes: comma-separated seeds, every input with every seed (default: --seed); "
