@@ -9,13 +9,15 @@ import re
 import numpy as np
 import pytest
 from test_cli_errors import one_error_line, run
-from test_extrapolation import T, facts_for, plan_from_bits, toy, with_coefficients
+from test_extrapolation import T, toy, with_coefficients
 from test_resample import plan_28
 from test_search import stats_from
 
 from invardiff import CachePlan
 from invardiff.plan import PlanError
 from invardiff.plan_transforms import resample_plan
+
+from helpers import facts_for, plan_from_bits
 
 
 def test_resampling_beyond_the_training_timesteps_is_refused_before_the_work(tmp_path, capsys):
