@@ -112,6 +112,70 @@ def test_version_and_help_do_not_import_the_bench_stack():
     assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
 
 
+# The least each subcommand parses (no option whose value a registry checks: those import the registry when given).
+MINIMAL_ARGV = {
+    "demo": [],
+    "models": [],
+    "generate": ["--model", "dit-digits", "--class", "1", "-o", "out"],
+    "calibrate": ["--model", "dit-digits", "--classes", "1", "-o", "plan.json"],
+    "build-plan": ["rates.npz", "-o", "plan.json"],
+    "resample-plan": ["plan.json", "--steps", "20", "-o", "p20.json"],
+    "inspect": ["plan.json"],
+    "convert-official": ["book.json", "-o", "plan.json"],  # --family is required: checked below, on its own
+    "plot": ["plan.json", "-o", "plan.png"],
+    "bench": [],
+    "bench-engine": [],
+}
+
+
+def test_every_help_and_parse_imports_neither_torch_nor_diffusers():
+    """Every subcommand's --help and argument parsing, in a fresh interpreter: the README promises help without
+    torch (help took 23-42 s under load when the options' choices came from the family registry)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import contextlib, io, sys\n"
+        "from invardiff.cli.main import COMMANDS, build_parser\n"
+        f"minimal = {MINIMAL_ARGV!r}\n"
+        "assert sorted(minimal) == sorted(name for name, *_ in COMMANDS), 'a subcommand without a minimal argv'\n"
+        "for name, *_ in COMMANDS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as text:\n"
+        "        try:\n"
+        "            build_parser().parse_args([name, '--help'])\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "    assert 'usage: invardiff ' + name in text.getvalue(), name\n"
+        "    if name != 'convert-official':\n"
+        "        build_parser().parse_args([name, *minimal[name]])\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bench-engine", "--family", "sd3"], "invalid choice: 'sd3' (families with benchmark configs: dit, flux,"),
+        (["convert-official", "b.json", "--family", "hunyuanvideo", "-o", "p.json"], "(families with official books:"),
+        (["generate", "--model", "m", "--class", "1", "--dicache-preset", "x", "-o", "o"], "(DiCache presets: flux,"),
+    ],
+)
+def test_registry_options_are_checked_exactly_when_given(argv, says, capsys):
+    from invardiff.cli.arguments import bench_families
+    from invardiff.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert says in capsys.readouterr().err
+    assert "hunyuanvideo" in bench_families()  # no official books, but a benchmark config
+    assert build_parser().parse_args(["bench-engine", "--family", *bench_families()]).family == bench_families()
+
+
 def test_bench_methods_are_checked_when_parsed(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--methods", "dicache", "teacache"])

@@ -115,3 +115,48 @@ def test_inductor_outputs_match_eager_within_float_tolerance(kind, how):
     np.testing.assert_array_equal(compiled_steps, eager_steps)
     # Inductor fuses and reorders float32 arithmetic: 1e-5 is about 100 ulps of these O(1) latents after 8 steps.
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+
+
+def test_compile_regions_compiles_every_block_where_the_class_declares_no_repeated_blocks():
+    from invardiff.bench.engine import compile_regions
+    from invardiff.families import get_family
+
+    config, pipe = tiny_pipeline("dit")
+    transformer = pipe.transformer
+    with pytest.raises(ValueError, match="_repeated_blocks` attribute is empty"):
+        transformer.compile_repeated_blocks(backend="eager")  # what bench-engine --compile ran into
+    calls = config.example_call()
+    eager = transformer(**calls)[0]
+    how = compile_regions(transformer, get_family("dit"), backend="eager")
+    assert how.startswith("each block of transformer_blocks compiled on its own (eager; DiTTransformer2DModel")
+    assert all(block._compiled_call_impl is not None for block in transformer.transformer_blocks)
+    assert torch.equal(transformer(**calls)[0], eager)
+    assert counters["stats"]["unique_graphs"] > 0
+    _, flux = tiny_pipeline("flux")
+    assert compile_regions(flux.transformer, get_family("flux"), backend="eager") == "compile_repeated_blocks (eager)"
+
+
+@pytest.mark.slow  # 2 CPU-minutes: 28 DiT blocks traced by Dynamo, 50 steps of three variants
+def test_bench_engine_compiles_a_family_without_repeated_blocks_block_by_block():
+    """DiTTransformer2DModel declares no ``_repeated_blocks``, so diffusers' compile_repeated_blocks refused it and
+    `bench-engine --compile` failed at once with its default families; every DiT block is now compiled on its own.
+    The eager backend traces and guards as inductor does (the inductor run is the next test)."""
+    from invardiff.bench.engine import bench_family
+
+    [result] = bench_family("dit", "tiny", ["dit/fast"], torch.device("cpu"), 1, compile_blocks=True, backend="eager")
+    assert result["compiled"] == (
+        "each block of transformer_blocks compiled on its own (eager; DiTTransformer2DModel declares no "
+        "_repeated_blocks for compile_repeated_blocks)"
+    )
+    assert result["compiled_graphs"] > 0 and result["ideal_speedup"] > 1.5
+
+
+@pytest.mark.inductor
+def test_bench_engine_compile_runs_its_default_families_with_inductor(tmp_path):
+    from invardiff.cli.main import main
+
+    argv = ["bench-engine", "--config", "tiny", "--rounds", "1", "--compile", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    text = (tmp_path / "bench-engine-tiny-cpu-compiled.md").read_text()
+    assert "flux-tiny-fulldepth: compile_repeated_blocks (inductor)" in text
+    assert "dit-tiny-fulldepth: each block of transformer_blocks compiled on its own (inductor;" in text

@@ -70,6 +70,36 @@ def test_every_snippet_is_run_or_classified():
         assert not_run(line) or line.startswith(("invardiff ", "printf ")), line
 
 
+def free_names(body: str) -> set[str]:
+    """Names a snippet reads without defining them (imports, assignments, loop targets, functions, classes)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(body)
+    defined = set(dir(builtins))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            defined |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    read = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+    return read - defined
+
+
+def test_snippets_that_import_are_self_contained():
+    """A snippet with imports is meant to be copied on its own: everything it reads it imports or defines (the
+    video snippet used `invardiff` without importing it, and passed only after the snippets before it). The
+    snippets without imports continue the walkthrough (its `pipe` and `plan`)."""
+    standalone = [body for lang, mark, body in snippets() if lang == "python" and mark is None and "import " in body]
+    assert len(standalone) >= 4
+    for body in standalone:
+        assert not free_names(body), (free_names(body), body[:80])
+
+
 def runnable() -> list[str]:
     return [line for line in command_lines() if not not_run(line)]
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .files import write_text
 from .plan import CachePlan, PlanError
 from .plan_file import parse_json, read_json
 
@@ -155,12 +155,9 @@ class ExpertPlans(Mapping):
     def save(self, path: str | Path) -> None:
         """Write the pair as UTF-8 JSON, atomically (a temporary file renamed over ``path``); refuses what
         :meth:`load` would refuse."""
-        path = Path(path)
         text = json.dumps(self.to_dict(), indent=1) + "\n"
         parse_json(text.encode("utf-8"), path, "invardiff expert plans")
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertPlans:

@@ -8,13 +8,14 @@ a width where compute dominates on a 2-core CPU. ``*-tiny`` are for tests.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .families import LazyTable, families, get_family
+from .families import LazyTable, SizeRule, families, get_family
 from .models.seeding import seeded
 
 
@@ -119,6 +120,17 @@ def video_call_fields(pipe, call_kwargs: dict, default_size: tuple[int, int, int
     latent = ((frames - 1) // pipe.vae_scale_factor_temporal + 1, height // spatial, width // spatial)
     tokens = call_kwargs.get("max_sequence_length") or text_tokens
     return {**video_fields(latent, patch), "text_tokens": tokens, "batch": 1}
+
+
+def video_size_rules(pipe, patch) -> dict:
+    """The :class:`~invardiff.families.SizeRule` of each size argument of a video pipeline call (WanPipeline,
+    HunyuanVideoPipeline): both refuse sides that are not multiples of 16, the transformer cuts the latent into
+    ``patch`` (frames, height, width) patches, and the VAE compresses frames to ``1 + (F - 1) / temporal``."""
+    spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    side = math.lcm(16, spatial * patch[1], spatial * patch[2])
+    why = f"the pipeline's multiple of 16 and the VAE's spatial factor {spatial} x the patch size {patch[1]}"
+    frames = SizeRule(temporal, f"the VAE's temporal factor {temporal}", offset=1)
+    return {"height": SizeRule(side, why), "width": SizeRule(side, why), "num_frames": frames}
 
 
 def video_latent_shape(config: ModelConfig) -> tuple[int, int, int]:

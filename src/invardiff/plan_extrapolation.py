@@ -14,6 +14,14 @@ import numpy as np
 from .plan import PlanError
 
 
+# The largest coefficient a plan may hold, in absolute value. On a straight trajectory the fitted coefficient is the
+# ratio of the gap it extrapolates over to the gap it was measured on, c = (t - a) / (a - p), so at most T - 2 < 1000
+# for the at most 1000 steps of a plan (plan_transforms.MAX_RESAMPLE_STEPS); the least-squares fit
+# (calibration/trajectory.py) clips to this range. Beyond it the reused value is dominated by the difference of two
+# nearly equal tensors, rounding included, and a coefficient of 1e300 overflowed torch.lerp's weight mid-run.
+MAX_COEFFICIENT = 1000.0
+
+
 def validate_extrapolation(plan) -> None:
     """Shapes, finiteness, and coefficients only where the plan reuses; raises :class:`PlanError`."""
     T = plan.num_inference_steps
@@ -64,8 +72,15 @@ def validate_extrapolation(plan) -> None:
 
 
 def _check_finite(values: np.ndarray, where: str) -> None:
+    """Finite coefficients within [-MAX_COEFFICIENT, MAX_COEFFICIENT]."""
     if not np.isfinite(values).all():
         raise PlanError(f"{where} must hold finite numbers, got {values[~np.isfinite(values)][0]!r}.")
+    outside = np.abs(values) > MAX_COEFFICIENT
+    if outside.any():
+        raise PlanError(
+            f"{where} must hold coefficients from {-MAX_COEFFICIENT:g} to {MAX_COEFFICIENT:g} (a fitted coefficient "
+            f"is a ratio of step gaps), got {values[outside][0]!r}; recalibrate, or set it to 0 to reuse plainly."
+        )
 
 
 def extrapolation_to_dict(plan) -> dict[str, Any]:

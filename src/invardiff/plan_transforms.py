@@ -9,6 +9,13 @@ import numpy as np
 from .plan import CachePlan
 
 
+# The most steps a plan is resampled to. Every supported family's scheduler is defined on 1000 training timesteps
+# (num_train_timesteps=1000): DDIM / DDPM (DiT) refuse more inference steps than that, and a flow-matching or UniPC
+# sampler given more steps only subdivides the grid the model was trained on (the official step counts are 28-250).
+# Without a bound, 10,000,000 steps ran for minutes and gigabytes before writing anything.
+MAX_RESAMPLE_STEPS = 1000
+
+
 def cap_step_runs(plan: CachePlan, max_run: int) -> CachePlan:
     """A copy of ``plan`` in which at most ``max_run`` consecutive steps are step-cached.
 
@@ -58,8 +65,11 @@ def resample_plan(
     Trade-off: no calibration run, but the reuse decisions are those of another step count; recalibrating at
     ``num_steps`` measures the new trajectory (see the README's resampling figures).
     """
-    if not isinstance(num_steps, int) or num_steps < 3:
-        raise ValueError(f"num_steps must be an integer >= 3, got {num_steps!r}.")
+    if not isinstance(num_steps, int) or not 3 <= num_steps <= MAX_RESAMPLE_STEPS:
+        raise ValueError(
+            f"num_steps must be an integer from 3 to {MAX_RESAMPLE_STEPS} (the schedulers' 1000 training timesteps), "
+            f"got {num_steps!r}."
+        )
     T = plan.num_inference_steps
     source = _positions(source_times, T, "source_times")
     target = _positions(target_times, num_steps, "target_times")

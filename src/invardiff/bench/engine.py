@@ -24,7 +24,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from .. import api
-from ..families import LazyTable, families
+from ..families import FamilySpec, LazyTable, families, get_family
 from ..flops import profile_flops
 from ..model_configs import MODEL_CONFIGS
 from ..plan import CachePlan
@@ -58,12 +58,14 @@ def bench_family(
     schedule: str = "lockstep",
     progress: Callable[[str | None], None] | None = None,
     compile_blocks: bool = False,
+    backend: str = "inductor",
 ) -> list[dict]:
     """Benchmark the ``books`` (official books like ``"flux/fast"``, synthetic plans like ``"wan/synthetic-2x"``,
     ``invardiff.bench.plans``) of one family; one result dict per book.
 
-    ``compile_blocks``: every variant, stock included, runs under ``compile_repeated_blocks`` (inductor), so the
-    speedup is plan-compiled over stock-compiled; compilation happens in the warm-up round.
+    ``compile_blocks``: every variant, stock included, runs with its blocks compiled (:func:`compile_regions`,
+    torch.compile's ``backend``), so the speedup is plan-compiled over stock-compiled; compilation happens in the
+    warm-up round. The results' ``compiled`` says how.
     """
     config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
     plans = {name: bench_plan(name, config) for name in books}
@@ -71,14 +73,21 @@ def bench_family(
     any_plan = next(iter(plans.values()))
     variants = {"stock": None, "reuse_nothing": CachePlan.reuse_nothing(any_plan.model, steps), **plans}
     stock = config.build_transformer(device)
+    compiled: list[str] = []  # how the blocks were compiled (the same for every variant)
+    compile_ = None
     if compile_blocks:
         torch._dynamo.reset()
         counters.clear()
+        spec = get_family(family)
+
+        def compile_(transformer: torch.nn.Module) -> None:
+            compiled.append(compile_regions(transformer, spec, backend))
+
     if schedule == "lockstep":
-        timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device, compile_blocks)
+        timed_variants, summaries = _lockstep_variants(stock, config, variants, steps, device, compile_)
     elif schedule == "alternate":
-        if compile_blocks:
-            stock.compile_repeated_blocks()
+        if compile_ is not None:
+            compile_(stock)
         timed_variants, summaries = _alternating_variants(stock, config, variants, steps, device)
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
@@ -102,7 +111,7 @@ def bench_family(
                 "device": str(device),
                 "dtype": config.dtype,
                 "schedule": schedule,
-                "compiled": "compile_repeated_blocks (inductor)" if compile_blocks else None,
+                "compiled": compiled[0] if compiled else None,
                 "compiled_graphs": counters["stats"]["unique_graphs"] if compile_blocks else None,
                 "num_steps": steps,
                 "rounds": rounds,
@@ -121,7 +130,28 @@ def bench_family(
     return results
 
 
-def _lockstep_variants(stock, config, variants, steps, device, compile_blocks: bool = False):
+def compile_regions(transformer: torch.nn.Module, family: FamilySpec, backend: str = "inductor") -> str:
+    """Regional compilation of ``transformer``, in place; returns how, for a report.
+
+    diffusers' ``compile_repeated_blocks`` where the class declares ``_repeated_blocks`` (Flux, Wan, HunyuanVideo);
+    otherwise each block of the family's block lists is compiled on its own (``module.compile``, which is what
+    ``compile_repeated_blocks`` does to each block it finds): the same regions, found through the family spec
+    instead of the class attribute, which ``DiTTransformer2DModel`` leaves empty (diffusers then refuses).
+    """
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(backend=backend)
+        return f"compile_repeated_blocks ({backend})"
+    for block_list in family.block_lists:
+        for block in getattr(transformer, block_list.attr):
+            block.compile(backend=backend)
+    lists = ", ".join(block_list.attr for block_list in family.block_lists)
+    return (
+        f"each block of {lists} compiled on its own ({backend}; {type(transformer).__name__} declares no "
+        f"_repeated_blocks for compile_repeated_blocks)"
+    )
+
+
+def _lockstep_variants(stock, config, variants, steps, device, compile_: Callable | None = None):
     """Every variant on its own copy of the weights, its plan enabled for good; summaries read after each round."""
     summaries = {}
     timed_variants = []
@@ -129,8 +159,8 @@ def _lockstep_variants(stock, config, variants, steps, device, compile_blocks: b
         transformer = stock if plan is None else copy.deepcopy(stock)
         if plan is not None:
             api.enable(transformer, plan)
-        if compile_blocks:  # copies share the compiled graphs: Dynamo guards on block classes, not instances
-            transformer.compile_repeated_blocks()
+        if compile_ is not None:  # copies share the compiled graphs: Dynamo guards on block classes, not instances
+            compile_(transformer)
         trajectory = Trajectory(transformer, config, steps, device)
         finish = _summary_recorder(summaries, name, transformer) if plan is not None else _nothing
         timed_variants.append(Variant(name, _timed_step(trajectory), start=trajectory.restart, finish=finish))

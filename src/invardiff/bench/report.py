@@ -36,11 +36,7 @@ def engine_table(results: list[dict], meta: dict) -> str:
     lines = [
         f"Engine benchmark ({meta['date']}, torch {meta['torch']}, {meta['cuda_device'] or 'CPU'}, "
         f"{meta['threads']} threads). Medians of per-round ratios; stock and reuse-nothing rows are per model."
-        + (
-            f" Every variant compiled ({results[0]['compiled']}, {results[0]['compiled_graphs']} graphs)."
-            if results and results[0].get("compiled")
-            else ""
-        ),
+        + _compiled_note(results),
         "",
         "| book | model config | measured speedup | round spread | ideal speedup | efficiency "
         "| reuse-nothing overhead "
@@ -64,6 +60,18 @@ def entry_costs(results: list[dict]) -> list[str]:
 
     configs = {r["model_config"]: r["reused_entry_cost"] for r in results if r.get("reused_entry_cost")}
     return ["", *(cost_line(costs, config) for config, costs in configs.items())] if configs else []
+
+
+def _compiled_note(results: list[dict]) -> str:
+    """How each model config's variants were compiled (regionally by diffusers, or block by block), if they were."""
+    compiled = {r["model_config"]: (r["compiled"], r["compiled_graphs"]) for r in results if r.get("compiled")}
+    if not compiled:
+        return ""
+    return (
+        " Every variant compiled: "
+        + "; ".join(f"{config}: {how}, {graphs} graphs" for config, (how, graphs) in compiled.items())
+        + "."
+    )
 
 
 def timing_warnings(results: list[dict]) -> list[str]:

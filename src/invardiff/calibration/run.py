@@ -103,6 +103,7 @@ def calibrate(
         **_default_kwargs(family.name),
         **(pipeline_kwargs or {}),
     }
+    check_call_size(pipe, family.name, call_kwargs)
 
     if batch_size is None:
         from .batching import auto_batch_size
@@ -324,6 +325,26 @@ def check_inputs(pipe, family: str, items: list) -> None:
             f"Class ids {bad} are out of range: this model has {num_classes} classes (0 to {num_classes - 1}, from "
             f"{source})."
         )
+
+
+SIZE_ARGUMENTS = ("height", "width", "num_frames")
+
+
+def check_call_size(pipe, family: str, call_kwargs: dict) -> None:
+    """Refuse a size (``height``, ``width``, ``num_frames``) the pipeline cannot sample as given, naming the nearest
+    valid ones: a size off the patch grid broke mid-run (a broadcast error) or was rounded by the pipeline."""
+    given = {name: call_kwargs[name] for name in SIZE_ARGUMENTS if call_kwargs.get(name) is not None}
+    if not given:
+        return
+    rules_of = _pipeline(family).size_rules
+    rules = rules_of(pipe) if rules_of is not None else {}
+    for name, value in given.items():
+        if name not in rules:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no {name} (the {family} family's size is fixed by its transformer); "
+                f"leave it out."
+            )
+        rules[name].check(name, value, type(pipe).__name__)
 
 
 def _default_kwargs(family: str) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 from ..engine.state import UnitRef
 from ..plan import ModelFacts, PlanError
+from ..plan_extrapolation import MAX_COEFFICIENT
 
 
 TRAJECTORY_FORMAT = "invardiff-trajectory-stats"
@@ -84,7 +85,9 @@ class TrajectoryStats:
 
     def fit(self, stream: str, previous: int, anchor: int, t: int) -> tuple[float, float]:
         """Least-squares ``c`` of ``f_t ~ f_anchor + c (f_anchor - f_previous)`` pooled over samples, and the
-        squared residual. ``c = 0`` (plain reuse) when the two computed values are equal."""
+        squared residual. ``c = 0`` (plain reuse) when the two computed values are equal; ``c`` is clipped to the
+        range a plan may hold (``plan_extrapolation.MAX_COEFFICIENT``), which still errs no more than plain reuse
+        (the squared error is convex in ``c`` and the clipped value lies between 0 and the optimum)."""
         if not previous < anchor < t:
             raise ValueError(f"Extrapolation needs previous < anchor < t, got {previous}, {anchor}, {t}.")
         delta = self.reuse_error(stream, previous, anchor)  # |f_a - f_p|^2
@@ -98,7 +101,10 @@ class TrajectoryStats:
         if delta <= 0.0:
             return 0.0, plain
         coefficient = cross / delta
-        return coefficient, max(plain - coefficient * cross, 0.0)
+        if abs(coefficient) <= MAX_COEFFICIENT:
+            return coefficient, max(plain - coefficient * cross, 0.0)
+        coefficient = math.copysign(MAX_COEFFICIENT, coefficient)
+        return coefficient, max(plain - 2 * coefficient * cross + coefficient**2 * delta, 0.0)
 
     def relative(self, stream: str, squared_error: float, t: int) -> float:
         """An error on the scale of H at step ``t``: RMS of the error over RMS of H (per element, so that a unit's
@@ -249,7 +255,7 @@ def record_trajectories(
     from ..families import resolve_family
     from ..plan import CachePlan
     from .record_policy import RecordConfig
-    from .run import _call, check_cases, noise_record, sampling_defaults
+    from .run import _call, check_call_size, check_cases, noise_record, sampling_defaults
 
     refuse_experts(pipe)
     cases = check_cases(cases)
@@ -260,6 +266,7 @@ def record_trajectories(
         **sampling_defaults(pipe, family.name),
         **(pipeline_kwargs or {}),
     }
+    check_call_size(pipe, family.name, call_kwargs)
     recorder = TrajectoryRecorder(enumerate_units(pipe.transformer, family), facts, num_inference_steps, window)
     batch_size = batch_size or len(cases)
     api.enable(pipe, RecordConfig(CachePlan.reuse_nothing(facts, num_inference_steps), recorder))

@@ -21,6 +21,20 @@ def at_least(minimum: int, what: str = "a count"):
     return parse
 
 
+def registry_choice(names, what: str):
+    """An argparse ``type``: one of ``names()``, a registry read when the option is given, not when the parser is
+    built or its help shown (the registries import torch and diffusers), so the choices stay exact without a second
+    list of names."""
+
+    def parse(text: str) -> str:
+        valid = list(names())
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} ({what}: {', '.join(valid)})")
+        return text
+
+    return parse
+
+
 def _threads(parser) -> None:
     parser.add_argument("--threads", type=at_least(1, "a thread count"), help="torch CPU threads (default: all cores)")
 
@@ -96,8 +110,8 @@ def generate(p) -> None:
     model_source(p, "flux-shapes, dit-digits, wan-motion")
     add_policy_arguments(p)
     item = p.add_mutually_exclusive_group(required=True)
-    item.add_argument("--prompt", help="text prompt (Flux models)")
-    item.add_argument("--class", dest="class_id", type=int, help="class id (DiT models)")
+    item.add_argument("--prompt", help="text prompt (text-conditioned models)")
+    item.add_argument("--class", dest="class_id", type=int, help="class id (class-conditioned models)")
     p.add_argument("--seed", type=at_least(0, "a seed"), default=0)
     p.add_argument(
         "--steps",
@@ -122,8 +136,8 @@ def generate(p) -> None:
 def calibrate(p) -> None:
     model_source(p, "flux-shapes, dit-digits, wan-motion", config=True)
     inputs = p.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--prompts", help="text file, one prompt per line (Flux)")
-    inputs.add_argument("--classes", help="comma-separated class ids (DiT), e.g. 207,360,387")
+    inputs.add_argument("--prompts", help="text file, one prompt per line (text-conditioned models)")
+    inputs.add_argument("--classes", help="comma-separated class ids (class-conditioned models), e.g. 207,360,387")
     _cases(inputs, "calibrate on")
     p.add_argument(
         "--latents",
@@ -142,10 +156,17 @@ def calibrate(p) -> None:
         "--steps", type=at_least(3, "a step count"), help="num_inference_steps of the plan (--model: the model's own)"
     )
     _add_threshold_args(p)
-    p.add_argument("--height", type=at_least(1, "a height"), help="Flux image height in pixels")
-    p.add_argument("--width", type=at_least(1, "a width"), help="Flux image width in pixels")
-    p.add_argument("--guidance-scale", type=float, help="default: Flux 3.5 (distilled), DiT 1.0 (no CFG, official)")
-    p.add_argument("--max-sequence-length", type=at_least(1, "a token count"), help="Flux T5 tokens")
+    size = "in pixels (default: the model's); a size off the VAE and patch grid is refused with the nearest valid ones"
+    p.add_argument("--height", type=at_least(1, "a height"), help=f"image or frame height {size}")
+    p.add_argument("--width", type=at_least(1, "a width"), help=f"image or frame width {size}")
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="default: the model's, or the family's official calibration setting (DiT 1.0: no CFG)",
+    )
+    p.add_argument(
+        "--max-sequence-length", type=at_least(1, "a token count"), help="text tokens (text-conditioned models)"
+    )
     p.add_argument("--num-frames", type=at_least(1, "a frame count"), help="video pipelines (Wan): frames per clip")
     p.add_argument(
         "--batch-size",
@@ -202,7 +223,9 @@ def inspect(p) -> None:
                  "transformer config they hold, read without loading weights")  # fmt: skip
     shape = p.add_argument_group("call shape (with a config.json: defaults are the family's, and are printed)")
     shape.add_argument("--image-tokens", type=at_least(1, "a token count"), help="image tokens per transformer call")
-    shape.add_argument("--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (Flux)")
+    shape.add_argument(
+        "--text-tokens", type=at_least(0, "a token count"), help="text tokens per call (text-conditioned)"
+    )
     shape.add_argument("--batch", type=at_least(1, "a batch size"), help="rows per transformer call (DiT CFG: 2)")
     shape.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and activations")
     p.add_argument(
@@ -220,7 +243,12 @@ def inspect(p) -> None:
 
 def convert(p) -> None:
     p.add_argument("book")
-    p.add_argument("--family", choices=_official_families(), required=True)
+    p.add_argument(
+        "--family",
+        type=registry_choice(official_families, "families with official books"),
+        required=True,
+        help="the family whose official code wrote the book",
+    )
     p.add_argument("-o", "--output", required=True)
 
 
@@ -246,8 +274,8 @@ def bench(p) -> None:
     p.add_argument("--out", default="benchmarks/results/sweep")
     p.add_argument("--resume", action="store_true", help="keep the points already in the JSON lines, run the rest")
     p.add_argument("--report-only", action="store_true", help="rewrite tables and plots from the JSON lines")
-    p.add_argument("--prompts", help="your own model (Flux, Wan): a text file, one prompt per line")
-    p.add_argument("--classes", help="your own model (DiT): comma-separated class ids")
+    p.add_argument("--prompts", help="your own model (text-conditioned): a text file, one prompt per line")
+    p.add_argument("--classes", help="your own model (class-conditioned): comma-separated class ids")
     _cases(p, "evaluate (your own model, instead of --prompts / --classes and --seeds)")
     p.add_argument(
         "--calibration-cases",
@@ -268,7 +296,10 @@ def bench(p) -> None:
 
 def bench_engine(p) -> None:
     p.add_argument(
-        "--family", nargs="+", choices=_bench_families(), default=_book_families(), help="default: those with books"
+        "--family",
+        nargs="+",
+        type=registry_choice(bench_families, "families with benchmark configs"),
+        help="default: the families with official books",
     )
     p.add_argument(
         "--books",
@@ -281,7 +312,7 @@ def bench_engine(p) -> None:
         "--config",
         choices=["cpu", "full", "tiny"],
         default="cpu",
-        help="cpu: real depth at hidden 256; full: FLUX.1-dev / DiT-XL/2 real configs (GPU); "
+        help="cpu: real depth at hidden 256; full: the real configs (FLUX.1-dev, DiT-XL/2, Wan2.1...; GPU); "
         "tiny: real depth at hidden 32, overhead-bound, for tests",
     )
     _device(p)
@@ -295,8 +326,9 @@ def bench_engine(p) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run every variant, stock included, under compile_repeated_blocks (inductor): plan-compiled over "
-        "stock-compiled; compilation happens in the warm-up round",
+        help="run every variant, stock included, with its blocks compiled (inductor): compile_repeated_blocks where "
+        "the model class declares repeated blocks, else block by block (DiT); plan-compiled over stock-compiled; "
+        "compilation happens in the warm-up round",
     )
     p.add_argument(
         "--peers",
@@ -311,39 +343,37 @@ def bench_engine(p) -> None:
 
 def _add_threshold_args(parser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--preset", help=f"official preset: {_preset_names()}")
+    group.add_argument(
+        "--preset", help="an official preset of the model's family, e.g. fast or slow (a name it lacks lists its own)"
+    )
     group.add_argument("--thresholds", help="e.g. nonskip=0.1,step=0.7,transformer_blocks.attn=0.68 (unset: 0)")
 
 
-def _bench_families() -> list[str]:
-    # Families with benchmark configs (bench-engine runs their books, or synthetic plans where they have none).
+def bench_families() -> list[str]:
+    """Families with benchmark configs (bench-engine runs their books, or synthetic plans where they have none)."""
     from ..families import families
 
     return [spec.name for spec in families() if spec.configs is not None and spec.configs.bench]
 
 
-def _book_families() -> list[str]:
+def book_families() -> list[str]:
+    """Families whose official books bench-engine runs by default."""
     from ..families import families
 
     return [spec.name for spec in families() if spec.official is not None and spec.official.books]
 
 
-def _official_families() -> list[str]:
-    # Families whose official InvarDiff code ships cache books (convert-official, bench-engine).
+def official_families() -> list[str]:
+    """Families whose official InvarDiff code ships cache books (convert-official)."""
     from ..families import families
 
     return [spec.name for spec in families() if spec.official is not None]
 
 
-def _preset_names() -> str:
-    from ..families import families
-
-    return "; ".join(f"{spec.name} {', '.join(spec.presets)}" for spec in families() if spec.presets)
-
-
-def _sweep_method(name: str) -> str:
+def _sweep_methods() -> list[str]:
     from ..bench.bundled import METHODS  # imported only when --methods is given: `bench --help` stays light
 
-    if name not in METHODS:
-        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(METHODS)})")
-    return name
+    return list(METHODS)
+
+
+_sweep_method = registry_choice(_sweep_methods, "choose from")

@@ -457,7 +457,9 @@ def bench_engine(args) -> int:
     from ..bench.plans import bench_plan_names, default_bench_plans, is_plan_file
 
     available = bench_plan_names()
-    books = args.books or [name for family in args.family for name in default_bench_plans(family)]
+    from .arguments import book_families
+
+    books = args.books or [name for family in args.family or book_families() for name in default_bench_plans(family)]
     unknown = sorted(book for book in set(books) - set(available) if not is_plan_file(book))
     if unknown:
         raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}, or a plan file (PLAN.json).")

@@ -1,10 +1,11 @@
 """The ``invardiff`` command line.
 
-invardiff demo [--model flux-shapes|dit-digits]
+invardiff demo [--model flux-shapes|dit-digits|wan-motion]
 invardiff calibrate --model dit-digits --classes 1,2,3 --steps 50 --preset fast -o plan.json
 invardiff generate --model dit-digits --plan plan.json --class 3 -o out/gen
 invardiff inspect plan.json --model-config flux1-dev [--json]
-invardiff bench-engine [--family flux dit] [--config cpu|full] [--device cpu|cuda] [--rounds 3] [--peers] [--json]
+invardiff bench-engine [--family flux dit wan hunyuanvideo] [--config cpu|full] [--device cpu|cuda] [--rounds 3]
+    [--compile] [--peers] [--json]
 
 A user error (a bad argument, a missing file, an option that does not apply) prints one line and exits with 2;
 ``-v`` adds the traceback. Each subcommand's options are defined when it is parsed, so ``invardiff --help`` and

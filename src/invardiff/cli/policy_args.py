@@ -1,13 +1,11 @@
-"""Command-line options that choose a cache policy (plan, DiCache, plan+probe) and build its config."""
+"""Command-line options that choose a cache policy (plan, DiCache, plan+probe) and build its config. Defining the
+options imports nothing heavy (`generate --help` stays free of torch); building the config does."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..dicache import PRESETS, DiCacheConfig, PlanProbeConfig
-from ..expert_plans import ExpertPlans, load_plan
-from ..families import get_family
-from ..policies.plan import PlanConfig
+from .arguments import registry_choice
 
 
 POLICIES = ("plan", "dicache", "plan+probe")
@@ -32,7 +30,9 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy", choices=POLICIES, help="default: plan when --plan is given, else full compute (no cache)"
     )
     group.add_argument(
-        "--dicache-preset", choices=sorted(PRESETS), help="official DiCache setting (default: the family's)"
+        "--dicache-preset",
+        type=registry_choice(_dicache_presets, "DiCache presets"),
+        help="official DiCache setting (default: the family's)",
     )
     group.add_argument("--threshold", type=float, help="delta: DiCache skip threshold / plan+probe veto threshold")
     group.add_argument("--probe-depth", type=int, help="m, the probe's number of leading blocks (default 1)")
@@ -51,6 +51,12 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
         help="plan: a step-cached step reuses H (official, the default) or adds the residual H - x to the current "
         "input",
     )
+
+
+def _dicache_presets() -> list[str]:
+    from ..dicache import PRESETS
+
+    return sorted(PRESETS)
 
 
 def chosen_policy(args) -> str | None:
@@ -77,6 +83,11 @@ def planned_steps(args, config) -> int | None:
 
 def policy_config(args, family: str):
     """The config to pass to ``invardiff.enable`` (``None``: full compute), from the options above."""
+    from ..dicache import DiCacheConfig, PlanProbeConfig
+    from ..expert_plans import ExpertPlans, load_plan
+    from ..families import get_family
+    from ..policies.plan import PlanConfig
+
     policy = chosen_policy(args)
     if policy is None:
         return None
@@ -84,11 +95,12 @@ def policy_config(args, family: str):
         raise ValueError(f"--policy {policy} needs --plan PLAN.json (make one with `invardiff calibrate`).")
     plan = load_plan(args.plan) if args.plan else None
     if isinstance(plan, ExpertPlans):
-        # The commands that take a policy run the bundled models, each with one transformer.
+        # generate, demo and bench run one policy on one transformer; a pair is for invardiff.enable.
         raise ValueError(
             f"{args.plan} holds one plan per expert ({', '.join(plan)}) of a pipeline that switches transformers "
-            f"along the schedule (Wan2.2), but the bundled models run one transformer each; give a plan calibrated "
-            f"on the model (invardiff calibrate --model NAME), or pass the pair to invardiff.enable on its pipeline."
+            f"along the schedule (Wan2.2); the CLI's generate, demo and bench run one plan on one transformer. "
+            f"Pass the pair to invardiff.enable(pipe, invardiff.load_plan(PATH)) on its pipeline, or give a plan "
+            f"calibrated on a one-transformer model."
         )
     if policy == "plan":
         return PlanConfig(plan, step_reuse=args.step_reuse or "state")

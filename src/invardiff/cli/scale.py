@@ -37,8 +37,12 @@ def add_ray_options(parser, what: str) -> None:
 
 def add_generate_options(parser, item_group) -> None:
     """``generate`` over many items: --prompts FILE or --classes LIST (beside --prompt / --class) and --seeds."""
-    item_group.add_argument("--prompts", help="many images: a text file, one prompt per line (Flux models)")
-    item_group.add_argument("--classes", help="many images: comma-separated class ids (DiT models), e.g. 0,3,5")
+    item_group.add_argument(
+        "--prompts", help="many outputs: a text file, one prompt per line (text-conditioned models)"
+    )
+    item_group.add_argument(
+        "--classes", help="many outputs: comma-separated class ids (class-conditioned models), e.g. 0,3,5"
+    )
     parser.add_argument(
         "--seeds",
         help="comma-separated seeds, every input (--prompt / --class / --prompts / --classes) with every seed "

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .arguments import at_least
+
 
 EXTRAPOLATE = ("none", "steps", "units", "both")
 
@@ -42,7 +44,12 @@ def add_search_arguments(p) -> None:
 
 def resample_arguments(p) -> None:
     p.add_argument("plan", help="a plan file")
-    p.add_argument("--steps", type=int, required=True, help="the new num_inference_steps")
+    p.add_argument(
+        "--steps",
+        type=at_least(3, "a step count"),
+        required=True,
+        help="the new num_inference_steps (3 to 1000, the schedulers' training timesteps)",
+    )
     p.add_argument("-o", "--output", required=True)
 
 

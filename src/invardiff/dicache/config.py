@@ -168,7 +168,7 @@ class PlanProbeConfig:
     probe blocks on top of the plan.
 
     Args:
-        plan (`CachePlan`): the plan that proposes reuse.
+        plan (`CachePlan`): the plan that proposes reuse, without extrapolation coefficients (format version 1).
         threshold (`float`): delta of the veto; ``inf`` accepts every proposal (the plan plus the probe's cost).
         probe_depth, error, skip_when, per_sample: as in :class:`DiCacheConfig`.
     """
@@ -183,4 +183,12 @@ class PlanProbeConfig:
     def __post_init__(self):
         if not isinstance(self.plan, CachePlan):
             raise TypeError(f"PlanProbeConfig.plan must be a CachePlan, got {type(self.plan).__name__}.")
+        if self.plan.extrapolates:
+            # A bad argument, refused when the config is made (not when it is enabled, mid-command): such a plan
+            # can only be used alone.
+            raise ValueError(
+                "plan+probe takes a plan without extrapolation coefficients (format version 1), got one with them: "
+                "the probe's vetoes would change which values the coefficients were fitted for. Use the plan alone "
+                "(policy plan), or search a plan without extrapolation (calibrate --budget, --extrapolate none)."
+            )
         _check_probe_settings(self.threshold, self.probe_depth, self.error, self.skip_when, allow_inf=True)

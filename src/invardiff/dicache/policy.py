@@ -164,9 +164,4 @@ def _build_dicache_policy(config: DiCacheConfig, family: FamilySpec, transformer
 def _build_plan_probe_policy(config: PlanProbeConfig, family: FamilySpec, transformer, units) -> PlanProbePolicy:
     _check_probe_depth(config.probe_depth, family, transformer)
     check_plan_fits(config.plan, family, transformer)
-    if config.plan.extrapolates:
-        raise NotImplementedError(
-            "plan+probe does not run plans with extrapolation coefficients (format version 2): the probe's vetoes "
-            "would change which values the coefficients were fitted for. Use the plan alone, or a version 1 plan."
-        )
     return PlanProbePolicy(config, units)

@@ -22,6 +22,7 @@ from .spec import (
     OfficialSpec,
     PipelineSpec,
     ReuseUnit,
+    SizeRule,
     TransformerCall,
 )
 
@@ -116,6 +117,7 @@ __all__ = [
     "OfficialSpec",
     "PipelineSpec",
     "ReuseUnit",
+    "SizeRule",
     "TransformerCall",
     "families",
     "family_names",

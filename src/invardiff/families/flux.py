@@ -23,7 +23,16 @@ from ..model_configs import ModelConfig
 from ..official import book_table
 from ..plan import PlanError
 from . import register_family
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit, image_output_index
+from .spec import (
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    OfficialSpec,
+    PipelineSpec,
+    ReuseUnit,
+    SizeRule,
+    image_output_index,
+)
 
 
 def _run_head(transformer, hidden, call):
@@ -182,6 +191,13 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 512}
 
 
+def _size_rules(pipe) -> dict[str, SizeRule]:
+    side = SizeRule(
+        2 * pipe.vae_scale_factor, f"the VAE's downsampling {pipe.vae_scale_factor} x the 2x2 latent packing"
+    )
+    return {"height": side, "width": side}  # FluxPipeline would resize other sizes with a warning
+
+
 def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
     from ..models import text
 
@@ -266,6 +282,7 @@ FLUX = register_family(
             calibration_kwargs={"output_type": "latent"},  # the decoded images are not needed
             build_toy=_build_toy,
             call_shape=_call_shape,
+            size_rules=_size_rules,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

@@ -34,6 +34,7 @@ from ..model_configs import (
     video_fields,
     video_latent_shape,
     video_pipeline_size,
+    video_size_rules,
 )
 from . import register_family
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, image_output_index
@@ -199,6 +200,11 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     return video_call_fields(pipe, call_kwargs, (720, 1280, 129), 256, patch)
 
 
+def _size_rules(pipe) -> dict:
+    config = pipe.transformer.config
+    return video_size_rules(pipe, (config.patch_size_t, config.patch_size, config.patch_size))
+
+
 HUNYUANVIDEO = register_family(
     FamilySpec(
         name="hunyuanvideo",
@@ -245,6 +251,7 @@ HUNYUANVIDEO = register_family(
             calibration_kwargs={"output_type": "latent"},
             build_toy=_build_toy,
             call_shape=_call_shape,
+            size_rules=_size_rules,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

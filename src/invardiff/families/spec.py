@@ -173,6 +173,34 @@ class Expert:
 
 
 @dataclass(frozen=True)
+class SizeRule:
+    """What a size argument of a pipeline call (``height``, ``width``, ``num_frames``) must be: a positive
+    ``offset + k * multiple`` (``k >= 0``). ``reason`` says where the multiple comes from (VAE compression, patch)."""
+
+    multiple: int
+    reason: str
+    offset: int = 0
+
+    @property
+    def lowest(self) -> int:
+        return self.offset if self.offset > 0 else self.multiple
+
+    def check(self, name: str, value, where: str = "this pipeline") -> None:
+        """Raise ``ValueError`` naming the nearest valid values if ``value`` breaks the rule."""
+        if isinstance(value, int) and value >= self.lowest and (value - self.offset) % self.multiple == 0:
+            return
+        what = (
+            f"a multiple of {self.multiple}" if self.offset == 0 else f"{self.offset} + a multiple of {self.multiple}"
+        )
+        below = self.offset + (value - self.offset) // self.multiple * self.multiple if isinstance(value, int) else 0
+        nearest = [v for v in (below, below + self.multiple) if v >= self.lowest] or [self.lowest]
+        raise ValueError(
+            f"{name}={value!r} does not fit {where}: {name} must be {what} ({self.reason}); the nearest valid "
+            f"values are {' and '.join(map(str, nearest))}."
+        )
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """How the family's stock diffusers pipeline is called (calibration, sweeps, the demo) and a toy one is built.
 
@@ -199,6 +227,9 @@ class PipelineSpec:
         with_latents: ``with_latents(pipe, latents)`` returns a context manager within which the pipeline's calls
             start from ``latents`` instead of drawing them, for pipelines whose ``__call__`` takes no ``latents``
             (DiTPipeline); ``None``: the pipeline takes ``latents=`` (or explicit latents are not supported).
+        size_rules: ``size_rules(pipe)`` returns the size arguments the pipeline takes and the :class:`SizeRule`
+            each must follow; ``None``: the pipeline takes none (DiT samples at its transformer's ``sample_size``).
+            Checked before calibration samples, instead of a shape error mid-run or the pipeline's silent rounding.
     """
 
     input_kind: str
@@ -213,6 +244,7 @@ class PipelineSpec:
     experts: Callable[[Any], tuple[Expert, ...]] | None = None
     bare: Callable[[Any], tuple[Any, str]] | None = None
     with_latents: Callable[[Any, torch.Tensor], Any] | None = None
+    size_rules: Callable[[Any], dict[str, SizeRule]] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:

@@ -32,6 +32,7 @@ from ..model_configs import (
     video_fields,
     video_latent_shape,
     video_pipeline_size,
+    video_size_rules,
 )
 from ..official import book_table
 from ..plan import PlanError
@@ -231,6 +232,11 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     return video_call_fields(pipe, call_kwargs, (480, 832, 81), 512, tuple(transformer.config.patch_size))
 
 
+def _size_rules(pipe) -> dict:
+    transformer = pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+    return video_size_rules(pipe, tuple(transformer.config.patch_size))
+
+
 def _experts(pipe) -> tuple[Expert, ...]:
     # WanPipeline with transformer_2 and boundary_ratio (Wan2.2 A14B): `transformer` runs the timesteps
     # t >= boundary_ratio * num_train_timesteps (high noise, the first steps), `transformer_2` the rest.
@@ -323,6 +329,7 @@ WAN = register_family(
             calibration_kwargs={"output_type": "latent", "guidance_scale": 5.0},
             build_toy=_build_toy,
             call_shape=_call_shape,
+            size_rules=_size_rules,
             toy_call_kwargs=_toy_call_kwargs,
             experts=_experts,
         ),
