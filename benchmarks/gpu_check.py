@@ -32,6 +32,7 @@ import dataclasses
 import gc
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -39,6 +40,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -71,7 +73,9 @@ CALL_OVERHEAD_S = 0.01  # per transformer call: kernel launches of an eager forw
 # Regional inductor compilation of FLUX's two block classes, with the recompiles that the engine's unit modes and
 # FirstBlockCache's hooks cause: a guess (tens of seconds), checked by the first GPU run's section times.
 COMPILE_S = 60.0
-MEMORY_ESTIMATE_S = 8.0  # one meta-device run of a FLUX plan (cache_memory): ~8 s of one core, whatever the width
+# The meta-device memory estimates (cache_memory: ~8 s of one core per FLUX plan, whatever the width) run in worker
+# processes from the start, beside the device's work, so they take none of its time.
+ESTIMATE_WORKERS = 4
 
 # Video sizes that fit the time: Wan2.1-1.3B at 832x480 with 9 frames (latent 3 x 60 x 104, 4680 tokens) instead
 # of 81; HunyuanVideo at 480x272 with 9 frames (latent 3 x 34 x 60, 1530 tokens) instead of 960x544, 129 frames.
@@ -212,6 +216,7 @@ class Check:
     schedule: str
     configs: dict[str, ModelConfig]
     budget: Budget
+    estimates: dict = dataclasses.field(default_factory=dict)  # (family, book): Future of its estimated bytes
 
     @property
     def warmup_rounds(self) -> int:
@@ -230,6 +235,20 @@ LOOP_BOOK = {False: "flux/fast", True: "flux/synthetic-3x"}
 DRY_BOOKS = {"flux": ["flux/fast"], "dit": ["dit/fast"]}
 
 
+def estimated_peak_cache_bytes(book: str, config: ModelConfig) -> int:
+    """The meta-device estimate of ``book``'s peak cache bytes on ``config`` (run in a worker process)."""
+    return cache_memory(plan_of(book, config), config)["peak_cache_bytes"]
+
+
+def start_estimates(check: Check, sections: list[str], workers: int) -> ProcessPoolExecutor:
+    """Submit the memory estimate of every book of the engine sections to a pool of ``workers`` processes."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    for family in [name for name in sections if name in ENGINE_FAMILIES]:
+        for book in books_of(family, check):
+            check.estimates[(family, book)] = pool.submit(estimated_peak_cache_bytes, book, check.configs[family])
+    return pool
+
+
 def books_of(family: str, check: Check) -> list[str]:
     if family not in ("flux", "dit"):
         return [f"{family}/synthetic-2x", f"{family}/synthetic-3x"]
@@ -239,8 +258,7 @@ def books_of(family: str, check: Check) -> list[str]:
 def engine_work(family: str, check: Check) -> Work:
     config, books = check.configs[family], books_of(family, check)
     fractions = [1.0, 1.0, *plan_fractions(config, books)]  # stock, reuse-nothing, books
-    memory = Work(fixed_s=MEMORY_ESTIMATE_S * len(books))
-    return runs(config, fractions, check.warmup_rounds + check.rounds) + memory
+    return runs(config, fractions, check.warmup_rounds + check.rounds)
 
 
 def engine_section(family: str, check: Check) -> dict:
@@ -256,9 +274,7 @@ def engine_section(family: str, check: Check) -> dict:
         rows = [_reuse_nothing_row(results[0])] + results
         for row in rows:
             name = "reuse_nothing" if row["book"] == "reuse-nothing" else row["book"]
-            estimate = (
-                0 if name == "reuse_nothing" else cache_memory(plan_of(name, config), config)["peak_cache_bytes"]
-            )
+            estimate = 0 if name == "reuse_nothing" else check.estimates[(family, name)].result()
             row["estimated_peak_cache_bytes"] = estimate
             if measure:
                 row.update(measured_fields({n: m.last for n, m in measured.items()}, name, steps, estimate))
@@ -443,6 +459,7 @@ def peers_section(check: Check) -> dict:
     return {"model_config": config.name, "peer_settings": PEER_SETTINGS, "rows": rows}
 
 
+ENGINE_FAMILIES = ("flux", "dit", "wan", "hunyuanvideo")  # the sections of bench_family, named by family
 SECTIONS = {
     "flux": (lambda check: engine_work("flux", check), lambda check: engine_section("flux", check)),
     "dit": (lambda check: engine_work("dit", check), lambda check: engine_section("dit", check)),
@@ -596,7 +613,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks/results", help="directory for gpu-check[-dry-run].{json,md}")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU at tiny widths: checks the script")
     parser.add_argument("--plan-only", action="store_true", help="print the time plan (FLOP counts) and exit")
-    parser.add_argument("--budget-s", type=float, help="seconds for all sections (default 420; dry run 300)")
+    parser.add_argument("--budget-s", type=float, help="seconds for all sections (default 420; dry run 1200)")
     parser.add_argument("--rounds", type=int, help="timed rounds after a warm-up (default 2; dry run 1)")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     args = parser.parse_args(argv)
@@ -625,7 +642,7 @@ def main(argv=None) -> int:
         rounds=args.rounds or (1 if args.dry_run else 2),
         schedule="alternate" if device.type == "cuda" else "lockstep",
         configs=configs(args.dry_run),
-        budget=Budget(args.budget_s or (300.0 if args.dry_run else 420.0)),
+        budget=Budget(args.budget_s or (1200.0 if args.dry_run else 420.0)),
     )
     if args.plan_only:
         return print_plan(check, args.sections)
@@ -642,8 +659,21 @@ def main(argv=None) -> int:
         "configs": {family: config.to_dict() | {"steps": config.steps} for family, config in check.configs.items()},
         "sections": {name: {"status": "pending"} for name in args.sections},
     }
+    # dry: one worker, the CPU has two cores; the estimates' torch import costs that one seconds
+    pool = start_estimates(check, args.sections, 1 if args.dry_run else ESTIMATE_WORKERS)
+    try:
+        failed = run_sections(check, args.sections, report, out, stem)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    print(markdown(report))
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_sections(check: Check, sections: list[str], report: dict, out: Path, stem: str) -> bool:
+    """Every section in turn, the report rewritten after each; True if one failed."""
     failed = False
-    for name in args.sections:
+    for name in sections:
         entry = report["sections"][name]
         started, cpu = time.monotonic(), time.process_time()
         try:
@@ -651,12 +681,10 @@ def main(argv=None) -> int:
         finally:
             entry["seconds"] = time.monotonic() - started
             entry["cpu_seconds"] = time.process_time() - cpu
-            _free(device)
+            _free(check.device)
         report["elapsed_s"] = check.budget.elapsed()
         write_report(report, out, stem)
-    print(markdown(report))
-    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
-    return 1 if failed else 0
+    return failed
 
 
 def run_section(name: str, check: Check, entry: dict) -> bool:
