@@ -2,7 +2,7 @@
 FLUX.1-dev / DiT-XL/2 / Wan2.1-1.3B / HunyuanVideo configs, random weights, bf16, with what only a GPU can measure.
 
     python benchmarks/gpu_check.py --out DIR              # on a CUDA device (benchmarks/gpu_check.sh wraps it)
-    python benchmarks/gpu_check.py --dry-run --out DIR    # the whole script on the CPU at tiny widths (< 1 min)
+    python benchmarks/gpu_check.py --dry-run --out DIR    # the whole script on the CPU at tiny widths (~1 min CPU)
     python benchmarks/gpu_check.py --plan-only            # the time plan from FLOP counts; runs no model
 
 Sections, in order of importance (each writes DIR/gpu-check[-dry-run].{json,md} when it ends, so a kill leaves the
