@@ -76,6 +76,7 @@ COMPILE_S = 60.0
 # The meta-device memory estimates (cache_memory: ~8 s of one core per FLUX plan, whatever the width) run in worker
 # processes from the start, beside the device's work, so they take none of its time.
 ESTIMATE_WORKERS = 4
+ESTIMATE_TIMEOUT_S = 900.0  # a wait for one estimate; HunyuanVideo's, the slowest, takes ~15 s of one core
 
 # Video sizes that fit the time: Wan2.1-1.3B at 832x480 with 9 frames (latent 3 x 60 x 104, 4680 tokens) instead
 # of 81; HunyuanVideo at 480x272 with 9 frames (latent 3 x 34 x 60, 1530 tokens) instead of 960x544, 129 frames.
@@ -274,7 +275,9 @@ def engine_section(family: str, check: Check) -> dict:
         rows = [_reuse_nothing_row(results[0])] + results
         for row in rows:
             name = "reuse_nothing" if row["book"] == "reuse-nothing" else row["book"]
-            estimate = 0 if name == "reuse_nothing" else check.estimates[(family, name)].result()
+            estimate = (
+                0 if name == "reuse_nothing" else check.estimates[(family, name)].result(timeout=ESTIMATE_TIMEOUT_S)
+            )
             row["estimated_peak_cache_bytes"] = estimate
             if measure:
                 row.update(measured_fields({n: m.last for n, m in measured.items()}, name, steps, estimate))
