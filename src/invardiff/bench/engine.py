@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 from .. import api
 from ..families import FamilySpec, LazyTable, families, get_family
 from ..flops import profile_flops
-from ..model_configs import MODEL_CONFIGS
+from ..model_configs import MODEL_CONFIGS, ModelConfig
 from ..plan import CachePlan
 from ..stats import extrapolation_work, ideal_speedup
 from .extrapolation_cost import extrapolation_costs
@@ -59,6 +59,11 @@ def bench_family(
     progress: Callable[[str | None], None] | None = None,
     compile_blocks: bool = False,
     backend: str = "inductor",
+    *,
+    config: ModelConfig | None = None,
+    instrument: Callable[[Variant], Variant] | None = None,
+    on_results: Callable[[list[dict], dict[str, Variant]], None] | None = None,
+    warmup_rounds: int = 1,
 ) -> list[dict]:
     """Benchmark the ``books`` (official books like ``"flux/fast"``, synthetic plans like ``"wan/synthetic-2x"``,
     ``invardiff.bench.plans``) of one family; one result dict per book.
@@ -66,8 +71,14 @@ def bench_family(
     ``compile_blocks``: every variant, stock included, runs with its blocks compiled (:func:`compile_regions`,
     torch.compile's ``backend``), so the speedup is plan-compiled over stock-compiled; compilation happens in the
     warm-up round. The results' ``compiled`` says how.
+
+    ``config`` replaces the family's benchmark config of ``size`` (a reduced video size, say). For device
+    measurements (``benchmarks/gpu_check.py``): ``instrument`` wraps each timed variant (``"stock"``,
+    ``"reuse_nothing"``, each book) before the rounds, and ``on_results(results, variants)`` is called after them
+    with the result dicts (to add fields to) and the wrapped variants by name, whose transformers are still alive.
+    ``warmup_rounds``: untimed rounds first (0 only where the figures do not matter: a dry run of a script).
     """
-    config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
+    config = config or MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
     plans = {name: bench_plan(name, config) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     any_plan = next(iter(plans.values()))
@@ -92,8 +103,12 @@ def bench_family(
     else:
         raise ValueError(f"Unknown schedule {schedule!r}; expected 'lockstep' or 'alternate'.")
 
+    if instrument is not None:
+        timed_variants = [instrument(variant) for variant in timed_variants]
     callbacks = round_progress(progress, config.name, rounds)
-    times = measure_rounds(timed_variants, rounds, steps=steps, schedule=schedule, **callbacks)
+    times = measure_rounds(
+        timed_variants, rounds, warmup_rounds=warmup_rounds, steps=steps, schedule=schedule, **callbacks
+    )
     per_round = times.seconds
 
     flops = profile_flops(config)
@@ -127,6 +142,8 @@ def bench_family(
                 "reused_entry_cost": costs,
             }
         )
+    if on_results is not None:
+        on_results(results, {variant.name: variant for variant in timed_variants})
     return results
 
 

@@ -22,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo
 from diffusers.models.cache_utils import CacheMixin
+from torch._dynamo.utils import counters
 
 from .. import api
 from ..families import get_family
-from ..model_configs import MODEL_CONFIGS
+from ..model_configs import MODEL_CONFIGS, ModelConfig
 from . import peers
 from .block_calls import AttentionCallCounter
 from .engine import BENCH_CONFIGS
@@ -50,16 +52,22 @@ class LoopVariant:
 
 
 def book_variant(name: str, plan) -> LoopVariant:
+    return policy_variant("invardiff", f"InvarDiff book {name}", plan, {"book": name})
+
+
+def policy_variant(method: str, label: str, policy_config, settings: dict) -> LoopVariant:
+    """invardiff enabled with ``policy_config`` (a plan, a ``DiCacheConfig``...), steps given explicitly."""
+
     def attach(transformer):
-        api.enable(transformer, plan)
+        api.enable(transformer, policy_config)
         return lambda: api.disable(transformer)
 
     return LoopVariant(
-        "invardiff",
-        f"InvarDiff book {name}",
+        method,
+        label,
         attach,
         lambda transformer, step: api.cache_context(transformer, "default", step_index=step),
-        {"book": name},
+        settings,
     )
 
 
@@ -73,11 +81,16 @@ def peer_variant(peer: peers.Peer) -> LoopVariant:
     )
 
 
-def peer_variants(stock: torch.nn.Module, config, steps: int, device: torch.device) -> list[LoopVariant]:
-    """Every peer at the loop's settings; MagCache's ratios from its calibration mode over one run of the loop."""
-    trajectory = Trajectory(stock, config, steps, device, context=lambda t, step: t.cache_context("cond"))
-    ratios = peers.calibrate_mag_ratios(stock, steps, [trajectory.run])
-    return [peer_variant(peer) for peer in peers.peers(peers.LOOP, steps, ratios)]
+def peer_variants(
+    stock: torch.nn.Module, config, steps: int, device: torch.device, settings: dict | None = None
+) -> list[LoopVariant]:
+    """Every peer at the loop's settings (or at ``settings``, see ``peers.peers``); MagCache's ratios from its
+    calibration mode over one run of the loop, when MagCache runs."""
+    ratios = None
+    if settings is None or settings.get("diffusers-magcache"):
+        trajectory = Trajectory(stock, config, steps, device, context=lambda t, step: t.cache_context("cond"))
+        ratios = peers.calibrate_mag_ratios(stock, steps, [trajectory.run])
+    return [peer_variant(peer) for peer in peers.peers(peers.LOOP, steps, ratios, settings)]
 
 
 def bench_peers(
@@ -87,17 +100,23 @@ def bench_peers(
     device: torch.device,
     rounds: int,
     progress: Callable[[str | None], None] | None = None,
+    *,
+    config: ModelConfig | None = None,
+    peer_settings: dict | None = None,
+    warmup_rounds: int = 1,
 ) -> list[dict]:
     """Full compute, the official ``books`` of ``family`` and the peers on one loop; one result dict per variant.
 
     The peers are diffusers' cache hooks and cache-dit, so the family's transformer must have diffusers'
-    ``CacheMixin`` (:func:`peers_can_run`)."""
-    config = MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
+    ``CacheMixin`` (:func:`peers_can_run`). ``config`` replaces the family's benchmark config of ``size``;
+    ``peer_settings`` the loop's peer settings (``peers.peers``); ``warmup_rounds``: see :func:`run_variants`."""
+    config = config or MODEL_CONFIGS[BENCH_CONFIGS[size][family]]
     plans = {name: bench_plan(name, config) for name in books}
     steps = next(iter(plans.values())).num_inference_steps
     stock = config.build_transformer(device)
-    variants = [book_variant(name, plan) for name, plan in plans.items()] + peer_variants(stock, config, steps, device)
-    return run_variants(stock, config, variants, steps, device, rounds, progress)
+    variants = [book_variant(name, plan) for name, plan in plans.items()]
+    variants += peer_variants(stock, config, steps, device, peer_settings)
+    return run_variants(stock, config, variants, steps, device, rounds, progress, warmup_rounds=warmup_rounds)
 
 
 def peers_can_run(family: str) -> bool:
@@ -105,9 +124,25 @@ def peers_can_run(family: str) -> bool:
     return issubclass(get_family(family).transformer_class, CacheMixin)
 
 
-def run_variants(stock, config, variants: list[LoopVariant], steps: int, device, rounds: int, progress=None):
+def run_variants(
+    stock,
+    config,
+    variants: list[LoopVariant],
+    steps: int,
+    device,
+    rounds: int,
+    progress=None,
+    compile_options: dict | None = None,
+    warmup_rounds: int = 1,
+):
     """Whole runs of full compute and every variant on ``stock``, alternating (order rotated every round) after a
-    warm-up round; before that, one counted run of each (FLOPs and attention computations)."""
+    warm-up round; before that, one counted run of each (FLOPs and attention computations).
+
+    ``compile_options``: after the counted runs (eager: FLOPs are counted on the model's own ops), ``stock`` is
+    compiled with ``compile_repeated_blocks(**compile_options)``, so every variant, full compute included, is timed
+    compiled (compilation happens in the warm-up round); the results then say so and count the compiled graphs.
+    ``warmup_rounds``: untimed rounds first (0 only where the figures do not matter: a dry run of a script).
+    """
     full = LoopVariant("full", "full compute", lambda transformer: lambda: None)
     everything = [full, *variants]
     trajectories = {v.label: Trajectory(stock, config, steps, device, context=v.context) for v in everything}
@@ -134,9 +169,14 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
         return lambda index: (trajectory.run(), trajectory.seconds)[1]  # seconds: its transformer calls, synced
 
     counted = {v.label: count(v) for v in everything}
+    if compile_options is not None:
+        torch._dynamo.reset()
+        counters.clear()
+        stock.compile_repeated_blocks(**compile_options)
     times = measure_rounds(
         [Variant(v.label, whole_run(v), attach(v), detach) for v in everything],
         rounds,
+        warmup_rounds=warmup_rounds,
         **round_progress(progress, config.name, rounds),
     )
     full_flops = counted[full.label][0]
@@ -158,6 +198,8 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
                 "ideal_speedup": ideal,
                 "efficiency": speed["measured_speedup"] / ideal,
                 "attention_computed": counted[variant.label][1],
+                "compiled": _compiled_with(compile_options),
+                "compiled_graphs": counters["stats"]["unique_graphs"] if compile_options is not None else None,
                 "median_seconds": {
                     "full": times.median_seconds(full.label),
                     "variant": times.median_seconds(variant.label),
@@ -165,6 +207,12 @@ def run_variants(stock, config, variants: list[LoopVariant], steps: int, device,
             }
         )
     return results
+
+
+def _compiled_with(options: dict | None) -> str | None:
+    if options is None:
+        return None
+    return f"compile_repeated_blocks ({options.get('backend', 'inductor')})"
 
 
 def peers_table(results: list[dict], meta: dict) -> str:

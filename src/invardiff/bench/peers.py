@@ -66,17 +66,25 @@ class Peer:
     call_context: Callable[[torch.nn.Module], contextlib.AbstractContextManager] = lambda t: contextlib.nullcontext()
 
 
-def peers(kind: str, num_inference_steps: int, mag_ratios: list[float] | None = None) -> list[Peer]:
-    """Every peer at the settings of target ``kind`` (``"pipeline"`` or ``"loop"``). ``mag_ratios`` are MagCache's
-    calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses diffusers' default (Flux) ratios."""
+def peers(
+    kind: str, num_inference_steps: int, mag_ratios: list[float] | None = None, settings: dict | None = None
+) -> list[Peer]:
+    """Every peer at the settings of target ``kind`` (``"pipeline"`` or ``"loop"``), or at ``settings`` (a subset
+    of :data:`SETTINGS`' shape: ``{method: settings}``; a method left out does not run). ``mag_ratios`` are
+    MagCache's calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses diffusers' default
+    (Flux) ratios."""
     if kind not in KINDS:
         raise ValueError(f"Unknown target kind {kind!r}; expected one of {KINDS}.")
-    settings = SETTINGS[kind]
+    if settings is None:
+        settings = SETTINGS[kind]
+    unknown = sorted(set(settings) - set(METHODS))
+    if unknown:
+        raise ValueError(f"Unknown peer methods {unknown}; expected some of {list(METHODS)}.")
     return [
-        *(fbcache(t) for t in settings["diffusers-fbcache"]),
-        *(magcache(t, num_inference_steps, mag_ratios) for t in settings["diffusers-magcache"]),
-        *(taylorseer(i) for i in settings["diffusers-taylorseer"]),
-        *(dbcache(t, num_inference_steps) for t in settings["cache-dit"]),
+        *(fbcache(t) for t in settings.get("diffusers-fbcache", ())),
+        *(magcache(t, num_inference_steps, mag_ratios) for t in settings.get("diffusers-magcache", ())),
+        *(taylorseer(i) for i in settings.get("diffusers-taylorseer", ())),
+        *(dbcache(t, num_inference_steps) for t in settings.get("cache-dit", ())),
     ]
 
 
