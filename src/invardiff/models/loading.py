@@ -20,6 +20,11 @@ QUIET_AT_LOAD = {
     # accelerate only speeds up loading large checkpoints
     "diffusers.models.modeling_utils": ("because `accelerate` was not found",),
     "diffusers.pipelines.pipeline_utils": ("because `accelerate` was not found", "Expected types for vae"),
+    # diffusers 0.42 registers torchao < 0.16 tensor classes for torch.load when torchao is installed (the dev
+    # extras install it for the quantization tests); bundled models are safetensors, never torchao pickles
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    # torchao's wheel carries CUDA kernels for another Python; its CPU int8 path does not use them
+    "torchao": ("Failed to load",),
 }
 
 
