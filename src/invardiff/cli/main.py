@@ -108,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     # The library only logs; the CLI shows warnings always and, with -v, what each step decided.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="invardiff: %(message)s")
     try:
-        from . import commands
+        from ..models.loading import quiet_loading
         from .outputs import check_outputs
 
         check_outputs(args)  # before the work: a bad output path is refused now, not after minutes of sampling
-        return getattr(commands, args.handler)(args) or 0
+        with quiet_loading():  # diffusers, transformers and torchao log at import time too, not only at a load
+            from . import commands
+
+            return getattr(commands, args.handler)(args) or 0
     except KeyboardInterrupt:
         print(f"invardiff {args.command}: interrupted", file=sys.stderr)
         return 130

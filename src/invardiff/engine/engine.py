@@ -33,7 +33,7 @@ import torch
 
 from ..families import FamilySpec, TransformerCall
 from ..plan import PlanError
-from . import foreign
+from . import adapters, foreign
 from .adapters import COMPUTE as COMPUTE_MODE
 from .adapters import INACTIVE, MODE
 from .adapters import PLAIN as PLAIN_MODE
@@ -169,6 +169,7 @@ class CacheEngine:
         self.all_outputs_bytes = 0  # what keeping every unit output and H of one step would take
         # Set by install: the adapted modules whose mode the engine sets around each call (adapters.py).
         self.unit_modules: list[tuple] = []  # per unit: its producer and, if any, its pass-through stage
+        self.unit_places: list[tuple] = []  # per unit: (its block, the paths of those modules in the block)
         self.blocks: list = []  # probe policies: every block in execution order, its static role, the deep ones
         self.block_roles: list[int] = []
         self.deep_blocks: list = []
@@ -198,6 +199,7 @@ class CacheEngine:
             refused = foreign.refusal(self.transformer, f"At step 0 of a run on branch {name!r}")
             if refused is not None:
                 raise EngineError(refused)
+            self._follow_replaced_units()
         state = self._branch_for_step(name, step)
         signature = self.family.input_signature(call)
         if state.signature is None:
@@ -223,6 +225,27 @@ class CacheEngine:
         self._set_modes(state)
         self.active = state
         return state
+
+    def _follow_replaced_units(self) -> None:
+        # A module of a unit can be replaced between runs: loading a LoRA after enable wraps a targeted Linear (Flux's
+        # single-block proj_mlp is a unit on its own) in a PEFT layer that adds its low-rank term to what the adapted
+        # Linear returns, and unloading it puts the bare Linear back. Either way the module now at the unit's place
+        # must carry the adapter: a reused output would otherwise get a fresh LoRA term added, or be skipped.
+        for index, (block, paths) in enumerate(self.unit_places):
+            current = tuple(block.get_submodule(path) for path in paths)
+            adapted = self.unit_modules[index]
+            if all(new is old for new, old in zip(current, adapted, strict=True)):
+                continue
+            for kind, old, new in zip(("unit", "passthrough")[: len(current)], adapted, current, strict=True):
+                if new is not old:
+                    slot = old._invardiff_slot
+                    adapters.restore(old)  # stock again: a wrapper that kept it as its base layer calls it plainly
+                    adapters.adapt(new, kind, slot)
+            self.unit_modules[index] = current
+            logger.info(
+                "invardiff: unit %s was replaced since enable (a LoRA loaded or unloaded?); adapted the new module",
+                self.units[index].fqn,
+            )
 
     def _set_modes(self, state: BranchState | None) -> None:
         # The adapters read their mode as a constant (one compiled graph per mode): set it around every call.

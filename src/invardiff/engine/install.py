@@ -90,7 +90,7 @@ def uninstall(transformer, pristine: Pristine | None = None) -> None:
 
 
 def _adapt_units(transformer, family: FamilySpec, engine: CacheEngine) -> None:
-    modules = []
+    modules, places = [], []
     index = 0
     for spec in family.block_lists:
         for block in getattr(transformer, spec.attr):
@@ -99,12 +99,14 @@ def _adapt_units(transformer, family: FamilySpec, engine: CacheEngine) -> None:
                 stores = unit.passthrough is None
                 adapters.adapt(producer, "unit", adapters.UnitSlot(engine, index, True, stores))
                 modules.append((producer,))
+                places.append((block, (unit.module,)))
                 if unit.passthrough is not None:
                     second = block.get_submodule(unit.passthrough)
                     adapters.adapt(second, "passthrough", adapters.UnitSlot(engine, index, False, True))
                     modules[-1] += (second,)
+                    places[-1] = (block, (unit.module, unit.passthrough))
                 index += 1
-    engine.unit_modules = modules
+    engine.unit_modules, engine.unit_places = modules, places
 
 
 def _adapt_blocks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
