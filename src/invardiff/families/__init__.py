@@ -22,7 +22,9 @@ from .spec import (
     OfficialSpec,
     PipelineSpec,
     ReuseUnit,
+    SpecError,
     TransformerCall,
+    check_spec,
 )
 
 
@@ -116,7 +118,9 @@ __all__ = [
     "OfficialSpec",
     "PipelineSpec",
     "ReuseUnit",
+    "SpecError",
     "TransformerCall",
+    "check_spec",
     "families",
     "family_names",
     "get_family",
