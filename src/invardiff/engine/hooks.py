@@ -136,6 +136,8 @@ def _check_head(engine, transformer, state, output) -> None:
     try:
         with torch.no_grad():
             expected = _sample(family.run_head(transformer, hidden, state.call))
+    except Exception as error:  # noqa: BLE001 - any failure of the head on this input is the finding
+        expected = f"{type(error).__name__}: {error}"
     finally:
         engine.active = active
     actual = _sample(output)
@@ -171,6 +173,8 @@ def _reproduces(actual: torch.Tensor, expected) -> bool:
 
 
 def _difference(actual: torch.Tensor, expected) -> str:
+    if isinstance(expected, str):
+        return f"run_head raised {expected:.200}"
     if not torch.is_tensor(expected) or expected.shape != actual.shape:
         shape = tuple(expected.shape) if torch.is_tensor(expected) else type(expected).__name__
         return f"output shape {tuple(actual.shape)}, run_head gives {shape}"

@@ -134,13 +134,30 @@ _POLICY_BUILDERS: dict[type, Callable] = {}
 
 
 def register_policy(config_cls: type):
-    """Register ``builder(config, family, transformer, units) -> CachePolicy`` for configs of ``config_cls``."""
+    """Register ``builder(config, family, transformer, units) -> CachePolicy`` for configs of ``config_cls``.
+
+    ``invardiff.enable(target, config)`` then builds the policy with ``builder`` for a ``config`` of exactly that type.
+    A config type has one builder: registering a second one raises ``ValueError`` (it would silently change what
+    every ``enable`` with such a config runs). Another package registers its policy through the
+    ``invardiff.policies`` entry point group (``invardiff.plugins``)."""
 
     def decorator(builder: Callable) -> Callable:
+        existing = _POLICY_BUILDERS.get(config_cls)
+        if existing is not None:
+            raise ValueError(
+                f"A policy is already registered for {config_cls.__module__}.{config_cls.__qualname__} (builder "
+                f"{existing.__module__}.{existing.__qualname__}); cannot also register "
+                f"{builder.__module__}.{builder.__qualname__}. Give the new policy a config class of its own."
+            )
         _POLICY_BUILDERS[config_cls] = builder
         return builder
 
     return decorator
+
+
+def registered_policies() -> dict[type, Callable]:
+    """The registered config types and their builders (a copy)."""
+    return dict(_POLICY_BUILDERS)
 
 
 def build_policy(config, family, transformer: torch.nn.Module, units) -> CachePolicy:

@@ -268,6 +268,11 @@ class PipelineSpec:
             call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
         experts: ``experts(pipe)`` returns the :class:`Expert` transformers of a pipeline that switches
             transformers along the schedule, or ``()`` when one transformer runs every step.
+        toy_cfg_kwargs: ``toy_cfg_kwargs(config, seed, device)`` returns the arguments to add to a toy call (over
+            ``toy_call_kwargs``) to run classifier-free guidance, when that call runs without it (Flux's true CFG:
+            negative embeddings and ``true_cfg_scale``); ``None`` when ``toy_call_kwargs`` already guides. How the
+            branches run is ``batched_cfg``'s: one batched call, or one call per branch in
+            ``cache_context("cond" / "uncond")``.
     """
 
     input_kind: str
@@ -280,6 +285,7 @@ class PipelineSpec:
     call_shape: Callable[[Any, dict], dict] | None = None
     toy_call_kwargs: Callable[..., dict] | None = None
     experts: Callable[[Any], tuple[Expert, ...]] | None = None
+    toy_cfg_kwargs: Callable[..., dict] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -304,6 +310,8 @@ class ConfigSpec:
             family (the call shapes a config file does not say, e.g. tokens per sample).
         named: the family's named configs, found by name through ``invardiff.model_configs.MODEL_CONFIGS``.
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
+        tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
+            conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
     """
 
     example_call: Callable[..., dict]
@@ -311,6 +319,7 @@ class ConfigSpec:
     json_defaults: dict = field(default_factory=dict)
     named: tuple[ModelConfig, ...] = ()
     bench: dict[str, str] = field(default_factory=dict)
+    tiny: str | None = None
 
 
 @dataclass(frozen=True)
