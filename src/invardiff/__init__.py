@@ -25,6 +25,8 @@ _PUBLIC = {
     "EngineError": "engine",
     "EngineSummary": "engine",
     "register_policy": "engine",
+    "ProbeDecision": "engine",
+    "StepAction": "engine",
     "convert_official_book": "official",
     "CachePlan": "plan",
     "ModelFacts": "plan",
