@@ -1,8 +1,8 @@
 """The long fuzz of the plan and official-book loaders: N mutated files per family (dict and text level, plans and,
-for FLUX, DiT and Wan, official books), each a PlanError or a plan that runs in the engine on a tiny model of its
-layout.
+for the families whose official books invardiff writes, books), each a PlanError or a plan that runs in the engine on
+a tiny model of its layout. The families are the registered ones with a tiny config (and the test families).
 
-Usage: python benchmarks/plan_fuzz.py --cases 10000 [--families flux dit toy wan hunyuanvideo] [--seed 0]
+Usage: python benchmarks/plan_fuzz.py --cases 10000 [--families FAMILY ...] [--seed 0]
 Prints one JSON line per family: cases, rejected, ran, foreign (exceptions other than PlanError: must be 0), seconds,
 and the first foreign findings. Exit status 1 if any case raised anything but PlanError.
 """
@@ -21,12 +21,12 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fuzz and the toy family live there
-import toy_family  # noqa: E402, F401 - registers the toy family
-from plan_fuzz import LAYOUTS, OFFICIAL, run_case  # noqa: E402
+import toy_family  # noqa: E402, F401 - registers the toy families
+from plan_fuzz import fuzz_families, official_families, run_case  # noqa: E402
 
 
 def fuzz_family(family: str, cases: int, seed: int) -> dict:
-    forms = ["plan", "book"] if family in OFFICIAL else ["plan"]
+    forms = ["plan", "book"] if family in official_families() else ["plan"]
     counts = {"rejected": 0, "ran": 0, "foreign": 0}
     findings = []
     start = time.perf_counter()
@@ -45,7 +45,7 @@ def fuzz_family(family: str, cases: int, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10_000, help="mutated files per family")
-    parser.add_argument("--families", nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--families", nargs="+", choices=fuzz_families(), default=fuzz_families())
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

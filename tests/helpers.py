@@ -1,4 +1,8 @@
-"""Shared helpers for the tests: tiny pipelines, hand-made plans, and an independent reference executor."""
+"""Shared helpers for the tests: tiny pipelines, hand-made plans, and an independent reference executor.
+
+Every family-specific fact comes from the family registry (``invardiff.families``): the tiny config
+(``ConfigSpec.tiny``), the toy pipeline and its call (``PipelineSpec``), the units and the head input.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,25 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 import invardiff
 from invardiff import CachePlan, ModelFacts
-from invardiff.families import get_family, is_video
-from invardiff.model_configs import MODEL_CONFIGS
+from invardiff.calibration.run import output_tensor
+from invardiff.families import get_family
+from invardiff.model_configs import MODEL_CONFIGS, ModelConfig
 from invardiff.toy_pipelines import build_pipeline, pipeline_call_kwargs
 
 
+def tiny_config(family: str) -> ModelConfig:
+    """The family's test-size config (``ConfigSpec.tiny``)."""
+    configs = get_family(family).configs
+    if configs is None or configs.tiny is None:
+        raise ValueError(f"Family {family!r} names no tiny config (ConfigSpec.tiny).")
+    return MODEL_CONFIGS[configs.tiny]
+
+
 def tiny_pipeline(family: str, seed: int = 0):
-    config = MODEL_CONFIGS[f"{family}-tiny"]
+    config = tiny_config(family)
     transformer = config.build_transformer(seed=seed)
     return config, build_pipeline(config, transformer)
 
@@ -42,13 +53,28 @@ def plan_from_bits(facts: ModelFacts, step_cache: str, reuse: dict[str, dict[str
     return CachePlan(facts, T, np.array([c == "1" for c in step_cache]), matrices)
 
 
+def random_plan(facts: ModelFacts, steps: int, seed: int, rate: float = 0.5) -> CachePlan:
+    """A seeded random plan with step reuse and unit reuse: step 0 computes (nothing to reuse yet), and so does every
+    unit at the first step; every other bit is set with probability ``rate``."""
+    rng = np.random.default_rng(seed)
+    step_cache = rng.random(steps) < rate
+    step_cache[0] = False
+    reuse = {}
+    for block in facts.block_lists:
+        reuse[block.name] = {}
+        for kind in block.module_kinds:
+            bits = rng.random((steps, block.num_layers)) < rate
+            bits[0] = False
+            reuse[block.name][kind] = bits
+    return CachePlan(facts, steps, step_cache, reuse)
+
+
 def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
-    """Run a tiny pipeline; returns the final latents (Flux: packed; DiT: what the identity VAE decodes)."""
+    """Run a tiny pipeline; returns the final latents: what its VAE decodes when it has one (DiT's identity VAE,
+    whose image postprocessing clamps), else the pipeline's output (the toys without a VAE return latents)."""
     kwargs = {**pipeline_call_kwargs(config, steps, seed=seed), **overrides}
-    if config.family == "flux":
-        return pipe(**kwargs).images.clone()
-    if is_video(config.family):
-        return pipe(**kwargs).frames.clone()  # the toy video pipelines have no VAE: latents
+    if getattr(pipe, "vae", None) is None:
+        return output_tensor(pipe(**kwargs)).clone()
     captured = {}
     original_decode = pipe.vae.decode
 
@@ -72,7 +98,7 @@ T_PROBE = 10
 
 
 def batched_call(family: str):
-    config = dataclasses.replace(MODEL_CONFIGS[f"{family}-tiny"], batch=2)
+    config = dataclasses.replace(tiny_config(family), batch=2)
     return config, config.build_transformer(seed=0), config.example_call(seed=3)
 
 
@@ -90,27 +116,34 @@ def row_of(call: dict, index: int) -> dict:
 
 
 @torch.no_grad()
+def branch_loop(transformer, family: str, calls: dict[str, dict], steps: int) -> dict[str, torch.Tensor]:
+    """Euler loop over a bare transformer with one call per branch and step, the branches interleaved in the order of
+    ``calls`` (name -> call); under invardiff each call runs in ``cache_context(name, step_index=step)``. Returns
+    each branch's final latents."""
+    enabled = invardiff.is_enabled(transformer)
+    timestep_of = get_family(family).configs.call_timestep
+    latents = {name: call["hidden_states"].clone() for name, call in calls.items()}
+    for step in range(steps):
+        for name, call in calls.items():
+            kwargs = dict(
+                call, hidden_states=latents[name], timestep=timestep_of(1.0 - step / steps, call["timestep"])
+            )
+            if enabled:
+                with invardiff.cache_context(transformer, name, step_index=step):
+                    (output,) = transformer(**kwargs)
+            else:
+                (output,) = transformer(**kwargs)
+            latents[name] = latents[name] - output[:, : latents[name].shape[1]] / steps
+    return latents
+
+
 def euler_loop(transformer, family: str, call: dict, config=None, steps: int = T_PROBE):
     """Euler loop over a bare transformer; returns the final latents and, when enabled, the summary branch."""
-    latents = call["hidden_states"].clone()
-    if config is not None:
-        invardiff.enable(transformer, config)
-    try:
-        for step in range(steps):
-            fraction = 1.0 - step / steps
-            timestep = get_family(family).configs.call_timestep(fraction, call["timestep"])
-            kwargs = dict(call, hidden_states=latents, timestep=timestep)
-            if config is None:
-                (output,) = transformer(**kwargs)
-            else:
-                with invardiff.cache_context(transformer, "default", step_index=step):
-                    (output,) = transformer(**kwargs)
-            latents = latents - output[:, : latents.shape[1]] / steps
-        branch = invardiff.summary(transformer).branches["default"] if config is not None else None
-        return latents, branch
-    finally:
-        if config is not None:
-            invardiff.disable(transformer)
+    if config is None:
+        return branch_loop(transformer, family, {"default": call}, steps)["default"], None
+    with invardiff.enabled(transformer, config):
+        latents = branch_loop(transformer, family, {"default": call}, steps)["default"]
+        return latents, invardiff.summary(transformer).branches["default"]
 
 
 def probe_decisions(branch) -> list[list[str]]:
@@ -141,30 +174,16 @@ def dicache_where_samples_disagree(family: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference executor: the plan semantics of SPEC.md A.4 written a second time, with plain torch forward hooks
-# and a replaced forward, sharing no code with the engine. Calls are assigned to (branch, step) by counting,
-# which the tests may do because they know the call pattern of the pipeline they run.
+# Reference executor: the plan semantics of SPEC.md A.4 written a second time, with plain torch forward hooks and a
+# replaced forward, sharing no code with the engine. It reads from the family spec only which modules are the units
+# and which module's first input is the pre-head state. Calls are assigned to (branch, step) by counting, which the
+# tests may do because they know the call pattern of what they run. A step-cached step runs the stock forward with
+# the head's input swapped for the cached hidden state (the head runs as in stock, with no head code of ours), and
+# its units' outputs are discarded.
 # ---------------------------------------------------------------------------------------------------------------
-_UNIT_OUTPUT_MODULES = {  # per block list: (module whose output is cached, kinds ANDed)
-    "flux": {
-        "transformer_blocks": [("attn", ("attn", "context_attn")), ("ff", ("ff",)), ("ff_context", ("context_ff",))],
-        "single_transformer_blocks": [("attn", ("attn",)), ("act_mlp", ("mlp",))],
-    },
-    "dit": {"transformer_blocks": [("attn1", ("attn",)), ("ff", ("ff",))]},
-    "wan": {"blocks": [("attn1", ("self_attn",)), ("attn2", ("cross_attn",)), ("ffn", ("ffn",))]},
-    "hunyuanvideo": {
-        "transformer_blocks": [("attn", ("attn", "context_attn")), ("ff", ("ff",)), ("ff_context", ("context_ff",))],
-        "single_transformer_blocks": [("attn", ("attn",)), ("act_mlp", ("mlp",))],
-    },
-}
-# Families whose step-cached steps the reference runs as a full forward whose norm_out input is swapped for the
-# cached hidden state (the head then runs exactly as in stock, with no head code of ours); units do not update.
-_HEAD_BY_SWAP = ("wan", "hunyuanvideo")
-
-
 class ReferenceExecutor:
     def __init__(self, model, plan: CachePlan, family: str, branches_per_step: int = 1, share_branches=False):
-        self.model, self.plan, self.family = model, plan, family
+        self.model, self.plan = model, plan
         self.branches_per_step = branches_per_step
         self.share_branches = share_branches  # one cache for every branch: the mistake tests must be able to see
         self.calls = 0
@@ -174,14 +193,13 @@ class ReferenceExecutor:
         self.swapping = False
         self.original_forward = model.forward
         model.forward = self.forward
-        for block_list, units in _UNIT_OUTPUT_MODULES[family].items():
-            for layer, block in enumerate(getattr(model, block_list)):
-                for path, kinds in units:
-                    module = block.get_submodule(path)
-                    module.register_forward_hook(
-                        self._unit_hook(f"{block_list}.{layer}.{path}", block_list, layer, kinds)
-                    )
-        model.norm_out.register_forward_pre_hook(self._capture_hidden)
+        spec = get_family(family)
+        for block_list, layer, unit, block in spec.units_of(model):
+            cached = block.get_submodule(unit.passthrough or unit.module)  # what the unit's output is
+            cached.register_forward_hook(
+                self._unit_hook(f"{block_list.attr}.{layer}.{unit.name}", block_list.attr, layer, unit.kinds)
+            )
+        model.get_submodule(spec.head_input).register_forward_pre_hook(self._capture_hidden)
 
     def _unit_hook(self, key, block_list, layer, kinds):
         def hook(module, inputs, output):
@@ -207,32 +225,11 @@ class ReferenceExecutor:
         step = self.calls // self.branches_per_step
         self.calls += 1
         self.current = (branch, step)
-        if self.plan.step_cache[step] and self.family in _HEAD_BY_SWAP:
-            self.swapping = True
-            try:
-                return self.original_forward(*args, **kwargs)
-            finally:
-                self.swapping = False
-        if self.plan.step_cache[step]:
-            output = self._head(self.hidden[branch], kwargs)
-            return Transformer2DModelOutput(sample=output) if kwargs.get("return_dict", True) else (output,)
-        return self.original_forward(*args, **kwargs)
-
-    def _head(self, hidden, kwargs):
-        model = self.model
-        if self.family == "flux":
-            timestep = kwargs["timestep"].to(hidden.dtype) * 1000
-            guidance = kwargs["guidance"].to(hidden.dtype) * 1000
-            temb = model.time_text_embed(timestep, guidance, kwargs["pooled_projections"])
-            return model.proj_out(model.norm_out(hidden, temb))
-        embedding = model.transformer_blocks[0].norm1.emb(
-            kwargs["timestep"], kwargs["class_labels"], hidden_dtype=hidden.dtype
-        )
-        shift, scale = model.proj_out_1(F.silu(embedding)).chunk(2, dim=1)
-        x = model.proj_out_2(model.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None])
-        side, p, c = int(x.shape[1] ** 0.5), model.patch_size, model.out_channels
-        x = x.reshape(-1, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(-1, c, side * p, side * p)
+        self.swapping = bool(self.plan.step_cache[step])
+        try:
+            return self.original_forward(*args, **kwargs)
+        finally:
+            self.swapping = False
 
 
 def reference_pipeline(config, transformer, plan, branches_per_step=1, share_branches=False):

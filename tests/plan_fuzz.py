@@ -13,6 +13,7 @@ the long run can drive it from a seeded ``random.Random``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -23,22 +24,27 @@ import torch
 import invardiff
 from invardiff import CachePlan, ModelFacts, PlanError
 from invardiff.engine.state import REUSED
-from invardiff.families import get_family
+from invardiff.families import families, get_family
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.official import convert_official_book, official_book
 
 
 Draw = Callable[[int, int], int]
 STEPS = 4
-# Layers per block list of each family's seed plans: the smallest layout with every block list.
-LAYOUTS = {
-    "flux": {"num_layers": 1, "num_single_layers": 2},
-    "dit": {"num_layers": 2},
-    "toy": {"num_layers": 2},
-    "wan": {"num_layers": 2},
-    "hunyuanvideo": {"num_layers": 1, "num_single_layers": 2},
-}
-OFFICIAL = ("flux", "dit", "wan")  # families whose official book layout the fuzz writes (see official_book_of)
+LAYERS = 2  # layers of every block list in the seed plans
+
+
+def fuzz_families() -> list[str]:
+    """The registered families the fuzz can run plans on: those with a tiny config (``ConfigSpec.tiny``)."""
+    return [spec.name for spec in families() if spec.configs is not None and spec.configs.tiny is not None]
+
+
+def official_families() -> list[str]:
+    """The fuzzed families whose official books invardiff writes (``OfficialSpec.write``): their books are fuzzed."""
+    official = {name: get_family(name).official for name in fuzz_families()}
+    return [name for name, spec in official.items() if spec is not None and spec.write is not None]
+
+
 ODD_VALUES = [
     None,
     True,
@@ -80,21 +86,6 @@ def seed_plan(family: str, draw: Draw) -> CachePlan:
             rows[executed[0]] = [False] * block.num_layers  # the first executed step has nothing to reuse
             reuse[block.name][kind] = rows
     return CachePlan(facts, STEPS, step_cache, reuse)
-
-
-def official_book_of(plan: CachePlan) -> dict:
-    """``plan`` in the official code's book layout (FLUX, DiT or Wan), as the official sampler would load it."""
-    if plan.model.family == "wan":
-        return official_book(plan)  # invardiff writes Wan books itself
-    rows = {name: {kind: m.tolist() for kind, m in kinds.items()} for name, kinds in plan.module_reuse.items()}
-    book = {"step_cache_book": plan.step_cache.tolist()}
-    if plan.model.family == "flux":
-        book["transformer_cache_book"] = rows["transformer_blocks"]
-        book["single_transformer_cache_book"] = rows["single_transformer_blocks"]
-    else:
-        book["msa_cache_book"] = rows["transformer_blocks"]["attn"]
-        book["mlp_cache_book"] = rows["transformer_blocks"]["ff"]
-    return book
 
 
 # ----- mutations -----
@@ -193,7 +184,7 @@ def run_case(family: str, form: str, level: str, draw: Draw, directory: Path) ->
     """Mutate a seed of ``family`` (``form``: ``"plan"`` or ``"book"``; ``level``: ``"dict"`` or ``"text"``), load it
     from a file in ``directory`` and, if accepted, run it on a tiny model of its layout."""
     plan = seed_plan(family, draw)
-    value = plan.to_dict() if form == "plan" else official_book_of(plan)
+    value = plan.to_dict() if form == "plan" else official_book(plan)
     for _ in range(draw(1, 3) if level == "dict" else 0):
         value = mutate_value(value, draw)
     raw = mutate_text(json.dumps(value, indent=1), draw) if level == "text" else json.dumps(value).encode()
@@ -229,24 +220,15 @@ def run_plan(plan: CachePlan) -> None:
 
 
 def _tiny_model(family: str, layers: dict[str, int]):
-    config = MODEL_CONFIGS[f"{family}-tiny"]
-    names = dict(zip((b.attr for b in get_family(family).block_lists), _LAYER_ARGUMENTS[family], strict=True))
-    kwargs = {**config.transformer_kwargs, **{names[name]: count for name, count in layers.items()}}
-    config = dataclasses.replace(config, transformer_kwargs=kwargs)
+    """The family's tiny model with each block list cut or extended (copies of its blocks, in turn) to ``layers``."""
+    config = MODEL_CONFIGS[get_family(family).configs.tiny]
+    transformer = config.build_transformer()
+    for name, count in layers.items():
+        blocks = getattr(transformer, name)
+        setattr(transformer, name, torch.nn.ModuleList(copy.deepcopy(blocks[i % len(blocks)]) for i in range(count)))
     with torch.no_grad():
-        return config.build_transformer(), config.example_call()
-
-
-# The transformer config argument that sets each block list's depth, in block-list order.
-_LAYER_ARGUMENTS = {
-    "flux": ("num_layers", "num_single_layers"),
-    "dit": ("num_layers",),
-    "toy": ("num_layers",),
-    "wan": ("num_layers",),
-    "hunyuanvideo": ("num_layers", "num_single_layers"),
-}
+        return transformer, config.example_call()
 
 
 def _layers(family: str) -> dict[str, int]:
-    names = [b.attr for b in get_family(family).block_lists]
-    return dict(zip(names, LAYOUTS[family].values(), strict=True))
+    return dict.fromkeys((b.attr for b in get_family(family).block_lists), LAYERS)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from invardiff import CachePlan
+from invardiff import CachePlan, ModelFacts
 from invardiff.cli.main import main
 from invardiff.official import convert_official_book, official_book
 from invardiff.plan import PlanError
@@ -71,11 +71,24 @@ def test_round_trip_official_to_plan_to_official(tmp_path):
 
 
 def test_official_book_of_a_family_without_a_writer_is_refused(tmp_path):
+    facts = ModelFacts.for_family("hunyuanvideo", {"transformer_blocks": 2, "single_transformer_blocks": 4})
+    with pytest.raises(PlanError, match=r"writes official books of \['dit', 'flux', 'wan'\] only, not of 'hunyuan"):
+        official_book(CachePlan.reuse_nothing(facts, 4))
+
+
+@pytest.mark.parametrize("book", ["flux/fast", "dit/slow"])
+def test_shipped_flux_and_dit_books_round_trip_through_the_writer(book, tmp_path):
     from invardiff.official import bundled_books
 
-    flux = convert_official_book(bundled_books()["flux/fast"], "flux")
-    with pytest.raises(PlanError, match=r"writes official books of \['wan'\] only, not of 'flux'"):
-        official_book(flux)
+    path = bundled_books()[book]
+    plan = convert_official_book(path, book.split("/")[0])
+    written = official_book(plan)
+    original = json.loads(path.read_text())
+    for key, value in written.items():  # every table the writer writes, as shipped (FLUX books also hold ip_attn)
+        assert value == ({kind: original[key][kind] for kind in value} if isinstance(value, dict) else original[key])
+    again = convert_official_book(_write(tmp_path, written, "again.json"), plan.model.family)
+    assert again.to_dict()["step_cache"] == plan.to_dict()["step_cache"]
+    assert again.to_dict()["module_reuse"] == plan.to_dict()["module_reuse"]
 
 
 @pytest.mark.parametrize(

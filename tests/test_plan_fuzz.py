@@ -5,11 +5,11 @@ per family) is benchmarks/plan_fuzz.py."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import toy_family  # noqa: F401 - registers the toy family, fuzzed like the built-in ones
-from plan_fuzz import LAYOUTS, OFFICIAL, run_case
+import toy_family  # noqa: F401 - registers the toy families, fuzzed like the built-in ones
+from plan_fuzz import fuzz_families, official_families, run_case
 
 
-CASES = [(family, "plan") for family in LAYOUTS] + [(family, "book") for family in OFFICIAL]
+CASES = [(family, "plan") for family in fuzz_families()] + [(family, "book") for family in official_families()]
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

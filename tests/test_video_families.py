@@ -1,5 +1,6 @@
-"""Wan and HunyuanVideo through their stock diffusers pipelines (tiny random weights, classifier-free guidance as
-separate cond / uncond calls): identity, exactness against the reference executor, FLOPs, branches, Wan2.2 experts."""
+"""Wan2.2's two experts through the stock WanPipeline (tiny random weights), and calibration on a video config's clip
+size. Identity, exactness against the reference executor, FLOPs and CFG branches of every family, the video ones
+included, are the conformance kit's (test_family_conformance.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,9 @@ import json
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import invardiff
 from invardiff.model_configs import MODEL_CONFIGS
-from invardiff.stats import unit_reuse
 from invardiff.toy_pipelines import build_pipeline
 
 from helpers import (
@@ -20,119 +19,11 @@ from helpers import (
     assert_close_reason,
     facts_for,
     plan_from_bits,
-    reference_pipeline,
     run_pipeline,
-    tiny_pipeline,
 )
 
 
 T = 6
-FAMILIES = ["wan", pytest.param("hunyuanvideo", marks=pytest.mark.slow)]  # the slower toy
-STEP_ONLY = "001101"
-
-
-def _module_plan(transformer, family, step_cache=STEP_ONLY):
-    # Every kind reuses a different pattern of layers at steps 1, 2, 4 and 5; Hunyuan's attn and context_attn differ
-    # at step 4 (the joint attention must then compute: AND).
-    facts = facts_for(transformer, family)
-    reuse = {}
-    for block in facts.block_lists:
-        L = block.num_layers
-        reuse[block.name] = {}
-        for index, kind in enumerate(block.module_kinds):
-            pattern = [(layer + index) % 2 == 0 for layer in range(L)]
-            row = "".join("1" if bit else "0" for bit in pattern)
-            other = "".join("0" if bit else "1" for bit in pattern)
-            rows = ["0" * L, row, "1" * L, "0" * L, other if kind == "context_attn" else row, other]
-            reuse[block.name][kind] = rows
-    return plan_from_bits(facts, step_cache, reuse)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_reuse_nothing_is_bit_identical_and_disable_restores(family):
-    config, pipe = tiny_pipeline(family)
-    plan = invardiff.CachePlan.reuse_nothing(facts_for(pipe.transformer, family), T)
-    stock = run_pipeline(pipe, config, T)
-    invardiff.enable(pipe, plan)
-    cached = run_pipeline(pipe, config, T)
-    branches = sorted(invardiff.summary(pipe).branches)
-    invardiff.disable(pipe)
-    after = run_pipeline(pipe, config, T)
-    assert branches == ["cond", "uncond"]  # CFG ran as two calls per step
-    assert torch.equal(cached, stock)
-    assert torch.equal(after, stock)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", ["step_only", "modules_only", "both"])
-def test_plan_equals_reference_computation(family, kind):
-    config, pipe = tiny_pipeline(family)
-    if kind == "step_only":
-        plan = plan_from_bits(facts_for(pipe.transformer, family), STEP_ONLY)
-    else:
-        plan = _module_plan(pipe.transformer, family, STEP_ONLY if kind == "both" else "0" * T)
-    stock = run_pipeline(pipe, config, T)
-    expected = run_pipeline(reference_pipeline(config, pipe.transformer, plan, branches_per_step=2), config, T)
-    with invardiff.enabled(pipe, plan):
-        actual = run_pipeline(pipe, config, T)
-    assert_close_reason(actual, expected)
-    assert (actual - stock).abs().max() > 1e-4  # the plan really changed the computation
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cond_and_uncond_states_never_mix(family):
-    # The branches differ (prompt vs negative embeddings): a reference that shared one cache between them (one
-    # cache) gives another result, and the engine matches the one that keeps them apart.
-    config, pipe = tiny_pipeline(family)
-    plan = _module_plan(pipe.transformer, family)
-    separate = run_pipeline(reference_pipeline(config, pipe.transformer, plan, branches_per_step=2), config, T)
-    mixed = run_pipeline(reference_pipeline(config, pipe.transformer, plan, 2, share_branches=True), config, T)
-    with invardiff.enabled(pipe, plan):
-        actual = run_pipeline(pipe, config, T)
-        summary = invardiff.summary(pipe)
-    assert (separate - mixed).abs().max() > 1e-4
-    assert_close_reason(actual, separate)
-    for branch in summary.branches.values():
-        assert branch.step_status.tolist() == [int(c) for c in STEP_ONLY]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_module_executions_match_the_plan(family):
-    config, pipe = tiny_pipeline(family)
-    plan = _module_plan(pipe.transformer, family)
-    per_call = _unit_flops_per_call(copy.deepcopy(pipe.transformer), config.example_call())
-    invardiff.enable(pipe, plan)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        run_pipeline(pipe, config, T)
-    counted = {
-        name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." in name
-    }
-    summary = invardiff.summary(pipe)
-    invardiff.disable(pipe)
-    executed = ~plan.step_cache
-    for block_list in invardiff.families.get_family(family).block_lists:
-        for unit, reuse in unit_reuse(plan, block_list.attr).items():
-            runs = (executed[:, None] & ~reuse).sum(axis=0)  # (L,) computations per layer and branch
-            spec = next(u for u in block_list.units if u.name == unit)
-            for layer, count in enumerate(runs):
-                key = f"{block_list.attr}.{layer}.{spec.module}"
-                assert per_call[key] > 0
-                assert counted.get(key, 0) == 2 * count * per_call[key], key  # cond and uncond
-            for branch in summary.branches.values():
-                counts = branch.counts()[block_list.attr][unit]
-                assert counts["computed"] == int(runs.sum())
-                assert counts["reused"] == int((executed[:, None] & reuse).sum())
-
-
-def _unit_flops_per_call(transformer, call):
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        transformer(**call)
-    return {name.split(".", 1)[1]: sum(ops.values()) for name, ops in counter.get_flop_counts().items() if "." in name}
 
 
 # ----- Wan2.2: two experts switched at boundary_ratio -----

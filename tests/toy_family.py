@@ -3,9 +3,15 @@ random-weight configs and example calls, registered with ``register_family``. No
 
 The transformer: a linear patch embedding, one list of pre-norm blocks (attention-like token mixing and a
 feed-forward, each gated by the timestep embedding), and a head whose scale is conditioned on the timestep.
+
+A second family, ``toy-open-end``, is the same model whose last block has no feed-forward (as SD3's last joint block
+has no ``ff_context``): its spec says so with ``ReuseUnit(present=...)``, and the conformance kit runs it like any
+other family.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -31,27 +37,34 @@ class ToyMixer(torch.nn.Module):
 
 
 class ToyBlock(torch.nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, ff: bool = True):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(dim)
         self.attn = ToyMixer(dim)
         self.norm2 = torch.nn.LayerNorm(dim)
-        self.ff = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+        feed_forward = torch.nn.Sequential(
+            torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim)
+        )
+        self.ff = feed_forward if ff else None
         self.gates = torch.nn.Linear(dim, 2 * dim)
 
     def forward(self, hidden_states, temb):
         gate_attn, gate_ff = self.gates(temb)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
         hidden_states = hidden_states + gate_attn * self.attn(self.norm1(hidden_states))
+        if self.ff is None:
+            return hidden_states
         return hidden_states + gate_ff * self.ff(self.norm2(hidden_states))
 
 
 class ToyTransformer(ModelMixin, ConfigMixin):
     @register_to_config
-    def __init__(self, in_channels: int = 4, dim: int = 32, num_layers: int = 3):
+    def __init__(self, in_channels: int = 4, dim: int = 32, num_layers: int = 3, last_block_ff: bool = True):
         super().__init__()
         self.proj_in = torch.nn.Linear(in_channels, dim)
         self.time_embed = torch.nn.Sequential(torch.nn.Linear(1, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
-        self.blocks = torch.nn.ModuleList(ToyBlock(dim) for _ in range(num_layers))
+        self.blocks = torch.nn.ModuleList(
+            ToyBlock(dim, ff=last_block_ff or layer < num_layers - 1) for layer in range(num_layers)
+        )
         self.norm_out = torch.nn.LayerNorm(dim)
         self.scale_out = torch.nn.Linear(dim, dim)
         self.proj_out = torch.nn.Linear(dim, in_channels)
@@ -108,6 +121,41 @@ TOY = register_family(
             json_defaults={"image_tokens": 16, "batch": 2},
             named=(ModelConfig("toy-tiny", "toy", {"in_channels": 4, "dim": 32, "num_layers": 3}, image_tokens=16),),
             bench={"tiny": "toy-tiny"},
+            tiny="toy-tiny",
+        ),
+    )
+)
+
+
+class OpenEndToyTransformer(ToyTransformer):
+    """The toy transformer of the ``toy-open-end`` family: built with ``last_block_ff=False``."""
+
+
+_OPEN_END_CONFIG = ModelConfig(
+    "toy-open-end-tiny",
+    "toy-open-end",
+    {"in_channels": 4, "dim": 32, "num_layers": 3, "last_block_ff": False},
+    image_tokens=16,
+    description="the toy whose last block has no feed-forward",
+)
+TOY_OPEN_END = register_family(
+    dataclasses.replace(
+        TOY,
+        name="toy-open-end",
+        transformer_class=OpenEndToyTransformer,
+        block_lists=(
+            BlockListSpec(
+                attr="blocks",
+                module_kinds=("attn", "ff"),
+                units=(
+                    ReuseUnit("attn", ("attn",), "attn"),
+                    ReuseUnit("ff", ("ff",), "ff", present=lambda block: block.ff is not None),
+                ),
+                per_sample_args=("temb",),
+            ),
+        ),
+        configs=dataclasses.replace(
+            TOY.configs, named=(_OPEN_END_CONFIG,), bench={"tiny": _OPEN_END_CONFIG.name}, tiny=_OPEN_END_CONFIG.name
         ),
     )
 )

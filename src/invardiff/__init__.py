@@ -26,6 +26,8 @@ _PUBLIC = {
     "EngineError": "engine",
     "EngineSummary": "engine",
     "register_policy": "engine",
+    "ProbeDecision": "engine",
+    "StepAction": "engine",
     "convert_official_book": "official",
     "ExpertPlans": "expert_plans",
     "load_plan": "expert_plans",

@@ -88,6 +88,11 @@ class RateRecorder:
         self.finished: list[dict] = []  # stream dicts of completed runs (earlier pipeline calls)
         self._pending: list[tuple] = []  # (stream, branch, key, k, (B,) rate on the device) not yet on the host
         self._pending_step: int | None = None
+        # Layers per block list: a kind's rate matrix spans them all, NaN (never reused) where a block lacks the unit.
+        self.family = family
+        self.num_layers = {}
+        for unit in units:
+            self.num_layers[unit.block_list] = max(self.num_layers.get(unit.block_list, 0), unit.layer + 1)
         self.unit_specs = []
         for unit in units:
             spec = next(u for u in family.block_list(unit.block_list).units if u.name == unit.name)
@@ -213,8 +218,15 @@ class RateRecorder:
             for key, stream in streams.items():
                 if key != "step":
                     layers.setdefault(key[0], {})[key[1]] = _stack(stream, T)
+            for block_list in self.family.block_lists:  # a kind no block has: all NaN
+                for kind in block_list.module_kinds:
+                    if block_list.attr in self.num_layers:
+                        layers.setdefault(f"{block_list.attr}.{kind}", {})
             for kind, per_layer in layers.items():
-                matrix = np.stack([per_layer[layer] for layer in sorted(per_layer)], axis=-1)  # (B, T, L)
+                any_layer = next(iter(per_layer.values()), step_runs[-1])
+                matrix = np.full((*any_layer.shape, self.num_layers[kind.rsplit(".", 1)[0]]), np.nan)  # (B, T, L)
+                for layer, rates in per_layer.items():
+                    matrix[..., layer] = rates
                 module_runs.setdefault(kind, []).append(matrix)
         return np.concatenate(step_runs), {kind: np.concatenate(runs) for kind, runs in module_runs.items()}
 

@@ -174,6 +174,9 @@ class CacheEngine:
         self.block_roles: list[int] = []
         self.deep_blocks: list = []
         self.pristine = None  # set by install: what uninstall restores (install.Pristine)
+        # The first computed call checks that the spec's head_input is the pre-head state (hooks._check_head).
+        self.head_checked = False
+        self.head_hidden = None
 
     # ----- contexts -----
     def push_context(self, context) -> None:

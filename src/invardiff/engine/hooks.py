@@ -16,6 +16,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from ..families.spec import SpecError
 from .policy import StepAction
 
 
@@ -60,6 +61,8 @@ class StepHook(ModelHook):
                 output = engine.family.run_head(module, hidden, state.call)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
+                if not engine.head_checked:
+                    _check_head(engine, module, state, output)
             failed = False
         finally:
             _end_call(engine, state, failed)
@@ -106,5 +109,73 @@ def _head_input(engine, args: tuple, kwargs: dict):
         args, kwargs = ((head_hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": head_hidden})
     if state.step == 0:
         engine.note_step0_output(head_hidden)
+    if not engine.head_checked:
+        engine.head_hidden = head_hidden  # for _check_head, at the end of this call
     engine.store_hidden(state, kept)
     return args, kwargs
+
+
+@torch.compiler.disable
+def _check_head(engine, transformer, state, output) -> None:
+    """At the first computed call after ``enable``: ``run_head`` on what the head received must reproduce the
+    transformer's output, else the spec's ``head_input`` is not the pre-head hidden state (or its ``run_head`` is not
+    the model's head) and every step-cached step would return something else than the model would. One head run and
+    one host read per ``enable``; later calls skip it."""
+    hidden, engine.head_hidden = engine.head_hidden, None
+    family = engine.family
+    if hidden is None:
+        raise SpecError(
+            "head-input-state",
+            f"family {family.name!r}: the module {family.head_input!r} (FamilySpec.head_input) did not run in a "
+            f"forward of {type(transformer).__name__}, so it is not where the pre-head hidden state enters the head.",
+        )
+    if hidden.device.type == "meta":  # shapes only (memory estimates): there are no values to compare
+        engine.head_checked = True
+        return
+    active, engine.active = engine.active, None  # the head's own hook must not hand this run to the policy
+    try:
+        with torch.no_grad():
+            expected = _sample(family.run_head(transformer, hidden, state.call))
+    except Exception as error:  # noqa: BLE001 - any failure of the head on this input is the finding
+        expected = f"{type(error).__name__}: {error}"
+    finally:
+        engine.active = active
+    actual = _sample(output)
+    if not _reproduces(actual, expected):
+        raise SpecError(
+            "head-input-state",
+            f"family {family.name!r}: run_head on the input of {family.head_input!r} does not reproduce "
+            f"{type(transformer).__name__}'s output ({_difference(actual, expected)}), so FamilySpec.head_input is "
+            f"not the module whose first input is the pre-head hidden state, or FamilySpec.run_head is not the "
+            f"model's head. Step-cached steps would be wrong; fix the spec.",
+        )
+    engine.head_checked = True
+
+
+def _sample(output) -> torch.Tensor:
+    if torch.is_tensor(output):
+        return output
+    return output.sample if hasattr(output, "sample") else output[0]
+
+
+def _reproduces(actual: torch.Tensor, expected) -> bool:
+    if not torch.is_tensor(expected) or expected.shape != actual.shape:
+        return False
+    # One comparison, one host read (torch.equal first would be a second sync on an accelerator). Equal within a few
+    # ulps of the output's dtype: where the forward ran other kernels than the eager head (torch.compile fuses the
+    # head) the two differ in the last bits; a head fed the wrong tensor is off by the size of the output itself.
+    tolerance = max(4 * torch.finfo(actual.dtype).eps, 1e-4) if actual.is_floating_point() else 0.0
+    actual, expected = actual.detach().float(), expected.detach().float()
+    bound = tolerance * (actual.abs().amax() + expected.abs())
+    close = ((actual - expected).abs() <= bound) | (actual.isnan() & expected.isnan())
+    return bool(close.all())  # the one host read of the check
+
+
+def _difference(actual: torch.Tensor, expected) -> str:
+    if isinstance(expected, str):
+        return f"run_head raised {expected:.200}"
+    if not torch.is_tensor(expected) or expected.shape != actual.shape:
+        shape = tuple(expected.shape) if torch.is_tensor(expected) else type(expected).__name__
+        return f"output shape {tuple(actual.shape)}, run_head gives {shape}"
+    difference = (actual.float() - expected.float()).abs().amax().item()
+    return f"largest difference {difference:.3g} against outputs up to {actual.float().abs().amax().item():.3g}"

@@ -13,12 +13,8 @@ from .state import UnitRef
 
 
 def enumerate_units(transformer, family: FamilySpec) -> list[UnitRef]:
-    return [
-        UnitRef(spec.attr, layer, unit.name, unit.kinds)
-        for spec in family.block_lists
-        for layer in range(len(getattr(transformer, spec.attr)))
-        for unit in spec.units
-    ]
+    """The reusable units of ``transformer`` in engine order; raises ``SpecError`` if ``family`` does not fit it."""
+    return [UnitRef(spec.attr, layer, unit.name, unit.kinds) for spec, layer, unit, _ in family.units_of(transformer)]
 
 
 def unwrap(transformer: torch.nn.Module) -> torch.nn.Module:
@@ -91,21 +87,17 @@ def uninstall(transformer, pristine: Pristine | None = None) -> None:
 
 def _adapt_units(transformer, family: FamilySpec, engine: CacheEngine) -> None:
     modules, places = [], []
-    index = 0
-    for spec in family.block_lists:
-        for block in getattr(transformer, spec.attr):
-            for unit in spec.units:
-                producer = block.get_submodule(unit.module)
-                stores = unit.passthrough is None
-                adapters.adapt(producer, "unit", adapters.UnitSlot(engine, index, True, stores))
-                modules.append((producer,))
-                places.append((block, (unit.module,)))
-                if unit.passthrough is not None:
-                    second = block.get_submodule(unit.passthrough)
-                    adapters.adapt(second, "passthrough", adapters.UnitSlot(engine, index, False, True))
-                    modules[-1] += (second,)
-                    places[-1] = (block, (unit.module, unit.passthrough))
-                index += 1
+    for index, (_, _, unit, block) in enumerate(family.units_of(transformer)):  # the order of enumerate_units
+        producer = block.get_submodule(unit.module)
+        stores = unit.passthrough is None
+        adapters.adapt(producer, "unit", adapters.UnitSlot(engine, index, True, stores))
+        modules.append((producer,))
+        places.append((block, (unit.module,)))
+        if unit.passthrough is not None:
+            second = block.get_submodule(unit.passthrough)
+            adapters.adapt(second, "passthrough", adapters.UnitSlot(engine, index, False, True))
+            modules[-1] += (second,)
+            places[-1] = (block, (unit.module, unit.passthrough))
     engine.unit_modules, engine.unit_places = modules, places
 
 

@@ -26,6 +26,17 @@ import torch
 
 
 class StepAction(enum.IntEnum):
+    """What one transformer call does, as :meth:`CachePolicy.begin_step` decides (public: policies return it).
+
+    Attributes:
+        COMPUTE: the forward runs; with ``uses_units`` each reusable unit computes or reuses as
+            :meth:`CachePolicy.unit_actions` says, and the pre-head state goes through :meth:`CachePolicy.head_input`.
+        REUSE: the blocks do not run: the family's ``run_head`` runs the conditioning and the output head on
+            :meth:`CachePolicy.reused_hidden` (a step-cached step).
+        PROBE: the forward runs, and after the first ``probe_depth`` blocks :meth:`CachePolicy.decide` says which
+            samples run the remaining blocks (needs ``probe_depth``).
+    """
+
     COMPUTE = 0
     REUSE = 1
     PROBE = 2
@@ -50,6 +61,19 @@ COMPUTE_ALL = ProbeDecision()
 
 class CachePolicy:
     """Base class of runtime policies. Subclasses override what they use; the defaults compute everything.
+
+    What a policy may touch. It decides; the engine executes. Each method gets the branch's run state
+    (``invardiff.engine.state.BranchState``), of which a policy may read ``state.step`` (this call's step, from 0),
+    ``state.num_steps``, ``state.name`` (the CFG branch), ``state.call`` (the call's arguments by name,
+    ``state.call["timestep"]``), ``state.action`` (this call's :class:`StepAction`), ``state.hidden`` (what
+    :meth:`head_input` kept last), ``state.units[u]`` (what :meth:`unit_to_keep` kept for unit ``u``),
+    ``state.unit_reuse`` / ``state.unit_keep`` (this call's unit actions) and ``state.compute_rows`` (a probe's
+    rows), and may read and write ``state.policy_state``, the object :meth:`new_branch` made: that is where a policy
+    keeps its own per-branch state. Everything else (the other fields of the state, the hooks, the modules' modes,
+    the memory accounting) is the engine's: a policy changes it only through its return values, and tensors it keeps
+    in ``policy_state`` count in the summaries only through :meth:`held_bytes`. A policy gets the transformer only
+    where it must run part of it (:meth:`reused_hidden`), and must not modify it. Units are numbered in engine
+    order (``invardiff.families.FamilySpec.units_of``): the ``units`` list its builder receives.
 
     Attributes:
         name: short name written into summaries.
@@ -139,13 +163,30 @@ _POLICY_BUILDERS: dict[type, Callable] = {}
 
 
 def register_policy(config_cls: type):
-    """Register ``builder(config, family, transformer, units) -> CachePolicy`` for configs of ``config_cls``."""
+    """Register ``builder(config, family, transformer, units) -> CachePolicy`` for configs of ``config_cls``.
+
+    ``invardiff.enable(target, config)`` then builds the policy with ``builder`` for a ``config`` of exactly that type.
+    A config type has one builder: registering a second one raises ``ValueError`` (it would silently change what
+    every ``enable`` with such a config runs). Another package registers its policy through the
+    ``invardiff.policies`` entry point group (``invardiff.plugins``)."""
 
     def decorator(builder: Callable) -> Callable:
+        existing = _POLICY_BUILDERS.get(config_cls)
+        if existing is not None:
+            raise ValueError(
+                f"A policy is already registered for {config_cls.__module__}.{config_cls.__qualname__} (builder "
+                f"{existing.__module__}.{existing.__qualname__}); cannot also register "
+                f"{builder.__module__}.{builder.__qualname__}. Give the new policy a config class of its own."
+            )
         _POLICY_BUILDERS[config_cls] = builder
         return builder
 
     return decorator
+
+
+def registered_policies() -> dict[type, Callable]:
+    """The registered config types and their builders (a copy)."""
+    return dict(_POLICY_BUILDERS)
 
 
 def build_policy(config, family, transformer: torch.nn.Module, units) -> CachePolicy:

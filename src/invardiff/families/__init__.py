@@ -1,8 +1,10 @@
 """Model families: which diffusers transformers invardiff can cache, and how their blocks are laid out.
 
 Adding a family is one file that builds a :class:`FamilySpec` and calls :func:`register_family`, plus its import in
-:func:`_load_builtin_families`. Everything else (calibration, official books, configs, benchmarks, the CLI) reads the
-registered specs through :func:`get_family`, :func:`resolve_family` and :func:`family_names`.
+:func:`_load_builtin_families`; another package adds one through the ``invardiff.families`` entry point group
+(``invardiff.plugins``). Everything else (calibration, official books, configs, benchmarks, the CLI) reads the
+registered specs through :func:`get_family`, :func:`resolve_family` and :func:`family_names`. Every family passes the
+conformance kit (``tests/test_family_conformance.py``) once its spec names a tiny config (``ConfigSpec.tiny``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import plugins
 from .spec import (
     INPUT_KINDS,
     BlockListSpec,
@@ -23,7 +26,9 @@ from .spec import (
     PipelineSpec,
     ReuseUnit,
     SizeRule,
+    SpecError,
     TransformerCall,
+    check_spec,
 )
 
 
@@ -42,19 +47,24 @@ def get_family(name: str) -> FamilySpec:
     """The registered family ``name``; raise ``ValueError`` naming the supported families if there is none."""
     _load_builtin_families()
     if name not in _FAMILIES:
+        _load_plugin_families()
+    if name not in _FAMILIES:
         raise ValueError(f"Unknown model family {name!r}; supported families are {sorted(_FAMILIES)}.")
     return _FAMILIES[name]
 
 
 def family_names() -> list[str]:
-    """The names of the registered families, sorted."""
+    """The names of the registered families, sorted; families of other packages (entry points) by their entry
+    point's name, without importing them."""
     _load_builtin_families()
-    return sorted(_FAMILIES)
+    return sorted({*_FAMILIES, *plugins.entry_point_names(plugins.FAMILIES)})
 
 
 def families() -> list[FamilySpec]:
-    """The registered families, sorted by name."""
-    return [_FAMILIES[name] for name in family_names()]
+    """The registered families, those of other packages included, sorted by name."""
+    _load_builtin_families()
+    _load_plugin_families()
+    return [_FAMILIES[name] for name in sorted(_FAMILIES)]
 
 
 class LazyTable(Mapping):
@@ -84,10 +94,13 @@ class LazyTable(Mapping):
 def resolve_family(transformer: torch.nn.Module) -> FamilySpec:
     """Return the family of ``transformer`` by its class (or a registered base class); raise if unsupported."""
     _load_builtin_families()
-    for cls in type(transformer).__mro__:
-        for spec in _FAMILIES.values():
-            if spec.transformer_class is cls:
-                return spec
+    for load_plugins in (False, True):
+        if load_plugins:
+            _load_plugin_families()
+        for cls in type(transformer).__mro__:
+            for spec in _FAMILIES.values():
+                if spec.transformer_class is cls:
+                    return spec
     supported = ", ".join(f"{s.transformer_class.__name__} ({s.name})" for s in _FAMILIES.values())
     raise ValueError(
         f"Model class {type(transformer).__name__} is not supported by invardiff. Supported transformers: {supported}."
@@ -100,10 +113,33 @@ def is_video(name: str) -> bool:
     return pipeline is not None and pipeline.video
 
 
+def _load_plugin_families() -> None:
+    taken = set(_FAMILIES)  # the names before any plugin: built-in and registered in this process
+
+    def accept(entry_point, loaded) -> None:
+        # The entry point names a module whose import registered the family, or the FamilySpec itself.
+        where = (
+            f"The invardiff.families entry point {entry_point.name!r} of package {plugins.package_of(entry_point)!r}"
+        )
+        if entry_point.name in taken:
+            raise plugins.PluginError(
+                f"{where} declares the family {entry_point.name!r}, which is already registered."
+            )
+        if isinstance(loaded, FamilySpec) and _FAMILIES.get(loaded.name) is not loaded:
+            register_family(loaded)
+        if entry_point.name not in _FAMILIES:
+            raise plugins.PluginError(
+                f"{where} ({entry_point.value!r}) registered no family named {entry_point.name!r}; name the entry "
+                f"point after the family it registers."
+            )
+
+    plugins.load(plugins.FAMILIES, accept)
+
+
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` stays cheap and
     # free of import cycles (family files import the generic types they fill, e.g. calibration thresholds).
-    from . import dit, flux, hunyuanvideo, wan  # noqa: F401
+    from . import dit, flux, hunyuanvideo, sd3, wan  # noqa: F401
 
 
 __all__ = [
@@ -118,7 +154,9 @@ __all__ = [
     "PipelineSpec",
     "ReuseUnit",
     "SizeRule",
+    "SpecError",
     "TransformerCall",
+    "check_spec",
     "families",
     "family_names",
     "get_family",

@@ -195,6 +195,16 @@ def _official_reuse(book: dict) -> dict:
     }
 
 
+def _official_book(plan) -> dict:
+    # The layout the official DiT sampler loads (SPEC.md A.6): the step gate and a T x L book per kind.
+    reuse = plan.module_reuse["transformer_blocks"]
+    return {
+        "step_cache_book": plan.step_cache.tolist(),
+        "msa_cache_book": reuse["attn"].tolist(),
+        "mlp_cache_book": reuse["ff"].tolist(),
+    }
+
+
 OFFICIAL = OfficialSpec(
     label="DiT",
     scheduler="DDIMScheduler",
@@ -204,6 +214,7 @@ OFFICIAL = OfficialSpec(
         "fast": "dit-xl2/cache_books_stp50_n0.0_sth0.63_msa0.22_mlp0.22.json",
         "slow": "dit-xl2/cache_books_stp50_n0.0_sth0.61_msa0.2_mlp0.2.json",
     },
+    write=_official_book,
 )
 
 
@@ -248,6 +259,7 @@ DIT = register_family(
             json_shape=lambda config: {"image_tokens": (config["sample_size"] // config["patch_size"]) ** 2},
             named=NAMED_CONFIGS,
             bench={"cpu": "dit-bench", "full": "dit-xl-2", "tiny": "dit-tiny-fulldepth"},
+            tiny="dit-tiny",
         ),
         official=OFFICIAL,
     )

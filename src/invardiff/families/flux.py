@@ -182,6 +182,19 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     }
 
 
+def _toy_cfg_kwargs(config: ModelConfig, seed: int, device) -> dict:
+    # True CFG (FluxPipeline's negative prompt): a cond and an uncond call per step, in separate cache contexts.
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1)  # not the prompt's draw
+    kw = config.transformer_kwargs
+    embeds = torch.randn(config.batch, config.text_tokens, kw["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(config.batch, kw["pooled_projection_dim"], generator=generator)
+    return {
+        "negative_prompt_embeds": embeds.to(device, config.torch_dtype),
+        "negative_pooled_prompt_embeds": pooled.to(device, config.torch_dtype),
+        "true_cfg_scale": 2.0,
+    }
+
+
 def _call_shape(pipe, call_kwargs: dict) -> dict:
     pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
     default_side = pipe.default_sample_size * pipe.vae_scale_factor
@@ -219,6 +232,18 @@ def _official_reuse(book: dict) -> dict:
     return {"transformer_blocks": dual, "single_transformer_blocks": single}
 
 
+def _official_book(plan) -> dict:
+    # The layout the official FLUX sampler loads (SPEC.md A.6): one book per block list, one T x L table per kind.
+    reuse = plan.module_reuse
+    return {
+        "step_cache_book": plan.step_cache.tolist(),
+        "transformer_cache_book": {k: np.asarray(m).tolist() for k, m in reuse["transformer_blocks"].items()},
+        "single_transformer_cache_book": {
+            k: np.asarray(m).tolist() for k, m in reuse["single_transformer_blocks"].items()
+        },
+    }
+
+
 _BOOKS = "flux1-dev/cache_books_stp28_"
 OFFICIAL = OfficialSpec(
     label="FLUX",
@@ -231,6 +256,7 @@ OFFICIAL = OfficialSpec(
         "medium-2": _BOOKS + "n0.15_th0.7_attn0.68_ff0_ctxff0_sattn0.7_smlp0.json",
         "slow": _BOOKS + "n0.22_th0.72_attn0.68_ff0.66_ctxff0_sattn0.68_smlp0.62.json",
     },
+    write=_official_book,
 )
 
 
@@ -284,6 +310,7 @@ FLUX = register_family(
             call_shape=_call_shape,
             size_rules=_size_rules,
             toy_call_kwargs=_toy_call_kwargs,
+            toy_cfg_kwargs=_toy_cfg_kwargs,
         ),
         configs=ConfigSpec(
             example_call=_example_call,
@@ -291,6 +318,7 @@ FLUX = register_family(
             json_defaults={"image_tokens": 4096, "text_tokens": 512},  # 1024x1024 px, 512 T5 tokens
             named=NAMED_CONFIGS,
             bench={"cpu": "flux-bench", "full": "flux1-dev", "tiny": "flux-tiny-fulldepth"},
+            tiny="flux-tiny",
         ),
         official=OFFICIAL,
     )

@@ -260,6 +260,7 @@ HUNYUANVIDEO = register_family(
             json_defaults={**video_fields(_REAL_LATENT), "text_tokens": 256, "steps": 50},
             named=NAMED_CONFIGS,
             bench={"cpu": "hunyuanvideo-bench", "full": "hunyuanvideo", "tiny": "hunyuanvideo-tiny-fulldepth"},
+            tiny="hunyuanvideo-tiny",
         ),
     )
 )

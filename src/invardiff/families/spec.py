@@ -36,6 +36,11 @@ class ReuseUnit:
         kind_outputs: for each kind, the index of its feature in the unit's output tuple, or ``None`` for the whole
             output (Flux joint attention returns ``(image, text)``: ``attn`` is index 0, ``context_attn`` 1).
             Calibration measures each kind on its own feature.
+        present: for a unit that some blocks lack, ``present(block)`` says whether ``block`` has it (SD3's last
+            joint block has no ``ff_context``); ``None``: every block has it, and a block whose ``module`` path
+            does not resolve fails ``invardiff.enable`` with a :class:`SpecError` naming the block. A block without
+            the unit has nothing to compute or reuse: the plan's bits for it are ignored (the summary shows it as
+            not executed, its FLOP saving is 0), so that plans calibrated or written for the whole list stay valid.
     """
 
     name: str
@@ -43,6 +48,11 @@ class ReuseUnit:
     module: str
     passthrough: str | None = None
     kind_outputs: tuple[int | None, ...] | None = None
+    present: Callable[[torch.nn.Module], bool] | None = field(default=None, compare=False)
+
+    def in_block(self, block: torch.nn.Module) -> bool:
+        """Whether ``block`` has this unit (always, unless the spec says some blocks lack it)."""
+        return self.present is None or bool(self.present(block))
 
     def kind_features(self, output) -> dict[str, torch.Tensor]:
         """The feature of each kind in this unit's output."""
@@ -126,6 +136,20 @@ class FamilySpec:
     configs: ConfigSpec | None = field(default=None, hash=False)
     official: OfficialSpec | None = field(default=None, hash=False)
 
+    def units_of(self, transformer: torch.nn.Module) -> list[tuple[BlockListSpec, int, ReuseUnit, torch.nn.Module]]:
+        """``(block list, layer, unit, block)`` of every unit ``transformer`` has, in engine order (block lists in
+        execution order, then layers, then the list's units), leaving out units a block lacks (``ReuseUnit.present``).
+
+        The spec is checked against the model first (:func:`check_spec`): a wrong spec fails here, by name."""
+        check_spec(self, transformer)
+        return [
+            (spec, layer, unit, block)
+            for spec in self.block_lists
+            for layer, block in enumerate(getattr(transformer, spec.attr))
+            for unit in spec.units
+            if unit.in_block(block)
+        ]
+
     def block_list(self, attr: str) -> BlockListSpec:
         for block_list in self.block_lists:
             if block_list.attr == attr:
@@ -134,6 +158,57 @@ class FamilySpec:
 
     def num_layers(self, transformer: torch.nn.Module) -> dict[str, int]:
         return {spec.attr: len(getattr(transformer, spec.attr)) for spec in self.block_lists}
+
+
+class SpecError(ValueError):
+    """A family spec does not describe the model it is applied to; ``check`` names the failed check:
+
+    * ``"block-list"``: a block list is not a list of modules on the transformer;
+    * ``"unit-path"``: a unit's module path does not resolve in a block that the spec says has the unit;
+    * ``"head-input-path"``: ``head_input`` does not resolve on the transformer;
+    * ``"head-input-state"``: at the first computed call, running ``run_head`` on what the ``head_input`` module
+      received does not reproduce the transformer's output, so ``head_input`` is not the pre-head hidden state (or
+      ``run_head`` is not the model's head) and every step-cached step would be silently wrong.
+    """
+
+    def __init__(self, check: str, message: str):
+        super().__init__(f"Family spec check {check!r} failed: {message}")
+        self.check = check
+
+
+def check_spec(spec: FamilySpec, transformer: torch.nn.Module) -> None:
+    """Raise :class:`SpecError` unless every path of ``spec`` resolves on ``transformer`` (nothing is modified)."""
+    model = type(transformer).__name__
+    for block_list in spec.block_lists:
+        blocks = getattr(transformer, block_list.attr, None)
+        if not isinstance(blocks, (torch.nn.ModuleList, torch.nn.Sequential)):
+            raise SpecError(
+                "block-list",
+                f"family {spec.name!r}: {model}.{block_list.attr} is {type(blocks).__name__}, not a ModuleList of "
+                f"blocks; fix BlockListSpec.attr.",
+            )
+        for layer, block in enumerate(blocks):
+            for unit in block_list.units:
+                if not unit.in_block(block):
+                    continue
+                for path in unit.submodules:
+                    try:
+                        block.get_submodule(path)
+                    except AttributeError:
+                        raise SpecError(
+                            "unit-path",
+                            f"family {spec.name!r}: {block_list.attr}.{layer} ({type(block).__name__}) has no module "
+                            f"{path!r} (unit {unit.name!r}). Fix the path, or, if some blocks lack this unit, say "
+                            f"which with ReuseUnit(present=...).",
+                        ) from None
+    try:
+        transformer.get_submodule(spec.head_input)
+    except AttributeError:
+        raise SpecError(
+            "head-input-path",
+            f"family {spec.name!r}: {model} has no module {spec.head_input!r} (FamilySpec.head_input, the module "
+            f"whose first input is the pre-head hidden state).",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -230,6 +305,11 @@ class PipelineSpec:
         size_rules: ``size_rules(pipe)`` returns the size arguments the pipeline takes and the :class:`SizeRule`
             each must follow; ``None``: the pipeline takes none (DiT samples at its transformer's ``sample_size``).
             Checked before calibration samples, instead of a shape error mid-run or the pipeline's silent rounding.
+        toy_cfg_kwargs: ``toy_cfg_kwargs(config, seed, device)`` returns the arguments to add to a toy call (over
+            ``toy_call_kwargs``) to run classifier-free guidance, when that call runs without it (Flux's true CFG:
+            negative embeddings and ``true_cfg_scale``); ``None`` when ``toy_call_kwargs`` already guides. How the
+            branches run is ``batched_cfg``'s: one batched call, or one call per branch in
+            ``cache_context("cond" / "uncond")``.
     """
 
     input_kind: str
@@ -245,6 +325,7 @@ class PipelineSpec:
     bare: Callable[[Any], tuple[Any, str]] | None = None
     with_latents: Callable[[Any, torch.Tensor], Any] | None = None
     size_rules: Callable[[Any], dict[str, SizeRule]] | None = None
+    toy_cfg_kwargs: Callable[..., dict] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -271,6 +352,8 @@ class ConfigSpec:
             image tokens from the sample and patch sizes), over ``json_defaults``; ``None``: none.
         named: the family's named configs, found by name through ``invardiff.model_configs.MODEL_CONFIGS``.
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
+        tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
+            conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
     """
 
     example_call: Callable[..., dict]
@@ -279,6 +362,7 @@ class ConfigSpec:
     json_shape: Callable[[dict], dict] | None = None
     named: tuple[ModelConfig, ...] = ()
     bench: dict[str, str] = field(default_factory=dict)
+    tiny: str | None = None
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,7 @@ WAN = register_family(
             json_defaults={**video_fields(_REAL_LATENT), "text_tokens": 512, "steps": 50},
             named=NAMED_CONFIGS,
             bench={"cpu": "wan-bench", "full": "wan2.1-1.3b", "tiny": "wan-tiny-fulldepth"},
+            tiny="wan-tiny",
         ),
         official=OFFICIAL,
     )
