@@ -159,7 +159,10 @@ def test_every_help_and_parse_imports_neither_torch_nor_diffusers():
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["bench-engine", "--family", "sd3"], "invalid choice: 'sd3' (families with benchmark configs: dit, flux,"),
+        (
+            ["bench-engine", "--family", "no-such-family"],
+            "invalid choice: 'no-such-family' (families with benchmark configs: dit, flux,",
+        ),
         (["convert-official", "b.json", "--family", "hunyuanvideo", "-o", "p.json"], "(families with official books:"),
         (["generate", "--model", "m", "--class", "1", "--dicache-preset", "x", "-o", "o"], "(DiCache presets: flux,"),
     ],

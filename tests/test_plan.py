@@ -72,7 +72,11 @@ MALFORMED = [
     ("unknown_format", lambda: _mutate(["format"], "cache_books"), "Unknown plan format 'cache_books'"),
     ("future_version", lambda: _mutate(["format_version"], 99), "Unsupported plan format_version 99"),
     ("missing_model", lambda: _mutate(["model"], _DELETE), "'model' must be an object"),
-    ("unknown_family", lambda: _mutate(["model", "family"], "sd3"), "Unknown model family 'sd3'"),
+    (
+        "unknown_family",
+        lambda: _mutate(["model", "family"], "no-such-family"),
+        "Unknown model family 'no-such-family'",
+    ),
     (
         "class_mismatch",
         lambda: _mutate(["model", "class"], "DiTTransformer2DModel"),

@@ -16,7 +16,7 @@ import invardiff
 import invardiff.engine.policy as policy_module
 import invardiff.families as families_module
 from invardiff import plugins
-from invardiff.cli.main import main
+from invardiff.cli.main import build_parser, main
 from invardiff.families import family_names, get_family
 from invardiff.plugins import PluginError
 from invardiff.policies import BUILTIN
@@ -127,10 +127,12 @@ def test_an_out_of_tree_family_and_policy_are_found_listed_and_run(tmp_path, mon
     monkeypatch.syspath_prepend(str(tmp_path))
     assert "plugin-toy" in family_names()  # listed from the metadata, nothing imported yet
 
-    # The CLI lists it among the benchmark families and runs a command on it.
-    with pytest.raises(SystemExit) as help_exit:
-        main(["bench-engine", "--help"])
-    assert help_exit.value.code == 0 and "plugin-toy" in capsys.readouterr().out
+    # The CLI takes it where a family is chosen (checked when given: --help imports no registry), names it among
+    # the choices of a refusal, and runs a command on it.
+    assert build_parser().parse_args(["bench-engine", "--family", "plugin-toy"]).family == ["plugin-toy"]
+    with pytest.raises(SystemExit) as refused:
+        main(["bench-engine", "--family", "no-such-family"])
+    assert refused.value.code == 2 and "plugin-toy" in capsys.readouterr().err
     spec = get_family("plugin-toy")
     facts = invardiff.ModelFacts.for_family("plugin-toy", {"blocks": 2})
     plan = invardiff.CachePlan.reuse_nothing(facts, 4)

@@ -98,11 +98,9 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
 
     handles = [head.register_forward_pre_hook(capture)]
     sizes: dict[str, int] = {}  # module path -> elements of its output (the value a reuse keeps)
-    for spec in family.block_lists:
-        for layer in range(len(getattr(model, spec.attr))):
-            for unit in spec.units:
-                path = f"{spec.attr}.{layer}.{unit.submodules[-1]}"  # the passthrough's output when there is one
-                handles.append(model.get_submodule(path).register_forward_hook(_record_size(sizes, path)))
+    for spec, layer, unit, _ in family.units_of(model):  # a unit some blocks lack (ReuseUnit.present) keeps nothing
+        path = f"{spec.attr}.{layer}.{unit.submodules[-1]}"  # the passthrough's output when there is one
+        handles.append(model.get_submodule(path).register_forward_hook(_record_size(sizes, path)))
     counter = flop_counter()
     with torch.no_grad(), counter:
         model(**call)
@@ -134,7 +132,7 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
         spec.attr: {
             unit.name: np.array(
                 [
-                    sizes[f"{spec.attr}.{layer}.{unit.submodules[-1]}"]
+                    sizes.get(f"{spec.attr}.{layer}.{unit.submodules[-1]}", 0)
                     for layer in range(len(getattr(model, spec.attr)))
                 ],
                 dtype=np.float64,

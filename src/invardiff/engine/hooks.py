@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..families.spec import SpecError
 from .policy import StepAction
@@ -134,7 +135,9 @@ def _check_head(engine, transformer, state, output) -> None:
         return
     active, engine.active = engine.active, None  # the head's own hook must not hand this run to the policy
     try:
-        with torch.no_grad():
+        # Outside every dispatch mode: the check is the engine's bookkeeping, not the model's work, so a
+        # FlopCounterMode around the run (FLOP-ideal speedups, the sweep's counted warm-up) does not count it.
+        with torch.no_grad(), _disable_current_modes():
             expected = _sample(family.run_head(transformer, hidden, state.call))
     except Exception as error:  # noqa: BLE001 - any failure of the head on this input is the finding
         expected = f"{type(error).__name__}: {error}"
