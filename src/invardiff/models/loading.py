@@ -27,8 +27,11 @@ QUIET_AT_LOAD = {
     # diffusers 0.42 registers torchao < 0.16 tensor classes for torch.load when torchao is installed (the dev
     # extras install it for the quantization tests); bundled models are safetensors, never torchao pickles
     "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
-    # torchao's wheel carries CUDA kernels for another Python; its CPU int8 path does not use them
+    # torchao's wheel carries CUDA kernels for another Python; its CPU int8 path does not use them, nor Triton
     "torchao": ("Failed to load",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    # torchao registers its enums with torch's pytree at import, which torch 2.13 no longer needs
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
 }
 
 

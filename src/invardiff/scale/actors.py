@@ -43,7 +43,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     ray = import_ray()
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            # Ray's own start-up lines (a local instance started, its token authentication) would stand between
+            # the CLI's progress and its one-line messages; its errors still show.
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR)
         else:
             ray.init(address=address)
     return ray
