@@ -17,6 +17,16 @@ def _deterministic_seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on one torch thread (restored after): a second thread only adds contention, and on a loaded
+    2-core machine made them about 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-inductor", action="store_true", help="also run the torch.compile (inductor) tests")
 

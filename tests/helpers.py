@@ -243,3 +243,15 @@ def assert_close_reason(actual, expected):
     # The engine and the reference run the same kernels in the same order; the tolerance only absorbs
     # run-to-run differences of CPU kernels, not any difference in what is computed.
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def expert_reference_pipeline(pipe, plans, family: str = "wan", branches_per_step: int = 2):
+    """A copy of the two-expert pipeline ``pipe`` whose experts are deep copies, each run by the independent
+    :class:`ReferenceExecutor` under its plan of ``plans`` (``{expert attribute: CachePlan}``)."""
+    reference = type(pipe)(**pipe.components, boundary_ratio=pipe.config.boundary_ratio)
+    reference.set_progress_bar_config(disable=True)
+    for name, plan in plans.items():
+        clone = copy.deepcopy(getattr(pipe, name))
+        ReferenceExecutor(clone, plan, family, branches_per_step=branches_per_step)
+        reference.register_modules(**{name: clone})
+    return reference

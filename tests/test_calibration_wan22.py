@@ -17,7 +17,7 @@ from invardiff.calibration import calibrate
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline
 
-from helpers import ReferenceExecutor, assert_close_reason, facts_for, plan_from_bits
+from helpers import assert_close_reason, expert_reference_pipeline, facts_for, plan_from_bits
 
 
 T = 8  # boundary_ratio 0.9 splits Wan's 8-step schedule (999 972 937 | 893 ...) into 3 high-noise + 5 low-noise steps
@@ -208,12 +208,7 @@ def test_the_cli_calibrates_a_saved_wan22_pipeline_into_one_file(calibrated, tmp
 @pytest.mark.slow
 def test_the_calibrated_pair_runs_as_the_reference_executor(calibrated):
     pipe, plans, _ = calibrated
-    reference = type(pipe)(**pipe.components, boundary_ratio=pipe.config.boundary_ratio)
-    reference.set_progress_bar_config(disable=True)
-    for name, plan in plans.items():
-        clone = copy.deepcopy(getattr(pipe, name))
-        ReferenceExecutor(clone, plan, "wan", branches_per_step=2)
-        reference.register_modules(**{name: clone})
+    reference = expert_reference_pipeline(pipe, plans)
     expected = _sample(reference)
     with invardiff.enabled(pipe, plans):
         actual = _sample(pipe)

@@ -14,12 +14,7 @@ from invardiff.model_configs import get_model_config
 from invardiff.toy_pipelines import build_pipeline
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 CASES = {"dit": [(3, 11), (5, 12)], "flux": [("a red cat", 11), ("a blue dog", 12)]}

@@ -18,13 +18,7 @@ from invardiff.models import MODELS
 from invardiff.toy_pipelines import IdentityVAE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second thread only adds contention (on a loaded 2-core machine, 20x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

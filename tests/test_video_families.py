@@ -4,7 +4,6 @@ included, are the conformance kit's (test_family_conformance.py)."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -15,8 +14,8 @@ from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline
 
 from helpers import (
-    ReferenceExecutor,
     assert_close_reason,
+    expert_reference_pipeline,
     facts_for,
     plan_from_bits,
     run_pipeline,
@@ -100,12 +99,7 @@ def test_wan22_each_expert_follows_its_own_plan():
     with invardiff.enabled(pipe, nothing):
         assert torch.equal(run_pipeline(pipe, config, T), stock)
 
-    reference = type(pipe)(**pipe.components, boundary_ratio=pipe.config.boundary_ratio)
-    reference.set_progress_bar_config(disable=True)
-    for name, plan in plans.items():
-        clone = copy.deepcopy(getattr(pipe, name))
-        ReferenceExecutor(clone, plan, "wan", branches_per_step=2)
-        reference.register_modules(**{name: clone})
+    reference = expert_reference_pipeline(pipe, plans)
     expected = run_pipeline(reference, config, T)
     with invardiff.enabled(pipe, plans):
         actual = run_pipeline(pipe, config, T)
