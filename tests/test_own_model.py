@@ -128,6 +128,27 @@ def test_fine_tuned_transformer_on_a_base_pipeline(own_dit, tmp_path, capsys):
     assert not np.array_equal(swapped, image(tmp_path / "base" / "my-dit-seed0.png"))
 
 
+def test_many_items_from_your_own_pipeline(own_dit, tmp_path, capsys):
+    """generate --classes / --seeds on a saved pipeline: every worker loads it; the images are the one-item
+    command's, and the manifest keys them on the pipeline's files and settings."""
+    pipeline = ["--pipeline", str(own_dit / "my-dit")]
+    many = tmp_path / "many"
+    assert main(["generate", *pipeline, "--classes", "3,5", "--seeds", "0,1", "--steps", "4", "-o", str(many)]) == 0
+    lines = [json.loads(line) for line in (many / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((line["input"], line["seed"]) for line in lines) == [(3, 0), (3, 1), (5, 0), (5, 1)]
+    one = tmp_path / "one"
+    assert main(["generate", *pipeline, "--class", "5", "--seed", "1", "--steps", "4", "-o", str(one)]) == 0
+    written = next(line["file"] for line in lines if (line["input"], line["seed"]) == (5, 1))
+    assert np.array_equal(image(many / written), image(one / "my-dit-seed1.png"))
+    capsys.readouterr()
+    # a resume with another step count is refused; a bare --transformer cannot be shipped to workers
+    code, _, err = run(["generate", *pipeline, "--classes", "3,5", "--steps", "5", "-o", str(many)], capsys)
+    assert code == 2 and "call.num_inference_steps: 4 there, 5 now" in err
+    bare = ["--transformer", str(own_dit / "my-dit-transformer"), "--classes", "3", "--steps", "4"]
+    code, _, err = run(["generate", *bare, "-o", str(tmp_path / "bare")], capsys)
+    assert code == 2 and "give --pipeline DIR, without --transformer" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_bare_transformer_of_a_text_family_says_what_else_it_needs(tmp_path, capsys):
     from invardiff.model_configs import get_model_config
 

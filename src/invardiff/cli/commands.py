@@ -584,11 +584,6 @@ def generate(args) -> int:
     check_ray_options(args)
     source = ModelSource.from_args(args)
     if wants_many(args):  # --prompts / --classes / --ray: one image per (input, seed), with a manifest
-        if source.model is None:
-            raise ValueError(
-                "--prompts / --classes / --ray take a bundled --model for now; generate with your own model one "
-                "input at a time (--prompt TEXT or --class N, --batch N for several seeds)."
-            )
         return generate_many(args)
     bundled = source.bundled
     if bundled is not None:  # a bundled model's input kind and the plan's family are checked before loading it

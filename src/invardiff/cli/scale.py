@@ -61,22 +61,33 @@ def generate_many(args) -> int:
     """``invardiff generate --prompts FILE | --classes LIST | --seeds LIST [--ray [ADDRESS] --workers N] -o DIR``."""
     from tqdm import tqdm
 
-    from ..models import get
+    from ..models.sources import ModelSource, resolve_pipeline, transformer_class
     from ..scale import Manifest, PipelineSource, run_local, work_items
     from ..scale.items import SettingsMismatch, describe
     from ..scale.runner import output_settings
     from .commands import int_list, read_prompts
     from .policy_args import planned_steps, policy_config
 
-    entry = get(args.model)
+    model = ModelSource.from_args(args)
+    if model.transformer:
+        raise ValueError(
+            "--prompts / --classes / --ray load the model in every worker from a saved pipeline: save the pipeline "
+            "with your transformer in it (pipe.save_pretrained(DIR)) and give --pipeline DIR, without --transformer."
+        )
+    if model.bundled is not None:
+        family, kind, video = model.bundled.family, model.bundled.inputs, model.bundled.video
+        source = PipelineSource("bundled", args.model, _worker_device(args))
+    else:  # a saved pipeline (or a cached hub id), read by every worker; what it takes is its family's
+        spec = transformer_class(model.transformer_config())[1]
+        family, kind, video = spec.name, spec.pipeline.input_kind, spec.pipeline.video
+        source = PipelineSource("pretrained", str(resolve_pipeline(args.pipeline)), _worker_device(args))
     if args.batch != 1:
         raise ValueError("--batch applies to one --prompt / --class; with many items use --seeds (one call each).")
-    inputs = _inputs(args, entry, read_prompts, int_list)
+    inputs = _inputs(args, model.name, kind, read_prompts, int_list)
     seeds = int_list(args.seeds, "--seeds") if args.seeds else [args.seed]
     items = work_items(inputs, seeds)
-    config = policy_config(args, entry.family)
+    config = policy_config(args, family)
     planned_steps(args, config)  # a --steps other than the plan's is refused now, not in every worker
-    source = PipelineSource("bundled", args.model, _worker_device(args))
     try:  # before any work: a resume must have the settings of the finished items
         manifest = Manifest(args.output, output_settings(source, config, args.steps), args.overwrite)
     except SettingsMismatch as error:
@@ -89,8 +100,8 @@ def generate_many(args) -> int:
 
         connect(_workers(args))
     done = len(items) - len(manifest.pending(items))
-    kind = "clip" if entry.video else "image"
-    with tqdm(total=len(items), initial=done, desc=f"generate {args.model}", unit=kind) as bar:
+    unit = "clip" if video else "image"
+    with tqdm(total=len(items), initial=done, desc=f"generate {model.name}", unit=unit) as bar:
         progress = lambda item: bar.update(1)  # noqa: E731
         if args.ray is None:
             report = run_local(source, items, args.output, config, args.steps, progress, args.overwrite)
@@ -103,7 +114,7 @@ def generate_many(args) -> int:
                 )
     where = "this process" if args.ray is None else f"{report.workers} Ray worker(s)"
     print(
-        f"wrote {report.generated} {kind}(s) to {report.output} ({report.skipped} already there), manifest "
+        f"wrote {report.generated} {unit}(s) to {report.output} ({report.skipped} already there), manifest "
         f"{Path(report.output) / 'manifest.jsonl'}; {report.items_per_second:.2f} items/s on {where}"
     )
     return 0
@@ -123,12 +134,12 @@ def start_bar(position: int = 0):
         yield on_start
 
 
-def _inputs(args, entry, read_prompts, int_list) -> list:
-    prompt_model = entry.inputs == "prompt"
+def _inputs(args, name: str, kind: str, read_prompts, int_list) -> list:
+    prompt_model = kind == "prompt"
     if prompt_model and (args.classes or args.class_id is not None):
-        raise ValueError(f"{entry.name} takes prompts (--prompt TEXT or --prompts FILE), not class ids.")
+        raise ValueError(f"{name} takes prompts (--prompt TEXT or --prompts FILE), not class ids.")
     if not prompt_model and (args.prompts or args.prompt is not None):
-        raise ValueError(f"{entry.name} takes class ids (--class N or --classes LIST), not prompts.")
+        raise ValueError(f"{name} takes class ids (--class N or --classes LIST), not prompts.")
     if args.prompts:
         return read_prompts(args.prompts)
     if args.classes:
