@@ -11,8 +11,9 @@ Qwen2.5-VL text encoder and without a VAE (``output_type="latent"``); ``pipe(pro
 which cannot be built small offline. There is no official InvarDiff or DiCache code for Qwen-Image: calibration follows
 the generic official behaviour (DiT/Wan) with ``context_attn`` tied to ``attn``, and DiCache runs FLUX's rules.
 
-Not supported: ``zero_cond_t`` transformers (Qwen-Image-Edit-2511), whose blocks take a doubled timestep embedding
-and a per-token modulation index; :func:`_run_head` refuses them, so ``invardiff.enable`` fails at the first call.
+Not supported: ``zero_cond_t`` transformers (Qwen-Image-Edit-2511). Their blocks take a timestep embedding of twice
+the batch (the real and a zero timestep) and a per-token modulation index, which the engine's per-sample row cuts
+(DiCache's per-sample decisions) cannot split; ``invardiff.enable`` refuses them with ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -28,13 +29,21 @@ from . import register_family
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule, image_output_index
 
 
-def _run_head(transformer, hidden, call):
-    # The conditioning and output section of QwenImageTransformer2DModel.forward, on the cached image tokens.
-    if transformer.zero_cond_t:
+def _supported(block) -> bool:
+    # Every block has every unit: this is the one check that runs on each block at enable (and in FLOP profiles),
+    # so an unsupported variant is refused there, before anything is installed.
+    if block.zero_cond_t:
         raise NotImplementedError(
-            "invardiff does not support QwenImageTransformer2DModel with zero_cond_t=True (Qwen-Image-Edit-2511: a "
-            "doubled timestep embedding per block); use a zero_cond_t=False transformer (Qwen-Image)."
+            "invardiff does not support QwenImageTransformer2DModel with zero_cond_t=True (Qwen-Image-Edit-2511): "
+            "its blocks take a doubled timestep embedding that per-sample caching cannot split; use a transformer "
+            "with zero_cond_t=False (Qwen-Image)."
         )
+    return True
+
+
+def _run_head(transformer, hidden, call):
+    # The conditioning and output section of QwenImageTransformer2DModel.forward (zero_cond_t=False, see _supported),
+    # on the cached image tokens.
     timestep = call["timestep"].to(hidden.dtype)
     guidance = call["guidance"]
     if guidance is None:
@@ -208,7 +217,7 @@ QWENIMAGE = register_family(
                 attr="transformer_blocks",
                 module_kinds=("attn", "context_attn", "ff", "context_ff"),
                 units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
+                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1), present=_supported),
                     ReuseUnit("ff", ("ff",), "img_mlp"),
                     ReuseUnit("context_ff", ("context_ff",), "txt_mlp"),
                 ),
