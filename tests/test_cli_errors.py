@@ -173,3 +173,14 @@ def test_calibrate_a_saved_bundled_pipeline(name, tmp_path, capsys):
     assert provenance["seed_rule"] == "per run: seed 42 + run index"
     assert provenance["runs"] == ([["a red circle on the left, black background", 42]] if name == "flux-shapes"
                                   else [[1, 42], [2, 43]])  # fmt: skip
+
+
+def test_a_stated_limit_is_one_line(tmp_path, capsys):
+    # NotImplementedError names what is not implemented (here: a toy pipeline built without text encoders): a
+    # limit the user reads, not a bug to trace back
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    argv = ["calibrate", "--model-config", "sd3-tiny", "--prompts", str(prompts), "-o", str(tmp_path / "plan.json")]
+    code, err = run(argv, capsys)
+    assert code == 2
+    assert "has no text encoder" in one_error_line(err) or "text encoder" in one_error_line(err)

@@ -129,9 +129,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Errors the user can fix (arguments, files, the model or plan given, a missing optional package); anything
-    else is a bug and keeps its traceback. PlanError and the argument checks are ValueErrors."""
-    return isinstance(error, (ValueError, OSError, ImportError))
+    """Errors the user can fix (arguments, files, the model or plan given, a missing optional package) or a stated
+    limit (``NotImplementedError``: what is not implemented for that model or option, e.g. a toy pipeline's text
+    encoders); anything else is a bug and keeps its traceback (``-v`` prints it for these too). PlanError and the
+    argument checks are ValueErrors."""
+    return isinstance(error, (ValueError, OSError, ImportError, NotImplementedError))
 
 
 def one_line(error: BaseException) -> str:
