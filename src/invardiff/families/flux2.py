@@ -90,9 +90,10 @@ def transformer_kwargs(num_layers, num_single_layers, heads, head_dim, axes, joi
 NAMED_CONFIGS = (
     # FLUX.2-dev's transformer: the defaults and docstring of diffusers 0.42.1's Flux2Transformer2DModel (8 dual +
     # 48 single blocks, 48 heads of 128 = hidden 6144, 128 input channels = 32 VAE channels x 2x2 packing, text
-    # width 15360 = 3 stacked Mistral-3 layers of 5120, RoPE axes (32, 32, 32, 32), theta 2000), which match the
-    # black-forest-labs/FLUX.2-dev transformer/config.json as I remember it (not verified here: no network). At
-    # 1024x1024 px (VAE x8, then 2x2 packing: 4096 image tokens) with the pipeline's 512 text tokens.
+    # width 15360 = 3 stacked Mistral-3 layers of 5120, RoPE axes (32, 32, 32, 32), theta 2000): 32.2B parameters,
+    # the published "32B". The black-forest-labs/FLUX.2-dev transformer/config.json itself was not read here (no
+    # network); third-party ports (mflux) state the same depth, heads and widths. At 1024x1024 px (VAE x8, then 2x2
+    # packing: 4096 image tokens) with the pipeline's default 512 text tokens.
     ModelConfig(
         "flux2-dev",
         "flux2",
