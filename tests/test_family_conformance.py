@@ -64,8 +64,9 @@ class Driver:
         self.config = dataclasses.replace(tiny_config(family), dtype=dtype)
         pipeline = self.spec.pipeline
         self.pipeline = pipeline if pipeline is not None and pipeline.build_toy is not None else None
-        # Transformer calls per step: one per CFG branch unless the pipeline batches them.
-        self.calls_per_step = 1 if self.pipeline is None or self.pipeline.batched_cfg else 2
+        # Transformer calls per step: one per CFG branch unless the pipeline batches them or has no branches.
+        unbranched = self.pipeline is None or self.pipeline.batched_cfg or not self.pipeline.guided
+        self.calls_per_step = 1 if unbranched else 2
 
     def build(self, seed: int = 0):
         return self.wrap(self.config.build_transformer(seed=seed))
@@ -238,8 +239,12 @@ def test_the_pipelines_guidance_runs_as_the_spec_says(family):
         driver.run(target)
         branches = invardiff.summary(target).branches
     # The toy call has one input: one batched call carries its cond and uncond rows, each with its own decision;
-    # else each branch is a call of one row in its own cache context.
-    if driver.pipeline.batched_cfg:
+    # a guidance-distilled pipeline calls once per step, one row; else each branch is a call of one row in its own
+    # cache context.
+    if not driver.pipeline.guided:
+        assert list(branches) == ["default"]
+        assert np.asarray(branches["default"].probe["decision"]).shape == (T, 1)
+    elif driver.pipeline.batched_cfg:
         assert list(branches) == ["default"]
         assert np.asarray(branches["default"].probe["decision"]).shape == (T, 2)
     else:

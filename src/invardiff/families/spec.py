@@ -288,6 +288,9 @@ class PipelineSpec:
             official code's settings, e.g. DiT calibrates without classifier-free guidance).
         batched_cfg: the pipeline runs the classifier-free guidance branches as one batched transformer call, so a
             call carries rows of different branches (per-sample and batch-global probe decisions then differ).
+        guided: the pipeline runs classifier-free guidance branches (batched or one call each); ``False`` for a
+            guidance-distilled pipeline that takes no negative prompt and calls the transformer once per step with
+            the guidance scale as an input (FLUX.2), so its calls form one branch.
         build_toy: ``build_toy(config, transformer, text_encoders)`` returns a stock pipeline around a random-weight
             transformer that runs offline (``text_encoders``: tiny random text encoders, for ``prompt=`` calls).
         call_shape: ``call_shape(pipe, call_kwargs)`` returns the :class:`~invardiff.model_configs.ModelConfig`
@@ -318,6 +321,7 @@ class PipelineSpec:
     calibration_kwargs: dict = field(default_factory=dict)
     video: bool = False
     batched_cfg: bool = False
+    guided: bool = True
     build_toy: Callable[..., Any] | None = None
     call_shape: Callable[[Any, dict], dict] | None = None
     toy_call_kwargs: Callable[..., dict] | None = None
