@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from diffusers.hooks._helpers import TransformerBlockRegistry
 from diffusers.models.transformers.transformer_chroma import ChromaTransformerBlock
 
 import invardiff
+from invardiff import CachePlan, ModelFacts
 from invardiff.engine.adapters import _passthrough_layout
 from invardiff.families import get_family
 from invardiff.model_configs import MODEL_CONFIGS
@@ -81,3 +83,20 @@ def test_chroma_block_outputs_are_described_without_writing_into_diffusers_regis
     block = ChromaTransformerBlock(dim=8, num_attention_heads=2, attention_head_dim=4)
     # A skipped dual block passes (encoder_hidden_states, hidden_states) through, in the order it returns them.
     assert _passthrough_layout(block, image_output=1) == [("encoder_hidden_states", 0), ("hidden_states", 1)]
+
+
+def test_the_toy_pipeline_with_its_t5_encoder_guides_from_a_prompt():
+    # pipe(prompt=...) offline: the tiny T5 encoder conditions both branches (an empty negative prompt for uncond);
+    # under a reuse-nothing plan the two named branches give the stock output bit for bit.
+    config = tiny_config("chroma")
+    pipe = build_pipeline(config, config.build_transformer(seed=0), text_encoders=True)
+    kwargs = {"prompt": "a red square", "height": 128, "width": 128, "num_inference_steps": T}
+    kwargs |= {"guidance_scale": 4.0, "max_sequence_length": 8, "output_type": "latent"}
+    stock = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    plan = CachePlan.reuse_nothing(
+        ModelFacts.for_family("chroma", get_family("chroma").num_layers(pipe.transformer)), T
+    )
+    with invardiff.enabled(pipe, plan):
+        cached = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+        assert sorted(invardiff.summary(pipe).branches) == ["cond", "uncond"]
+    assert torch.equal(cached, stock)

@@ -124,13 +124,17 @@ NAMED_CONFIGS = (
 def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     from diffusers import ChromaPipeline, FlowMatchEulerDiscreteScheduler
 
+    # Without a text encoder the pipeline runs from prompt_embeds; with one, a tiny random T5 encoder with a tokenizer
+    # built in code makes `pipe(prompt=...)` work offline (Chroma conditions on T5 alone).
+    encoder = {"text_encoder": None, "tokenizer": None}
     if text_encoders:
-        raise NotImplementedError(
-            "The Chroma toy pipeline has no text encoder (a T5 encoder and tokenizer); call it with prompt_embeds "
-            "and prompt_attention_mask (and their negatives)."
-        )
+        from ..models import text
+
+        tokenizer = text.t5_tokenizer(words=[])
+        width = config.transformer_kwargs["joint_attention_dim"]
+        encoder = {"text_encoder": text.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
     scheduler = FlowMatchEulerDiscreteScheduler()  # FLUX's toy scheduler
-    return ChromaPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    return ChromaPipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoder)
 
 
 def _toy_prompt(config: ModelConfig, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
