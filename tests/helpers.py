@@ -111,6 +111,7 @@ def row_of(call: dict, index: int) -> dict:
         "guidance",
         "class_labels",
         "encoder_attention_mask",
+        "attention_mask",  # Chroma: the text padding mask over text and image tokens
     )
     return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
 

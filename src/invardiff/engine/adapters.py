@@ -22,8 +22,8 @@ import inspect
 import types
 
 import torch
-from diffusers.hooks._helpers import TransformerBlockRegistry
 
+from ..families.spec import block_outputs
 from .state import COMPUTED, REUSED, take_rows
 
 
@@ -267,21 +267,18 @@ def graph_bound(num_units_per_block: int, probe: bool) -> int:
 
 
 def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]]:
-    """``[(argument, output index)]`` of what a block returns, image stream last: diffusers' block metadata where it
-    has the block class, else a block that returns its ``hidden_states`` only (``image_output`` None)."""
+    """``[(argument, output index)]`` of what a block returns, image stream last: its described outputs
+    (``families.spec.block_outputs``: diffusers' block metadata, or the family's description) where there are any,
+    else a block that returns its ``hidden_states`` only (``image_output`` None)."""
     base = getattr(type(block), "_invardiff_base", type(block))
-    try:
-        meta = TransformerBlockRegistry.get(base)
-    except ValueError:
+    outputs = block_outputs(base)
+    if outputs is None:
         if image_output is not None:
             raise NotImplementedError(
-                f"{base.__name__} returns a tuple but diffusers' TransformerBlockRegistry does not describe it, so "
-                f"its pass-through output is unknown; register it with TransformerBlockRegistry.register."
-            ) from None
+                f"{base.__name__} returns a tuple but neither diffusers' TransformerBlockRegistry nor its family "
+                f"(families.spec.describe_block_outputs) describes it, so its pass-through output is unknown."
+            )
         return [("hidden_states", 0)]
-    if meta.return_encoder_hidden_states_index is None:
-        return [(meta.hidden_states_argument_name, 0)]
-    return [
-        (meta.encoder_hidden_states_argument_name, meta.return_encoder_hidden_states_index),
-        (meta.hidden_states_argument_name, meta.return_hidden_states_index),
-    ]
+    if outputs.encoder_index is None:
+        return [(outputs.hidden_arg, 0)]
+    return [(outputs.encoder_arg, outputs.encoder_index), (outputs.hidden_arg, outputs.hidden_index)]

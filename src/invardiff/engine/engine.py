@@ -21,7 +21,9 @@ plan+probe, calibration recording): each counts one call per step, in its plan r
 residual trajectory, and would silently mean something else there.
 
 CFG: each ``cache_context`` name (``"cond"``, ``"uncond"``) has its own state; a call without a context name uses
-one ``"default"`` state, which is right for pipelines that batch the branches (DiT).
+one ``"default"`` state, which is right for pipelines that batch the branches (DiT); a pipeline that runs the branches
+as separate calls without a context (``ChromaPipeline``) has its calls named by its family
+(``PipelineSpec.call_branches``).
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class CacheEngine:
         self._contexts: list = []  # invardiff.cache_context, innermost last
         self._pipeline_context = None  # what diffusers' transformer.cache_context(...) set
         self._schedule = None
+        self._unnamed_calls = 0  # calls of the current pipeline call that came without a branch name
         self._checks: dict[str, TimestepCheck] = {}
         self.cache_bytes = 0
         self.peak_cache_bytes = 0
@@ -192,10 +195,10 @@ class CacheEngine:
     def begin_call(self, args: tuple, kwargs: dict) -> BranchState:
         call = TransformerCall(self.signature, args, kwargs)
         context = self._contexts[-1] if self._contexts else self._pipeline_context
-        name = getattr(context, "name", None) or DEFAULT_BRANCH
         # A pipeline's own step_index (WanPipeline passes one) counts the whole schedule; with the pipeline at hand
         # the schedule gives the step, checks the timestep, and knows which part of it this transformer runs.
         from_pipeline = not self._contexts and self.pipeline is not None
+        name = getattr(context, "name", None) or self._unnamed_call_branch(from_pipeline)
         explicit_step = None if from_pipeline else getattr(context, "step_index", None)
         step = explicit_step if explicit_step is not None else self._step_from_schedule(call, name)
         if step == 0:  # a cache added after invardiff (transformer.enable_cache, cache-dit): refuse before it runs
@@ -228,6 +231,20 @@ class CacheEngine:
         self._set_modes(state)
         self.active = state
         return state
+
+    def _unnamed_call_branch(self, from_pipeline: bool) -> str:
+        # ChromaPipeline calls the transformer once per CFG branch without diffusers' cache_context: its family names
+        # the calls of a step in order (PipelineSpec.call_branches). A new schedule (a new pipeline call, or a reset)
+        # starts again at the first branch.
+        spec = self.family.pipeline
+        if not from_pipeline or spec is None or spec.call_branches is None:
+            return DEFAULT_BRANCH
+        names = spec.call_branches(self.pipeline)
+        if getattr(self.pipeline.scheduler, "timesteps", None) is not self._schedule:
+            self._unnamed_calls = 0
+        name = names[self._unnamed_calls % len(names)]
+        self._unnamed_calls += 1
+        return name
 
     def _follow_replaced_units(self) -> None:
         # A module of a unit can be replaced between runs: loading a LoRA after enable wraps a targeted Linear (Flux's

@@ -48,7 +48,8 @@ def _run_head(transformer, hidden, call):
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
 
 
-def _input_signature(call):
+def input_signature(call):
+    """The shapes that stay constant within a run: image and text tokens (also Chroma's)."""
     return (tuple(call["hidden_states"].shape), tuple(call["encoder_hidden_states"].shape))
 
 
@@ -75,7 +76,8 @@ PRESETS = {
 }
 
 
-def _call_timestep(fraction: float, like: torch.Tensor) -> torch.Tensor:
+def call_timestep(fraction: float, like: torch.Tensor) -> torch.Tensor:
+    """The ``timestep`` argument at ``fraction`` of the trajectory (FLUX-like pipelines, Chroma's too)."""
     return torch.full_like(like, fraction)  # the pipeline passes the flow-matching sigma, t / 1000
 
 
@@ -195,7 +197,8 @@ def _toy_cfg_kwargs(config: ModelConfig, seed: int, device) -> dict:
     }
 
 
-def _call_shape(pipe, call_kwargs: dict) -> dict:
+def call_shape(pipe, call_kwargs: dict) -> dict:
+    """Image and text tokens of one call of a FLUX-like pipeline (packed latents, 512 T5 tokens by default)."""
     pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
     default_side = pipe.default_sample_size * pipe.vae_scale_factor
     height = call_kwargs.get("height") or default_side
@@ -204,7 +207,8 @@ def _call_shape(pipe, call_kwargs: dict) -> dict:
     return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 512}
 
 
-def _size_rules(pipe) -> dict[str, SizeRule]:
+def size_rules(pipe) -> dict[str, SizeRule]:
+    """Height and width of a FLUX-like pipeline: multiples of the VAE factor times the 2x2 packing."""
     side = SizeRule(
         2 * pipe.vae_scale_factor, f"the VAE's downsampling {pipe.vae_scale_factor} x the 2x2 latent packing"
     )
@@ -290,7 +294,7 @@ FLUX = register_family(
         head_input="norm_out",
         timestep_scale=1000.0,
         run_head=_run_head,
-        input_signature=_input_signature,
+        input_signature=input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
         # The official FLUX code keeps its first-pass step gate, forces only step 0 (and the last step) in the
         # provisional module books, and ties context_attn to attn (the joint attention is one call).
@@ -307,14 +311,14 @@ FLUX = register_family(
             scheduler=FlowMatchEulerDiscreteScheduler,
             calibration_kwargs={"output_type": "latent"},  # the decoded images are not needed
             build_toy=_build_toy,
-            call_shape=_call_shape,
-            size_rules=_size_rules,
+            call_shape=call_shape,
+            size_rules=size_rules,
             toy_call_kwargs=_toy_call_kwargs,
             toy_cfg_kwargs=_toy_cfg_kwargs,
         ),
         configs=ConfigSpec(
             example_call=_example_call,
-            call_timestep=_call_timestep,
+            call_timestep=call_timestep,
             json_defaults={"image_tokens": 4096, "text_tokens": 512},  # 1024x1024 px, 512 T5 tokens
             named=NAMED_CONFIGS,
             bench={"cpu": "flux-bench", "full": "flux1-dev", "tiny": "flux-tiny-fulldepth"},

@@ -313,6 +313,11 @@ class PipelineSpec:
             negative embeddings and ``true_cfg_scale``); ``None`` when ``toy_call_kwargs`` already guides. How the
             branches run is ``batched_cfg``'s: one batched call, or one call per branch in
             ``cache_context("cond" / "uncond")``.
+        call_branches: ``call_branches(pipe)`` returns the CFG branch of each transformer call of one step, in call
+            order (``("cond", "uncond")``), for pipelines that run the branches as separate calls without diffusers'
+            ``cache_context`` (``ChromaPipeline``): the engine then gives each call its branch's state, as the context
+            would. ``None``: the pipeline names its calls itself (or batches them), and an unnamed call is the
+            ``"default"`` branch.
     """
 
     input_kind: str
@@ -330,6 +335,7 @@ class PipelineSpec:
     with_latents: Callable[[Any, torch.Tensor], Any] | None = None
     size_rules: Callable[[Any], dict[str, SizeRule]] | None = None
     toy_cfg_kwargs: Callable[..., dict] | None = None
+    call_branches: Callable[[Any], tuple[str, ...]] | None = None
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -394,15 +400,57 @@ class OfficialSpec:
     write: Callable[[Any], dict] | None = None
 
 
-def image_output_index(block_class: type) -> int | None:
-    """The index of the image stream in the output of ``block_class``, from diffusers' block metadata; ``None``
-    when the block returns one tensor (diffusers marks that by having no encoder-stream index)."""
+@dataclass(frozen=True)
+class BlockOutputs:
+    """What a block's ``forward`` returns: the index of the image stream and, for a block that returns both streams,
+    the index of the text stream (``None``: the block returns the image stream alone), with the ``forward`` arguments
+    that carry each stream in (a skipped block passes them through)."""
+
+    hidden_index: int = 0
+    encoder_index: int | None = None
+    hidden_arg: str = "hidden_states"
+    encoder_arg: str = "encoder_hidden_states"
+
+
+# Blocks that diffusers' TransformerBlockRegistry does not describe (0.42 has no entry for Chroma's dual block): the
+# family file describes them here, rather than writing into diffusers' global registry (which its own hooks read).
+_BLOCK_OUTPUTS: dict[type, BlockOutputs] = {}
+
+
+def describe_block_outputs(block_class: type, outputs: BlockOutputs) -> None:
+    """Say what ``block_class`` returns, for a block class that diffusers' block metadata does not describe."""
+    _BLOCK_OUTPUTS[block_class] = outputs
+
+
+def block_outputs(block_class: type) -> BlockOutputs | None:
+    """What ``block_class`` returns: from :func:`describe_block_outputs`, else diffusers' block metadata; ``None``
+    when neither describes it."""
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
-    metadata = TransformerBlockRegistry.get(block_class)
-    if metadata.return_encoder_hidden_states_index is None:
+    if block_class in _BLOCK_OUTPUTS:
+        return _BLOCK_OUTPUTS[block_class]
+    try:
+        meta = TransformerBlockRegistry.get(block_class)
+    except ValueError:
         return None
-    return metadata.return_hidden_states_index
+    return BlockOutputs(
+        meta.return_hidden_states_index,
+        meta.return_encoder_hidden_states_index,
+        meta.hidden_states_argument_name,
+        meta.encoder_hidden_states_argument_name,
+    )
+
+
+def image_output_index(block_class: type) -> int | None:
+    """The index of the image stream in the output of ``block_class`` (:func:`block_outputs`); ``None`` when the
+    block returns one tensor (no text-stream index)."""
+    outputs = block_outputs(block_class)
+    if outputs is None:
+        raise ValueError(
+            f"{block_class.__name__} is not described by diffusers' TransformerBlockRegistry; describe what it "
+            f"returns with describe_block_outputs(...) before reading its image output."
+        )
+    return None if outputs.encoder_index is None else outputs.hidden_index
 
 
 class TransformerCall:

@@ -42,7 +42,7 @@ def t5_tokenizer(words: list[str]):
 
 def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0, t5_width: int | None = None):
     """Random CLIP (hidden ``width``: the pooled projection) and T5 (``t5_width``, default ``width``) encoders."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     t5_width = t5_width or width
     with seeded(seed):  # the caller's global random state is left as it was
@@ -59,12 +59,23 @@ def text_encoders(clip_vocab: int, t5_vocab: int, width: int, seed: int = 0, t5_
                 pad_token_id=1,
             )
         )
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=t5_vocab, d_model=t5_width, d_ff=2 * t5_width, d_kv=t5_width // 2, num_layers=2, num_heads=2
-            )
-        )
+        t5 = _t5(t5_vocab, t5_width)
     return clip.eval().requires_grad_(False), t5.eval().requires_grad_(False)
+
+
+def t5_encoder(vocab: int, width: int, seed: int = 0):
+    """A random T5 encoder of hidden ``width`` alone (Chroma's text encoder), for the T5 tokenizer above."""
+    with seeded(seed):
+        t5 = _t5(vocab, width)
+    return t5.eval().requires_grad_(False)
+
+
+def _t5(vocab: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(vocab_size=vocab, d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=2, num_heads=2)
+    )
 
 
 def umt5_encoder(vocab: int, width: int, seed: int = 0):
