@@ -302,12 +302,12 @@ def record(case: Case, status: str, outcome: Outcome | None, detail: str) -> dic
     }
 
 
-def table(results: list[dict], meta: dict) -> str:
+def table(results: list[dict], meta: dict, command: str) -> str:
     counts = {s: sum(r["status"] == s for r in results) for s in dict.fromkeys(r["status"] for r in results)}
     lines = [
         f"Misuse cases of issue 25 item 6 ({meta['date']}, invardiff {meta['invardiff']}, torch {meta['torch']}): "
         + ", ".join(f"{n} {s}" for s, n in counts.items())
-        + ". `python benchmarks/misuse.py --slow`; each case in its own process, with a timeout.",
+        + f". `{command}`; each case in its own process, with a timeout.",
         "",
         "| case | status | exit | seconds | detail |",
         "|---|---|---|---|---|",
@@ -339,7 +339,8 @@ def main() -> int:
                 results.append(classify(case, workdir))
             r = results[-1]
             print(f"{r['status']:>13}  {r['case']}  (exit {r['exit']}, {r['seconds']} s): {r['detail'][:150]}")
-    paths = write_results(results, Path(args.out), "misuse", table=table)
+    command = " ".join(["python benchmarks/misuse.py", *sys.argv[1:]])
+    paths = write_results(results, Path(args.out), "misuse", table=lambda rows, meta: table(rows, meta, command))
     print(f"wrote {paths['json']} and {paths['markdown']}")
     return int(any(r["status"] not in ("clean", "skipped") for r in results))
 
