@@ -17,6 +17,8 @@ FLUX's preset, and there are no official presets or books.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers import ChromaTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -26,12 +28,10 @@ from ..model_configs import ModelConfig
 from . import register_family
 from .flux import FLUX, call_shape, call_timestep, input_signature, size_rules
 from .spec import (
-    BlockListSpec,
     BlockOutputs,
     ConfigSpec,
     FamilySpec,
     PipelineSpec,
-    ReuseUnit,
     describe_block_outputs,
     image_output_index,
 )
@@ -179,28 +179,15 @@ CHROMA = register_family(
     FamilySpec(
         name="chroma",
         transformer_class=ChromaTransformer2DModel,
-        block_lists=(
-            BlockListSpec(
-                attr="transformer_blocks",
-                module_kinds=("attn", "context_attn", "ff", "context_ff"),
-                units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
-                    ReuseUnit("ff", ("ff",), "ff"),
-                    ReuseUnit("context_ff", ("context_ff",), "ff_context"),
-                ),
-                image_output=image_output_index(ChromaTransformerBlock),
-                per_sample_args=("temb", "attention_mask"),
-            ),
-            BlockListSpec(
-                attr="single_transformer_blocks",
-                module_kinds=("attn", "mlp"),
-                units=(
-                    ReuseUnit("attn", ("attn",), "attn"),
-                    ReuseUnit("mlp", ("mlp",), "proj_mlp", passthrough="act_mlp"),
-                ),
-                image_output=image_output_index(ChromaSingleTransformerBlock),
-                per_sample_args=("temb", "attention_mask"),
-            ),
+        # FLUX's block lists and units (the same modules); Chroma's blocks are their own classes, and every block
+        # also takes the prompt's padding mask, one row per sample.
+        block_lists=tuple(
+            dataclasses.replace(
+                flux_list, image_output=image_output_index(block), per_sample_args=("temb", "attention_mask")
+            )
+            for flux_list, block in zip(
+                FLUX.block_lists, (ChromaTransformerBlock, ChromaSingleTransformerBlock), strict=True
+            )
         ),
         head_input="norm_out",
         timestep_scale=1000.0,

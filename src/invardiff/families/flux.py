@@ -24,6 +24,7 @@ from ..official import book_table
 from ..plan import PlanError
 from . import register_family
 from .spec import (
+    DUAL_STREAM_KINDS,
     BlockListSpec,
     ConfigSpec,
     FamilySpec,
@@ -31,6 +32,7 @@ from .spec import (
     PipelineSpec,
     ReuseUnit,
     SizeRule,
+    dual_stream_units,
     image_output_index,
 )
 
@@ -271,12 +273,8 @@ FLUX = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=("attn", "context_attn", "ff", "context_ff"),
-                units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
-                    ReuseUnit("ff", ("ff",), "ff"),
-                    ReuseUnit("context_ff", ("context_ff",), "ff_context"),
-                ),
+                module_kinds=DUAL_STREAM_KINDS,
+                units=dual_stream_units(),
                 image_output=image_output_index(FluxTransformerBlock),
                 per_sample_args=("temb",),
             ),

@@ -34,7 +34,17 @@ from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransform
 from ..calibration.thresholds import FamilyCalibration
 from ..model_configs import ModelConfig
 from . import register_family
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule, image_output_index
+from .flux import call_shape, size_rules
+from .spec import (
+    DUAL_STREAM_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    ReuseUnit,
+    dual_stream_units,
+    image_output_index,
+)
 
 
 def _run_head(transformer, hidden, call):
@@ -156,21 +166,10 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
 
 
 def _call_shape(pipe, call_kwargs: dict) -> dict:
-    pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
-    default_side = pipe.default_sample_size * pipe.vae_scale_factor
-    height = call_kwargs.get("height") or default_side
-    width = call_kwargs.get("width") or default_side
-    tokens = (height // pixels_per_token) * (width // pixels_per_token)
+    # FLUX's packed-latent tokens; the text length is the given embeddings', else the cap
+    shape = call_shape(pipe, call_kwargs)
     embeds = call_kwargs.get("prompt_embeds")
-    text = embeds.shape[1] if embeds is not None else call_kwargs.get("max_sequence_length") or 512
-    return {"image_tokens": tokens, "text_tokens": text}
-
-
-def _size_rules(pipe) -> dict[str, SizeRule]:
-    side = SizeRule(
-        2 * pipe.vae_scale_factor, f"the VAE's downsampling {pipe.vae_scale_factor} x the 2x2 latent packing"
-    )
-    return {"height": side, "width": side}  # Flux2Pipeline would round other sizes down with a warning
+    return shape if embeds is None else {**shape, "text_tokens": embeds.shape[1]}
 
 
 FLUX2 = register_family(
@@ -180,12 +179,8 @@ FLUX2 = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=("attn", "context_attn", "ff", "context_ff"),
-                units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
-                    ReuseUnit("ff", ("ff",), "ff"),
-                    ReuseUnit("context_ff", ("context_ff",), "ff_context"),
-                ),
+                module_kinds=DUAL_STREAM_KINDS,
+                units=dual_stream_units(),
                 image_output=image_output_index(Flux2TransformerBlock),
                 per_sample_args=("temb_mod_img", "temb_mod_txt"),
             ),
@@ -216,7 +211,7 @@ FLUX2 = register_family(
             guided=False,
             build_toy=_build_toy,
             call_shape=_call_shape,
-            size_rules=_size_rules,
+            size_rules=size_rules,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

@@ -37,7 +37,16 @@ from ..model_configs import (
     video_size_rules,
 )
 from . import register_family
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, image_output_index
+from .spec import (
+    DUAL_STREAM_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    ReuseUnit,
+    dual_stream_units,
+    image_output_index,
+)
 
 
 def _run_head(transformer, hidden, call):
@@ -212,12 +221,8 @@ HUNYUANVIDEO = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=("attn", "context_attn", "ff", "context_ff"),
-                units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1)),
-                    ReuseUnit("ff", ("ff",), "ff"),
-                    ReuseUnit("context_ff", ("context_ff",), "ff_context"),
-                ),
+                module_kinds=DUAL_STREAM_KINDS,
+                units=dual_stream_units(),
                 image_output=image_output_index(HunyuanVideoTransformerBlock),
                 per_sample_args=("temb", "attention_mask"),
             ),

@@ -26,7 +26,16 @@ from diffusers.models.transformers.transformer_qwenimage import QwenImageTransfo
 from ..calibration.thresholds import FamilyCalibration
 from ..model_configs import ModelConfig
 from . import register_family
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule, image_output_index
+from .flux import call_shape, size_rules
+from .spec import (
+    DUAL_STREAM_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    dual_stream_units,
+    image_output_index,
+)
 
 
 def _supported(block) -> bool:
@@ -191,23 +200,6 @@ def _toy_cfg_kwargs(config: ModelConfig, seed: int, device) -> dict:
     return {"negative_prompt_embeds": _embeds(config, generator, device), "true_cfg_scale": 4.0}
 
 
-def _call_shape(pipe, call_kwargs: dict) -> dict:
-    pixels_per_token = 2 * pipe.vae_scale_factor  # VAE downsampling, then 2x2 packing
-    default_side = pipe.default_sample_size * pipe.vae_scale_factor
-    height = call_kwargs.get("height") or default_side
-    width = call_kwargs.get("width") or default_side
-    tokens = (height // pixels_per_token) * (width // pixels_per_token)
-    # A prompt keeps its own length (padding dropped): the cap is what a call shape can say without encoding it.
-    return {"image_tokens": tokens, "text_tokens": call_kwargs.get("max_sequence_length") or 512}
-
-
-def _size_rules(pipe) -> dict[str, SizeRule]:
-    side = SizeRule(
-        2 * pipe.vae_scale_factor, f"the VAE's downsampling {pipe.vae_scale_factor} x the 2x2 latent packing"
-    )
-    return {"height": side, "width": side}  # QwenImagePipeline would round other sizes down with a warning
-
-
 QWENIMAGE = register_family(
     FamilySpec(
         name="qwenimage",
@@ -215,12 +207,8 @@ QWENIMAGE = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=("attn", "context_attn", "ff", "context_ff"),
-                units=(
-                    ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1), present=_supported),
-                    ReuseUnit("ff", ("ff",), "img_mlp"),
-                    ReuseUnit("context_ff", ("context_ff",), "txt_mlp"),
-                ),
+                module_kinds=DUAL_STREAM_KINDS,
+                units=dual_stream_units(ff="img_mlp", context_ff="txt_mlp", attn_present=_supported),
                 image_output=image_output_index(QwenImageTransformerBlock),
                 per_sample_args=("encoder_hidden_states_mask", "temb"),
             ),
@@ -242,8 +230,8 @@ QWENIMAGE = register_family(
             scheduler=_scheduler,
             calibration_kwargs={"output_type": "latent"},  # the decoded images are not needed
             build_toy=_build_toy,
-            call_shape=_call_shape,
-            size_rules=_size_rules,
+            call_shape=call_shape,  # packed latents as FLUX's; the text cap is the max_sequence_length
+            size_rules=size_rules,
             toy_call_kwargs=_toy_call_kwargs,
             toy_cfg_kwargs=_toy_cfg_kwargs,
         ),

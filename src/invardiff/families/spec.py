@@ -67,6 +67,21 @@ class ReuseUnit:
         return (self.module,) if self.passthrough is None else (self.module, self.passthrough)
 
 
+# The module kinds of an MMDiT dual-stream block (FLUX, FLUX.2, Chroma, HunyuanVideo, Qwen-Image).
+DUAL_STREAM_KINDS = ("attn", "context_attn", "ff", "context_ff")
+
+
+def dual_stream_units(ff: str = "ff", context_ff: str = "ff_context", attn_present=None) -> tuple[ReuseUnit, ...]:
+    """The reusable units of an MMDiT dual-stream block: the joint attention ``attn`` (image and text outputs from
+    one call, reused together: kinds ``attn`` and ``context_attn``), the image feed-forward at ``ff`` and the text
+    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` as :attr:`ReuseUnit.present`."""
+    return (
+        ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1), present=attn_present),
+        ReuseUnit("ff", ("ff",), ff),
+        ReuseUnit("context_ff", ("context_ff",), context_ff),
+    )
+
+
 @dataclass(frozen=True)
 class BlockListSpec:
     """A ``ModuleList`` of identical blocks on the transformer, e.g. ``transformer_blocks``.
