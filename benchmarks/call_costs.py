@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 import invardiff
+from invardiff.bench.targets import CALIBRATION
 from invardiff.bench.timing import Variant, measure_rounds, timed
 from invardiff.calibration import calibrate
-from invardiff.demo import CALIBRATION, _generate
+from invardiff.demo import _generate
 from invardiff.engine.install import attached_engine
 from invardiff.families import INPUT_KINDS
 from invardiff.files import write_text

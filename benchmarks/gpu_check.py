@@ -56,9 +56,10 @@ from invardiff.bench.engine_peers import bench_peers, book_variant, peer_variant
 from invardiff.bench.plans import bench_plan, default_bench_plans  # noqa: E402
 from invardiff.dicache import DiCacheConfig  # noqa: E402
 from invardiff.families import get_family  # noqa: E402
+from invardiff.families.model_config import ModelConfig, video_fields  # noqa: E402
 from invardiff.flops import profile_flops  # noqa: E402
 from invardiff.memory import cache_memory  # noqa: E402
-from invardiff.model_configs import MODEL_CONFIGS, ModelConfig, video_fields  # noqa: E402
+from invardiff.model_configs import MODEL_CONFIGS  # noqa: E402
 from invardiff.stats import ideal_speedup  # noqa: E402
 
 

@@ -9,7 +9,8 @@ import invardiff
 from invardiff.bench.bundled import _calibrate, sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.thresholds import PRESETS, InvarDiffThresholds
+from invardiff.calibration.thresholds import PRESETS
+from invardiff.families.calibration_spec import InvarDiffThresholds
 from invardiff.metrics import lpips, psnr
 
 

@@ -16,7 +16,8 @@ import invardiff
 from invardiff import CachePlan, ModelFacts
 from invardiff.calibration.run import output_tensor
 from invardiff.families import get_family
-from invardiff.model_configs import MODEL_CONFIGS, ModelConfig
+from invardiff.families.model_config import ModelConfig
+from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline, pipeline_call_kwargs
 
 

@@ -12,8 +12,9 @@ import torch
 
 from invardiff.calibration import calibrate
 from invardiff.calibration.build import provisional_books
-from invardiff.calibration.run import recording
-from invardiff.calibration.thresholds import DEFAULT_CALIBRATION, FAMILY_CALIBRATION, InvarDiffThresholds
+from invardiff.calibration.recording import recording
+from invardiff.calibration.thresholds import FAMILY_CALIBRATION
+from invardiff.families.calibration_spec import DEFAULT_CALIBRATION, InvarDiffThresholds
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.toy_pipelines import build_pipeline
 

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 
 import numpy as np
 import pytest
 import torch
 
 import invardiff
-import invardiff.families as families_module
+import invardiff.families.table as family_table
 from invardiff import CachePlan, EngineError, ModelFacts, PlanError
 from invardiff.calibration import calibrate
-from invardiff.calibration.run import recording
-from invardiff.calibration.thresholds import InvarDiffThresholds
-from invardiff.families import SpecError, families, get_family
+from invardiff.calibration.recording import recording
+from invardiff.families import SpecError, TransformerCall, families, get_family
+from invardiff.families.calibration_spec import InvarDiffThresholds
 from invardiff.flops import flop_counter, profile_flops
 from invardiff.stats import plan_flops, unit_reuse
 from invardiff.toy_pipelines import build_pipeline
@@ -294,6 +295,71 @@ def test_every_branch_and_every_sample_decides_alone(family):
         torch.testing.assert_close(batched[column : column + 1], solo[name][0], rtol=1e-4, atol=1e-5)
 
 
+# ----- what a policy reads from the family -----------------------------------------------------------------------
+def _first_block_inputs_and_outputs_on_the_way(transformer, spec, call: dict):
+    """One stock forward: the arguments of the first block's call, and every tensor a module returned until that
+    block returned (the conditioning on the way to the blocks, and inside the first one)."""
+    block = getattr(transformer, spec.block_lists[0].attr)[0]
+    seen = {"open": True, "outputs": []}
+
+    def record(module, args, output):
+        if seen["open"]:
+            pieces = output if isinstance(output, (tuple, list)) else (output,)
+            seen["outputs"] += [piece for piece in pieces if isinstance(piece, torch.Tensor)]
+
+    def block_called(module, args, kwargs):
+        if "arguments" not in seen:
+            seen["arguments"] = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+
+    def block_returned(module, args, output):
+        seen["open"] = False
+
+    handles = [module.register_forward_hook(record) for module in transformer.modules()]
+    handles.append(block.register_forward_pre_hook(block_called, with_kwargs=True))
+    handles.append(block.register_forward_hook(block_returned))
+    try:
+        with torch.no_grad():
+            transformer(**call)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["arguments"], seen["outputs"]
+
+
+@pytest.mark.parametrize("family", KIT)
+def test_the_block_stack_input_and_timestep_embedding_are_the_stock_forwards(family):
+    # A policy reads both from the family (TeaCache- or MagCache-like): embed_input must be the first block's input
+    # and embed_timestep a tensor the stock forward itself computes on the way to the blocks (the embedder's
+    # output: FLUX's temb, DiT's first AdaLayerNormZero embedding), bit for bit; a family without one says so.
+    driver = Driver(family)
+    spec, transformer = driver.spec, driver.config.build_transformer()
+    kwargs = driver.config.example_call()
+    call = TransformerCall(inspect.signature(transformer.forward), (), kwargs)
+    arguments, outputs = _first_block_inputs_and_outputs_on_the_way(transformer, spec, kwargs)
+    with torch.no_grad():
+        x = spec.block_stack_input(transformer, call)
+        assert _equal(x, arguments["hidden_states"])
+        if spec.embed_timestep is None:
+            with pytest.raises(NotImplementedError, match=rf"{family!r} does not provide its timestep embedding"):
+                spec.timestep_embedding(transformer, call)
+            return
+        temb = spec.timestep_embedding(transformer, call)
+    assert not _equal(temb, x)
+    assert any(_equal(temb, output) and temb.dtype == output.dtype for output in outputs), (
+        f"{family}: embed_timestep returned {tuple(temb.shape)} {temb.dtype}, which no module of the stock forward "
+        f"computed before the first block returned"
+    )
+
+
+def test_a_family_without_a_timestep_embedding_says_so_to_the_policy_that_asks():
+    spec = dataclasses.replace(TOY, embed_input=None, embed_timestep=None)
+    model = ToyTransformer(num_layers=2).eval()
+    call = TransformerCall(inspect.signature(model.forward), (), tiny_config("toy").example_call())
+    for method in (spec.block_stack_input, spec.timestep_embedding):
+        with pytest.raises(NotImplementedError, match="'toy' does not provide its"):
+            method(model, call)
+
+
 # ----- the registry, and wrong specs fail by name ---------------------------------------------------------------
 def test_every_family_that_can_be_built_is_in_the_kit():
     # A family with configs or a pipeline must name its tiny config, or the kit would silently pass it by.
@@ -333,7 +399,7 @@ class _WrongHeadToy(ToyTransformer):
 )
 def test_a_head_input_that_is_not_the_pre_head_state_fails_by_name(monkeypatch, head_input, check, when):
     spec = dataclasses.replace(TOY, name="toy-wrong-head", transformer_class=_WrongHeadToy, head_input=head_input)
-    monkeypatch.setitem(families_module._FAMILIES, spec.name, spec)  # a throwaway family, gone after the test
+    monkeypatch.setitem(family_table._FAMILIES, spec.name, spec)  # a throwaway family, gone after the test
     model = _WrongHeadToy(num_layers=3).eval()
     call = tiny_config("toy").example_call()
     plan = _toy_plan(model, spec.name)
@@ -355,7 +421,7 @@ def test_a_head_input_that_is_not_the_pre_head_state_fails_by_name(monkeypatch, 
 def test_a_block_list_that_is_not_on_the_model_fails_by_name(monkeypatch):
     block_list = dataclasses.replace(TOY.block_lists[0], attr="layers")
     spec = dataclasses.replace(TOY, name="toy-wrong-list", transformer_class=_WrongHeadToy, block_lists=(block_list,))
-    monkeypatch.setitem(families_module._FAMILIES, spec.name, spec)
+    monkeypatch.setitem(family_table._FAMILIES, spec.name, spec)
     model = _WrongHeadToy(num_layers=3).eval()
     with pytest.raises(SpecError, match=r"_WrongHeadToy\.layers is NoneType, not a ModuleList") as error:
         invardiff.enable(model, invardiff.DiCacheConfig(threshold=0.1, num_inference_steps=T))

@@ -7,10 +7,11 @@ import pytest
 
 import invardiff
 from invardiff.bench.engine import BENCH_CONFIGS
-from invardiff.calibration.thresholds import DEFAULT_CALIBRATION, FAMILY_CALIBRATION, PRESETS, parse_thresholds, preset
+from invardiff.calibration.thresholds import FAMILY_CALIBRATION, PRESETS, parse_thresholds, preset
 from invardiff.cli.main import main
 from invardiff.dicache import FAMILY_DEFAULT_PRESET
 from invardiff.families import family_names, resolve_family
+from invardiff.families.calibration_spec import DEFAULT_CALIBRATION
 from invardiff.flops import profile_flops
 from invardiff.model_configs import MODEL_CONFIGS, get_model_config
 

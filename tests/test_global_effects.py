@@ -9,7 +9,7 @@ import torch
 from invardiff import CachePlan
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.models import load
-from invardiff.models.text import text_encoders
+from invardiff.toy_components import text_encoders
 
 from helpers import facts_for, tiny_pipeline
 

@@ -31,7 +31,7 @@ def saved_tiny_dit(tmp_path):
     from diffusers import DiTTransformer2DModel
 
     from invardiff.families import get_family
-    from invardiff.toy_pipelines import IdentityVAE
+    from invardiff.toy_components import IdentityVAE
 
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(

@@ -63,14 +63,14 @@ def test_every_bundled_model_loads_and_generates_with_the_demo_extras(tmp_path):
 # pictures), shortened to 6 steps and one input each so that it fits a test: what this checks is the environment.
 SHORT_DEMO = """
 import dataclasses, sys
-import invardiff.demo
+import invardiff.bench.targets
 from invardiff.cli.main import main
 from invardiff.models import registry
 
 name = sys.argv[1]
 entry = registry.MODELS[name]
 registry.MODELS[name] = dataclasses.replace(entry, num_inference_steps=6, examples=entry.examples[:1])
-invardiff.demo.CALIBRATION[name] = invardiff.demo.CALIBRATION[name][:1]
+invardiff.bench.targets.CALIBRATION[name] = invardiff.bench.targets.CALIBRATION[name][:1]
 sys.exit(main(["demo", "--model", name, "--rounds", "1", "--seeds", "0", "--out", "demo", "--json"]))
 """
 

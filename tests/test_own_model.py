@@ -15,7 +15,7 @@ from PIL import Image
 from invardiff.cli.main import main
 from invardiff.families import get_family
 from invardiff.models import MODELS
-from invardiff.toy_pipelines import IdentityVAE
+from invardiff.toy_components import IdentityVAE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

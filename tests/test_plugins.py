@@ -15,6 +15,7 @@ import pytest
 import invardiff
 import invardiff.engine.policy as policy_module
 import invardiff.families as families_module
+import invardiff.families.table as family_table
 from invardiff import plugins
 from invardiff.cli.main import build_parser, main
 from invardiff.families import family_names, get_family
@@ -27,7 +28,7 @@ import toy_family  # noqa: F401  (the plugin family below is built on the toy)
 FAMILY = """
 import dataclasses
 
-from invardiff.model_configs import ModelConfig
+from invardiff.families.model_config import ModelConfig
 from toy_family import TOY, ToyTransformer
 
 
@@ -90,7 +91,7 @@ def fresh_registries(monkeypatch):
     for module in BUILTIN:
         importlib.import_module(module)
     monkeypatch.setattr(plugins, "_LOADED", {})
-    monkeypatch.setattr(families_module, "_FAMILIES", dict(families_module._FAMILIES))
+    monkeypatch.setattr(family_table, "_FAMILIES", dict(family_table._FAMILIES))
     monkeypatch.setattr(policy_module, "_POLICY_BUILDERS", dict(policy_module._POLICY_BUILDERS))
 
 

@@ -120,7 +120,7 @@ def test_wan22_each_expert_follows_its_own_plan():
 def test_calibrate_on_a_video_model_config_samples_its_clip_size(name, tmp_path):
     # Without the config's size the toy pipeline would sample its default (81 frames of 480p): hours on a CPU.
     from invardiff.cli.main import main
-    from invardiff.model_configs import video_pipeline_size
+    from invardiff.families.model_config import video_pipeline_size
 
     (tmp_path / "prompts.txt").write_text("a cat\n")
     argv = ["calibrate", "--model-config", name, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "6"]

@@ -19,7 +19,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from invardiff.families import BlockListSpec, ConfigSpec, FamilySpec, ReuseUnit, register_family
-from invardiff.model_configs import ModelConfig
+from invardiff.families.model_config import ModelConfig
 
 
 class ToyMixer(torch.nn.Module):

@@ -104,7 +104,7 @@ def _enable_experts(pipeline, family, experts, plans) -> None:
             f"invardiff.enable(pipe, {{{', '.join(f'{name!r}: ...' for name in names)}}}) (got {given})."
         )
     if isinstance(plans, ExpertPlans):
-        plans.check_pipeline(pipeline)  # every expert gets its plan's steps, or nothing is enabled
+        plans.check_pipeline(pipeline, experts)  # every expert gets its plan's steps, or nothing is enabled
     done = []
     try:
         for expert in experts:

@@ -8,10 +8,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import api
+from .bench.targets import bundled_target, check_held_out
 from .bench.timing import Variant, measure_rounds, timed
 from .calibration import calibrate
 from .calibration.run import output_tensor
@@ -20,24 +20,7 @@ from .files import atomic_path, write_text
 from .flops import profile_flops
 from .metrics import output_fidelity
 from .stats import ideal_speedup
-
-
-# Calibration inputs are kept apart from the evaluation inputs (the model's examples).
-CALIBRATION = {
-    "flux-shapes": [
-        "a green square on the left, white background",
-        "a red triangle on the bottom, black background",
-        "a blue circle on the right, white background",
-        "a yellow square on the top, black background",
-    ],
-    "dit-digits": [1, 2, 4, 6, 7, 9],
-    "wan-motion": [
-        "a green circle moving up fast",
-        "a red square moving down slow",
-        "a blue circle moving left slow",
-        "a yellow square moving right fast",
-    ],
-}
+from .video_files import save_frame_strip, save_side_by_side_gif, to_pil
 
 
 def run_demo(
@@ -56,11 +39,7 @@ def run_demo(
     ``progress(phase, done)`` is called when a phase starts, with its name and the number of phases done (of
     ``rounds + 3``: calibration, warm-up, the rounds, metrics)."""
     if isinstance(target, str):
-        from .bench.targets import bundled_target
-
         target = bundled_target(target, device)
-    from .bench.targets import check_held_out
-
     entry, name = target.entry, target.name
     cases = [(item, seed) for seed in seeds for item in entry.examples]
     check_held_out(target, cases)
@@ -205,8 +184,6 @@ def report_markdown(report: dict, layout: str) -> str:
 
 
 def _save_clips(full: torch.Tensor, cached: torch.Tensor, report: dict, out: Path) -> dict[str, Path]:
-    from .video_files import save_frame_strip, save_side_by_side_gif
-
     title = (
         f"{report['model']}: measured {report['measured_speedup']:.2f}x (ideal {report['ideal_speedup']:.2f}x), "
         f"PSNR {report['psnr']:.1f} dB (worst frame {report['worst']['psnr']:.1f})"
@@ -250,7 +227,7 @@ def save_labelled_grid(full: torch.Tensor, cached: torch.Tensor, report: dict, p
         draw.text((8, y + tile // 2 - 10), label, fill="black", font=font)
         for column, image in enumerate(batch):
             x = left + column * (tile + gap)
-            canvas.paste(_to_pil(image, scale), (x, y))
+            canvas.paste(to_pil(image, scale), (x, y))
             if psnrs is not None:
                 draw.text((x + 2, y + tile + 2), f"PSNR {psnrs[column]:.1f} dB", fill="black", font=small)
     for column, text in enumerate(captions):
@@ -276,11 +253,3 @@ def _wrap(text: str, font, width: int) -> list[str]:
         else:
             line = candidate
     return [*lines, line]
-
-
-def _to_pil(image: torch.Tensor, scale: int):
-    from PIL import Image
-
-    image = torch.nn.functional.interpolate(image[None].float().cpu(), scale_factor=scale, mode="nearest")[0]
-    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB")

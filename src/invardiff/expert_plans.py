@@ -111,10 +111,11 @@ class ExpertPlans(Mapping):
             )
 
     # ----- checks against a pipeline -----
-    def check_pipeline(self, pipe) -> None:
-        """Raise :class:`PlanError` unless ``pipe`` has these experts, in this order, and a ``num_inference_steps``
-        call gives each expert the steps its plan has (naming the first expert that differs)."""
-        split = expert_steps(pipe, self.num_inference_steps)
+    def check_pipeline(self, pipe, experts: tuple) -> None:
+        """Raise :class:`PlanError` unless ``pipe``, whose experts are ``experts`` (``invardiff.pipeline_experts``),
+        has these experts, in this order, and a ``num_inference_steps`` call gives each expert the steps its plan has
+        (naming the first expert that differs)."""
+        split = expert_steps(pipe, self.num_inference_steps, experts)
         if list(split) != list(self.plans):
             raise PlanError(
                 f"The plans are for the experts {list(self.plans)}, but this {type(pipe).__name__} has "
@@ -188,13 +189,10 @@ def load_plan(path: str | Path) -> CachePlan | ExpertPlans:
         raise PlanError(f"{path}: {error}") from None
 
 
-def expert_steps(pipe, num_inference_steps: int) -> dict[str, slice]:
-    """The steps each expert of ``pipe`` runs in a ``num_inference_steps`` call, in schedule order (``{}`` for a
-    pipeline with one transformer). The schedule comes from a copy of the pipeline's scheduler: the pipeline's
-    own is left untouched."""
-    from .api import pipeline_experts
-
-    experts = pipeline_experts(pipe)
+def expert_steps(pipe, num_inference_steps: int, experts: tuple) -> dict[str, slice]:
+    """The steps each of ``experts`` (the pipeline's, ``invardiff.pipeline_experts(pipe)``) runs in a
+    ``num_inference_steps`` call of ``pipe``, in schedule order (``{}`` for a pipeline with one transformer). The
+    schedule comes from a copy of the pipeline's scheduler: the pipeline's own is left untouched."""
     if not experts:
         return {}
     scheduler = copy.deepcopy(pipe.scheduler)

@@ -22,8 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .families import get_family
+from .families.model_config import ModelConfig
 from .families.spec import TransformerCall
-from .model_configs import ModelConfig
 from .plan import CachePlan
 
 

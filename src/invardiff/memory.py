@@ -11,8 +11,10 @@ import torch
 
 from . import api
 from .bench.loop import Trajectory
-from .model_configs import ModelConfig
-from .plan import CachePlan
+from .calibration.recording import recording
+from .families import get_family
+from .families.model_config import ModelConfig
+from .plan import CachePlan, ModelFacts
 
 
 def cache_memory(plan: CachePlan, config: ModelConfig) -> dict[str, int]:
@@ -39,10 +41,6 @@ def calibration_memory(config: ModelConfig, offload: str | None = None) -> dict[
     memory), and ``two_float32_references`` (what two float32 features per stream, the former recorder, would
     hold); ``streams`` counts the streams.
     """
-    from .calibration.run import recording
-    from .families import get_family
-    from .plan import ModelFacts
-
     transformer = config.build_transformer("meta")
     facts = ModelFacts.for_family(config.family, get_family(config.family).num_layers(transformer))
     steps = 3

@@ -17,7 +17,7 @@ import numpy as np
 
 from .families import OfficialSpec, families
 from .plan import CachePlan, ModelFacts, PlanError
-from .plan_file import parse_json, read_bytes
+from .plan_file import book_array, parse_json, read_bytes
 
 
 # Names in the file name -> the thresholds they stand for (SPEC.md A.6).
@@ -128,29 +128,6 @@ def official_book(plan: CachePlan) -> dict:
         writable = sorted(name for name, spec in _layouts().items() if spec.write is not None)
         raise PlanError(f"invardiff writes official books of {writable} only, not of {plan.model.family!r}.")
     return layout.write(plan)
-
-
-def book_array(value, name: str, ndim: int) -> np.ndarray:
-    """Field ``name`` of a book (1-D: a list of booleans; 2-D: a list of equally long, non-empty lists of booleans)
-    as a boolean array; raise :class:`PlanError` otherwise. Types are checked before numpy sees the value."""
-    rows = value if ndim == 2 else [value]
-    if ndim not in (1, 2) or not isinstance(value, list) or not value:
-        raise PlanError(f"Official book field {name!r} must be a non-empty {ndim}-D list of booleans.")
-    for index, row in enumerate(rows):
-        where = f"{name}[{index}]" if ndim == 2 else name
-        if not isinstance(row, list) or not row or not all(type(bit) is bool for bit in row):
-            raise PlanError(f"Official book field {where!r} must be a non-empty list of booleans, got {row!r:.60}.")
-        if len(row) != len(rows[0]):
-            raise PlanError(f"Official book field {where!r} has {len(row)} entries; row 0 has {len(rows[0])}.")
-    return np.array(value, dtype=bool)
-
-
-def book_table(book: dict, key: str) -> dict[str, np.ndarray]:
-    """Field ``key`` of a book: an object of module kind -> 2-D boolean list, as arrays; :class:`PlanError` else."""
-    table = book[key]
-    if not isinstance(table, dict) or not table:
-        raise PlanError(f"Official book field {key!r} must be a non-empty object of module kind -> 2-D list.")
-    return {kind: book_array(rows, f"{key}.{kind}", 2) for kind, rows in table.items()}
 
 
 def _num_layers(block_list: str, kinds: dict[str, np.ndarray]) -> int:

@@ -39,6 +39,8 @@ import numpy as np
 
 from ._version import __version__
 from .families import get_family
+from .files import write_text
+from .plan_extrapolation import extrapolation_from_dict, extrapolation_to_dict, validate_extrapolation
 from .plan_file import PlanError, parse_json, read_json
 
 
@@ -132,8 +134,6 @@ class CachePlan:
                 for name, units in self.unit_extrapolation.items()
             }
         validate_plan(self)
-        from .plan_extrapolation import validate_extrapolation
-
         validate_extrapolation(self)
 
     @property
@@ -160,8 +160,6 @@ class CachePlan:
 
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
-        from .plan_extrapolation import extrapolation_to_dict
-
         return {
             "format": PLAN_FORMAT,
             "format_version": PLAN_FORMAT_VERSION if self.extrapolates else 1,
@@ -188,8 +186,6 @@ class CachePlan:
         NaN, a huge integer or deep nesting in the provenance), so that a saved plan always loads."""
         text = json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
         parse_json(text.encode("utf-8"), path, "an invardiff plan file")
-        from .files import write_text
-
         write_text(path, text)  # atomically: a failed write leaves the old file, never a truncated one
 
     @classmethod
@@ -324,8 +320,6 @@ def _plan_from_dict(data: Any) -> CachePlan:
         raise PlanError(f"plan.written_by must be an object, got {type(written_by).__name__}.")
     step_cache = _str_to_bits(data.get("step_cache"), T, "plan.step_cache")
     module_reuse = _module_reuse_from_dict(_require(data, "module_reuse", dict, "plan"), model, T)
-    from .plan_extrapolation import extrapolation_from_dict
-
     steps, units = extrapolation_from_dict(data, version, model, T)
     return CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units)
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .plan import PlanError
+from .families import get_family
+from .plan_file import PlanError
 
 
 # The largest coefficient a plan may hold, in absolute value. On a straight trajectory the fitted coefficient is the
@@ -40,9 +41,6 @@ def validate_extrapolation(plan) -> None:
             )
     if plan.unit_extrapolation is None:
         return
-    from .families import get_family
-    from .stats import unit_reuse
-
     family = get_family(plan.model.family)
     expected = {facts.name: facts.num_layers for facts in plan.model.block_lists}
     if sorted(plan.unit_extrapolation) != sorted(expected):
@@ -51,10 +49,11 @@ def validate_extrapolation(plan) -> None:
         )
     executed = ~plan.step_cache
     for name, units in plan.unit_extrapolation.items():
-        names = [unit.name for unit in family.block_list(name).units]
+        spec = family.block_list(name)
+        names = [unit.name for unit in spec.units]
         if sorted(units) != sorted(names):
             raise PlanError(f"unit_extrapolation.{name} must have the units {names}, got {sorted(units)}.")
-        reuse = unit_reuse(plan, name)
+        reuse = spec.unit_reuse(plan.module_reuse[name])
         for unit, matrix in units.items():
             where = f"unit_extrapolation.{name}.{unit}"
             if matrix.shape != (T, expected[name]):

@@ -9,7 +9,9 @@ Every failure is a :class:`PlanError` that names the file, what is wrong and wha
 4. JSON with no duplicate key, no ``NaN`` / ``Infinity``, no non-finite float and no integer of more than
    :data:`MAX_INT_DIGITS` digits.
 
-Field types are checked by the callers (``plan.py``, ``official.py``) before any comparison.
+Field types are checked by the callers (``plan.py``, ``official.py``) before any comparison; the fields of an official
+book by :func:`book_array` and :func:`book_table` below, which the family files' book layouts
+(``OfficialSpec.reuse``) call, so they live in this bottom module rather than in ``official.py``.
 """
 
 from __future__ import annotations
@@ -147,3 +149,26 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
         duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
         raise PlanError(f"the key {duplicate!r:.60} appears twice in one object; keep one.")
     return result
+
+
+def book_array(value, name: str, ndim: int) -> np.ndarray:
+    """Field ``name`` of a book (1-D: a list of booleans; 2-D: a list of equally long, non-empty lists of booleans)
+    as a boolean array; raise :class:`PlanError` otherwise. Types are checked before numpy sees the value."""
+    rows = value if ndim == 2 else [value]
+    if ndim not in (1, 2) or not isinstance(value, list) or not value:
+        raise PlanError(f"Official book field {name!r} must be a non-empty {ndim}-D list of booleans.")
+    for index, row in enumerate(rows):
+        where = f"{name}[{index}]" if ndim == 2 else name
+        if not isinstance(row, list) or not row or not all(type(bit) is bool for bit in row):
+            raise PlanError(f"Official book field {where!r} must be a non-empty list of booleans, got {row!r:.60}.")
+        if len(row) != len(rows[0]):
+            raise PlanError(f"Official book field {where!r} has {len(row)} entries; row 0 has {len(rows[0])}.")
+    return np.array(value, dtype=bool)
+
+
+def book_table(book: dict, key: str) -> dict[str, np.ndarray]:
+    """Field ``key`` of a book: an object of module kind -> 2-D boolean list, as arrays; :class:`PlanError` else."""
+    table = book[key]
+    if not isinstance(table, dict) or not table:
+        raise PlanError(f"Official book field {key!r} must be a non-empty object of module kind -> 2-D list.")
+    return {kind: book_array(rows, f"{key}.{kind}", 2) for kind, rows in table.items()}

@@ -21,9 +21,7 @@ class KindStats:
 
 def unit_reuse(plan: CachePlan, block_list: str) -> dict[str, np.ndarray]:
     """Effective ``(T, L)`` reuse of each executable unit: the AND of the kinds that control it."""
-    spec = get_family(plan.model.family).block_list(block_list)
-    kinds = plan.module_reuse[block_list]
-    return {unit.name: np.logical_and.reduce([kinds[k] for k in unit.kinds]) for unit in spec.units}
+    return get_family(plan.model.family).block_list(block_list).unit_reuse(plan.module_reuse[block_list])
 
 
 def kind_stats(plan: CachePlan) -> list[KindStats]:

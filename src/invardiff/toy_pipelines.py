@@ -1,37 +1,19 @@
 """Stock diffusers pipelines around random-weight transformers, for benchmarks and tests (no downloads).
 
 Each family builds its own (``FamilySpec.pipeline``): Flux runs from ``prompt_embeds`` (no text encoders) and
-returns latents; DiT decodes with the stand-in identity VAE below.
+returns latents; DiT decodes with the stand-in identity VAE (:mod:`invardiff.toy_components`).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 
 from .families import PipelineSpec, get_family
-from .model_configs import ModelConfig
+from .families.model_config import ModelConfig
 
-
-class IdentityVAE(ModelMixin, ConfigMixin):
-    """A stand-in VAE for pixel- or latent-space toys: ``decode`` returns its input (scaling factor 1)."""
-
-    @register_to_config
-    def __init__(
-        self,
-        scaling_factor: float = 1.0,
-        shift_factor: float = 0.0,
-        block_out_channels: tuple = (1,),
-        latent_channels: int = 1,
-    ):
-        super().__init__()
-        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
-
-    def decode(self, latents: torch.Tensor, return_dict: bool = True):
-        from diffusers.models.autoencoders.vae import DecoderOutput
-
-        return DecoderOutput(sample=latents) if return_dict else (latents,)
+# Pipelines saved before IdentityVAE moved to toy_components name it by this module in their model_index.json
+# (models/loading.py imports the module a saved component names): it stays importable from here for them.
+from .toy_components import IdentityVAE  # noqa: F401
 
 
 def build_pipeline(config: ModelConfig, transformer: torch.nn.Module, text_encoders: bool = False):

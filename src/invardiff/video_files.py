@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .files import atomic_path
@@ -16,9 +17,7 @@ from .files import atomic_path
 
 def save_gif(clip: torch.Tensor, path: Path, scale: int = 4, frame_ms: int = 150) -> None:
     """One clip (F, C, H, W) in [0, 1] as a looping GIF, each pixel ``scale`` x ``scale``."""
-    from .demo import _to_pil
-
-    frames = [_to_pil(frame, scale) for frame in clip]
+    frames = [to_pil(frame, scale) for frame in clip]
     with atomic_path(path) as temporary:
         frames[0].save(temporary, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
 
@@ -72,8 +71,6 @@ def _sheet(rows: list[tuple[str, torch.Tensor]], title: str, scale: int):
     """Labelled rows of images (each (N, C, H, W)) on a white canvas."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .demo import _to_pil
-
     font = ImageFont.load_default(size=12)
     height, width = rows[0][1].shape[-2:]
     tile_h, tile_w, gap, left = height * scale, width * scale, 4, 120
@@ -87,5 +84,14 @@ def _sheet(rows: list[tuple[str, torch.Tensor]], title: str, scale: int):
         y = header + row * (tile_h + gap)
         draw.text((6, y + tile_h // 2 - 6), label, fill="black", font=font)
         for column, image in enumerate(images):
-            canvas.paste(_to_pil(image, scale), (left + column * (tile_w + gap), y))
+            canvas.paste(to_pil(image, scale), (left + column * (tile_w + gap), y))
     return canvas
+
+
+def to_pil(image: torch.Tensor, scale: int):
+    """A (C, H, W) image in [0, 1] as a PIL image, each pixel ``scale`` x ``scale``."""
+    from PIL import Image
+
+    image = torch.nn.functional.interpolate(image[None].float().cpu(), scale_factor=scale, mode="nearest")[0]
+    array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert("RGB")

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import calibrate
-from ..calibration.thresholds import PRESETS, InvarDiffThresholds, uniform_thresholds
+from ..calibration.thresholds import PRESETS, uniform_thresholds
 from ..demo import _generate
 from ..families import get_family, is_video
+from ..families.calibration_spec import InvarDiffThresholds
 from ..plan_transforms import cap_step_runs
 from ..stats import extrapolation_work
 from .points import dicache_point, plan_point, plan_probe_point

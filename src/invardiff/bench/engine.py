@@ -25,8 +25,9 @@ from torch._dynamo.utils import counters
 
 from .. import api
 from ..families import FamilySpec, LazyTable, families, get_family
+from ..families.model_config import ModelConfig
 from ..flops import profile_flops
-from ..model_configs import MODEL_CONFIGS, ModelConfig
+from ..model_configs import MODEL_CONFIGS
 from ..plan import CachePlan
 from ..stats import extrapolation_work, ideal_speedup
 from .extrapolation_cost import extrapolation_costs

@@ -28,7 +28,8 @@ from torch._dynamo.utils import counters
 
 from .. import api
 from ..families import get_family
-from ..model_configs import MODEL_CONFIGS, ModelConfig
+from ..families.model_config import ModelConfig
+from ..model_configs import MODEL_CONFIGS
 from . import peers
 from .block_calls import AttentionCallCounter
 from .engine import BENCH_CONFIGS

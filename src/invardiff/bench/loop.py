@@ -15,7 +15,7 @@ import torch
 
 from .. import api
 from ..families import get_family
-from ..model_configs import ModelConfig
+from ..families.model_config import ModelConfig
 from .timing import timed
 
 

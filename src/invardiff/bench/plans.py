@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..families import families, get_family
+from ..families.model_config import ModelConfig
 from ..flops import FlopProfile, profile_flops
-from ..model_configs import ModelConfig
 from ..official import bundled_books, convert_official_book
 from ..plan import CachePlan, ModelFacts
 from ..stats import ideal_speedup

@@ -8,10 +8,27 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..demo import CALIBRATION
 from ..families import INPUT_KINDS
 from ..models.registry import BundledModel
 from ..models.sources import ModelSource
+
+
+# Calibration inputs are kept apart from the evaluation inputs (the model's examples).
+CALIBRATION = {
+    "flux-shapes": [
+        "a green square on the left, white background",
+        "a red triangle on the bottom, black background",
+        "a blue circle on the right, white background",
+        "a yellow square on the top, black background",
+    ],
+    "dit-digits": [1, 2, 4, 6, 7, 9],
+    "wan-motion": [
+        "a green circle moving up fast",
+        "a red square moving down slow",
+        "a blue circle moving left slow",
+        "a yellow square moving right fast",
+    ],
+}
 
 
 CALIBRATION_SEED = 1000  # the first calibration seed when the calibration inputs are the evaluated ones
@@ -83,7 +100,7 @@ def source_target(
     calibration_cases: list[tuple] | None = None,
 ) -> SweepTarget:
     """The target of ``source``: a bundled model evaluates its examples and calibrates on its own calibration
-    inputs (:data:`invardiff.demo.CALIBRATION`); your own pipeline evaluates ``inputs`` (prompts or class ids) at
+    inputs (:data:`CALIBRATION`); your own pipeline evaluates ``inputs`` (prompts or class ids) at
     ``num_inference_steps`` and ``guidance_scale`` (``None``: the pipeline's own default) and calibrates on
     ``calibration_cases`` ((input, seed) pairs) or, by default, on the same inputs with seeds from
     :data:`CALIBRATION_SEED` (never the evaluation's)."""

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
+from ..api import transformers_of
 from ..families import get_family
-from ..model_configs import ModelConfig
+from ..families.model_config import ModelConfig
 
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,8 @@ def auto_batch_size(
     the transformer's CUDA device (the other half for the activations), or :data:`HOST_BUDGET` when the
     references live in host memory.
     """
-    from ..api import transformers_of
+    # Not at module level: invardiff.memory imports this package (calibration.recording), whose run.py imports this
+    # module, so a module-level import would find invardiff.memory half-initialised when memory is imported first.
     from ..memory import calibration_memory
 
     configs = [pipeline_call_config(pipe, family, call_kwargs, t) for t in transformers_of(pipe)]

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .thresholds import FamilyCalibration, InvarDiffThresholds
+from ..families.calibration_spec import FamilyCalibration, InvarDiffThresholds
 
 
 def warmup_steps(nonskip_rate: float, num_steps: int) -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..families.calibration_spec import FamilyCalibration, InvarDiffThresholds
 from ..plan import CachePlan, ModelFacts, PlanError
 from .build import final_books, provisional_books
-from .thresholds import FamilyCalibration, InvarDiffThresholds
 
 
 RATES_FORMAT = "invardiff-calibration-rates"

@@ -6,7 +6,6 @@ import hashlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,14 +13,14 @@ import torch
 
 from .. import api
 from .._version import __version__
-from ..engine.install import enumerate_units, unwrap
+from ..engine.install import unwrap
 from ..expert_plans import ExpertPlans, expert_steps
 from ..families import PipelineSpec, get_family, resolve_family
+from ..families.calibration_spec import FamilyCalibration, InvarDiffThresholds
 from ..plan import CachePlan, ModelFacts
 from .rates import CalibrationRates
-from .record_policy import RecordConfig
-from .recorder import RateRecorder
-from .thresholds import FAMILY_CALIBRATION, FamilyCalibration, InvarDiffThresholds, preset
+from .recording import CalibrationPart, recording_parts
+from .thresholds import FAMILY_CALIBRATION, preset
 
 
 MIN_STEPS = 3  # rate j compares steps j-1, j, j+1
@@ -144,29 +143,10 @@ def calibrate(
     return ExpertPlans(plans, num_inference_steps, boundary, type(pipe).__name__), rates
 
 
-@dataclass(frozen=True)
-class CalibrationPart:
-    """One transformer a calibration pass records: ``name`` is its pipeline attribute for an expert of a pipeline
-    that switches transformers (``None``: the pipeline's one transformer), ``steps`` the ``[first, stop)`` steps
-    of the call it runs."""
-
-    name: str | None
-    facts: ModelFacts
-    steps: tuple[int, int]
-
-    @property
-    def num_steps(self) -> int:
-        return self.steps[1] - self.steps[0]
-
-    def provenance(self, calibration: dict) -> dict:
-        """The calibration's provenance, with the expert and its steps for an expert."""
-        return calibration if self.name is None else {**calibration, "expert": self.name, "steps": list(self.steps)}
-
-
 def calibration_parts(pipe, family, num_inference_steps: int) -> tuple[CalibrationPart, ...]:
     """The transformers a ``num_inference_steps`` calibration of ``pipe`` records: its experts with the steps each
     runs (each needs :data:`MIN_STEPS`), or its one transformer over every step."""
-    split = expert_steps(pipe, num_inference_steps)
+    split = expert_steps(pipe, num_inference_steps, api.pipeline_experts(pipe))
     if not split:
         facts = ModelFacts.for_family(family.name, family.num_layers(pipe.transformer))
         return (CalibrationPart(None, facts, (0, num_inference_steps)),)
@@ -215,47 +195,12 @@ def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provision
     order, ``T`` the part's steps. A run's rates depend only on its batch, so recording the batches on several
     workers and concatenating them in order gives the same arrays."""
     options = (setup.epsilon, setup.offload, setup.branches)
-    with _recording(pipe, setup.parts, provisional or {}, *options) as recorders:
+    with recording_parts(pipe, setup.parts, provisional or {}, *options) as recorders:
         for index, batch in enumerate(batches):
             _call(pipe, setup.family, batch, setup.call_kwargs)
             if progress is not None:
                 progress(index)
     return {name: recorder.rates() for name, recorder in recorders.items()}
-
-
-@contextmanager
-def recording(target, facts: ModelFacts, num_steps: int, provisional=None, epsilon=1e-8, offload=None, branches=None):
-    """Full compute on ``target`` (a pipeline or transformer) with a :class:`RateRecorder` observing every step of
-    the CFG ``branches`` (``None``: all); on exit the engine is removed and the recorder's reference features are
-    freed (its rates stay)."""
-    part = CalibrationPart(None, facts, (0, num_steps))
-    with _recording(target, (part,), {None: provisional}, epsilon, offload, branches) as recorders:
-        yield recorders[None]
-
-
-@contextmanager
-def _recording(target, parts: tuple[CalibrationPart, ...], provisional: dict, epsilon, offload, branches):
-    """:func:`recording` of every part: one recorder per transformer (``{part name: recorder}``), all enabled at
-    once (a pipeline with experts takes one recording policy per expert)."""
-    recorders, configs = {}, {}
-    for part in parts:
-        transformer = unwrap(
-            getattr(target, "transformer", target) if part.name is None else getattr(target, part.name)
-        )
-        family = resolve_family(transformer)
-        units = enumerate_units(transformer, family)
-        recorder = RateRecorder(units, family, part.num_steps, provisional.get(part.name), epsilon, offload, branches)
-        recorders[part.name] = recorder
-        configs[part.name] = RecordConfig(CachePlan.reuse_nothing(part.facts, part.num_steps), recorder)
-    api.enable(target, configs[None] if None in configs else configs)
-    try:
-        yield recorders
-        for recorder in recorders.values():
-            recorder.finish()  # the last step's rates to the host (and their NaN check)
-    finally:
-        api.disable(target)
-        for recorder in recorders.values():
-            recorder.release()
 
 
 def _samples(family: str, prompts, class_labels, seeds, seed: int, cases) -> tuple[list[tuple], str]:

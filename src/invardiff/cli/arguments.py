@@ -3,36 +3,7 @@ parsed (or its help shown): what a function imports is paid only by its own subc
 
 from __future__ import annotations
 
-import argparse
-
-
-def at_least(minimum: int, what: str = "a count"):
-    """An argparse ``type``: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer ({what}), got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} of at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def registry_choice(names, what: str):
-    """An argparse ``type``: one of ``names()``, a registry read when the option is given, not when the parser is
-    built or its help shown (the registries import torch and diffusers), so the choices stay exact without a second
-    list of names."""
-
-    def parse(text: str) -> str:
-        valid = list(names())
-        if text not in valid:
-            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} ({what}: {', '.join(valid)})")
-        return text
-
-    return parse
+from .parsing import at_least, registry_choice
 
 
 def _threads(parser) -> None:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..files import atomic_path, read_json_lines, write_text
 from ..official import convert_official_book
 from ..plan import CachePlan
+from .parsing import int_list, read_prompts
 
 
 def inspect_plan(args) -> int:
@@ -195,7 +196,8 @@ def calibrate(args) -> int:
     if entry is not None:  # a bundled video model's clip size and frame count
         extra = {**entry.pipeline_kwargs, **extra}
     if args.model_config:
-        from ..model_configs import get_model_config, video_pipeline_size
+        from ..families.model_config import video_pipeline_size
+        from ..model_configs import get_model_config
 
         config = get_model_config(args.model_config)
         if "latent" in config.extra:  # a video config: its clip size, not the pipeline's default 81 frames of 480p
@@ -321,23 +323,6 @@ class PhaseBars:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated integers, e.g. 0,1,2; got {text!r}.") from None
-    if not values:
-        raise ValueError(f"{option} needs at least one integer, got {text!r}.")
-    return values
-
-
-def read_prompts(path: str) -> list[str]:
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt (one prompt per line).")
-    return prompts
 
 
 def read_cases(path: str) -> list[tuple]:

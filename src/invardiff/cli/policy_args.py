@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import registry_choice
+from .parsing import registry_choice
 
 
 POLICIES = ("plan", "dicache", "plan+probe")

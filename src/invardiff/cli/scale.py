@@ -65,7 +65,7 @@ def generate_many(args) -> int:
     from ..scale import Manifest, PipelineSource, run_local, work_items
     from ..scale.items import SettingsMismatch, describe
     from ..scale.runner import output_settings
-    from .commands import int_list, read_prompts
+    from .parsing import int_list, read_prompts
     from .policy_args import planned_steps, policy_config
 
     model = ModelSource.from_args(args)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .arguments import at_least
+from .parsing import at_least
 
 
 EXTRAPOLATE = ("none", "steps", "units", "both")

@@ -1,10 +1,19 @@
 """Model families: which diffusers transformers invardiff can cache, and how their blocks are laid out.
 
-Adding a family is one file that builds a :class:`FamilySpec` and calls :func:`register_family`, plus its import in
-:func:`_load_builtin_families`; another package adds one through the ``invardiff.families`` entry point group
-(``invardiff.plugins``). Everything else (calibration, official books, configs, benchmarks, the CLI) reads the
-registered specs through :func:`get_family`, :func:`resolve_family` and :func:`family_names`. Every family passes the
-conformance kit (``tests/test_family_conformance.py``) once its spec names a tiny config (``ConfigSpec.tiny``).
+Adding a family is one file that builds a :class:`FamilySpec` and calls :func:`register_family` (from
+``.table``), plus its import in :func:`_load_builtin_families`; another package adds one through the
+``invardiff.families`` entry point group (``invardiff.plugins``). Everything else (calibration, official books,
+configs, benchmarks, the CLI) reads the registered specs through :func:`get_family`, :func:`resolve_family` and
+:func:`family_names`. Every family passes the conformance kit (``tests/test_family_conformance.py``) once its spec
+names a tiny config (``ConfigSpec.tiny``).
+
+The layers (``tests/test_import_layers.py`` holds them): a family file imports only the bottom modules, which
+import nothing above them: :mod:`.spec` (the engine facts and the plain data of the tools), :mod:`.table`
+(:func:`register_family`), :mod:`.calibration_spec` (thresholds, calibration behaviour), :mod:`.model_config`
+(random-weight configs), ``invardiff.plan_file`` (``PlanError``, reading an official book's fields),
+``invardiff.toy_components`` and ``invardiff.seeding``, and sibling family files. This registry sits above the
+family files (it imports them when first asked); the tools that use the data (``invardiff.calibration``,
+``invardiff.official``, ``invardiff.model_configs``, ``invardiff.toy_pipelines``) sit above the registry.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import plugins
+from . import table
 from .spec import (
     INPUT_KINDS,
     BlockListSpec,
@@ -30,41 +40,31 @@ from .spec import (
     TransformerCall,
     check_spec,
 )
-
-
-_FAMILIES: dict[str, FamilySpec] = {}
-
-
-def register_family(spec: FamilySpec) -> FamilySpec:
-    """Register ``spec`` under its name (once) and return it."""
-    if spec.name in _FAMILIES:
-        raise ValueError(f"Model family {spec.name!r} is already registered.")
-    _FAMILIES[spec.name] = spec
-    return spec
+from .table import register_family
 
 
 def get_family(name: str) -> FamilySpec:
     """The registered family ``name``; raise ``ValueError`` naming the supported families if there is none."""
     _load_builtin_families()
-    if name not in _FAMILIES:
+    if name not in table.registered():
         _load_plugin_families()
-    if name not in _FAMILIES:
-        raise ValueError(f"Unknown model family {name!r}; supported families are {sorted(_FAMILIES)}.")
-    return _FAMILIES[name]
+    if name not in table.registered():
+        raise ValueError(f"Unknown model family {name!r}; supported families are {sorted(table.registered())}.")
+    return table.registered()[name]
 
 
 def family_names() -> list[str]:
     """The names of the registered families, sorted; families of other packages (entry points) by their entry
     point's name, without importing them."""
     _load_builtin_families()
-    return sorted({*_FAMILIES, *plugins.entry_point_names(plugins.FAMILIES)})
+    return sorted({*table.registered(), *plugins.entry_point_names(plugins.FAMILIES)})
 
 
 def families() -> list[FamilySpec]:
     """The registered families, those of other packages included, sorted by name."""
     _load_builtin_families()
     _load_plugin_families()
-    return [_FAMILIES[name] for name in sorted(_FAMILIES)]
+    return [table.registered()[name] for name in sorted(table.registered())]
 
 
 class LazyTable(Mapping):
@@ -98,10 +98,10 @@ def resolve_family(transformer: torch.nn.Module) -> FamilySpec:
         if load_plugins:
             _load_plugin_families()
         for cls in type(transformer).__mro__:
-            for spec in _FAMILIES.values():
+            for spec in table.registered().values():
                 if spec.transformer_class is cls:
                     return spec
-    supported = ", ".join(f"{s.transformer_class.__name__} ({s.name})" for s in _FAMILIES.values())
+    supported = ", ".join(f"{s.transformer_class.__name__} ({s.name})" for s in table.registered().values())
     raise ValueError(
         f"Model class {type(transformer).__name__} is not supported by invardiff. Supported transformers: {supported}."
     )
@@ -114,7 +114,7 @@ def is_video(name: str) -> bool:
 
 
 def _load_plugin_families() -> None:
-    taken = set(_FAMILIES)  # the names before any plugin: built-in and registered in this process
+    taken = set(table.registered())  # the names before any plugin: built-in and registered in this process
 
     def accept(entry_point, loaded) -> None:
         # The entry point names a module whose import registered the family, or the FamilySpec itself.
@@ -125,9 +125,9 @@ def _load_plugin_families() -> None:
             raise plugins.PluginError(
                 f"{where} declares the family {entry_point.name!r}, which is already registered."
             )
-        if isinstance(loaded, FamilySpec) and _FAMILIES.get(loaded.name) is not loaded:
+        if isinstance(loaded, FamilySpec) and table.registered().get(loaded.name) is not loaded:
             register_family(loaded)
-        if entry_point.name not in _FAMILIES:
+        if entry_point.name not in table.registered():
             raise plugins.PluginError(
                 f"{where} ({entry_point.value!r}) registered no family named {entry_point.name!r}; name the entry "
                 f"point after the family it registers."
@@ -137,10 +137,12 @@ def _load_plugin_families() -> None:
 
 
 def _load_builtin_families() -> None:
-    # The registry: one import per family file. Imported lazily so that `import invardiff.families` stays cheap and
-    # free of import cycles (family files import the generic types they fill, e.g. calibration thresholds).
+    # The registry: one import per family file. Imported lazily so that `import invardiff.families` (and of the
+    # bottom modules in this package, which runs this one first) stays cheap. Family files register into `table`.
     from . import chroma, dit, flux, flux2, hunyuanvideo, qwenimage, sd3, wan  # noqa: F401
 
+
+table.install_lookup(get_family)  # the bottom data types (ModelConfig) find their family through the table
 
 __all__ = [
     "INPUT_KINDS",

@@ -24,9 +24,9 @@ from diffusers import ChromaTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock, ChromaTransformerBlock
 
-from ..model_configs import ModelConfig
-from . import register_family
+from .. import toy_components
 from .flux import FLUX, call_shape, call_timestep, input_signature, size_rules
+from .model_config import ModelConfig
 from .spec import (
     BlockOutputs,
     ConfigSpec,
@@ -35,6 +35,7 @@ from .spec import (
     describe_block_outputs,
     image_output_index,
 )
+from .table import register_family
 
 
 # diffusers 0.42 does not describe Chroma's blocks in its TransformerBlockRegistry: a dual block returns
@@ -44,11 +45,21 @@ describe_block_outputs(ChromaTransformerBlock, BlockOutputs(hidden_index=1, enco
 describe_block_outputs(ChromaSingleTransformerBlock, BlockOutputs())
 
 
+def _temb(transformer, call, dtype):
+    # ChromaTransformer2DModel.forward's conditioning: the approximator's modulation rows of the timestep x 1000 in
+    # the block stack's dtype, (B, rows, D): each block takes its own rows, the head the last two.
+    timestep = call["timestep"].to(dtype) * 1000
+    return transformer.distilled_guidance_layer(transformer.time_text_embed(timestep))
+
+
+def _embed_timestep(transformer, call):
+    return _temb(transformer, call, call["hidden_states"].dtype)
+
+
 def _run_head(transformer, hidden, call):
     # The output section of ChromaTransformer2DModel.forward on the cached image tokens: the approximator's last two
     # modulation rows (shift, scale) condition norm_out.
-    timestep = call["timestep"].to(hidden.dtype) * 1000
-    temb = transformer.distilled_guidance_layer(transformer.time_text_embed(timestep))[:, -2:]
+    temb = _temb(transformer, call, hidden.dtype)[:, -2:]
     output = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N_img, C)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
 
@@ -128,11 +139,9 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     # built in code makes `pipe(prompt=...)` work offline (Chroma conditions on T5 alone).
     encoder = {"text_encoder": None, "tokenizer": None}
     if text_encoders:
-        from ..models import text
-
-        tokenizer = text.t5_tokenizer(words=[])
+        tokenizer = toy_components.t5_tokenizer(words=[])
         width = config.transformer_kwargs["joint_attention_dim"]
-        encoder = {"text_encoder": text.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
+        encoder = {"text_encoder": toy_components.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
     scheduler = FlowMatchEulerDiscreteScheduler()  # FLUX's toy scheduler
     return ChromaPipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoder)
 
@@ -194,6 +203,7 @@ CHROMA = register_family(
         run_head=_run_head,
         input_signature=input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         calibration=FLUX.calibration,  # no official Chroma code: FLUX's rules on the same block kinds
         dicache_preset="flux",
         pipeline=PipelineSpec(

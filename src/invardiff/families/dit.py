@@ -19,17 +19,27 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
-from ..model_configs import ModelConfig
-from ..official import book_array
-from . import register_family
+from ..plan_file import book_array
+from ..toy_components import IdentityVAE
+from .calibration_spec import FamilyCalibration, InvarDiffThresholds
+from .model_config import ModelConfig
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit
+from .table import register_family
+
+
+def _conditioning(transformer, call, dtype):
+    # The timestep and class embedding of DiTTransformer2DModel.forward: each block's AdaLayerNormZero embeds them
+    # with its own weights; the head uses the first block's embedder, and so does this, (B, D).
+    return transformer.transformer_blocks[0].norm1.emb(call["timestep"], call["class_labels"], hidden_dtype=dtype)
+
+
+def _embed_timestep(transformer, call):
+    return _conditioning(transformer, call, call["hidden_states"].dtype)
 
 
 def _run_head(transformer, hidden, call):
     # Same as the output section of DiTTransformer2DModel.forward, on the cached tokens.
-    timestep, class_labels = call["timestep"], call["class_labels"]
-    conditioning = transformer.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden.dtype)
+    conditioning = _conditioning(transformer, call, hidden.dtype)
     shift, scale = transformer.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)  # (B, D) each
     hidden = transformer.norm_out(hidden) * (1 + scale[:, None]) + shift[:, None]  # (B, N, D)
     hidden = transformer.proj_out_2(hidden)  # (B, N, p*p*C)
@@ -121,15 +131,11 @@ def _scheduler() -> DDIMScheduler:
 def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     from diffusers import DiTPipeline
 
-    from ..toy_pipelines import IdentityVAE
-
     return DiTPipeline(transformer=transformer, vae=IdentityVAE(), scheduler=_scheduler())
 
 
 def _bare_pipeline(transformer):
     from diffusers import DiTPipeline
-
-    from ..toy_pipelines import IdentityVAE
 
     # No VAE comes with a bare transformer: invardiff's identity VAE returns the latents as the image, which is right
     # for a pixel-space model and wrong for a latent-space one (DiT-XL/2 needs its Stable Diffusion VAE).
@@ -235,6 +241,7 @@ DIT = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.pos_embed(call["hidden_states"]),  # (B, N, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         presets=PRESETS,
         dicache_preset="flux",  # no official DiCache setting for DiT: FLUX's rules

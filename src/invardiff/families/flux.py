@@ -18,11 +18,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
-from ..model_configs import ModelConfig
-from ..official import book_table
-from ..plan import PlanError
-from . import register_family
+from .. import toy_components
+from ..plan_file import PlanError, book_table
+from .calibration_spec import FamilyCalibration, InvarDiffThresholds
+from .model_config import ModelConfig
 from .spec import (
     DUAL_STREAM_KINDS,
     BlockListSpec,
@@ -35,18 +34,28 @@ from .spec import (
     dual_stream_units,
     image_output_index,
 )
+from .table import register_family
 
 
-def _run_head(transformer, hidden, call):
-    # Same conditioning as FluxTransformer2DModel.forward, on the cached image tokens instead of the block stack.
-    timestep = call["timestep"].to(hidden.dtype) * 1000
+def _temb(transformer, call, dtype):
+    # FluxTransformer2DModel.forward's conditioning: timestep (and distilled guidance) x 1000 in the block stack's
+    # dtype, with the pooled text.
+    timestep = call["timestep"].to(dtype) * 1000
     guidance = call["guidance"]
     pooled = call["pooled_projections"]
     if guidance is None:
-        temb = transformer.time_text_embed(timestep, pooled)
-    else:
-        temb = transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled)
-    output = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N_img, C)
+        return transformer.time_text_embed(timestep, pooled)  # (B, D)
+    return transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled)
+
+
+def _embed_timestep(transformer, call):
+    # The temb every block and the head take.
+    return _temb(transformer, call, call["hidden_states"].dtype)
+
+
+def _run_head(transformer, hidden, call):
+    # The output section of FluxTransformer2DModel.forward, on the cached image tokens.
+    output = transformer.proj_out(transformer.norm_out(hidden, _temb(transformer, call, hidden.dtype)))  # (B, N, C)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
 
 
@@ -218,11 +227,10 @@ def size_rules(pipe) -> dict[str, SizeRule]:
 
 
 def _tiny_text_encoders(config: ModelConfig, seed: int = 0) -> dict:
-    from ..models import text
 
-    clip_tokenizer, t5_tokenizer = text.clip_tokenizer(), text.t5_tokenizer(words=[])
+    clip_tokenizer, t5_tokenizer = toy_components.clip_tokenizer(), toy_components.t5_tokenizer(words=[])
     kw = config.transformer_kwargs
-    clip, t5 = text.text_encoders(
+    clip, t5 = toy_components.text_encoders(
         len(clip_tokenizer), len(t5_tokenizer), kw["pooled_projection_dim"], seed, t5_width=kw["joint_attention_dim"]
     )
     return {"text_encoder": clip, "tokenizer": clip_tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tokenizer}
@@ -294,6 +302,7 @@ FLUX = register_family(
         run_head=_run_head,
         input_signature=input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         # The official FLUX code keeps its first-pass step gate, forces only step 0 (and the last step) in the
         # provisional module books, and ties context_attn to attn (the joint attention is one call).
         calibration=FamilyCalibration(

@@ -31,10 +31,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock, Flux2TransformerBlock
 
-from ..calibration.thresholds import FamilyCalibration
-from ..model_configs import ModelConfig
-from . import register_family
+from .calibration_spec import FamilyCalibration
 from .flux import call_shape, size_rules
+from .model_config import ModelConfig
 from .spec import (
     DUAL_STREAM_KINDS,
     BlockListSpec,
@@ -45,15 +44,25 @@ from .spec import (
     dual_stream_units,
     image_output_index,
 )
+from .table import register_family
+
+
+def _temb(transformer, call, dtype):
+    # Flux2Transformer2DModel.forward's conditioning: timestep and guidance x 1000 in the block stack's dtype.
+    timestep = call["timestep"].to(dtype) * 1000
+    guidance = call["guidance"]
+    guidance = None if guidance is None else guidance.to(dtype) * 1000
+    return transformer.time_guidance_embed(timestep, guidance)  # (B, D)
+
+
+def _embed_timestep(transformer, call):
+    # The temb that the blocks' shared modulations and the head are computed from.
+    return _temb(transformer, call, call["hidden_states"].dtype)
 
 
 def _run_head(transformer, hidden, call):
-    # The conditioning and output section of Flux2Transformer2DModel.forward, on the cached image tokens.
-    timestep = call["timestep"].to(hidden.dtype) * 1000
-    guidance = call["guidance"]
-    guidance = None if guidance is None else guidance.to(hidden.dtype) * 1000
-    temb = transformer.time_guidance_embed(timestep, guidance)
-    output = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N_img, C)
+    # The output section of Flux2Transformer2DModel.forward, on the cached image tokens.
+    output = transformer.proj_out(transformer.norm_out(hidden, _temb(transformer, call, hidden.dtype)))  # (B, N, C)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
 
 
@@ -197,6 +206,7 @@ FLUX2 = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(
             correct_step=True,
             provisional_module_warmup=True,

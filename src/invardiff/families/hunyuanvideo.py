@@ -26,8 +26,8 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
     HunyuanVideoTransformerBlock,
 )
 
-from ..calibration.thresholds import FamilyCalibration
-from ..model_configs import (
+from .calibration_spec import FamilyCalibration
+from .model_config import (
     ModelConfig,
     video_call_fields,
     video_config,
@@ -36,7 +36,6 @@ from ..model_configs import (
     video_pipeline_size,
     video_size_rules,
 )
-from . import register_family
 from .spec import (
     DUAL_STREAM_KINDS,
     BlockListSpec,
@@ -47,6 +46,13 @@ from .spec import (
     dual_stream_units,
     image_output_index,
 )
+from .table import register_family
+
+
+def _embed_timestep(transformer, call):
+    # HunyuanVideoTransformer3DModel.forward's conditioning (timestep, pooled text, guidance): the temb every block
+    # and the head take, (B, D).
+    return transformer.time_text_embed(call["timestep"], call["pooled_projections"], call["guidance"])[0]
 
 
 def _run_head(transformer, hidden, call):
@@ -55,8 +61,7 @@ def _run_head(transformer, hidden, call):
         raise NotImplementedError("HunyuanVideo image-to-video (token_replace) models are not supported.")
     batch, _, frames, height, width = call["hidden_states"].shape
     p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-    temb, _ = transformer.time_text_embed(call["timestep"], call["pooled_projections"], call["guidance"])
-    hidden = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N, p_t*p*p*C)
+    hidden = transformer.proj_out(transformer.norm_out(hidden, _embed_timestep(transformer, call)))  # (B, N, .)
     hidden = hidden.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
     output = hidden.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
@@ -242,6 +247,7 @@ HUNYUANVIDEO = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(
             correct_step=True,
             provisional_module_warmup=True,

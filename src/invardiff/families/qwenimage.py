@@ -23,10 +23,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DMod
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
-from ..calibration.thresholds import FamilyCalibration
-from ..model_configs import ModelConfig
-from . import register_family
+from .calibration_spec import FamilyCalibration
 from .flux import call_shape, size_rules
+from .model_config import ModelConfig
 from .spec import (
     DUAL_STREAM_KINDS,
     BlockListSpec,
@@ -36,6 +35,7 @@ from .spec import (
     dual_stream_units,
     image_output_index,
 )
+from .table import register_family
 
 
 def _supported(block) -> bool:
@@ -50,17 +50,25 @@ def _supported(block) -> bool:
     return True
 
 
-def _run_head(transformer, hidden, call):
-    # The conditioning and output section of QwenImageTransformer2DModel.forward (zero_cond_t=False, see _supported),
-    # on the cached image tokens.
-    timestep = call["timestep"].to(hidden.dtype)
+def _temb(transformer, call, like):
+    # QwenImageTransformer2DModel.forward's conditioning (zero_cond_t=False, see _supported); `like` gives the block
+    # stack's dtype (time_text_embed reads only its dtype).
+    timestep = call["timestep"].to(like.dtype)
     guidance = call["guidance"]
     if guidance is None:
-        temb = transformer.time_text_embed(timestep, hidden, call["additional_t_cond"])
-    else:  # the stock forward's call, kept as it is (the guidance-distilled variant has no published weights)
-        guidance = guidance.to(hidden.dtype) * 1000
-        temb = transformer.time_text_embed(timestep, guidance, hidden, call["additional_t_cond"])
-    output = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N_img, p*p*C)
+        return transformer.time_text_embed(timestep, like, call["additional_t_cond"])  # (B, D)
+    # The stock forward's call, kept as it is (the guidance-distilled variant has no published weights).
+    return transformer.time_text_embed(timestep, guidance.to(like.dtype) * 1000, like, call["additional_t_cond"])
+
+
+def _embed_timestep(transformer, call):
+    # The temb every block and the head take.
+    return _temb(transformer, call, call["hidden_states"])
+
+
+def _run_head(transformer, hidden, call):
+    # The output section of QwenImageTransformer2DModel.forward, on the cached image tokens.
+    output = transformer.proj_out(transformer.norm_out(hidden, _temb(transformer, call, hidden)))  # (B, N, p*p*C)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)
 
 
@@ -218,6 +226,7 @@ QWENIMAGE = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.img_in(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(
             correct_step=True,
             provisional_module_warmup=True,

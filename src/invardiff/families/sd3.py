@@ -19,17 +19,21 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..calibration.thresholds import FamilyCalibration
-from ..model_configs import ModelConfig
-from . import register_family
+from .calibration_spec import FamilyCalibration
+from .model_config import ModelConfig
 from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, image_output_index
+from .table import register_family
+
+
+def _embed_timestep(transformer, call):
+    # SD3Transformer2DModel.forward's conditioning: the temb every block and the head take, (B, D).
+    return transformer.time_text_embed(call["timestep"], call["pooled_projections"])
 
 
 def _run_head(transformer, hidden, call):
     # The output section of SD3Transformer2DModel.forward, on the cached image tokens.
     height, width = call["hidden_states"].shape[-2:]
-    temb = transformer.time_text_embed(call["timestep"], call["pooled_projections"])
-    hidden = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N, p*p*C)
+    hidden = transformer.proj_out(transformer.norm_out(hidden, _embed_timestep(transformer, call)))  # (B, N, p*p*C)
     patch, channels = transformer.config.patch_size, transformer.out_channels
     hidden = hidden.reshape(hidden.shape[0], height // patch, width // patch, patch, patch, channels)
     hidden = torch.einsum("nhwpqc->nchpwq", hidden)
@@ -205,6 +209,7 @@ SD3 = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.pos_embed(call["hidden_states"]),  # (B, N, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(
             correct_step=True,
             provisional_module_warmup=True,

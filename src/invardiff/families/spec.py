@@ -10,16 +10,14 @@ tools around the engine need: calibration defaults (:attr:`FamilySpec.calibratio
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
 
-
-if TYPE_CHECKING:
-    from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
-    from ..model_configs import ModelConfig
+from .calibration_spec import FamilyCalibration, InvarDiffThresholds
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,11 @@ class BlockListSpec:
     image_output: int | None = None
     per_sample_args: tuple[str, ...] = ()
 
+    def unit_reuse(self, kind_reuse: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Where each unit is reused, given where each module kind is (boolean arrays of one shape, e.g. a plan's
+        ``(T, L)`` books of this list): where every kind that controls the unit is."""
+        return {unit.name: np.logical_and.reduce([kind_reuse[kind] for kind in unit.kinds]) for unit in self.units}
+
     def __post_init__(self):
         used = {kind for unit in self.units for kind in unit.kinds}
         if used != set(self.module_kinds):
@@ -126,9 +129,16 @@ class FamilySpec:
             pre-head hidden state with the current call's timestep and returns what ``forward`` would return.
         input_signature: ``input_signature(call)`` returns the shape facts that must stay constant within a run.
         embed_input: ``embed_input(transformer, call)`` returns the block-stack input x (the patch-embedded image
-            tokens), for residual step reuse; ``None`` if the family does not support it.
+            tokens the first block receives), for residual step reuse and for policies that decide from the input
+            of the block stack; ``None`` if the family does not support it.
+        embed_timestep: ``embed_timestep(transformer, call)`` returns the call's timestep embedding as the stock
+            ``forward`` computes it: the output of the embedder of the timestep (with what the family combines with
+            it: pooled text, guidance, class label) from which the blocks' and the head's modulations are
+            computed, e.g. FLUX's ``temb`` (B, D). For policies that decide from the modulated block input
+            (TeaCache- or MagCache-like) without writing the family's conditioning again; ``run_head`` uses the
+            same code. ``None``: not provided (:meth:`timestep_embedding` then raises ``NotImplementedError``).
         calibration: how the family's official code builds plans; ``None``: the official DiT/Wan behaviour
-            (``invardiff.calibration.thresholds.DEFAULT_CALIBRATION``).
+            (``invardiff.families.calibration_spec.DEFAULT_CALIBRATION``).
         presets: the official calibration presets by name (first: the default of sweeps); may be empty.
         dicache_preset: the DiCache preset the family runs with by default (a name in ``invardiff.dicache.PRESETS``).
         pipeline: how the stock diffusers pipeline is called; ``None`` if the family has none.
@@ -144,12 +154,31 @@ class FamilySpec:
     run_head: Callable[[torch.nn.Module, torch.Tensor, TransformerCall], Any]
     input_signature: Callable[[TransformerCall], tuple]
     embed_input: Callable[[torch.nn.Module, TransformerCall], torch.Tensor] | None = None
+    embed_timestep: Callable[[torch.nn.Module, TransformerCall], torch.Tensor] | None = None
     calibration: FamilyCalibration | None = field(default=None, hash=False)
     presets: dict[str, InvarDiffThresholds] = field(default_factory=dict, hash=False)
     dicache_preset: str = "flux"  # DiT has no official DiCache setting either: FLUX's rules are the generic ones
     pipeline: PipelineSpec | None = field(default=None, hash=False)
     configs: ConfigSpec | None = field(default=None, hash=False)
     official: OfficialSpec | None = field(default=None, hash=False)
+
+    def block_stack_input(self, transformer: torch.nn.Module, call: TransformerCall) -> torch.Tensor:
+        """The block-stack input of ``call`` (:attr:`embed_input`); ``NotImplementedError`` if the family has none."""
+        return self._provided("embed_input", "block-stack input")(transformer, call)
+
+    def timestep_embedding(self, transformer: torch.nn.Module, call: TransformerCall) -> torch.Tensor:
+        """The timestep embedding of ``call`` (:attr:`embed_timestep`); ``NotImplementedError`` if the family has
+        none."""
+        return self._provided("embed_timestep", "timestep embedding")(transformer, call)
+
+    def _provided(self, field_name: str, what: str) -> Callable:
+        function = getattr(self, field_name)
+        if function is None:
+            raise NotImplementedError(
+                f"Model family {self.name!r} does not provide its {what} (FamilySpec.{field_name} is None), which "
+                f"this policy needs; give the family's spec an {field_name}, or use a policy that does not need it."
+            )
+        return function
 
     def units_of(self, transformer: torch.nn.Module) -> list[tuple[BlockListSpec, int, ReuseUnit, torch.nn.Module]]:
         """``(block list, layer, unit, block)`` of every unit ``transformer`` has, in engine order (block lists in
@@ -308,7 +337,7 @@ class PipelineSpec:
             the guidance scale as an input (FLUX.2), so its calls form one branch.
         build_toy: ``build_toy(config, transformer, text_encoders)`` returns a stock pipeline around a random-weight
             transformer that runs offline (``text_encoders``: tiny random text encoders, for ``prompt=`` calls).
-        call_shape: ``call_shape(pipe, call_kwargs)`` returns the :class:`~invardiff.model_configs.ModelConfig`
+        call_shape: ``call_shape(pipe, call_kwargs)`` returns the :class:`~.model_config.ModelConfig`
             call-shape fields (tokens, transformer rows) of one sample of the pipeline call ``pipe(**call_kwargs)``.
         toy_call_kwargs: ``toy_call_kwargs(config, num_inference_steps, seed, device)`` returns the arguments of one
             call of that toy pipeline on the config's input shapes, with a CPU generator seeded with ``seed``.
@@ -371,11 +400,12 @@ class ConfigSpec:
             trajectory (1 = pure noise); ``randn(*shape)`` draws seeded noise on the device in the config's dtype.
         call_timestep: ``call_timestep(fraction, like)`` returns the ``timestep`` argument at ``fraction``, shaped
             and typed like the tensor ``like`` (Flux passes ``t / 1000``, DiT an integer step in [0, 999]).
-        json_defaults: :class:`~invardiff.model_configs.ModelConfig` fields for a diffusers ``config.json`` of the
-            family (the call shapes a config file does not say, e.g. tokens per sample).
+        json_defaults: :class:`~.model_config.ModelConfig` fields for a diffusers ``config.json`` of the family
+            (the call shapes a config file does not say, e.g. tokens per sample).
         json_shape: ``json_shape(config)`` returns the call-shape fields that a ``config.json`` determines (DiT: its
             image tokens from the sample and patch sizes), over ``json_defaults``; ``None``: none.
-        named: the family's named configs, found by name through ``invardiff.model_configs.MODEL_CONFIGS``.
+        named: the family's named configs (:class:`~.model_config.ModelConfig`), found by name through
+            ``invardiff.model_configs.MODEL_CONFIGS``.
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
         tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
             conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
@@ -385,7 +415,7 @@ class ConfigSpec:
     call_timestep: Callable[[float, torch.Tensor], torch.Tensor]
     json_defaults: dict = field(default_factory=dict)
     json_shape: Callable[[dict], dict] | None = None
-    named: tuple[ModelConfig, ...] = ()
+    named: tuple[Any, ...] = ()  # ModelConfig; model_config.py imports this module, so it is not named here
     bench: dict[str, str] = field(default_factory=dict)
     tiny: str | None = None
 

@@ -24,8 +24,10 @@ import torch
 from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..calibration.thresholds import FamilyCalibration, InvarDiffThresholds
-from ..model_configs import (
+from .. import toy_components
+from ..plan_file import PlanError, book_table
+from .calibration_spec import FamilyCalibration, InvarDiffThresholds
+from .model_config import (
     ModelConfig,
     video_call_fields,
     video_config,
@@ -34,13 +36,26 @@ from ..model_configs import (
     video_pipeline_size,
     video_size_rules,
 )
-from ..official import book_table
-from ..plan import PlanError
-from . import register_family
 from .spec import BlockListSpec, ConfigSpec, Expert, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit
+from .table import register_family
 
 
 KINDS = ("self_attn", "cross_attn", "ffn")
+
+
+def _embed_timestep(transformer, call):
+    # The time embedding of WanTransformer3DModel.forward's condition_embedder (its first output), (B, D), or
+    # (B, N, D) with one timestep per token (Wan2.2 ti2v): the head's modulation, and the blocks' through time_proj.
+    embedder = transformer.condition_embedder
+    timestep = call["timestep"]
+    sequence = timestep.shape[1] if timestep.ndim == 2 else None
+    projected = embedder.timesteps_proj(timestep.flatten())
+    if sequence is not None:
+        projected = projected.unflatten(0, (-1, sequence))
+    embedder_dtype = next(iter(embedder.time_embedder.parameters())).dtype
+    if projected.dtype != embedder_dtype and embedder_dtype != torch.int8:
+        projected = projected.to(embedder_dtype)
+    return embedder.time_embedder(projected).type_as(call["encoder_hidden_states"])
 
 
 def _run_head(transformer, hidden, call):
@@ -49,16 +64,7 @@ def _run_head(transformer, hidden, call):
     states = call["hidden_states"]  # (B, C, F, H, W)
     batch, _, frames, height, width = states.shape
     p_t, p_h, p_w = transformer.config.patch_size
-    embedder = transformer.condition_embedder
-    timestep = call["timestep"]
-    sequence = timestep.shape[1] if timestep.ndim == 2 else None  # Wan2.2 ti2v: one timestep per token
-    projected = embedder.timesteps_proj(timestep.flatten())
-    if sequence is not None:
-        projected = projected.unflatten(0, (-1, sequence))
-    embedder_dtype = next(iter(embedder.time_embedder.parameters())).dtype
-    if projected.dtype != embedder_dtype and embedder_dtype != torch.int8:
-        projected = projected.to(embedder_dtype)
-    temb = embedder.time_embedder(projected).type_as(call["encoder_hidden_states"])
+    temb = _embed_timestep(transformer, call)
     table = transformer.scale_shift_table.to(temb.device)
     if temb.ndim == 3:
         shift, scale = (table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
@@ -204,10 +210,9 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False, tr
 
 
 def _tiny_text_encoder(config: ModelConfig, seed: int = 0) -> dict:
-    from ..models import text
 
-    tokenizer = text.t5_tokenizer(words=[])
-    encoder = text.umt5_encoder(len(tokenizer), config.transformer_kwargs["text_dim"], seed)
+    tokenizer = toy_components.t5_tokenizer(words=[])
+    encoder = toy_components.umt5_encoder(len(tokenizer), config.transformer_kwargs["text_dim"], seed)
     return {"tokenizer": tokenizer, "text_encoder": encoder}
 
 
@@ -310,6 +315,7 @@ WAN = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=_embed_input,
+        embed_timestep=_embed_timestep,
         # SPEC.md A.3: the step stream is corrected, the provisional books force the warm-up and get the
         # step-to-module interplay, and only the conditional branch is recorded (the official code records the
         # even-numbered calls).

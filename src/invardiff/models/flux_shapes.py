@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from ..toy_pipelines import IdentityVAE
-from . import shapes, text
+from .. import toy_components
+from ..toy_components import IdentityVAE
+from . import shapes
 
 
 MAX_SEQUENCE_LENGTH = 16
@@ -42,9 +43,9 @@ class ShapesFluxPipeline(FluxPipeline):
 
 def build_pipeline(transformer: FluxTransformer2DModel | None = None, text_weights: dict | None = None):
     """The pipeline around ``transformer`` (default: random weights of the flux-shapes config)."""
-    clip_tokenizer = text.clip_tokenizer()
-    t5_tokenizer = text.t5_tokenizer(shapes.VOCABULARY)
-    clip, t5 = text.text_encoders(len(clip_tokenizer), len(t5_tokenizer), TEXT_WIDTH)
+    clip_tokenizer = toy_components.clip_tokenizer()
+    t5_tokenizer = toy_components.t5_tokenizer(shapes.VOCABULARY)
+    clip, t5 = toy_components.text_encoders(len(clip_tokenizer), len(t5_tokenizer), TEXT_WIDTH)
     if text_weights is not None:
         clip.load_state_dict(text_weights["clip"])
         t5.load_state_dict(text_weights["t5"])

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..families import INPUT_KINDS, get_family, is_video
+from ..families.model_config import ModelConfig
 from .loading import quiet_loading
 
 
@@ -20,7 +21,7 @@ class BundledModel:
         name: registry name; family: invardiff family; pipeline: diffusers pipeline class name.
         num_inference_steps / guidance_scale: the sampling settings the model card reports.
         inputs: ``"prompt"`` (Flux) or ``"class"`` (DiT); examples: the demo's fixed inputs.
-        call_shape: :class:`~invardiff.model_configs.ModelConfig` call-shape fields of one transformer call
+        call_shape: :class:`~invardiff.families.model_config.ModelConfig` call-shape fields of one transformer call
             (tokens, batch), for FLOP profiles of the model.
         pipeline_kwargs: further arguments of every pipeline call (a video model's clip size and frame count).
         demo_preset: the InvarDiff preset ``invardiff demo`` calibrates by default (one of the family's presets).
@@ -48,11 +49,9 @@ class BundledModel:
         return is_video(self.family)
 
     def model_config(self):
-        """The :class:`~invardiff.model_configs.ModelConfig` of this model as it samples (its transformer config,
-        float32, its call shapes): FLOP profiles and ideal speedups of plans on it."""
+        """The :class:`~invardiff.families.model_config.ModelConfig` of this model as it samples (its transformer
+        config, float32, its call shapes): FLOP profiles and ideal speedups of plans on it."""
         import json
-
-        from ..model_configs import ModelConfig
 
         config = json.loads((self.directory / "config.json").read_text())
         return ModelConfig.from_transformer_config(self.name, self.family, config, **self.call_shape)
@@ -173,7 +172,7 @@ def _load_flux_shapes(entry: BundledModel):
 def _load_dit_digits(entry: BundledModel):
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
-    from ..toy_pipelines import IdentityVAE
+    from ..toy_components import IdentityVAE
 
     transformer = DiTTransformer2DModel.from_pretrained(entry.directory, local_files_only=True).eval()
     id2label = {i: f"digit {i}" for i in range(10)}

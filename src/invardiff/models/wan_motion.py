@@ -18,9 +18,10 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from diffusers.configuration_utils import register_to_config
 
+from .. import toy_components
 from ..families import get_family
-from ..toy_pipelines import IdentityVAE
-from . import motion, text
+from ..toy_components import IdentityVAE
+from . import motion
 
 
 MAX_SEQUENCE_LENGTH = 8
@@ -91,8 +92,8 @@ class WanMotionPipeline(WanPipeline):  # the "Wan" prefix: cache-dit picks its a
 def build_pipeline(transformer: WanTransformer3DModel | None = None, text_weights: dict | None = None):
     """The pipeline around ``transformer`` (default: random weights of the wan-motion config) and the bundled text
     encoder (random seeded weights unless ``text_weights``, a UMT5 encoder state dict, is given)."""
-    tokenizer = text.t5_tokenizer(motion.VOCABULARY)
-    encoder = text.umt5_encoder(len(tokenizer), TEXT_WIDTH)
+    tokenizer = toy_components.t5_tokenizer(motion.VOCABULARY)
+    encoder = toy_components.umt5_encoder(len(tokenizer), TEXT_WIDTH)
     if text_weights is not None:
         encoder.load_state_dict(text_weights)
     if transformer is None:

@@ -1,12 +1,40 @@
-"""The bundled tiny text stack of `flux-shapes`: word-level T5 and character-level CLIP tokenizers built in code,
-and small frozen text encoders (random, seeded, shipped as safetensors) so that ``pipe(prompt=...)`` works offline.
+"""Stand-in pipeline components that run offline: the identity VAE of pixel- and latent-space toys, and the tiny
+text stack (word-level T5 and character-level CLIP tokenizers built in code, small random seeded text encoders) of
+the toy pipelines and of the bundled `flux-shapes` and `wan-motion` models (which ship its weights as safetensors).
+
+A bottom module: the family files' toy pipelines (``PipelineSpec.build_toy``) build from it, so it imports nothing
+of invardiff but :mod:`invardiff.seeding` (``tests/test_import_layers.py``).
 """
 
 from __future__ import annotations
 
 import string
 
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
 from .seeding import seeded
+
+
+class IdentityVAE(ModelMixin, ConfigMixin):
+    """A stand-in VAE for pixel- or latent-space toys: ``decode`` returns its input (scaling factor 1)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        block_out_channels: tuple = (1,),
+        latent_channels: int = 1,
+    ):
+        super().__init__()
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=latents) if return_dict else (latents,)
 
 
 _CHARACTERS = list(string.ascii_lowercase + string.digits + " .,!?'-")
