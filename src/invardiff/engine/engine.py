@@ -33,8 +33,8 @@ import logging
 
 import torch
 
-from ..families import FamilySpec, TransformerCall
-from ..plan import PlanError
+from ..families.spec import FamilySpec, TransformerCall
+from ..plan_file import PlanError
 from . import adapters, foreign
 from .adapters import COMPUTE as COMPUTE_MODE
 from .adapters import INACTIVE, MODE

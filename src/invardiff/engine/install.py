@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.hooks import HookRegistry
 
-from ..families import FamilySpec
+from ..families.spec import FamilySpec
 from . import adapters
 from .engine import CacheEngine
 from .hooks import ALL_HOOKS, HEAD_INPUT_HOOK, STEP_HOOK, HeadInputHook, StepHook

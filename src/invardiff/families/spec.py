@@ -1,10 +1,15 @@
 """Data that describes how a model family's transformer is laid out for caching.
 
 A family file (``flux.py``, ``dit.py``) only fills these dataclasses and writes the few lines of model code that
-cannot be data: reading the timestep of a call, and running the output head on a cached hidden state. Everything
-else (hooks, plans, statistics, FLOP profiles) is generic and reads the spec. The optional parts describe what the
-tools around the engine need: calibration defaults (:attr:`FamilySpec.calibration`, presets), the stock pipeline
-(:class:`PipelineSpec`), random-weight configs (:class:`ConfigSpec`) and the official books (:class:`OfficialSpec`).
+cannot be data: embedding the input and the timestep of a call, and running the output head on a cached hidden
+state (with the same conditioning code). Everything else (hooks, plans, statistics, FLOP profiles) is generic and
+reads the spec. The optional parts describe what the tools around the engine need: calibration defaults
+(:attr:`FamilySpec.calibration`, presets), the stock pipeline (:class:`PipelineSpec`), random-weight configs
+(:class:`ConfigSpec`) and the official books (:class:`OfficialSpec`).
+
+The bottom of the import graph: the engine facts and the tools' data are plain data here (and in
+``calibration_spec.py``, ``model_config.py``); the code that uses the tools' data (calibration, official books,
+config lookup, toy pipelines) sits above the registry and imports this module, never the other way round.
 """
 
 from __future__ import annotations
