@@ -128,13 +128,18 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     # built in code makes `pipe(prompt=...)` work offline (Chroma conditions on T5 alone).
     encoder = {"text_encoder": None, "tokenizer": None}
     if text_encoders:
-        from ..models import text
-
-        tokenizer = text.t5_tokenizer(words=[])
-        width = config.transformer_kwargs["joint_attention_dim"]
-        encoder = {"text_encoder": text.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
+        encoder = tiny_t5(config.transformer_kwargs["joint_attention_dim"])
     scheduler = FlowMatchEulerDiscreteScheduler()  # FLUX's toy scheduler
     return ChromaPipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoder)
+
+
+def tiny_t5(width: int) -> dict:
+    """A tiny random T5 encoder of output ``width`` with a tokenizer built in code, as the ``text_encoder`` and
+    ``tokenizer`` of a pipeline conditioned on T5 alone (Chroma, LTX-Video)."""
+    from ..models import text
+
+    tokenizer = text.t5_tokenizer(words=[])
+    return {"text_encoder": text.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
 
 
 def _toy_prompt(config: ModelConfig, generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
