@@ -13,8 +13,8 @@ flow-matching scheduler's, in [0, 1000], one per row. The rotary embedding has o
 builds its coordinate grid per row), so it is cut with the samples like the text, its mask and the modulation.
 
 There is no official InvarDiff or DiCache code for LTX-Video: calibration follows the generic official behaviour
-(DiT/Wan: corrected step stream, forced module warm-up), and DiCache runs FLUX's rules. The LTX-2 family
-(``ltx2.py``) reuses this file's head, scheduler and call-shape helpers.
+(DiT/Wan: corrected step stream, forced module warm-up), and DiCache runs FLUX's rules. Allegro (``allegro.py``),
+a PixArt-style model of the same layout, reuses this file's head and prompt helpers.
 """
 
 from __future__ import annotations
@@ -254,13 +254,16 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     }
 
 
+def call_size(call_kwargs: dict, default_size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The ``(height, width, num_frames)`` of a video pipeline call: its own, else the pipeline's defaults."""
+    keys = ("height", "width", "num_frames")
+    return tuple(call_kwargs.get(key) or default for key, default in zip(keys, default_size, strict=True))
+
+
 def call_shape(pipe, call_kwargs: dict, default_size=(512, 704, 161), text_tokens: int = 128) -> dict:
     """:class:`ModelConfig` call-shape fields of one sample of an LTX pipeline call: its latent, its T5 tokens, and
     two rows per call under guidance (``default_size``: the pipeline's (height, width, num_frames) defaults)."""
-    height, width, frames = (
-        call_kwargs.get(key) or default
-        for key, default in zip(("height", "width", "num_frames"), default_size, strict=True)
-    )
+    height, width, frames = call_size(call_kwargs, default_size)
     temporal, spatial = pipe.vae_temporal_compression_ratio, pipe.vae_spatial_compression_ratio
     latent = ((frames - 1) // temporal + 1, height // spatial, width // spatial)
     side = pipe.transformer_spatial_patch_size
