@@ -116,7 +116,8 @@ def test_wan22_each_expert_follows_its_own_plan():
     assert ffn["reused"] == sum(row.count("1") for row in low_reuse)
 
 
-@pytest.mark.parametrize("name", ["wan-tiny"])  # the HunyuanVideo toy pipeline has no text encoders
+# The HunyuanVideo toy pipeline has no text encoders; LTX-Video and Allegro have VAEs of their own compression.
+@pytest.mark.parametrize("name", ["wan-tiny", "ltx-tiny", "allegro-tiny"])
 def test_calibrate_on_a_video_model_config_samples_its_clip_size(name, tmp_path):
     # Without the config's size the toy pipeline would sample its default (81 frames of 480p): hours on a CPU.
     from invardiff.cli.main import main

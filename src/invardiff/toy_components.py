@@ -98,6 +98,13 @@ def t5_encoder(vocab: int, width: int, seed: int = 0):
     return t5.eval().requires_grad_(False)
 
 
+def tiny_t5(width: int) -> dict:
+    """A tiny random T5 encoder of output ``width`` with a tokenizer built in code, as the ``text_encoder`` and
+    ``tokenizer`` of a pipeline conditioned on T5 alone (Chroma, LTX-Video, Allegro)."""
+    tokenizer = t5_tokenizer(words=[])
+    return {"text_encoder": t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
+
+
 def _t5(vocab: int, width: int):
     from transformers import T5Config, T5EncoderModel
 

@@ -139,9 +139,7 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     # built in code makes `pipe(prompt=...)` work offline (Chroma conditions on T5 alone).
     encoder = {"text_encoder": None, "tokenizer": None}
     if text_encoders:
-        tokenizer = toy_components.t5_tokenizer(words=[])
-        width = config.transformer_kwargs["joint_attention_dim"]
-        encoder = {"text_encoder": toy_components.t5_encoder(len(tokenizer), width), "tokenizer": tokenizer}
+        encoder = toy_components.tiny_t5(config.transformer_kwargs["joint_attention_dim"])
     scheduler = FlowMatchEulerDiscreteScheduler()  # FLUX's toy scheduler
     return ChromaPipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoder)
 

@@ -90,24 +90,46 @@ class ModelConfig:
         }
 
 
-def video_fields(latent: tuple[int, int, int], patch: tuple[int, int, int] = (1, 2, 2)) -> dict:
+# The (temporal, spatial) compression of Wan's and HunyuanVideo's VAEs: a video config's unless it names its own.
+DEFAULT_VIDEO_COMPRESSION = (4, 8)
+
+
+def video_fields(
+    latent: tuple[int, int, int],
+    patch: tuple[int, int, int] = (1, 2, 2),
+    compression: tuple[int, int] | None = None,
+) -> dict:
     """:class:`ModelConfig` fields of a video latent ``(frames, height, width)`` cut into ``patch`` patches (Wan,
-    HunyuanVideo): the image tokens per sample, and the latent shape in ``extra``."""
+    HunyuanVideo): the image tokens per sample, and the latent shape in ``extra``; ``compression``: the VAE's
+    (temporal, spatial) factors where they are not :data:`DEFAULT_VIDEO_COMPRESSION` (LTX-Video: 8 and 32)."""
     frames, height, width = latent
     tokens = (frames // patch[0]) * (height // patch[1]) * (width // patch[2])
-    return {"image_tokens": tokens, "extra": {"latent": tuple(latent)}}
+    extra = {"latent": tuple(latent)}
+    if compression is not None:
+        extra["compression"] = tuple(compression)
+    return {"image_tokens": tokens, "extra": extra}
 
 
-def video_config(name: str, family: str, transformer_kwargs: dict, latent: tuple[int, int, int], **fields):
-    """A :class:`ModelConfig` of a video family whose calls carry a latent of ``latent`` = (frames, height, width)."""
-    return ModelConfig(name, family, transformer_kwargs, **video_fields(latent), **fields)
+def video_config(
+    name: str,
+    family: str,
+    transformer_kwargs: dict,
+    latent: tuple[int, int, int],
+    patch: tuple[int, int, int] = (1, 2, 2),
+    compression: tuple[int, int] | None = None,
+    **fields,
+):
+    """A :class:`ModelConfig` of a video family whose calls carry a latent of ``latent`` = (frames, height, width)
+    (``patch``, ``compression``: as :func:`video_fields`)."""
+    return ModelConfig(name, family, transformer_kwargs, **video_fields(latent, patch, compression), **fields)
 
 
 def video_pipeline_size(config: ModelConfig) -> dict:
-    """The ``height``, ``width`` and ``num_frames`` pipeline arguments whose latent is the video config's (a VAE
-    with 8x spatial and 4x temporal compression, as Wan's and HunyuanVideo's)."""
+    """The ``height``, ``width`` and ``num_frames`` pipeline arguments whose latent is the video config's, through
+    the config's VAE compression (default: 8x spatial and 4x temporal, as Wan's and HunyuanVideo's)."""
     frames, height, width = video_latent_shape(config)
-    return {"height": height * 8, "width": width * 8, "num_frames": (frames - 1) * 4 + 1}
+    temporal, spatial = config.extra.get("compression", DEFAULT_VIDEO_COMPRESSION)
+    return {"height": height * spatial, "width": width * spatial, "num_frames": (frames - 1) * temporal + 1}
 
 
 def video_call_fields(pipe, call_kwargs: dict, default_size: tuple[int, int, int], text_tokens: int, patch) -> dict:
