@@ -20,6 +20,12 @@ programming), and the counts are allocated across units greedily along each unit
 one unit; a standard heuristic for several). The result meets the budget exactly: its FLOP-ideal speedup is at
 least the target and its FLOPs are less than one step's worth below the budget.
 
+Memory bound (``SearchConfig.memory``): the plan must also keep at most ``max_cache_bytes`` of cache on a model
+config. The search's plan is fitted to the bound (:func:`invardiff.memory_fit.fit_memory`: the reuses of least
+FLOPs are computed instead), and while the fitted plan falls short of the target the search is rerun at a target
+raised by the shortfall; the result is the first fitted plan that meets the target. Step caching keeps only H, so
+under a tight bound the plans lean on it more.
+
 Trade-off: the error model is a proxy, fitted on the calibration inputs; the sweep measures the true error on
 held-out inputs. Search time grows with ``T^2 * max_run^2`` per unit with unit extrapolation (seconds for T=50).
 """
@@ -56,6 +62,7 @@ class SearchConfig:
         extrapolate_units (`bool`): the same for reused units.
         reuse_units (`bool`, defaults to `True`): allow unit reuse on computed steps (layer-wise caching).
         unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
+        memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
 
     speedup: float
@@ -65,6 +72,7 @@ class SearchConfig:
     extrapolate_units: bool = False
     reuse_units: bool = True
     unit_weight: float = 1.0
+    memory: MemoryBound | None = None
 
     def __post_init__(self):
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
@@ -75,6 +83,24 @@ class SearchConfig:
             raise ValueError(f"max_run must be an integer >= 1 or None, got {self.max_run!r}.")
         if not self.unit_weight >= 0.0:
             raise ValueError(f"unit_weight must be >= 0, got {self.unit_weight!r}.")
+        if self.memory is not None and self.memory.cache_dtype and (self.extrapolate_steps or self.extrapolate_units):
+            raise ValueError("A cache_dtype does not go with extrapolation (plans cannot have both); drop one.")
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """A bound on a searched plan's peak cache memory.
+
+    Args:
+        max_cache_bytes (`int`): the most bytes the engine may hold for one run (``invardiff.memory.cache_memory``).
+        footprint (`CacheFootprint`): the model config the bound is on
+            (:func:`invardiff.cache_footprint.measure_footprint`), at the sampling call's shapes and dtype.
+        cache_dtype (`str`, optional): the plans' cache storage dtype (``engine/storage.py``).
+    """
+
+    max_cache_bytes: int
+    footprint: object
+    cache_dtype: str | None = None
 
 
 @dataclass
@@ -107,7 +133,46 @@ def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchRe
     ``flops`` is the :class:`invardiff.flops.FlopProfile` of the model at the sampling shapes. Raises
     :class:`BudgetError` when the target is out of reach (the message gives the fastest reachable speedup).
     """
+    if config.memory is not None:
+        return _memory_bounded(stats, flops, config)
     return _Search(stats, flops, config).run()
+
+
+MAX_TARGET_RAISES = 20
+
+
+def _memory_bounded(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchResult:
+    """The search at ``config.speedup``, fitted to ``config.memory``; rerun at raised targets until the fitted plan
+    meets the speedup (see the module docstring)."""
+    from dataclasses import replace
+
+    from ..memory_fit import MemoryBoundError, fit_memory
+
+    bound = config.memory
+    target = config.speedup
+    for _ in range(MAX_TARGET_RAISES):
+        try:
+            result = _Search(stats, flops, replace(config, speedup=target)).run()
+        except BudgetError as error:
+            raise BudgetError(
+                f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache is out of reach: searching at "
+                f"{target:.3g}x to make up for the reuses the bound removes failed: {error}"
+            ) from None
+        try:
+            plan = fit_memory(result.plan, bound.footprint, flops, bound.max_cache_bytes, bound.cache_dtype)
+        except MemoryBoundError as error:
+            raise BudgetError(str(error)) from None
+        speedup = ideal_speedup(plan, flops)
+        if speedup >= config.speedup:
+            search = plan.provenance["search"]
+            search.update(speedup=config.speedup, searched_speedup=target, max_cache_bytes=bound.max_cache_bytes)
+            search.update(model_config=bound.footprint.config_name, cache_dtype=bound.cache_dtype)
+            return SearchResult(plan, result.error, result.step_error, result.unit_error, speedup)
+        target *= config.speedup / speedup * (1 + 1e-3)  # the shortfall, and a little more so that it moves
+    raise BudgetError(
+        f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache: no plan found after "
+        f"{MAX_TARGET_RAISES} raised targets (last {target:.3g}x). Raise the bound, or lower the budget."
+    )
 
 
 def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
