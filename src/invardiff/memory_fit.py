@@ -181,7 +181,9 @@ def fit_layout(
                 _replay(layout, steps[greedy], units[greedy], order, sizes) <= max_bytes
             ):
                 keep, report["solution"] = greedy, "greedy"
-            logger.warning("memory fit stopped at the %g s time limit; kept the %s solution", time_limit, report["solution"])
+            logger.warning(
+                "memory fit stopped at the %g s time limit; kept the %s solution", time_limit, report["solution"]
+            )
     kept = np.zeros_like(reuse)
     kept[steps[keep], units[keep]] = True
     report["flops_dropped"] = float(values[~keep].sum())

@@ -111,10 +111,14 @@ def fit_memory(args) -> int:
     fitted.save(args.output)
     fit_record = fitted.provenance.get("memory_fit")
     if fitted is plan or fit_record is None:
-        print(f"wrote {args.output}: the plan already keeps at most {bound} bytes of cache on {config.name}; unchanged")
+        print(
+            f"wrote {args.output}: the plan already keeps at most {bound} bytes of cache on {config.name}; unchanged"
+        )
         return 0
     speed, peak = fit_record["ideal_speedup"], fit_record["peak_cache_bytes"]
-    quality = "optimal" if fit_record["optimal"] else f"stopped at the time limit, at most {speed['bound']:.3f}x possible"
+    quality = (
+        "optimal" if fit_record["optimal"] else f"stopped at the time limit, at most {speed['bound']:.3f}x possible"
+    )
     print(
         f"wrote {args.output}: peak cache {peak['before'] / 2**30:.3f} -> {peak['after'] / 2**30:.3f} GiB "
         f"(stored in {fitted.cache_dtype or config.dtype}) "
