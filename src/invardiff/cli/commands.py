@@ -112,7 +112,8 @@ def fit_memory(args) -> int:
     fit_record = fitted.provenance.get("memory_fit")
     if fitted is plan or fit_record is None:
         print(
-            f"wrote {args.output}: the plan already keeps at most {bound} bytes of cache on {config.name}; unchanged"
+            f"wrote {args.output}: the plan keeps at most {bound} bytes of cache on {config.name} (stored in "
+            f"{fitted.cache_dtype or config.dtype}); no reuse dropped"
         )
         return 0
     speed, peak = fit_record["ideal_speedup"], fit_record["peak_cache_bytes"]
