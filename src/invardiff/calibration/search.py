@@ -149,29 +149,36 @@ def _memory_bounded(stats: TrajectoryStats, flops, config: SearchConfig) -> Sear
     from ..memory_fit import MemoryBoundError, fit_memory
 
     bound = config.memory
-    target = config.speedup
+    low, high, target = config.speedup, math.inf, config.speedup  # fitted short at low; out of reach at high
     for _ in range(MAX_TARGET_RAISES):
         try:
             result = _Search(stats, flops, replace(config, speedup=target)).run()
         except BudgetError as error:
-            raise BudgetError(
-                f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache is out of reach: searching at "
-                f"{target:.3g}x to make up for the reuses the bound removes failed: {error}"
-            ) from None
-        try:
-            plan = fit_memory(result.plan, bound.footprint, flops, bound.max_cache_bytes, bound.cache_dtype)
-        except MemoryBoundError as error:
-            raise BudgetError(str(error)) from None
-        speedup = ideal_speedup(plan, flops)
-        if speedup >= config.speedup:
-            search = plan.provenance["search"]
-            search.update(speedup=config.speedup, searched_speedup=target, max_cache_bytes=bound.max_cache_bytes)
-            search.update(model_config=bound.footprint.config_name, cache_dtype=bound.cache_dtype)
-            return SearchResult(plan, result.error, result.step_error, result.unit_error, speedup)
-        target *= config.speedup / speedup * (1 + 1e-3)  # the shortfall, and a little more so that it moves
+            if target == config.speedup:
+                raise
+            high, last_error = target, error
+        else:
+            try:
+                plan = fit_memory(result.plan, bound.footprint, flops, bound.max_cache_bytes, bound.cache_dtype)
+            except MemoryBoundError as error:
+                raise BudgetError(str(error)) from None
+            speedup = ideal_speedup(plan, flops)
+            if speedup >= config.speedup:
+                search = plan.provenance["search"]
+                search.update(speedup=config.speedup, searched_speedup=target, max_cache_bytes=bound.max_cache_bytes)
+                search.update(model_config=bound.footprint.config_name, cache_dtype=bound.cache_dtype)
+                return SearchResult(plan, result.error, result.step_error, result.unit_error, speedup)
+            low = target
+        # Raise by the shortfall; when that is out of reach, halve the gap (geometrically) instead.
+        raised = low * config.speedup / speedup * (1 + 1e-3) if high == math.inf else math.sqrt(low * high)
+        if raised >= high or high / low < 1.001:
+            break
+        target = raised
+    reason = f": {last_error}" if high < math.inf else ""
     raise BudgetError(
-        f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache: no plan found after "
-        f"{MAX_TARGET_RAISES} raised targets (last {target:.3g}x). Raise the bound, or lower the budget."
+        f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache is out of reach: the fitted plans of the "
+        f"searches from {config.speedup:g}x to {target:.3g}x all fall short{reason} Raise the bound, a narrower "
+        f"cache dtype, or lower the budget."
     )
 
 
