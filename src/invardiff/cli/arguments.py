@@ -297,7 +297,8 @@ def bench(p) -> None:
         nargs="+",
         type=_sweep_method,
         help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
-        "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; dicache; "
+        "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; "
+        "invardiff-memory: plans held to a cache-memory bound (FLUX.1-dev's 1.5 GB, scaled); dicache; "
         "plan+probe; peers (default: all)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
