@@ -186,14 +186,17 @@ def markdown(flux1_dev: list[dict] | None, flux_shapes: dict | None) -> str:
 def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    flux1_dev = flux1_dev_part() if args.part in ("all", "flux1-dev") else None
-    flux_shapes = (
-        flux_shapes_part([int(s) for s in args.seeds.split(",")]) if args.part in ("all", "flux-shapes") else None
-    )
-    result = {"flux1-dev": flux1_dev, "flux-shapes": flux_shapes}
-    write_text(out / "cache-memory-fit.json", json.dumps(result, indent=1) + "\n")
-    write_text(out / "cache-memory-fit.md", markdown(flux1_dev, flux_shapes))
-    print(markdown(flux1_dev, flux_shapes))
+    path = out / "cache-memory-fit.json"
+    # A run of one part keeps the other part's figures from an earlier run (--report-only: rewrite the table).
+    result = json.loads(path.read_text()) if path.exists() else {"flux1-dev": None, "flux-shapes": None}
+    if args.part in ("all", "flux1-dev") and not args.report_only:
+        result["flux1-dev"] = flux1_dev_part()
+    if args.part in ("all", "flux-shapes") and not args.report_only:
+        result["flux-shapes"] = flux_shapes_part([int(s) for s in args.seeds.split(",")])
+    write_text(path, json.dumps(result, indent=1) + "\n")
+    text = markdown(result["flux1-dev"], result["flux-shapes"])
+    write_text(out / "cache-memory-fit.md", text)
+    print(text)
 
 
 if __name__ == "__main__":
@@ -201,4 +204,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--part", choices=["all", "flux1-dev", "flux-shapes"], default="all")
     parser.add_argument("--seeds", default="0,1", help="evaluation seeds of flux-shapes' examples")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the markdown from the JSON")
     main(parser.parse_args())
