@@ -185,3 +185,21 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError, match="memory size"):
         parse_size(text)
+
+
+def test_sweep_bound_is_flux1_devs_scaled():
+    # invardiff-memory's bound: 1.5 GB on FLUX.1-dev, the same fraction of every unit output and H elsewhere.
+    from invardiff.bench.memory_points import FLUX1_DEV_BOUND, every_output_bytes, scaled_bound
+
+    flux1_dev = measure_footprint(MODEL_CONFIGS["flux1-dev"])
+    assert abs(scaled_bound(flux1_dev) - FLUX1_DEV_BOUND) <= 1
+    assert every_output_bytes(flux1_dev) == cache_memory_all_outputs_flux1_dev()
+
+
+def cache_memory_all_outputs_flux1_dev() -> int:
+    # The engine's all_outputs_bytes of FLUX.1-dev 1024x1024 bf16 (benchmarks/results/cache-memory-full.json).
+    import json
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/cache-memory-full.json").read_text())
+    return next(r["all_outputs_bytes"] for r in rows if r["model_config"] == "flux1-dev")
