@@ -120,6 +120,7 @@ MINIMAL_ARGV = {
     "calibrate": ["--model", "dit-digits", "--classes", "1", "-o", "plan.json"],
     "build-plan": ["rates.npz", "-o", "plan.json"],
     "resample-plan": ["plan.json", "--steps", "20", "-o", "p20.json"],
+    "fit-memory": ["plan.json", "--max-cache-memory", "1GB", "-o", "fit.json"],
     "inspect": ["plan.json"],
     "convert-official": ["book.json", "-o", "plan.json"],  # --family is required: checked below, on its own
     "plot": ["plan.json", "-o", "plan.png"],

@@ -222,3 +222,38 @@ def test_recorder_gram_equals_the_features_inner_products(tmp_path):
     stats.save(tmp_path / "t.npz")
     loaded = TrajectoryStats.load(tmp_path / "t.npz")
     assert loaded.window == window and np.array_equal(loaded.gram["step"], stats.gram["step"])
+
+
+def toy_footprint(layers: int = 2):
+    """Hand-made cache sizes of the toy: attn outputs 40 bytes, ff outputs 24, H 16 (float32 elements)."""
+    from invardiff.cache_footprint import CacheFootprint
+
+    units = tuple(("blocks", layer, name) for layer in range(layers) for name in ("attn", "ff"))
+    tensors = tuple(((10 if name == "attn" else 6, torch.float32),) for _, _, name in units)
+    return CacheFootprint("toy-hand", units, tensors, tuple(range(len(units))), (4, torch.float32))
+
+
+@pytest.mark.parametrize("bound", [40, 56])
+def test_memory_bounded_search_meets_budget_and_bound(bound):
+    from invardiff.cache_footprint import peak_cache_bytes
+    from invardiff.calibration.search import MemoryBound
+
+    stats = stats_from(random_trajectories(16, seed=1, layers=2), window=5, layers=2)
+    flops, footprint = toy_flops(2), toy_footprint(2)
+    speedup = 2.5
+    free = search_plan(stats, flops, SearchConfig(speedup, warmup_steps=2)).plan
+    assert peak_cache_bytes(free, footprint) == 96 > bound  # the unbounded plan keeps two attn outputs and H
+    result = search_plan(stats, flops, SearchConfig(speedup, warmup_steps=2, memory=MemoryBound(bound, footprint)))
+    assert result.ideal_speedup >= speedup
+    assert peak_cache_bytes(result.plan, footprint) <= bound
+    assert result.plan.provenance["search"]["speedup"] == speedup
+    assert result.plan.provenance["search"]["max_cache_bytes"] == bound
+    with pytest.raises(BudgetError, match="its step cache alone keeps 16 bytes"):
+        search_plan(stats, flops, SearchConfig(speedup, warmup_steps=2, memory=MemoryBound(15, footprint)))
+
+
+def test_memory_bound_cache_dtype_refuses_extrapolation():
+    from invardiff.calibration.search import MemoryBound
+
+    with pytest.raises(ValueError, match="cache_dtype does not go with extrapolation"):
+        SearchConfig(2.0, extrapolate_steps=True, memory=MemoryBound(100, toy_footprint(), "bfloat16"))

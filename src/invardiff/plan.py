@@ -25,6 +25,10 @@ Format version 2 adds two optional fields, the extrapolation coefficients of reu
 (``plan_extrapolation.py``): ``"step_extrapolation": [c_0, ..., c_(T-1)]`` and ``"unit_extrapolation":
 {block_list: {unit: [[c per layer], ...one row per step]}}``. A plan without them is still written as version 1,
 and version 1 files read as plans without extrapolation.
+
+Format version 3 adds the optional cache storage dtype (``"cache_dtype": "float8_e4m3fn"``, ``engine/storage.py``):
+the engine keeps reused values in that dtype. Only plans that set it are written as version 3, so that an older
+invardiff refuses them instead of running them at full cache memory.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from .plan_file import PlanError, parse_json, read_json
 
 PLAN_FORMAT = "invardiff-cache-plan"
 PLAN_FORMAT_VERSION = 2  # written only by plans with extrapolation coefficients; the others stay version 1
-READABLE_VERSIONS = (1, 2)
+CACHE_DTYPE_VERSION = 3  # written only by plans with a cache storage dtype
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class CachePlan:
             (:mod:`invardiff.calibration.search`); nonzero only at step-cached steps.
         unit_extrapolation: ``{block_list: {unit: (T, L) float}}`` (version 2), or ``None``: the same for reused
             units (keyed by executable unit, e.g. Flux's joint ``attn``); nonzero only where the unit is reused.
+        cache_dtype: the dtype the engine stores reused values in (format version 3; ``engine/storage.py``:
+            ``float32``, ``bfloat16``, ``float16``, ``float8_e4m3fn`` with a per-tensor scale), or ``None``: the
+            model's dtype. Not with extrapolation coefficients.
 
     Trade-off: a plan that reuses more runs faster and drifts further from full compute; see ``invardiff inspect``
     for the compute a plan removes before running it.
@@ -119,6 +127,7 @@ class CachePlan:
     written_by: dict[str, str] = field(default_factory=lambda: {"invardiff": __version__})
     step_extrapolation: np.ndarray | None = None
     unit_extrapolation: dict[str, dict[str, np.ndarray]] | None = None
+    cache_dtype: str | None = None
 
     def __post_init__(self):
         self.step_cache = np.asarray(self.step_cache, dtype=bool)
@@ -135,6 +144,7 @@ class CachePlan:
             }
         validate_plan(self)
         validate_extrapolation(self)
+        _validate_cache_dtype(self)
 
     @property
     def extrapolates(self) -> bool:
@@ -160,9 +170,10 @@ class CachePlan:
 
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
+        version = CACHE_DTYPE_VERSION if self.cache_dtype else PLAN_FORMAT_VERSION if self.extrapolates else 1
         return {
             "format": PLAN_FORMAT,
-            "format_version": PLAN_FORMAT_VERSION if self.extrapolates else 1,
+            "format_version": version,
             "written_by": dict(self.written_by),
             "model": self.model.to_dict(),
             "num_inference_steps": self.num_inference_steps,
@@ -174,6 +185,7 @@ class CachePlan:
                 for name, kinds in self.module_reuse.items()
             },
             **extrapolation_to_dict(self),
+            **({"cache_dtype": self.cache_dtype} if self.cache_dtype else {}),
         }
 
     @classmethod
@@ -321,7 +333,13 @@ def _plan_from_dict(data: Any) -> CachePlan:
     step_cache = _str_to_bits(data.get("step_cache"), T, "plan.step_cache")
     module_reuse = _module_reuse_from_dict(_require(data, "module_reuse", dict, "plan"), model, T)
     steps, units = extrapolation_from_dict(data, version, model, T)
-    return CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units)
+    cache_dtype = data.get("cache_dtype")
+    if cache_dtype is not None and version < CACHE_DTYPE_VERSION:
+        raise PlanError(f"plan.cache_dtype needs format_version {CACHE_DTYPE_VERSION}, but the file says {version}.")
+    if version == CACHE_DTYPE_VERSION and cache_dtype is None:
+        raise PlanError(f"format_version {CACHE_DTYPE_VERSION} is for plans with a cache_dtype; this one has none.")
+    plan = CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units, cache_dtype)
+    return plan
 
 
 def _module_reuse_from_dict(data: dict, model: ModelFacts, T: int) -> dict[str, dict[str, np.ndarray]]:
@@ -367,6 +385,23 @@ def validate_plan(plan: CachePlan) -> None:
                     f"(steps x layers), got {matrix.shape}."
                 )
             _check_reuse_has_source(matrix[executed], np.flatnonzero(executed), f"{facts.name}.{kind}")
+
+
+def _validate_cache_dtype(plan: CachePlan) -> None:
+    from .engine.storage import CACHE_DTYPES
+
+    if plan.cache_dtype is None:
+        return
+    if plan.cache_dtype not in CACHE_DTYPES:
+        raise PlanError(
+            f"cache_dtype must be one of {sorted(CACHE_DTYPES)} or absent (the model's dtype), got "
+            f"{plan.cache_dtype!r:.60}."
+        )
+    if plan.extrapolates:
+        raise PlanError(
+            "A plan cannot have both a cache_dtype and extrapolation coefficients (an extrapolation pair is kept "
+            "in the model's dtype); drop one of them."
+        )
 
 
 def _check_reuse_has_source(rows: np.ndarray, steps: np.ndarray, where: str) -> None:

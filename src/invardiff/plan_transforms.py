@@ -38,7 +38,15 @@ def cap_step_runs(plan: CachePlan, max_run: int) -> CachePlan:
         for name, kinds in plan.module_reuse.items()
     }
     provenance = {**plan.provenance, "max_step_run": max_run}
-    return CachePlan(plan.model, plan.num_inference_steps, step_cache, module_reuse, plan.scheduler, provenance)
+    return CachePlan(
+        plan.model,
+        plan.num_inference_steps,
+        step_cache,
+        module_reuse,
+        plan.scheduler,
+        provenance,
+        cache_dtype=plan.cache_dtype,
+    )
 
 
 def resample_plan(
@@ -96,7 +104,9 @@ def resample_plan(
         **plan.provenance,
         "resampled_from": {"num_steps": T, "axis": "index" if source_times is None else "schedule"},
     }
-    return CachePlan(plan.model, num_steps, step_cache, module_reuse, plan.scheduler, provenance)
+    return CachePlan(
+        plan.model, num_steps, step_cache, module_reuse, plan.scheduler, provenance, cache_dtype=plan.cache_dtype
+    )
 
 
 def _positions(times, count: int, name: str) -> np.ndarray:

@@ -25,6 +25,7 @@ METHODS = (
     "invardiff-capped",
     "invardiff-search",
     "invardiff-search+extrap",
+    "invardiff-memory",
     "dicache",
     "plan+probe",
     "peers",
@@ -207,6 +208,15 @@ def sweep_points(
         if method in methods:
             note(f"searching {method}")
             points += _search_points(target, method, extrapolate)
+    if "invardiff-memory" in methods:  # plans held to a cache-memory bound (memory_points.py)
+        from .memory_points import memory_points
+
+        preset = "fast" if "fast" in PRESETS[family] else next(iter(PRESETS[family]))
+        if preset not in plans:
+            note(f"calibrating {preset}")
+            plans[preset] = _calibrate(target, preset)
+        note("fitting invardiff-memory")
+        points += memory_points(target, plans[preset])
     if "invardiff-capped" in methods:
         for max_run, levels in grid.capped.items():
             for step, level in levels:

@@ -42,6 +42,8 @@ def calibrate_budget(
     batch_size: int | None = None,
     pipeline_kwargs: dict | None = None,
     verify: bool = False,
+    max_cache_bytes: int | None = None,
+    cache_dtype: str | None = None,
 ) -> tuple[list[SearchResult], TrajectoryStats]:
     """Plans of least calibration-set error at each FLOP-ideal speedup in ``speedups`` (one per target).
 
@@ -56,6 +58,10 @@ def calibrate_budget(
     ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS` by the
     sampled outputs' error on the calibration inputs (see the module docstring; ``search.max_run`` is then
     ignored). Slower calibration (up to 3 sampling passes per target), plans that hold up better at high speedups.
+
+    ``max_cache_bytes``: every plan keeps at most this many bytes of cache in a run at the sampling call's shapes
+    (:class:`~invardiff.calibration.search.MemoryBound`, measured on the meta device), its values stored as
+    ``cache_dtype`` (default: the model's dtype; ``engine/storage.py``).
 
     Returns the results (targets out of reach are skipped with a warning) and the trajectory statistics, from
     which more plans can be searched without the model.
@@ -74,8 +80,15 @@ def calibrate_budget(
         **sampling_defaults(pipe, family),
         **(pipeline_kwargs or {}),
     }
-    flops = profile_flops(pipeline_call_config(pipe, family, call_kwargs))
+    model_config = pipeline_call_config(pipe, family, call_kwargs)
+    flops = profile_flops(model_config)
     config = replace(search or SearchConfig(speedup=max(speedups)), speedup=max(speedups))
+    if max_cache_bytes is not None or cache_dtype is not None:
+        from ..cache_footprint import measure_footprint
+        from .search import MemoryBound
+
+        bound = max_cache_bytes if max_cache_bytes is not None else 2**62  # a storage dtype alone: no bound
+        config = replace(config, memory=MemoryBound(bound, measure_footprint(model_config), cache_dtype))
     if not verify:
         return pareto_plans(stats, flops, speedups, config), stats
     return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size), stats

@@ -20,6 +20,12 @@ programming), and the counts are allocated across units greedily along each unit
 one unit; a standard heuristic for several). The result meets the budget exactly: its FLOP-ideal speedup is at
 least the target and its FLOPs are less than one step's worth below the budget.
 
+Memory bound (``SearchConfig.memory``): the plan must also keep at most ``max_cache_bytes`` of cache on a model
+config. The search's plan is fitted to the bound (:func:`invardiff.memory_fit.fit_memory`: the reuses of least
+FLOPs are computed instead), and while the fitted plan falls short of the target the search is rerun at a target
+raised by the shortfall; the result is the first fitted plan that meets the target. Step caching keeps only H, so
+under a tight bound the plans lean on it more.
+
 Trade-off: the error model is a proxy, fitted on the calibration inputs; the sweep measures the true error on
 held-out inputs. Search time grows with ``T^2 * max_run^2`` per unit with unit extrapolation (seconds for T=50).
 """
@@ -56,6 +62,7 @@ class SearchConfig:
         extrapolate_units (`bool`): the same for reused units.
         reuse_units (`bool`, defaults to `True`): allow unit reuse on computed steps (layer-wise caching).
         unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
+        memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
 
     speedup: float
@@ -65,6 +72,7 @@ class SearchConfig:
     extrapolate_units: bool = False
     reuse_units: bool = True
     unit_weight: float = 1.0
+    memory: MemoryBound | None = None
 
     def __post_init__(self):
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
@@ -75,6 +83,24 @@ class SearchConfig:
             raise ValueError(f"max_run must be an integer >= 1 or None, got {self.max_run!r}.")
         if not self.unit_weight >= 0.0:
             raise ValueError(f"unit_weight must be >= 0, got {self.unit_weight!r}.")
+        if self.memory is not None and self.memory.cache_dtype and (self.extrapolate_steps or self.extrapolate_units):
+            raise ValueError("A cache_dtype does not go with extrapolation (plans cannot have both); drop one.")
+
+
+@dataclass(frozen=True)
+class MemoryBound:
+    """A bound on a searched plan's peak cache memory.
+
+    Args:
+        max_cache_bytes (`int`): the most bytes the engine may hold for one run (``invardiff.memory.cache_memory``).
+        footprint (`CacheFootprint`): the model config the bound is on
+            (:func:`invardiff.cache_footprint.measure_footprint`), at the sampling call's shapes and dtype.
+        cache_dtype (`str`, optional): the plans' cache storage dtype (``engine/storage.py``).
+    """
+
+    max_cache_bytes: int
+    footprint: object
+    cache_dtype: str | None = None
 
 
 @dataclass
@@ -107,7 +133,53 @@ def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchRe
     ``flops`` is the :class:`invardiff.flops.FlopProfile` of the model at the sampling shapes. Raises
     :class:`BudgetError` when the target is out of reach (the message gives the fastest reachable speedup).
     """
+    if config.memory is not None:
+        return _memory_bounded(stats, flops, config)
     return _Search(stats, flops, config).run()
+
+
+MAX_TARGET_RAISES = 20
+
+
+def _memory_bounded(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchResult:
+    """The search at ``config.speedup``, fitted to ``config.memory``; rerun at raised targets until the fitted plan
+    meets the speedup (see the module docstring)."""
+    from dataclasses import replace
+
+    from ..memory_fit import MemoryBoundError, fit_memory
+
+    bound = config.memory
+    low, high, target = config.speedup, math.inf, config.speedup  # fitted short at low; out of reach at high
+    for _ in range(MAX_TARGET_RAISES):
+        try:
+            result = _Search(stats, flops, replace(config, speedup=target)).run()
+        except BudgetError as error:
+            if target == config.speedup:
+                raise
+            high, last_error = target, error
+        else:
+            try:
+                plan = fit_memory(result.plan, bound.footprint, flops, bound.max_cache_bytes, bound.cache_dtype)
+            except MemoryBoundError as error:
+                raise BudgetError(str(error)) from None
+            speedup = ideal_speedup(plan, flops)
+            if speedup >= config.speedup:
+                search = plan.provenance["search"]
+                search.update(speedup=config.speedup, searched_speedup=target, max_cache_bytes=bound.max_cache_bytes)
+                search.update(model_config=bound.footprint.config_name, cache_dtype=bound.cache_dtype)
+                return SearchResult(plan, result.error, result.step_error, result.unit_error, speedup)
+            low = target
+        # Raise by the shortfall; when that is out of reach, halve the gap (geometrically) instead.
+        raised = low * config.speedup / speedup * (1 + 1e-3) if high == math.inf else math.sqrt(low * high)
+        if raised >= high or high / low < 1.001:
+            break
+        target = raised
+    reason = f": {last_error}" if high < math.inf else ""
+    raise BudgetError(
+        f"{config.speedup:g}x within {bound.max_cache_bytes} bytes of cache is out of reach: the fitted plans of the "
+        f"searches from {config.speedup:g}x to {target:.3g}x all fall short{reason} Raise the bound, a narrower "
+        f"cache dtype, or lower the budget."
+    )
 
 
 def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
@@ -275,7 +347,7 @@ class _Search:
         unit_reuse, unit_coefficients = {}, {}
         for facts in self.stats.model.block_lists:
             spec = family.block_list(facts.name)
-            _check_kinds_unshared(spec)
+            spec.check_kinds_unshared("the search decides per unit and cannot write such a plan")
             for unit in spec.units:
                 bits = np.zeros((T, facts.num_layers), dtype=bool)
                 coefficients = np.zeros((T, facts.num_layers))
@@ -448,15 +520,3 @@ def _lower_hull(errors: np.ndarray) -> list[int]:
                 break
         hull.append(r)
     return hull
-
-
-def _check_kinds_unshared(spec) -> None:
-    seen = {}
-    for unit in spec.units:
-        for kind in unit.kinds:
-            if kind in seen:
-                raise NotImplementedError(
-                    f"Module kind {kind!r} of {spec.attr!r} controls units {seen[kind]!r} and {unit.name!r}; the "
-                    f"search decides per unit and cannot write such a plan."
-                )
-            seen[kind] = unit.name

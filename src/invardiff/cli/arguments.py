@@ -3,7 +3,7 @@ parsed (or its help shown): what a function imports is paid only by its own subc
 
 from __future__ import annotations
 
-from .parsing import at_least, registry_choice
+from .parsing import CACHE_DTYPES, at_least, registry_choice
 
 
 def _threads(parser) -> None:
@@ -189,6 +189,47 @@ def build_plan(p) -> None:
 
 def inspect(p) -> None:
     p.add_argument("plan", nargs="?", help="a plan file (not with --calibration-memory)")
+    model_config_arguments(p)
+    p.add_argument(
+        "--calibration-memory",
+        action="store_true",
+        help="instead of a plan: calibration feature memory per sample on --model-config (meta device)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --model-config: peak cache memory of a run (engine on the meta device, no compute), in the plan's "
+        "cache dtype and in each other storage dtype",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def fit_memory(p) -> None:
+    p.add_argument("plan", help="a plan file (an official book: convert it first with convert-official)")
+    model_config_arguments(p)
+    p.add_argument(
+        "--max-cache-memory",
+        metavar="SIZE",
+        required=True,
+        help="the bound on peak cache memory, e.g. 1.5GB (10^9 bytes), 1.5GiB (2^30), 800MB, or bytes",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=CACHE_DTYPES,
+        help="store cached values in this dtype (plan format version 3; fp8 e4m3 with a per-tensor scale); "
+        "default: the plan's own (the model's dtype)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=30.0,
+        help="seconds of branch and bound (default 30); a fit stopped at the limit says how far from optimal at most",
+    )
+    p.add_argument("-o", "--output", required=True)
+
+
+def model_config_arguments(p) -> None:
+    """The model config a plan is measured on: named, a config.json, a bundled model, your model's config."""
     p.add_argument("--model-config", help="named config (flux1-dev, dit-xl-2, flux-bench, ...) or a config.json")
     model_source(p, "flux-shapes, dit-digits, wan-motion (their own call shapes); --pipeline / --transformer: the "
                  "transformer config they hold, read without loading weights")  # fmt: skip
@@ -199,17 +240,6 @@ def inspect(p) -> None:
     )
     shape.add_argument("--batch", type=at_least(1, "a batch size"), help="rows per transformer call (DiT CFG: 2)")
     shape.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and activations")
-    p.add_argument(
-        "--calibration-memory",
-        action="store_true",
-        help="instead of a plan: calibration feature memory per sample on --model-config (meta device)",
-    )
-    p.add_argument(
-        "--memory",
-        action="store_true",
-        help="with --model-config: peak cache memory of a run (engine on the meta device, no compute)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def convert(p) -> None:
@@ -235,7 +265,8 @@ def bench(p) -> None:
         nargs="+",
         type=_sweep_method,
         help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
-        "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; dicache; "
+        "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; "
+        "invardiff-memory: plans held to a cache-memory bound (FLUX.1-dev's 1.5 GB, scaled); dicache; "
         "plan+probe; peers (default: all)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")

@@ -40,6 +40,7 @@ def inspect_plan(args) -> int:
         from ..memory import cache_memory
 
         summary.update(cache_memory(plan, config))
+        summary.update(_memory_by_cache_dtype(plan, config))
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -69,10 +70,63 @@ def inspect_plan(args) -> int:
             f"(FLOPs executed: {summary['compute_fraction']:.1%} of full compute)"
         )
     if args.memory:
+        stored = f"stored in {plan.cache_dtype} (the plan's cache_dtype)" if plan.cache_dtype else "model dtype"
         print(
-            f"peak cache memory: {summary['peak_cache_bytes'] / 2**30:.3f} GiB (keeping every unit output and H "
-            f"of a step: {summary['all_outputs_bytes'] / 2**30:.3f} GiB)"
+            f"peak cache memory: {summary['peak_cache_bytes'] / 2**30:.3f} GiB, {stored} (keeping every unit output "
+            f"and H of a step: {summary['all_outputs_bytes'] / 2**30:.3f} GiB)"
         )
+        others = summary.get("peak_cache_bytes_by_cache_dtype")
+        if others:
+            print("  in another cache dtype: " + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in others.items()))
+    return 0
+
+
+def _memory_by_cache_dtype(plan, config) -> dict:
+    """The plan's cache dtype, and its peak in each storage dtype (the footprint replay, which equals the engine's
+    accounting; not for plans that extrapolate units or set no dtype can change)."""
+    from ..cache_footprint import measure_footprint, peak_cache_bytes
+    from .parsing import CACHE_DTYPES
+
+    result = {"cache_dtype": plan.cache_dtype}
+    if plan.unit_extrapolation is None:
+        footprint = measure_footprint(config)
+        result["peak_cache_bytes_by_cache_dtype"] = {d: peak_cache_bytes(plan, footprint, d) for d in CACHE_DTYPES}
+    return result
+
+
+def fit_memory(args) -> int:
+    from ..cache_footprint import measure_footprint
+    from ..flops import profile_flops
+    from ..memory_fit import fit_memory as fit
+    from ..memory_fit import parse_size
+
+    bound = parse_size(args.max_cache_memory)
+    if not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be a number of seconds > 0, got {args.time_limit}.")
+    plan = CachePlan.load(args.plan)
+    config = _inspected_config(args)
+    if config is None:
+        raise ValueError("fit-memory needs --model-config or --model (the shapes the cache memory depends on).")
+    flops = profile_flops(config)
+    fitted = fit(plan, measure_footprint(config), flops, bound, args.cache_dtype, args.time_limit)
+    fitted.save(args.output)
+    fit_record = fitted.provenance.get("memory_fit")
+    if fitted is plan or fit_record is None:
+        print(
+            f"wrote {args.output}: the plan keeps at most {bound} bytes of cache on {config.name} (stored in "
+            f"{fitted.cache_dtype or config.dtype}); no reuse dropped"
+        )
+        return 0
+    speed, peak = fit_record["ideal_speedup"], fit_record["peak_cache_bytes"]
+    quality = (
+        "optimal" if fit_record["optimal"] else f"stopped at the time limit, at most {speed['bound']:.3f}x possible"
+    )
+    print(
+        f"wrote {args.output}: peak cache {peak['before'] / 2**30:.3f} -> {peak['after'] / 2**30:.3f} GiB "
+        f"(stored in {fitted.cache_dtype or config.dtype}) "
+        f"(bound {bound / 2**30:.3f} GiB), ideal speedup {speed['before']:.3f}x -> {speed['after']:.3f}x on "
+        f"{config.name}, {fit_record['reuses_dropped']} reuses computed instead ({quality})"
+    )
     return 0
 
 
@@ -169,8 +223,9 @@ def calibrate(args) -> int:
     from ..calibration import calibrate as run_calibration
 
     _use_threads(args)
-    from .search_commands import calibrate_budget, wants_search
+    from .search_commands import calibrate_budget, refuse_memory_options, wants_search
 
+    refuse_memory_options(args)
     runs = _calibration_runs(args)  # bad inputs fail before the model loads
     pipe, family, entry = _load_pipeline(args)
     thresholds = None if wants_search(args) else _thresholds(args, family, default=True)

@@ -37,6 +37,12 @@ COMMANDS = (
         "resample_plan",
     ),
     (
+        "fit-memory",
+        "a plan fitted to a bound on peak cache memory, dropping the reuses of least FLOPs (no model needed)",
+        arguments.fit_memory,
+        "fit_memory",
+    ),
+    (
         "inspect",
         "reuse statistics of a plan, and its ideal speedup on a model config",
         arguments.inspect,

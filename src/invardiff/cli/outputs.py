@@ -14,6 +14,7 @@ OUTPUTS = {
     "calibrate": ("output", "-o", "file"),
     "build-plan": ("output", "-o", "file"),
     "resample-plan": ("output", "-o", "file"),
+    "fit-memory": ("output", "-o", "file"),
     "convert-official": ("output", "-o", "file"),
     "plot": ("output", "-o", "file"),
     "bench": ("out", "--out", "directory"),

@@ -54,3 +54,8 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompt (one prompt per line).")
     return prompts
+
+
+# The cache storage dtypes a plan may name (invardiff.engine.storage maps them to torch dtypes; the CLI stays
+# torch-free).
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn")

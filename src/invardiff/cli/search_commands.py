@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .parsing import at_least
+from .parsing import CACHE_DTYPES, at_least
 
 
 EXTRAPOLATE = ("none", "steps", "units", "both")
@@ -29,6 +29,18 @@ def add_search_arguments(p) -> None:
         default="none",
         help="reused steps and/or units extrapolate from their last two computed values with fitted coefficients "
         "(plan format version 2)",
+    )
+    group.add_argument(
+        "--max-cache-memory",
+        metavar="SIZE",
+        help="at most this much peak cache memory in a run at the calibration call's shapes (e.g. 1.5GB, 800MiB; "
+        "the engine's own accounting on the meta device): the search's plans are fitted to it, and searched "
+        "faster until the fitted plan meets the budget",
+    )
+    group.add_argument(
+        "--cache-dtype",
+        choices=CACHE_DTYPES,
+        help="store cached values in this dtype (plan format version 3; fp8 with a per-tensor scale)",
     )
     group.add_argument("--window", type=int, default=6, help="longest reuse run the trajectories support (default 6)")
     group.add_argument("--max-run", type=int, help="at most this many consecutive reused steps (default: --window)")
@@ -57,6 +69,17 @@ def wants_search(args) -> bool:
     return bool(getattr(args, "budget", None) or getattr(args, "pareto", None))
 
 
+def refuse_memory_options(args) -> None:
+    """--max-cache-memory / --cache-dtype shape the budgeted search only; a preset's plan is fitted afterwards."""
+    given = [name for name in ("max_cache_memory", "cache_dtype") if getattr(args, name, None) is not None]
+    if given and not wants_search(args):
+        option = "--" + given[0].replace("_", "-")
+        raise ValueError(
+            f"{option} applies to the budgeted search (--budget / --pareto); to bound a preset's plan, fit it "
+            f"afterwards: invardiff fit-memory PLAN --model NAME --max-cache-memory SIZE -o OUT."
+        )
+
+
 def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     from ..calibration.budget import calibrate_budget as run
     from ..calibration.search import SearchConfig, parse_budget
@@ -75,6 +98,13 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     except NotImplementedError as error:
         raise ValueError(str(error)) from None  # a one-line error (exit status 2), as for any option it refuses
     speedups = [parse_budget(args.budget)] if args.budget else [parse_budget(s) for s in args.pareto.split(",")]
+    max_cache_bytes = None
+    if args.max_cache_memory is not None:
+        from ..memory_fit import parse_size
+
+        max_cache_bytes = parse_size(args.max_cache_memory)
+    if args.cache_dtype and args.extrapolate != "none":
+        raise ValueError("--cache-dtype does not go with --extrapolate (plans cannot have both); drop one.")
     config = SearchConfig(
         max(speedups),
         warmup_steps=args.warmup_steps,
@@ -92,6 +122,8 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         batch_size=args.batch_size,
         pipeline_kwargs=extra,
         verify=args.verify,
+        max_cache_bytes=max_cache_bytes,
+        cache_dtype=args.cache_dtype,
     )
     if not results:
         raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")
@@ -103,6 +135,9 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         computed = int((~result.plan.step_cache).sum())
         verified = result.plan.provenance["search"].get("verified")
         checked = f", sampled output MSE {verified['output_mse']:.3g}" if verified else ""
+        fit = result.plan.provenance.get("memory_fit")
+        if fit is not None:
+            checked += f", peak cache {fit['peak_cache_bytes']['after'] / 2**20:.1f} MiB after the memory fit"
         print(
             f"wrote {path} ({result.ideal_speedup:.3f}x ideal, {computed}/{steps} steps computed, "
             f"calibration error {result.error:.4g}{checked})"

@@ -191,4 +191,10 @@ class PlanProbeConfig:
                 "the probe's vetoes would change which values the coefficients were fitted for. Use the plan alone "
                 "(policy plan), or search a plan without extrapolation (calibrate --budget, --extrapolate none)."
             )
+        if self.plan.cache_dtype is not None:
+            raise ValueError(
+                f"plan+probe keeps its cache in the model's dtype; this plan sets cache_dtype "
+                f"{self.plan.cache_dtype!r} (format version 3). Use the plan alone (policy plan), or a plan without "
+                f"a cache_dtype."
+            )
         _check_probe_settings(self.threshold, self.probe_depth, self.error, self.skip_when, allow_inf=True)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .storage import StoredTensor
+
 
 NOT_RUN, COMPUTED, REUSED = -1, 0, 1  # unit status; for steps REUSED means step-cached
 
@@ -28,6 +30,8 @@ class UnitRef:
 def tensor_bytes(value) -> int:
     if torch.is_tensor(value):
         return value.numel() * value.element_size()
+    if isinstance(value, StoredTensor):  # a cached value in a cache storage dtype (storage.py)
+        return value.nbytes
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(item) for item in value)
     return 0

@@ -110,6 +110,20 @@ class BlockListSpec:
         ``(T, L)`` books of this list): where every kind that controls the unit is."""
         return {unit.name: np.logical_and.reduce([kind_reuse[kind] for kind in unit.kinds]) for unit in self.units}
 
+    def check_kinds_unshared(self, why: str) -> None:
+        """Raise ``NotImplementedError`` when one module kind controls two units (a plan bit would then decide both):
+        tools that choose reuse per unit (the budgeted search, fit-memory) cannot write such a plan; ``why`` says
+        which tool and why."""
+        seen: dict[str, str] = {}
+        for unit in self.units:
+            for kind in unit.kinds:
+                if kind in seen:
+                    raise NotImplementedError(
+                        f"Module kind {kind!r} of {self.attr!r} controls units {seen[kind]!r} and {unit.name!r}; "
+                        f"{why}."
+                    )
+                seen[kind] = unit.name
+
     def __post_init__(self):
         used = {kind for unit in self.units for kind in unit.kinds}
         if used != set(self.module_kinds):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..engine.policy import CachePolicy, StepAction, register_policy
+from ..engine.storage import CacheCodec
 from ..families import FamilySpec
 from ..plan import CachePlan, PlanError
 from ..stats import unit_reuse
@@ -61,6 +62,9 @@ class PlanPolicy(CachePolicy):
     Extrapolation (plan format version 2, see ``extrapolation.py``): where a reuse run has a nonzero coefficient,
     its anchor keeps the pair of the last two computed values and the reuse returns one ``torch.lerp`` of them; a
     zero coefficient returns the anchor itself, so a plan without coefficients runs exactly as before.
+
+    Cache storage dtype (plan format version 3, ``engine/storage.py``): kept values are encoded as they are kept and
+    decoded as they are reused; a plan without one keeps the outputs themselves.
     """
 
     name = "plan"
@@ -75,6 +79,7 @@ class PlanPolicy(CachePolicy):
 
     def _load(self, plan: CachePlan) -> None:
         self.plan = plan
+        self.codec = CacheCodec(plan.cache_dtype) if plan.cache_dtype else None
         units = self.units
         self.num_steps = plan.num_inference_steps
         executed = ~plan.step_cache
@@ -127,16 +132,20 @@ class PlanPolicy(CachePolicy):
     def reused_hidden(self, transformer, state) -> torch.Tensor:
         if state.hidden is None:
             raise RuntimeError(f"invardiff: the plan reuses step {state.step} but no hidden state is cached.")
+        hidden = self.codec.decode(state.hidden) if self.codec is not None else state.hidden
         if self.step_reuse == "residual":  # the kept value is the residual H - x
-            return self.embed_input(state.call) + state.hidden
-        return extrapolate(state.hidden, self.step_coefficient[state.step])
+            return self.embed_input(state.call) + hidden
+        return extrapolate(hidden, self.step_coefficient[state.step])
 
     def unit_to_keep(self, state, unit: int, output):
         if self.unit_pair[state.step][unit]:  # a later reuse extrapolates from (previous output, this output)
             return Pair(anchor_of(state.units[unit]), output)
-        return super().unit_to_keep(state, unit, output)
+        kept = super().unit_to_keep(state, unit, output)
+        return self.codec.encode(kept) if self.codec is not None else kept
 
     def reused_unit(self, state, unit: int, cached):
+        if self.codec is not None:  # plans with a cache dtype have no extrapolation (CachePlan refuses both)
+            return self.codec.decode(cached)
         return extrapolate(cached, self.unit_coefficient[state.step][unit])
 
     def head_input(self, state, hidden):
@@ -150,7 +159,7 @@ class PlanPolicy(CachePolicy):
         value = hidden if self.step_reuse == "state" else hidden - self.embed_input(state.call)  # R = H - x
         if self.hidden_pair[state.step]:
             return Pair(anchor_of(state.hidden), value)
-        return value
+        return self.codec.encode(value) if self.codec is not None else value
 
     def describe(self) -> dict:
         return {"policy": self.name, "step_reuse": self.step_reuse, "provenance": self.plan.provenance}
