@@ -156,9 +156,13 @@ def _check_head(engine, transformer, state, output) -> None:
 
 
 def _sample(output) -> torch.Tensor:
-    if torch.is_tensor(output):
-        return output
-    return output.sample if hasattr(output, "sample") else output[0]
+    if not torch.is_tensor(output):
+        output = output.sample if hasattr(output, "sample") else output[0]
+    if isinstance(output, (list, tuple)) and output and all(torch.is_tensor(item) for item in output):
+        # One tensor per sample (ZImageTransformer2DModel): compared as one batch, when the shapes allow it.
+        shapes = {item.shape for item in output}
+        return torch.stack(list(output)) if len(shapes) == 1 else torch.cat([item.flatten() for item in output])
+    return output
 
 
 def _reproduces(actual: torch.Tensor, expected) -> bool:
