@@ -108,6 +108,9 @@ def row_of(call: dict, index: int) -> dict:
         "x",  # Z-Image: lists of per-sample latents and caption features, and its timestep t
         "cap_feats",
         "t",
+        "timesteps",  # HiDream
+        "encoder_hidden_states_t5",
+        "pooled_embeds",
         "hidden_states",
         "encoder_hidden_states",
         "pooled_projections",
@@ -118,7 +121,10 @@ def row_of(call: dict, index: int) -> dict:
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
     )
     sliced = (torch.Tensor, list)
-    return {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}
+    row = {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}
+    if torch.is_tensor(call.get("encoder_hidden_states_llama3")):  # HiDream: (Llama layers, B, T, D)
+        row["encoder_hidden_states_llama3"] = call["encoder_hidden_states_llama3"][:, index : index + 1]
+    return row
 
 
 @torch.no_grad()

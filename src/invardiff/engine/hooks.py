@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..families.spec import SpecError
 from .policy import StepAction
+from .state import take_rows
 
 
 STEP_HOOK = "invardiff_step"
@@ -104,9 +105,12 @@ def _head_input(engine, args: tuple, kwargs: dict):
     state = engine.active
     if state is None:
         return args, kwargs
-    hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
+    received = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
+    hidden = received
+    if engine.family.rows_in_place and state.compute_rows is not None and not state.skip_all:
+        hidden = take_rows(hidden, state.compute_rows)  # the deep blocks wrote the computing rows into the full batch
     head_hidden, kept = engine.policy.head_input(state, hidden)
-    if head_hidden is not hidden:
+    if head_hidden is not received:
         args, kwargs = ((head_hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": head_hidden})
     if state.step == 0:
         engine.note_step0_output(head_hidden)

@@ -139,6 +139,11 @@ class FamilySpec:
             list of per-sample tensors (Z-Image); it gives a call's batch size and device (:class:`TransformerCall`).
         timestep_arg: the ``forward`` argument that carries the timestep (HiDream: ``timesteps``, Z-Image: ``t``).
         timestep_offset: see ``timestep_scale`` (Z-Image passes ``(1000 - t) / 1000``: offset 1000, scale -1000).
+        rows_in_place: the transformer's ``forward`` joins full-batch tensors with the block stream between blocks
+            (HiDream concatenates each block's Llama hidden state), so on a probe step where some samples skip, the
+            stream cannot be cut to the computing rows once after the probe: instead each deep block cuts them out of
+            its own inputs and writes its output back into the full batch (the skipped rows pass through), and the
+            head takes the computing rows.
     """
 
     name: str
@@ -158,6 +163,7 @@ class FamilySpec:
     latent_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
     timestep_offset: float = 0.0
+    rows_in_place: bool = False
 
     def units_of(self, transformer: torch.nn.Module) -> list[tuple[BlockListSpec, int, ReuseUnit, torch.nn.Module]]:
         """``(block list, layer, unit, block)`` of every unit ``transformer`` has, in engine order (block lists in
@@ -387,6 +393,10 @@ class ConfigSpec:
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
         tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
             conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
+        on_meta: ``on_meta(transformer)`` makes a transformer built on the meta device (FLOP profiles, memory
+            estimates) runnable where its forward reads tensor values on the host (HiDream's mixture-of-experts
+            routing counts the tokens of each expert), on that instance only and with the same FLOPs; ``None``: the
+            stock forward runs on the meta device as it is.
     """
 
     example_call: Callable[..., dict]
@@ -396,6 +406,7 @@ class ConfigSpec:
     named: tuple[ModelConfig, ...] = ()
     bench: dict[str, str] = field(default_factory=dict)
     tiny: str | None = None
+    on_meta: Callable[[torch.nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
