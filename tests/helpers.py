@@ -14,6 +14,7 @@ import torch
 
 import invardiff
 from invardiff import CachePlan, ModelFacts
+from invardiff.bench.loop import clone_latents, euler_update
 from invardiff.calibration.run import output_tensor
 from invardiff.families import get_family
 from invardiff.families.model_config import ModelConfig
@@ -105,6 +106,12 @@ def batched_call(family: str):
 
 def row_of(call: dict, index: int) -> dict:
     per_sample = (
+        "x",  # Z-Image: lists of per-sample latents and caption features, and its timestep t
+        "cap_feats",
+        "t",
+        "timesteps",  # HiDream
+        "encoder_hidden_states_t5",
+        "pooled_embeds",
         "hidden_states",
         "encoder_hidden_states",
         "pooled_projections",
@@ -114,7 +121,11 @@ def row_of(call: dict, index: int) -> dict:
         "encoder_attention_mask",
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
     )
-    return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
+    sliced = (torch.Tensor, list)
+    row = {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}
+    if torch.is_tensor(call.get("encoder_hidden_states_llama3")):  # HiDream: (Llama layers, B, T, D)
+        row["encoder_hidden_states_llama3"] = call["encoder_hidden_states_llama3"][:, index : index + 1]
+    return row
 
 
 @torch.no_grad()
@@ -123,20 +134,21 @@ def branch_loop(transformer, family: str, calls: dict[str, dict], steps: int) ->
     ``calls`` (name -> call); under invardiff each call runs in ``cache_context(name, step_index=step)``. Returns
     each branch's final latents."""
     enabled = invardiff.is_enabled(transformer)
-    timestep_of = get_family(family).configs.call_timestep
-    latents = {name: call["hidden_states"].clone() for name, call in calls.items()}
+    spec = get_family(family)
+    timestep_of, latent_arg, timestep_arg = spec.configs.call_timestep, spec.latent_arg, spec.timestep_arg
+    latents = {name: clone_latents(call[latent_arg]) for name, call in calls.items()}
     for step in range(steps):
         for name, call in calls.items():
-            kwargs = dict(
-                call, hidden_states=latents[name], timestep=timestep_of(1.0 - step / steps, call["timestep"])
-            )
+            kwargs = {**call, latent_arg: latents[name]}
+            kwargs[timestep_arg] = timestep_of(1.0 - step / steps, call[timestep_arg])
             if enabled:
                 with invardiff.cache_context(transformer, name, step_index=step):
                     (output,) = transformer(**kwargs)
             else:
                 (output,) = transformer(**kwargs)
-            latents[name] = latents[name] - output[:, : latents[name].shape[1]] / steps
-    return latents
+            latents[name] = euler_update(latents[name], output, steps)
+    # Per-sample latents (Z-Image's list) as one batch tensor, like every other family's.
+    return {name: torch.stack(value) if isinstance(value, list) else value for name, value in latents.items()}
 
 
 def euler_loop(transformer, family: str, call: dict, config=None, steps: int = T_PROBE):

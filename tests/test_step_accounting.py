@@ -81,6 +81,22 @@ def test_a_batch_with_two_timesteps_is_caught(check_path):
         _finish(check)
 
 
+def test_a_reversed_timestep_is_mapped_back_onto_the_schedule(check_path):
+    # ZImagePipeline passes (1000 - t) / 1000 (0 = noise, 1 = clean): its family's offset 1000 and scale -1000.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Z-Image-Turbo's 9 steps
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 9, 9))
+    timesteps = scheduler.timesteps
+    check = TimestepCheck(timesteps, scale=-1000.0, offset=1000.0)
+    for step, t in enumerate(timesteps):
+        check.add((1000 - t.expand(2)) / 1000, step, "default")
+    _finish(check)
+    check = TimestepCheck(timesteps, scale=-1000.0, offset=1000.0)
+    check.add((1000 - timesteps[:1]) / 1000, 0, "default")
+    with pytest.raises(EngineError, match="scheduler's schedule says step 1"):
+        check.add((1000 - timesteps[2:3]) / 1000, 1, "default")  # step 1 sent step 2's timestep
+        _finish(check)
+
+
 @pytest.mark.slow  # bf16 matmuls are slow on the CPU: about 2 minutes
 def test_bf16_flux_pipeline_at_100_steps_runs_a_plan():
     config = dataclasses.replace(MODEL_CONFIGS["flux-tiny"], dtype="bfloat16")

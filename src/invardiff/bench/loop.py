@@ -19,6 +19,19 @@ from ..families.model_config import ModelConfig
 from .timing import timed
 
 
+def clone_latents(latents):
+    """A copy of a call's latents: a tensor, or a list of per-sample tensors (Z-Image)."""
+    return [item.clone() for item in latents] if isinstance(latents, (list, tuple)) else latents.clone()
+
+
+def euler_update(latents, prediction, steps: int):
+    """``latents - prediction / steps`` on the latents' channels (DiT predicts (eps, variance): eps is kept), for a
+    tensor or a list of per-sample tensors (channels first in each)."""
+    if isinstance(latents, (list, tuple)):
+        return [item - out[: item.shape[0]] / steps for item, out in zip(latents, prediction, strict=True)]
+    return latents - prediction[:, : latents.shape[1]] / steps
+
+
 class Trajectory:
     def __init__(
         self,
@@ -34,12 +47,13 @@ class Trajectory:
         self.num_steps = num_steps
         self.device = device
         self.call = config.example_call(device, seed=0)
-        self.call_timestep = get_family(config.family).configs.call_timestep
-        self.latents = self.call["hidden_states"].clone()
-        self.seconds = 0.0
+        family = get_family(config.family)
+        self.call_timestep = family.configs.call_timestep
+        self.latent_arg, self.timestep_arg = family.latent_arg, family.timestep_arg
+        self.restart()
 
     def restart(self) -> None:
-        self.latents = self.call["hidden_states"].clone()
+        self.latents = clone_latents(self.call[self.latent_arg])
         self.seconds = 0.0
 
     def run(self) -> None:
@@ -51,12 +65,11 @@ class Trajectory:
     def step(self, index: int) -> None:
         """Run denoising step ``index``: one timed transformer call, then the Euler update."""
         fraction = 1.0 - index / self.num_steps  # 1 -> 1/T, like the flow-matching sigmas
-        call = dict(self.call, hidden_states=self.latents)
-        call["timestep"] = self.call_timestep(fraction, self.call["timestep"])
+        call = {**self.call, self.latent_arg: self.latents}
+        call[self.timestep_arg] = self.call_timestep(fraction, self.call[self.timestep_arg])
         seconds, output = timed(lambda: self._forward(call, index), self.device)
         self.seconds += seconds
-        prediction = output[0][:, : self.latents.shape[1]]  # DiT predicts (eps, variance): keep eps
-        self.latents = self.latents - prediction / self.num_steps
+        self.latents = euler_update(self.latents, output[0], self.num_steps)
 
     @torch.no_grad()
     def _forward(self, call: dict, index: int):

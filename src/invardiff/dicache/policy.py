@@ -50,9 +50,7 @@ class DiCachePolicy(ProbePolicy):
         branch.warmup = table
         mixed = table.any(axis=1) & ~table.all(axis=1)
         # One host-to-device copy per run, and only when some step warms up part of the batch.
-        branch.warmup_device = (
-            torch.as_tensor(table, device=state.call["hidden_states"].device) if mixed.any() else None
-        )
+        branch.warmup_device = torch.as_tensor(table, device=state.call.device) if mixed.any() else None
         return branch
 
     def begin_step(self, state) -> StepAction:

@@ -122,8 +122,7 @@ class ProbePolicy(CachePolicy):
                 )
 
     def new_branch(self, state) -> ProbeBranch:
-        hidden = state.call["hidden_states"]
-        return ProbeBranch(state.num_steps, hidden.shape[0], hidden.device)
+        return ProbeBranch(state.num_steps, state.call.batch, state.call.device)
 
     # ----- after the probe blocks -----
     def decide(self, state, block_input: torch.Tensor, probe: torch.Tensor) -> ProbeDecision:

@@ -24,7 +24,7 @@ import types
 import torch
 
 from ..families.spec import block_outputs
-from .state import COMPUTED, REUSED, take_rows
+from .state import COMPUTED, REUSED, put_rows, take_rows
 
 
 INACTIVE, COMPUTE, REUSE, PLAIN = 0, 1, 2, 3  # unit modes
@@ -46,12 +46,24 @@ class UnitSlot:
 class BlockSlot:
     """What a block's adapter needs for the probe: its per-sample arguments and the layout of its output."""
 
-    def __init__(self, engine, block, per_sample_args: tuple[str, ...], image_output: int | None, first: bool):
+    def __init__(
+        self,
+        engine,
+        block,
+        per_sample_args: tuple[str, ...],
+        image_output: int | None,
+        first: bool,
+        in_place: bool = False,
+    ):
         self.engine = engine
         self.first = first  # the first block in execution order: in a run its mode is never INACTIVE
         self.image_output = image_output  # index of the image stream in the block's output tuple, None: a tensor
-        self.per_sample_args = per_sample_args
         self.passthrough = _passthrough_layout(block, image_output)
+        # In place (FamilySpec.rows_in_place): a deep block of a subset step gets the full batch, so its streams are
+        # cut too, and its output goes back into the full batch.
+        self.in_place = in_place
+        streams = tuple(name for name, _ in self.passthrough) if in_place else ()
+        self.per_sample_args = (*per_sample_args, *streams)
         base = getattr(type(block), "_invardiff_base", type(block))
         parameters = list(inspect.signature(base.forward).parameters)[1:]  # without self
         names = {*per_sample_args, *(name for name, _ in self.passthrough)}
@@ -134,7 +146,14 @@ def _after_probe(module, output):
     decision = engine.policy.decide(state, state.block_input, image)
     state.compute_rows, state.skip_all = decision.compute_rows, decision.skip_all
     engine.set_deep_blocks(SKIP if decision.skip_all else SUBSET if decision.compute_rows is not None else 0)
-    return output if decision.compute_rows is None else take_rows(output, decision.compute_rows)
+    if decision.compute_rows is None or slot.in_place:
+        return output
+    return take_rows(output, decision.compute_rows)
+
+
+@torch.compiler.disable
+def _put_back(module, full, output):
+    return put_rows(full, module._invardiff_slot.engine.active.compute_rows, output)
 
 
 @torch.compiler.disable
@@ -190,9 +209,14 @@ def _block_class(base: type) -> type:
             return _identity(self, args, kwargs)
         if mode & INPUT:
             _record_input(self, args, kwargs)
+        full = None
         if mode & SUBSET:
+            if self._invardiff_slot.in_place:
+                full = _identity(self, args, kwargs)  # the skipped rows pass through
             args, kwargs = _cut_rows(self, args, kwargs)
         output = base_forward(self, *args, **kwargs)
+        if full is not None:
+            output = _put_back(self, full, output)
         if mode & PROBE:
             output = _after_probe(self, output)
         return output
@@ -279,6 +303,6 @@ def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]
                 f"(families.spec.describe_block_outputs) describes it, so its pass-through output is unknown."
             )
         return [("hidden_states", 0)]
-    if outputs.encoder_index is None:
+    if outputs.encoder_index is None or image_output is None:  # its list says the block returns one tensor
         return [(outputs.hidden_arg, 0)]
     return [(outputs.encoder_arg, outputs.encoder_index), (outputs.hidden_arg, outputs.hidden_index)]

@@ -75,9 +75,9 @@ class TimestepCheck:
     ~0.01 ms, which a small model's 25 ms call notices).
     """
 
-    def __init__(self, timesteps: torch.Tensor, scale: float):
+    def __init__(self, timesteps: torch.Tensor, scale: float, offset: float = 0.0):
         self.values = timesteps.detach().float()  # on the scheduler's device; never read on the host per call
-        self.scale = scale
+        self.scale, self.offset = scale, offset  # schedule entry = offset + scale * the call's timestep
         self.host_values = self.values.tolist() if host_reads_are_free(self.values.device) else None
         self.first_bad: torch.Tensor | None = None  # (3,): [bad, step, timestep] of the first bad call
         self.pending = False
@@ -89,7 +89,7 @@ class TimestepCheck:
         if self.host_values is not None and host_reads_are_free(timestep.device):
             self._check_on_host(timestep, step, precision, branch)
             return
-        t = timestep.detach().float().reshape(-1).to(self.values.device) * self.scale  # (B,)
+        t = timestep.detach().float().reshape(-1).to(self.values.device) * self.scale + self.offset  # (B,)
         distance = (self.values - t[0]).abs()
         tolerance = precision * t[0].abs().clamp_min(1.0)
         bad = (distance[step] > distance.min() + tolerance) | (t != t[0]).any()
@@ -102,7 +102,7 @@ class TimestepCheck:
     def _check_on_host(self, timestep: torch.Tensor, step: int, precision: float, branch: str) -> None:
         # The device path's test on the same float32 values, in double precision: the two differ by float32 rounding
         # of the distances (~6e-8 relative), far inside the tolerance (at least 1e-6 relative).
-        t = (timestep.detach().float().reshape(-1) * self.scale).tolist()
+        t = (timestep.detach().float().reshape(-1) * self.scale + self.offset).tolist()
         first = t[0]
         distances = [abs(value - first) for value in self.host_values]
         if distances[step] > min(distances) + precision * max(abs(first), 1.0) or any(x != first for x in t):
@@ -193,7 +193,7 @@ class CacheEngine:
 
     # ----- call lifecycle (called by the step hook) -----
     def begin_call(self, args: tuple, kwargs: dict) -> BranchState:
-        call = TransformerCall(self.signature, args, kwargs)
+        call = TransformerCall(self.signature, args, kwargs, self.family.latent_arg)
         context = self._contexts[-1] if self._contexts else self._pipeline_context
         # A pipeline's own step_index (WanPipeline passes one) counts the whole schedule; with the pipeline at hand
         # the schedule gives the step, checks the timestep, and knows which part of it this transformer runs.
@@ -377,9 +377,10 @@ class CacheEngine:
         step = 0 if state is None or state.step is None else state.step + 1
         check = self._checks.get(name)
         if check is None or step == 0:
-            check = self._checks[name] = TimestepCheck(timesteps, self.family.timestep_scale)
+            family = self.family
+            check = self._checks[name] = TimestepCheck(timesteps, family.timestep_scale, family.timestep_offset)
         if step < len(timesteps):
-            check.add(call["timestep"], step, name)
+            check.add(call[self.family.timestep_arg], step, name)
         return step
 
     def _start_run(self, steps: torch.Tensor, part: slice, call_steps: int) -> None:

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..families.spec import SpecError
 from .policy import StepAction
+from .state import take_rows
 
 
 STEP_HOOK = "invardiff_step"
@@ -104,9 +105,12 @@ def _head_input(engine, args: tuple, kwargs: dict):
     state = engine.active
     if state is None:
         return args, kwargs
-    hidden = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
+    received = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
+    hidden = received
+    if engine.family.rows_in_place and state.compute_rows is not None and not state.skip_all:
+        hidden = take_rows(hidden, state.compute_rows)  # the deep blocks wrote the computing rows into the full batch
     head_hidden, kept = engine.policy.head_input(state, hidden)
-    if head_hidden is not hidden:
+    if head_hidden is not received:
         args, kwargs = ((head_hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": head_hidden})
     if state.step == 0:
         engine.note_step0_output(head_hidden)
@@ -156,9 +160,13 @@ def _check_head(engine, transformer, state, output) -> None:
 
 
 def _sample(output) -> torch.Tensor:
-    if torch.is_tensor(output):
-        return output
-    return output.sample if hasattr(output, "sample") else output[0]
+    if not torch.is_tensor(output):
+        output = output.sample if hasattr(output, "sample") else output[0]
+    if isinstance(output, (list, tuple)) and output and all(torch.is_tensor(item) for item in output):
+        # One tensor per sample (ZImageTransformer2DModel): compared as one batch, when the shapes allow it.
+        shapes = {item.shape for item in output}
+        return torch.stack(list(output)) if len(shapes) == 1 else torch.cat([item.flatten() for item in output])
+    return output
 
 
 def _reproduces(actual: torch.Tensor, expected) -> bool:

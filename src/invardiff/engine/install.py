@@ -107,7 +107,9 @@ def _adapt_blocks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
     for spec in family.block_lists:
         for block in getattr(transformer, spec.attr):
             index = len(blocks)  # block position in execution order
-            slot = adapters.BlockSlot(engine, block, spec.per_sample_args, spec.image_output, first=index == 0)
+            slot = adapters.BlockSlot(
+                engine, block, spec.per_sample_args, spec.image_output, index == 0, family.rows_in_place
+            )
             adapters.adapt(block, "block", slot)
             blocks.append(block)
             roles.append((adapters.INPUT if index == 0 else 0) | (adapters.PROBE if index == depth - 1 else 0))

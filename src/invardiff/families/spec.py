@@ -142,8 +142,9 @@ class FamilySpec:
         transformer_class: the diffusers transformer class the family describes.
         block_lists: the block lists in execution order.
         head_input: path of the module whose first input is the pre-head hidden state H (the step cache).
-        timestep_scale: factor that maps the ``timestep`` argument of a transformer call onto the scheduler's
-            timestep values (Flux pipelines pass ``t / 1000``).
+        timestep_scale: factor that maps the timestep argument of a transformer call onto the scheduler's
+            timestep values (Flux pipelines pass ``t / 1000``): the schedule's entry is
+            ``timestep_offset + timestep_scale * call[timestep_arg]``.
         run_head: ``run_head(transformer, hidden, call)`` runs the conditioning and the output head on a cached
             pre-head hidden state with the current call's timestep and returns what ``forward`` would return.
         input_signature: ``input_signature(call)`` returns the shape facts that must stay constant within a run.
@@ -163,6 +164,15 @@ class FamilySpec:
         pipeline: how the stock diffusers pipeline is called; ``None`` if the family has none.
         configs: random-weight configs and example calls (FLOP profiles, memory, benchmarks); ``None`` if none.
         official: layout of the official InvarDiff cache books; ``None`` if the official code has none.
+        latent_arg: the ``forward`` argument that carries the noisy latents: a tensor with one row per sample, or a
+            list of per-sample tensors (Z-Image); it gives a call's batch size and device (:class:`TransformerCall`).
+        timestep_arg: the ``forward`` argument that carries the timestep (HiDream: ``timesteps``, Z-Image: ``t``).
+        timestep_offset: see ``timestep_scale`` (Z-Image passes ``(1000 - t) / 1000``: offset 1000, scale -1000).
+        rows_in_place: the transformer's ``forward`` joins full-batch tensors with the block stream between blocks
+            (HiDream concatenates each block's Llama hidden state), so on a probe step where some samples skip, the
+            stream cannot be cut to the computing rows once after the probe: instead each deep block cuts them out of
+            its own inputs and writes its output back into the full batch (the skipped rows pass through), and the
+            head takes the computing rows.
     """
 
     name: str
@@ -180,6 +190,10 @@ class FamilySpec:
     pipeline: PipelineSpec | None = field(default=None, hash=False)
     configs: ConfigSpec | None = field(default=None, hash=False)
     official: OfficialSpec | None = field(default=None, hash=False)
+    latent_arg: str = "hidden_states"
+    timestep_arg: str = "timestep"
+    timestep_offset: float = 0.0
+    rows_in_place: bool = False
 
     def block_stack_input(self, transformer: torch.nn.Module, call: TransformerCall) -> torch.Tensor:
         """The block-stack input of ``call`` (:attr:`embed_input`); ``NotImplementedError`` if the family has none."""
@@ -428,6 +442,10 @@ class ConfigSpec:
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
         tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
             conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
+        on_meta: ``on_meta(transformer)`` makes a transformer built on the meta device (FLOP profiles, memory
+            estimates) runnable where its forward reads tensor values on the host (HiDream's mixture-of-experts
+            routing counts the tokens of each expert), on that instance only and with the same FLOPs; ``None``: the
+            stock forward runs on the meta device as it is.
     """
 
     example_call: Callable[..., dict]
@@ -437,6 +455,7 @@ class ConfigSpec:
     named: tuple[Any, ...] = ()  # ModelConfig; model_config.py imports this module, so it is not named here
     bench: dict[str, str] = field(default_factory=dict)
     tiny: str | None = None
+    on_meta: Callable[[torch.nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -518,12 +537,26 @@ def image_output_index(block_class: type) -> int | None:
 
 
 class TransformerCall:
-    """The arguments of one transformer ``forward`` call, bound to parameter names (defaults applied)."""
+    """The arguments of one transformer ``forward`` call, bound to parameter names (defaults applied);
+    ``latent_arg`` names the argument holding the latents (:attr:`FamilySpec.latent_arg`)."""
 
-    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict):
+    def __init__(self, signature: inspect.Signature, args: tuple, kwargs: dict, latent_arg: str = "hidden_states"):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         self.arguments = bound.arguments
+        self.latent_arg = latent_arg
+
+    @property
+    def batch(self) -> int:
+        """The samples (rows) of the call: the latents' first dimension, or the length of a per-sample list."""
+        latents = self.arguments[self.latent_arg]
+        return len(latents) if isinstance(latents, (list, tuple)) else latents.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the call's latents."""
+        latents = self.arguments[self.latent_arg]
+        return (latents[0] if isinstance(latents, (list, tuple)) else latents).device
 
     def __getitem__(self, name: str) -> Any:
         return self.arguments[name]
