@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..engine.policy import COMPUTE_ALL, CachePolicy, ProbeDecision
-from ..engine.state import tensor_bytes
+from ..engine.state import put_rows, tensor_bytes
 from .estimators import extrapolate, probe_error, trajectory_gamma
 
 
@@ -216,7 +216,7 @@ class ProbePolicy(CachePolicy):
         if state.skip_all:
             return branch.approx
         if state.compute_rows is not None:
-            hidden = branch.approx.index_copy(0, state.compute_rows, hidden)
+            hidden = put_rows(branch.approx, state.compute_rows, hidden)
         if self.reuse == "extrapolate" and branch.block_input is not None:
             self._store_residuals(branch, hidden)
         return hidden

@@ -133,8 +133,11 @@ def _after_probe(module, output):
     image = output if slot.image_output is None else output[slot.image_output]
     decision = engine.policy.decide(state, state.block_input, image)
     state.compute_rows, state.skip_all = decision.compute_rows, decision.skip_all
-    engine.set_deep_blocks(SKIP if decision.skip_all else SUBSET if decision.compute_rows is not None else 0)
-    return output if decision.compute_rows is None else take_rows(output, decision.compute_rows)
+    # A family whose forward adds whole-batch tensors between the blocks (FamilySpec.cut_rows False) runs the deep
+    # blocks on every sample; the head then takes the computing rows (put_rows).
+    subset = decision.compute_rows is not None and engine.family.cut_rows
+    engine.set_deep_blocks(SKIP if decision.skip_all else SUBSET if subset else 0)
+    return take_rows(output, decision.compute_rows) if subset else output
 
 
 @torch.compiler.disable

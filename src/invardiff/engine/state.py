@@ -43,8 +43,12 @@ def take_rows(value, index: torch.Tensor):
 
 
 def put_rows(target, index: torch.Tensor, rows):
-    """A copy of ``target`` whose rows ``index`` are ``rows`` (through tuples); ``target`` is left untouched."""
+    """A copy of ``target`` whose rows ``index`` are ``rows`` (through tuples); ``target`` is left untouched. ``rows``
+    holds those rows alone, or the whole batch (a family whose deep blocks run on every sample,
+    ``FamilySpec.cut_rows``), of which rows ``index`` are taken."""
     if torch.is_tensor(target):
+        if rows.shape[0] != index.numel():
+            rows = rows.index_select(0, index)
         return target.index_copy(0, index, rows)
     return type(target)(put_rows(t, index, r) for t, r in zip(target, rows, strict=True))
 

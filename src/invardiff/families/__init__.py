@@ -139,7 +139,7 @@ def _load_plugin_families() -> None:
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` (and of the
     # bottom modules in this package, which runs this one first) stays cheap. Family files register into `table`.
-    from . import chroma, dit, flux, flux2, hunyuanvideo, qwenimage, sana, sd3, wan  # noqa: F401
+    from . import chroma, dit, flux, flux2, hunyuanvideo, qwenimage, sana, sd3, wan, wanvace  # noqa: F401
 
 
 table.install_lookup(get_family)  # the bottom data types (ModelConfig) find their family through the table

@@ -149,6 +149,10 @@ class FamilySpec:
         pipeline: how the stock diffusers pipeline is called; ``None`` if the family has none.
         configs: random-weight configs and example calls (FLOP profiles, memory, benchmarks); ``None`` if none.
         official: layout of the official InvarDiff cache books; ``None`` if the official code has none.
+        cut_rows: when a probe lets some samples of a call skip, the deep blocks run on the computing samples only;
+            ``False`` for a model whose ``forward`` adds whole-batch tensors to the stream between blocks (Wan VACE's
+            hints): there the deep blocks run on every sample and the skipping ones take their approximation at the
+            head (the same outputs, no saving on a batch whose samples decide differently).
     """
 
     name: str
@@ -166,6 +170,7 @@ class FamilySpec:
     pipeline: PipelineSpec | None = field(default=None, hash=False)
     configs: ConfigSpec | None = field(default=None, hash=False)
     official: OfficialSpec | None = field(default=None, hash=False)
+    cut_rows: bool = True
 
     def block_stack_input(self, transformer: torch.nn.Module, call: TransformerCall) -> torch.Tensor:
         """The block-stack input of ``call`` (:attr:`embed_input`); ``NotImplementedError`` if the family has none."""
