@@ -120,6 +120,7 @@ def row_of(call: dict, index: int) -> dict:
         "class_labels",
         "encoder_attention_mask",
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
+        "control_hidden_states",  # Wan VACE: the control latents
     )
     sliced = (torch.Tensor, list)
     row = {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}

@@ -139,7 +139,22 @@ def _load_plugin_families() -> None:
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` (and of the
     # bottom modules in this package, which runs this one first) stays cheap. Family files register into `table`.
-    from . import allegro, chroma, dit, flux, flux2, hidream, hunyuanvideo, ltx, qwenimage, sd3, wan, zimage  # noqa: F401
+    from . import (  # noqa: F401
+        allegro,
+        chroma,
+        dit,
+        flux,
+        flux2,
+        hidream,
+        hunyuanvideo,
+        ltx,
+        qwenimage,
+        sana,
+        sd3,
+        wan,
+        wanvace,
+        zimage,
+    )
 
 
 table.install_lookup(get_family)  # the bottom data types (ModelConfig) find their family through the table
