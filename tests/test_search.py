@@ -14,7 +14,7 @@ from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
 from invardiff.plan import ModelFacts
-from invardiff.stats import ideal_speedup, plan_flops, unit_reuse
+from invardiff.stats import extrapolation_work, ideal_speedup, plan_flops, unit_reuse
 
 import toy_family  # noqa: F401  (registers the "toy" family)
 
@@ -222,3 +222,18 @@ def test_recorder_gram_equals_the_features_inner_products(tmp_path):
     stats.save(tmp_path / "t.npz")
     loaded = TrajectoryStats.load(tmp_path / "t.npz")
     assert loaded.window == window and np.array_equal(loaded.gram["step"], stats.gram["step"])
+
+
+@pytest.mark.parametrize("speedup", [2.0, 2.3])
+def test_extrapolating_plans_meet_the_budget_with_their_lerps_counted(speedup):
+    # A lerp of H costs 0.15 of a full step and a unit's 0.06 (elements x LERP_FLOPS): on a small model they are
+    # not negligible, and the FLOP-ideal speedup counts them, so the search must too.
+    stats = stats_from(random_trajectories(16, seed=1, layers=2), window=5, layers=2)
+    flops = toy_flops(2)
+    flops.step_elements = 0.5
+    flops.unit_elements = {"blocks": {"attn": np.full(2, 0.2), "ff": np.full(2, 0.2)}}
+    config = SearchConfig(speedup, warmup_steps=2, extrapolate_steps=True, extrapolate_units=True)
+    result = search_plan(stats, flops, config)
+    assert extrapolation_work(result.plan, flops)["flops"] > 0  # the case at hand: the plan extrapolates
+    assert ideal_speedup(result.plan, flops) >= speedup
+    assert plan_flops(result.plan, flops) <= 16 * FULL / speedup

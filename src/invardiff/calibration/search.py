@@ -142,9 +142,25 @@ class _Search:
         for name in self.stats.unit_streams:
             block_list, layer, unit = name.split(".")
             saving = float(self.flops.units[block_list][unit][int(layer)])
+            if self.config.extrapolate_units:  # a reuse that extrapolates rebuilds the value (one lerp)
+                saving -= self._lerp_flops(self.flops.unit_elements.get(block_list, {}).get(unit), int(layer))
             if saving > 0:
                 streams.append((name, block_list, int(layer), unit, saving))
         return streams
+
+    def _lerp_flops(self, elements, layer: int | None = None) -> float:
+        """FLOPs of one extrapolated reuse of a value of ``elements`` (per layer when ``layer`` is given); 0 when
+        the profile does not record the stream's size."""
+        if elements is None:
+            return 0.0
+        return self.flops.extrapolation_flops(float(elements[layer] if layer is not None else elements))
+
+    def schedule_flops(self, n: int, step_coefficients: dict[int, float]) -> float:
+        """FLOPs of a step schedule with ``n`` computed steps (before unit reuse): the extrapolated reused steps
+        (nonzero coefficient) rebuild H with one lerp each, which the FLOP-ideal speedup counts too."""
+        extrapolated = sum(1 for c in step_coefficients.values() if c != 0)
+        lerp = self._lerp_flops(self.flops.step_elements)
+        return n * self.flops.full_step + (self.T - n) * self.flops.step_cached + extrapolated * lerp
 
     # ----- errors -----
     def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
@@ -214,7 +230,7 @@ class _Search:
         best = None
         for n in sorted(schedules):
             step_cost, computed, step_coefficients = schedules[n]
-            flops = n * full + (self.T - n) * cached
+            flops = self.schedule_flops(n, step_coefficients)
             need = flops - self.budget
             if best is not None and step_cost >= best[0]:
                 continue
