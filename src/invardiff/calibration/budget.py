@@ -2,10 +2,12 @@
 
 The search's error model adds up per-step errors measured on full-compute trajectories; it cannot see how an early
 error grows through the later steps, so it favours long runs of reused steps that sampling punishes. With
-``verify=True`` each target is searched under several caps on consecutive reused steps (:data:`VERIFY_MAX_RUNS`)
-and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come closest to full
-compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct candidate (at most
-three per target) over the calibration inputs, on top of the recording pass.
+``verify=True`` each target is searched under several caps on consecutive reused steps (:data:`VERIFY_MAX_RUNS`),
+each with and without unit reuse (:data:`VERIFY_UNIT_REUSE`: the additive model underrates how a reused unit's
+error grows through the later layers and steps, and at 4x and beyond it spends the budget on unit reuse that
+sampling punishes), and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come
+closest to full compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct
+candidate (at most six per target) over the calibration inputs, on top of the recording pass.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # The caps on consecutive reused steps tried per target by verify=True (None: the trajectories' window).
 VERIFY_MAX_RUNS = (2, 3, None)
+# Unit reuse on / off per cap (off: the budget is met by step reuse alone); a config without unit reuse tries off.
+VERIFY_UNIT_REUSE = (True, False)
 
 
 def calibrate_budget(
@@ -53,9 +57,10 @@ def calibrate_budget(
     ``window`` bounds the longest reuse run (and the features held per stream while recording). The calls run at
     the pipeline's default guidance scale unless ``pipeline_kwargs`` sets one (:func:`sampling_defaults`).
 
-    ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS` by the
-    sampled outputs' error on the calibration inputs (see the module docstring; ``search.max_run`` is then
-    ignored). Slower calibration (up to 3 sampling passes per target), plans that hold up better at high speedups.
+    ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS`, with and
+    without unit reuse, by the sampled outputs' error on the calibration inputs (see the module docstring;
+    ``search.max_run`` is then ignored). Slower calibration (up to 6 sampling passes per target), plans that hold
+    up better at high speedups.
 
     Returns the results (targets out of reach are skipped with a warning) and the trajectory statistics, from
     which more plans can be searched without the model.
@@ -85,7 +90,7 @@ def verified_plans(
     pipe, stats, flops, speedups, config: SearchConfig, cases, call_kwargs: dict, batch_size: int | None = None
 ) -> list[SearchResult]:
     """``calibrate_budget(verify=True)``'s selection on trajectories already recorded: per target in
-    ``speedups``, the searched plan (one per cap of :data:`VERIFY_MAX_RUNS`) whose outputs on ``cases`` sampled
+    ``speedups``, the searched plan (one per setting of :func:`verify_grid`) whose outputs on ``cases`` sampled
     with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning."""
     family = resolve_family(pipe.transformer).name
     cases = check_cases(cases)
@@ -108,9 +113,9 @@ def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch
     from .. import api
 
     candidates, errors = [], []
-    for max_run in VERIFY_MAX_RUNS:
+    for max_run, units in verify_grid(config):
         try:
-            result = search_plan(stats, flops, replace(config, max_run=max_run))
+            result = search_plan(stats, flops, replace(config, max_run=max_run, reuse_units=units))
         except BudgetError as error:
             logger.info("%.3gx with runs of at most %s: %s", config.speedup, max_run or "window", error)
             continue
@@ -129,14 +134,29 @@ def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch
     chosen.plan.provenance["search"]["verified"] = {
         "output_mse": errors[best],
         "candidates": [
-            {"max_run": c.plan.provenance["search"]["max_run"], "output_mse": e, "model_error": c.error}
+            {
+                "max_run": c.plan.provenance["search"]["max_run"],
+                "reuse_units": c.plan.provenance["search"]["reuse_units"],
+                "output_mse": e,
+                "model_error": c.error,
+            }
             for c, e in zip(candidates, errors, strict=True)
         ],
     }
+    search = chosen.plan.provenance["search"]
     logger.info(
-        "%.3gx: kept the plan with runs of at most %d", config.speedup, chosen.plan.provenance["search"]["max_run"]
+        "%.3gx: kept the plan with runs of at most %d, unit reuse %s",
+        config.speedup,
+        search["max_run"],
+        "on" if search["reuse_units"] else "off",
     )
     return chosen
+
+
+def verify_grid(config: SearchConfig) -> list[tuple]:
+    """The (max_run, reuse_units) settings whose searched plans the verified selection samples."""
+    units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u]
+    return [(max_run, reuse) for reuse in units for max_run in VERIFY_MAX_RUNS]
 
 
 def _same_plan(a, b) -> bool:
