@@ -79,3 +79,24 @@ def test_without_verify_the_plans_are_the_plain_search():
     flops = profile_flops(pipeline_call_config(pipe, "dit", KWARGS))
     plain = search_plan(stats, flops, replace(SearchConfig(2.0)))
     assert results[0].plan == plain.plan and "verified" not in results[0].plan.provenance["search"]
+
+
+@pytest.mark.slow
+def test_refined_plans_move_computed_steps_only_to_lower_sampled_error():
+    _, pipe = tiny_pipeline("dit")
+    results, stats = calibrate_budget(
+        pipe, num_inference_steps=STEPS, cases=CASES, speedups=[2.5], window=4, verify=True, refine=2,
+        pipeline_kwargs={"guidance_scale": 1.0},
+    )  # fmt: skip
+    flops = profile_flops(pipeline_call_config(pipe, "dit", KWARGS))
+    search = results[0].plan.provenance["search"]
+    moves = search["refined"]["moves"]
+    assert moves[0][1] == search["verified"]["output_mse"]  # the descent starts at the verified plan
+    errors = [error for _, error in moves]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors) and len(moves) <= 3
+    assert np.flatnonzero(~results[0].plan.step_cache).tolist() == moves[-1][0]
+    assert ideal_speedup(results[0].plan, flops) >= 2.5
+    reference = _sample(pipe)
+    with invardiff.enabled(pipe, results[0].plan):
+        error = float(((_sample(pipe) - reference) ** 2).mean())
+    assert error == pytest.approx(errors[-1], rel=1e-5)  # the kept plan is the one whose error was recorded

@@ -23,7 +23,7 @@ from ..families import resolve_family
 from ..flops import profile_flops
 from .batching import pipeline_call_config
 from .run import _call, check_cases, output_tensor, sampling_defaults
-from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
+from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, schedule_plan, search_plan
 from .trajectory import TrajectoryStats, record_trajectories
 
 
@@ -46,6 +46,7 @@ def calibrate_budget(
     batch_size: int | None = None,
     pipeline_kwargs: dict | None = None,
     verify: bool = False,
+    refine: int = 0,
 ) -> tuple[list[SearchResult], TrajectoryStats]:
     """Plans of least calibration-set error at each FLOP-ideal speedup in ``speedups`` (one per target).
 
@@ -61,6 +62,10 @@ def calibrate_budget(
     without unit reuse, by the sampled outputs' error on the calibration inputs (see the module docstring;
     ``search.max_run`` is then ignored). Slower calibration (up to 6 sampling passes per target), plans that hold
     up better at high speedups.
+
+    ``refine`` (with ``verify``): then at most this many rounds of a descent on sampled error from each kept plan:
+    every computed step moved one step earlier or later (units re-allocated on the new schedule), the first move
+    whose sampled error is lower kept (:func:`refined_plan`). Up to ``2 * steps computed`` sampling passes a round.
 
     Returns the results (targets out of reach are skipped with a warning) and the trajectory statistics, from
     which more plans can be searched without the model.
@@ -82,16 +87,27 @@ def calibrate_budget(
     flops = profile_flops(pipeline_call_config(pipe, family, call_kwargs))
     config = replace(search or SearchConfig(speedup=max(speedups)), speedup=max(speedups))
     if not verify:
+        if refine:
+            raise ValueError(f"refine={refine} descends on sampled error from verified plans: set verify=True.")
         return pareto_plans(stats, flops, speedups, config), stats
-    return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size), stats
+    return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size, refine), stats
 
 
 def verified_plans(
-    pipe, stats, flops, speedups, config: SearchConfig, cases, call_kwargs: dict, batch_size: int | None = None
+    pipe,
+    stats,
+    flops,
+    speedups,
+    config: SearchConfig,
+    cases,
+    call_kwargs: dict,
+    batch_size: int | None = None,
+    refine: int = 0,
 ) -> list[SearchResult]:
     """``calibrate_budget(verify=True)``'s selection on trajectories already recorded: per target in
     ``speedups``, the searched plan (one per setting of :func:`verify_grid`) whose outputs on ``cases`` sampled
-    with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning."""
+    with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning.
+    ``refine``: rounds of :func:`refined_plan` from each kept plan."""
     family = resolve_family(pipe.transformer).name
     cases = check_cases(cases)
 
@@ -102,9 +118,76 @@ def verified_plans(
     results = []
     for speedup in speedups:
         chosen = _verified(stats, flops, replace(config, speedup=float(speedup)), pipe, sample, reference)
+        if chosen is not None and refine:
+            chosen = refined_plan(stats, flops, chosen, pipe, sample, reference, refine)
         if chosen is not None:
             results.append(chosen)
     return results
+
+
+def refined_plan(stats, flops, start: SearchResult, pipe, sample, reference: torch.Tensor, rounds: int):
+    """Descent on sampled error from ``start`` (a verified plan): each round tries moving every computed step one
+    step earlier or later, with the search's settings of ``start`` (the same budget, cap and unit reuse; units and
+    coefficients re-fitted for the moved schedule by :func:`schedule_plan`), and keeps the first move whose outputs
+    come closer to ``reference``; it stops after ``rounds`` rounds or at a round without a better move. The moves
+    and errors are recorded in the plan's provenance (``search.refined``)."""
+    from .. import api
+
+    settings = dict(start.plan.provenance["search"])
+    config = SearchConfig(
+        settings["speedup"],
+        warmup_steps=settings["warmup_steps"],
+        max_run=settings["max_run"],
+        extrapolate_steps=settings["extrapolate_steps"],
+        extrapolate_units=settings["extrapolate_units"],
+        reuse_units=settings["reuse_units"],
+        unit_weight=settings["unit_weight"],
+    )
+    plans = {}
+
+    def error_of(computed: tuple[int, ...]) -> float:
+        result = schedule_plan(stats, flops, config, list(computed))
+        if result is None:
+            return math.inf
+        with api.enabled(pipe, result.plan):
+            error = float(((sample() - reference) ** 2).mean())
+        plans[computed] = result
+        return error if math.isfinite(error) else math.inf
+
+    first = tuple(int(t) for t in np.flatnonzero(~start.plan.step_cache))
+    start_error = settings.get("verified", {}).get("output_mse")
+    best, history = descend(first, error_of, config.warmup_steps, stats.num_steps, rounds, start_error)
+    result = plans.get(best, start)
+    result.plan.provenance["search"] = {**settings, "refined": {"rounds": rounds, "moves": history}}
+    return result
+
+
+def descend(start: tuple[int, ...], error_of, warmup: int, T: int, rounds: int, start_error: float | None = None):
+    """First-improvement descent over computed-step schedules: a move shifts one computed step (not step 0, the
+    warm-up or the last step) by one to a step not computed. Returns the best schedule and the accepted moves
+    ``[(schedule, error), ...]`` (the start first)."""
+    current = tuple(start)
+    current_error = error_of(current) if start_error is None else start_error
+    history = [(list(current), current_error)]
+    for _ in range(rounds):
+        moved = False
+        for index, step in enumerate(current):
+            if step < warmup or step == T - 1:
+                continue
+            for shifted in (step - 1, step + 1):
+                if shifted < warmup or shifted >= T - 1 or shifted in current:
+                    continue
+                candidate = tuple(sorted((*current[:index], shifted, *current[index + 1 :])))
+                error = error_of(candidate)
+                if error < current_error:
+                    current, current_error, moved = candidate, error, True
+                    history.append((list(current), current_error))
+                    break
+            if moved:
+                break
+        if not moved:
+            break
+    return current, history
 
 
 def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch.Tensor) -> SearchResult | None:
