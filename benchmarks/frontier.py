@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--model", default="flux-shapes")
     parser.add_argument("--speedups", default="4,4.5,5")
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds per point (0: quality only)")
+    parser.add_argument("--window", type=int, default=SEARCH_WINDOW, help="longest reuse run the recording supports")
+    parser.add_argument("--refine", type=int, default=0, help="rounds of descent on sampled error (budget.py)")
+    parser.add_argument("--methods", default="invardiff-search,invardiff-search+extrap")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--sweep", default="benchmarks/results/sweep", help="the committed sweep (peers' points)")
     parser.add_argument("--out", default="benchmarks/results/frontier")
@@ -59,8 +62,11 @@ def main() -> None:
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
     cases = target.calibration_runs()
     started = time.perf_counter()
+    suffix = (f"-refine{args.refine}" if args.refine else "") + (
+        f"-window{args.window}" if args.window != SEARCH_WINDOW else ""
+    )
     stats = record_trajectories(
-        pipe, num_inference_steps=steps, cases=cases, window=SEARCH_WINDOW, pipeline_kwargs=kwargs
+        pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )
     call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
@@ -69,9 +75,9 @@ def main() -> None:
     full = {"images": reference, "flops": full_flops}
     out = Path(args.out)
     results = []
-    for method, extrapolate in METHODS:
+    for method, extrapolate in [m for m in METHODS if m[0] in args.methods.split(",")]:
         config = SearchConfig(max(speedups), extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
-        for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs):
+        for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine):
             search = found.plan.provenance["search"]
             label = f"{method} {search['speedup']:g}x"
             if args.rounds:
@@ -93,12 +99,14 @@ def main() -> None:
             result["steps_computed"] = int((~found.plan.step_cache).sum())
             result["computed_steps"] = [int(t) for t in (~found.plan.step_cache).nonzero()[0]]
             result["calibration_error"] = found.error
+            if "refined" in search:
+                result["refine_moves"] = len(search["refined"]["moves"]) - 1
             results.append(result)
             print(json.dumps({k: result.get(k) for k in ("label", "ideal_speedup", "measured_speedup", "psnr")}))
-            write_text(out / f"frontier-{args.model}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+            write_text(out / f"frontier-{args.model}{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     minutes = (time.perf_counter() - started) / 60
     sweep = [json.loads(line) for line in (Path(args.sweep) / f"sweep-{args.model}.jsonl").read_text().splitlines()]
-    write_text(out / f"frontier-{args.model}.md", _report(args, results, sweep, minutes))
+    write_text(out / f"frontier-{args.model}{suffix}.md", _report(args, results, sweep, minutes))
 
 
 def _report(args, results: list[dict], sweep: list[dict], minutes: float) -> str:
@@ -107,7 +115,9 @@ def _report(args, results: list[dict], sweep: list[dict], minutes: float) -> str
         f"# {args.model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
         f"`python benchmarks/frontier.py --model {args.model} --speedups {args.speedups} --rounds {args.rounds} "
-        f"--threads {args.threads}` ({minutes:.0f} min on a loaded 2-core CPU). Plans searched and verified on the "
+        f"--window {args.window} --refine {args.refine} --methods {args.methods} --threads {args.threads}` "
+        f"({minutes:.0f} min on a loaded "
+        "2-core CPU). Plans searched and verified on the "
         "calibration runs, evaluated on the sweep's evaluation inputs against full compute; ideal speedup = "
         "FLOP-counted. PSNR" + (" = mean over frames" if video else "") + ": mean (worst).",
         "",
@@ -118,6 +128,8 @@ def _report(args, results: list[dict], sweep: list[dict], minutes: float) -> str
         s = r["settings"]
         measured = f"{r['measured_speedup']:.2f}x" if "measured_speedup" in r else "—"
         kept = f"max_run {s['max_run']}, units {'on' if s['reuse_units'] else 'off'}"
+        if "refine_moves" in r:
+            kept += f", {r['refine_moves']} refining moves"
         lines.append(
             f"| {r['label']} | {r['ideal_speedup']:.2f}x | {measured} | {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) "
             f"| {r['lpips']:.4f} | {r['steps_computed']} {r['computed_steps']} | {kept} |"

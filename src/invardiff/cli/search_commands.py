@@ -40,6 +40,14 @@ def add_search_arguments(p) -> None:
         "sample every distinct plan on the calibration inputs and keep the one closest to full compute (up to 6 more "
         "sampling runs per target; replaces --max-run)",
     )
+    group.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="with --verify: then up to ROUNDS moves of one computed step by one step, each kept only where the "
+        "sampled calibration error drops (up to 2 sampling runs per computed step a round; default 0)",
+    )
 
 
 def resample_arguments(p) -> None:
@@ -68,6 +76,8 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         raise ValueError("--budget / --pareto search the plan: drop --preset / --thresholds.")
     if getattr(args, "ray", None) is not None:
         raise ValueError("--ray does not apply to --budget / --pareto yet: the trajectories are recorded in-process.")
+    if args.refine < 0 or (args.refine and not args.verify):
+        raise ValueError(f"--refine takes a number of rounds >= 0 and needs --verify, got --refine {args.refine}.")
     if args.verify and args.max_run is not None:
         raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
     try:
@@ -92,6 +102,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         batch_size=args.batch_size,
         pipeline_kwargs=extra,
         verify=args.verify,
+        refine=args.refine,
     )
     if not results:
         raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")
