@@ -20,6 +20,10 @@ programming), and the counts are allocated across units greedily along each unit
 one unit; a standard heuristic for several). The result meets the budget exactly: its FLOP-ideal speedup is at
 least the target and its FLOPs are less than one step's worth below the budget.
 
+:func:`schedule_plan` builds the same plan for a given step schedule (what ``calibrate_budget(refine=N)``'s
+descent on sampled error moves between). The budget counts what the FLOP-ideal speedup counts, extrapolation lerps
+included.
+
 Trade-off: the error model is a proxy, fitted on the calibration inputs; the sweep measures the true error on
 held-out inputs. Search time grows with ``T^2 * max_run^2`` per unit with unit extrapolation (seconds for T=50).
 """
