@@ -52,3 +52,11 @@ def test_verify_chooses_the_cap_itself(tmp_path, capsys):
     argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1", "--steps", "6", "--budget", "2x", "--verify"]
     assert main([*argv, "--max-run", "2", "-o", str(tmp_path / "p.json")]) == 2
     assert "drop --max-run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--refine", "2"], ["--verify", "--refine", "-1"]])
+def test_refine_needs_verify_and_a_round_count(tmp_path, capsys, extra):
+    argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1", "--steps", "6", "--budget", "2x"]
+    assert main([*argv, *extra, "-o", str(tmp_path / "p.json")]) == 2
+    assert "--refine takes a number of rounds >= 0 and needs --verify" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, search_plan
+from invardiff.calibration.budget import descend
+from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
 from invardiff.plan import ModelFacts
-from invardiff.stats import ideal_speedup, plan_flops, unit_reuse
+from invardiff.stats import extrapolation_work, ideal_speedup, plan_flops, unit_reuse
 
 import toy_family  # noqa: F401  (registers the "toy" family)
 
@@ -257,3 +258,68 @@ def test_memory_bound_cache_dtype_refuses_extrapolation():
 
     with pytest.raises(ValueError, match="cache_dtype does not go with extrapolation"):
         SearchConfig(2.0, extrapolate_steps=True, memory=MemoryBound(100, toy_footprint(), "bfloat16"))
+
+
+@pytest.mark.parametrize("speedup", [2.0, 2.3])
+def test_extrapolating_plans_meet_the_budget_with_their_lerps_counted(speedup):
+    # A lerp of H costs 0.15 of a full step and a unit's 0.06 (elements x LERP_FLOPS): on a small model they are
+    # not negligible, and the FLOP-ideal speedup counts them, so the search must too.
+    stats = stats_from(random_trajectories(16, seed=1, layers=2), window=5, layers=2)
+    flops = toy_flops(2)
+    flops.step_elements = 0.5
+    flops.unit_elements = {"blocks": {"attn": np.full(2, 0.2), "ff": np.full(2, 0.2)}}
+    config = SearchConfig(speedup, warmup_steps=2, extrapolate_steps=True, extrapolate_units=True)
+    result = search_plan(stats, flops, config)
+    assert extrapolation_work(result.plan, flops)["flops"] > 0  # the case at hand: the plan extrapolates
+    assert ideal_speedup(result.plan, flops) >= speedup
+    assert plan_flops(result.plan, flops) <= 16 * FULL / speedup
+
+
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_schedule_plan_rebuilds_the_searched_plan_from_its_computed_steps(extrapolate):
+    stats = stats_from(random_trajectories(16, seed=1, layers=2), window=5, layers=2)
+    config = SearchConfig(2.5, warmup_steps=2, extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    searched = search_plan(stats, toy_flops(2), config)
+    computed = np.flatnonzero(~searched.plan.step_cache).tolist()
+    rebuilt = schedule_plan(stats, toy_flops(2), config, computed)
+    assert rebuilt.plan == searched.plan and rebuilt.error == pytest.approx(searched.error, rel=1e-12)
+    assert schedule_plan(stats, toy_flops(2), config, [0, 1, 8, 15]) is None  # a run of 6 > the window of 5
+    assert schedule_plan(stats, toy_flops(2), config, [0, 2, 8, 15]) is None  # step 1 is warm-up: it computes
+
+
+def test_descent_on_sampled_error_reaches_the_enumerated_optimum():
+    # A separable convex error over the positions of the computed steps (what sampling would return), T = 12:
+    # the first-improvement descent from a bad schedule ends at the best of all schedules with as many steps.
+    T, target = 12, (0, 1, 4, 7, 9, 11)
+
+    def error_of(schedule):
+        return float(sum((s - t) ** 2 for s, t in zip(schedule, target, strict=True)))
+
+    start = (0, 1, 2, 3, 5, 11)
+    best, history = descend(start, error_of, warmup=2, T=T, rounds=100)
+    enumerated = min(((0, 1, *middle, T - 1) for middle in itertools.combinations(range(2, T - 1), 3)), key=error_of)
+    assert best == enumerated == target
+    assert [error for _, error in history] == sorted((error for _, error in history), reverse=True)
+    one, moves = descend(start, error_of, warmup=2, T=T, rounds=1)
+    assert len(moves) == 2 and error_of(one) < error_of(start)  # one round: one accepted move
+
+
+def test_refine_with_a_memory_bound_is_refused_before_any_sampling():
+    # refined plans are rebuilt by schedule_plan, which does not fit them to the bound: the pair must be refused, and
+    # before the recording pass (a pipeline that fails when called shows nothing ran).
+    from invardiff.calibration.budget import calibrate_budget
+
+    class Unused:
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the pipeline must not run")
+
+    with pytest.raises(NotImplementedError, match="refine=2 moves computed steps without refitting"):
+        calibrate_budget(
+            Unused(),
+            num_inference_steps=8,
+            cases=[(0, 0)],
+            speedups=[2.0],
+            verify=True,
+            refine=2,
+            max_cache_bytes=10**6,
+        )

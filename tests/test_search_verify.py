@@ -11,7 +11,7 @@ import torch
 
 import invardiff
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.budget import VERIFY_MAX_RUNS, calibrate_budget
+from invardiff.calibration.budget import calibrate_budget, verify_grid
 from invardiff.calibration.search import BudgetError, SearchConfig, search_plan
 from invardiff.flops import profile_flops
 from invardiff.stats import ideal_speedup
@@ -44,11 +44,12 @@ def test_verified_search_keeps_the_candidate_of_least_output_error():
         errors = [c["output_mse"] for c in verified["candidates"]]
         assert verified["output_mse"] == min(errors)
         assert ideal_speedup(result.plan, flops) >= result.plan.provenance["search"]["speedup"]
-        # Every recorded candidate error is the error of that cap's searched plan, sampled here independently.
-        caps = {c["max_run"] for c in verified["candidates"]}
+        # Every recorded candidate error is the error of that setting's searched plan, sampled here independently.
+        settings = {(c["max_run"], c["reuse_units"]) for c in verified["candidates"]}
         seen = []
-        for max_run in VERIFY_MAX_RUNS:
-            config = SearchConfig(result.plan.provenance["search"]["speedup"], max_run=max_run)
+        speedup = result.plan.provenance["search"]["speedup"]
+        for max_run, units in verify_grid(SearchConfig(speedup)):
+            config = SearchConfig(speedup, max_run=max_run, reuse_units=units)
             try:
                 plan = search_plan(stats, flops, config).plan
             except BudgetError:
@@ -60,10 +61,11 @@ def test_verified_search_keeps_the_candidate_of_least_output_error():
             ):
                 continue  # the same decisions as a smaller cap: measured once
             seen.append(plan)
-            assert plan.provenance["search"]["max_run"] in caps
+            key = (plan.provenance["search"]["max_run"], units)
+            assert key in settings
             with invardiff.enabled(pipe, plan):
                 error = float(((_sample(pipe) - reference) ** 2).mean())
-            recorded = next(c for c in verified["candidates"] if c["max_run"] == plan.provenance["search"]["max_run"])
+            recorded = next(c for c in verified["candidates"] if (c["max_run"], c["reuse_units"]) == key)
             # the same runs; the float32 reductions of the CPU kernels may split differently between calls
             assert recorded["output_mse"] == pytest.approx(error, rel=1e-5)
         assert len(seen) == len(verified["candidates"])
@@ -77,3 +79,24 @@ def test_without_verify_the_plans_are_the_plain_search():
     flops = profile_flops(pipeline_call_config(pipe, "dit", KWARGS))
     plain = search_plan(stats, flops, replace(SearchConfig(2.0)))
     assert results[0].plan == plain.plan and "verified" not in results[0].plan.provenance["search"]
+
+
+@pytest.mark.slow
+def test_refined_plans_move_computed_steps_only_to_lower_sampled_error():
+    _, pipe = tiny_pipeline("dit")
+    results, stats = calibrate_budget(
+        pipe, num_inference_steps=STEPS, cases=CASES, speedups=[2.5], window=4, verify=True, refine=2,
+        pipeline_kwargs={"guidance_scale": 1.0},
+    )  # fmt: skip
+    flops = profile_flops(pipeline_call_config(pipe, "dit", KWARGS))
+    search = results[0].plan.provenance["search"]
+    moves = search["refined"]["moves"]
+    assert moves[0][1] == search["verified"]["output_mse"]  # the descent starts at the verified plan
+    errors = [error for _, error in moves]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors) and len(moves) <= 3
+    assert np.flatnonzero(~results[0].plan.step_cache).tolist() == moves[-1][0]
+    assert ideal_speedup(results[0].plan, flops) >= 2.5
+    reference = _sample(pipe)
+    with invardiff.enabled(pipe, results[0].plan):
+        error = float(((_sample(pipe) - reference) ** 2).mean())
+    assert error == pytest.approx(errors[-1], rel=1e-5)  # the kept plan is the one whose error was recorded

@@ -68,6 +68,9 @@ def pipeline_call_config(pipe, family: str, call_kwargs: dict, transformer=None)
     """The config of ``transformer`` (default: the pipeline's) with the input shapes of one calibration sample of
     the pipeline call (``batch``: its transformer rows)."""
     transformer = pipe.transformer if transformer is None else transformer
+    # A pipeline subclass that applies its own call defaults in __call__ (the bundled flux-shapes: 32x32, 16 text
+    # tokens) names them in ``call_defaults``; the stock pipeline's call shape would assume the stock defaults.
+    call_kwargs = {**getattr(pipe, "call_defaults", {}), **call_kwargs}
     shape = get_family(family).pipeline.call_shape(pipe, call_kwargs)
     dtype = str(transformer.dtype).removeprefix("torch.")
     return ModelConfig.from_transformer_config("calibration", family, transformer.config, dtype=dtype, **shape)

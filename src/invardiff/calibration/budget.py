@@ -2,10 +2,12 @@
 
 The search's error model adds up per-step errors measured on full-compute trajectories; it cannot see how an early
 error grows through the later steps, so it favours long runs of reused steps that sampling punishes. With
-``verify=True`` each target is searched under several caps on consecutive reused steps (:data:`VERIFY_MAX_RUNS`)
-and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come closest to full
-compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct candidate (at most
-three per target) over the calibration inputs, on top of the recording pass.
+``verify=True`` each target is searched under several caps on consecutive reused steps (:data:`VERIFY_MAX_RUNS`),
+each with and without unit reuse (:data:`VERIFY_UNIT_REUSE`: the additive model underrates how a reused unit's
+error grows through the later layers and steps, and at 4x and beyond it spends the budget on unit reuse that
+sampling punishes), and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come
+closest to full compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct
+candidate (at most six per target) over the calibration inputs, on top of the recording pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..families import resolve_family
 from ..flops import profile_flops
 from .batching import pipeline_call_config
 from .run import _call, check_cases, output_tensor, sampling_defaults
-from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, search_plan
+from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, schedule_plan, search_plan
 from .trajectory import TrajectoryStats, record_trajectories
 
 
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 # The caps on consecutive reused steps tried per target by verify=True (None: the trajectories' window).
 VERIFY_MAX_RUNS = (2, 3, None)
+# Unit reuse on / off per cap (off: the budget is met by step reuse alone); a config without unit reuse tries off.
+VERIFY_UNIT_REUSE = (True, False)
 
 
 def calibrate_budget(
@@ -44,6 +48,7 @@ def calibrate_budget(
     verify: bool = False,
     max_cache_bytes: int | None = None,
     cache_dtype: str | None = None,
+    refine: int = 0,
 ) -> tuple[list[SearchResult], TrajectoryStats]:
     """Plans of least calibration-set error at each FLOP-ideal speedup in ``speedups`` (one per target).
 
@@ -55,9 +60,14 @@ def calibrate_budget(
     ``window`` bounds the longest reuse run (and the features held per stream while recording). The calls run at
     the pipeline's default guidance scale unless ``pipeline_kwargs`` sets one (:func:`sampling_defaults`).
 
-    ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS` by the
-    sampled outputs' error on the calibration inputs (see the module docstring; ``search.max_run`` is then
-    ignored). Slower calibration (up to 3 sampling passes per target), plans that hold up better at high speedups.
+    ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS`, with and
+    without unit reuse, by the sampled outputs' error on the calibration inputs (see the module docstring;
+    ``search.max_run`` is then ignored). Slower calibration (up to 6 sampling passes per target), plans that hold
+    up better at high speedups.
+
+    ``refine`` (with ``verify``): then at most this many rounds of a descent on sampled error from each kept plan:
+    every computed step moved one step earlier or later (units re-allocated on the new schedule), the first move
+    whose sampled error is lower kept (:func:`refined_plan`). Up to ``2 * steps computed`` sampling passes a round.
 
     ``max_cache_bytes``: every plan keeps at most this many bytes of cache in a run at the sampling call's shapes
     (:class:`~invardiff.calibration.search.MemoryBound`, measured on the meta device), its values stored as
@@ -66,6 +76,13 @@ def calibrate_budget(
     Returns the results (targets out of reach are skipped with a warning) and the trajectory statistics, from
     which more plans can be searched without the model.
     """
+    if refine and not verify:
+        raise ValueError(f"refine={refine} descends on sampled error from verified plans: set verify=True.")
+    if refine and (max_cache_bytes is not None or cache_dtype is not None):
+        raise NotImplementedError(
+            f"refine={refine} moves computed steps without refitting the plan to max_cache_bytes / cache_dtype; "
+            "search with one or the other, or fit the refined plan afterwards (invardiff fit-memory)."
+        )
     stats = record_trajectories(
         pipe,
         num_inference_steps=num_inference_steps,
@@ -91,15 +108,24 @@ def calibrate_budget(
         config = replace(config, memory=MemoryBound(bound, measure_footprint(model_config), cache_dtype))
     if not verify:
         return pareto_plans(stats, flops, speedups, config), stats
-    return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size), stats
+    return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size, refine), stats
 
 
 def verified_plans(
-    pipe, stats, flops, speedups, config: SearchConfig, cases, call_kwargs: dict, batch_size: int | None = None
+    pipe,
+    stats,
+    flops,
+    speedups,
+    config: SearchConfig,
+    cases,
+    call_kwargs: dict,
+    batch_size: int | None = None,
+    refine: int = 0,
 ) -> list[SearchResult]:
     """``calibrate_budget(verify=True)``'s selection on trajectories already recorded: per target in
-    ``speedups``, the searched plan (one per cap of :data:`VERIFY_MAX_RUNS`) whose outputs on ``cases`` sampled
-    with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning."""
+    ``speedups``, the searched plan (one per setting of :func:`verify_grid`) whose outputs on ``cases`` sampled
+    with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning.
+    ``refine``: rounds of :func:`refined_plan` from each kept plan."""
     family = resolve_family(pipe.transformer).name
     cases = check_cases(cases)
 
@@ -110,9 +136,76 @@ def verified_plans(
     results = []
     for speedup in speedups:
         chosen = _verified(stats, flops, replace(config, speedup=float(speedup)), pipe, sample, reference)
+        if chosen is not None and refine:
+            chosen = refined_plan(stats, flops, chosen, pipe, sample, reference, refine)
         if chosen is not None:
             results.append(chosen)
     return results
+
+
+def refined_plan(stats, flops, start: SearchResult, pipe, sample, reference: torch.Tensor, rounds: int):
+    """Descent on sampled error from ``start`` (a verified plan): each round tries moving every computed step one
+    step earlier or later, with the search's settings of ``start`` (the same budget, cap and unit reuse; units and
+    coefficients re-fitted for the moved schedule by :func:`schedule_plan`), and keeps the first move whose outputs
+    come closer to ``reference``; it stops after ``rounds`` rounds or at a round without a better move. The moves
+    and errors are recorded in the plan's provenance (``search.refined``)."""
+    from .. import api
+
+    settings = dict(start.plan.provenance["search"])
+    config = SearchConfig(
+        settings["speedup"],
+        warmup_steps=settings["warmup_steps"],
+        max_run=settings["max_run"],
+        extrapolate_steps=settings["extrapolate_steps"],
+        extrapolate_units=settings["extrapolate_units"],
+        reuse_units=settings["reuse_units"],
+        unit_weight=settings["unit_weight"],
+    )
+    plans = {}
+
+    def error_of(computed: tuple[int, ...]) -> float:
+        result = schedule_plan(stats, flops, config, list(computed))
+        if result is None:
+            return math.inf
+        with api.enabled(pipe, result.plan):
+            error = float(((sample() - reference) ** 2).mean())
+        plans[computed] = result
+        return error if math.isfinite(error) else math.inf
+
+    first = tuple(int(t) for t in np.flatnonzero(~start.plan.step_cache))
+    start_error = settings.get("verified", {}).get("output_mse")
+    best, history = descend(first, error_of, config.warmup_steps, stats.num_steps, rounds, start_error)
+    result = plans.get(best, start)
+    result.plan.provenance["search"] = {**settings, "refined": {"rounds": rounds, "moves": history}}
+    return result
+
+
+def descend(start: tuple[int, ...], error_of, warmup: int, T: int, rounds: int, start_error: float | None = None):
+    """First-improvement descent over computed-step schedules: a move shifts one computed step (not step 0, the
+    warm-up or the last step) by one to a step not computed. Returns the best schedule and the accepted moves
+    ``[(schedule, error), ...]`` (the start first)."""
+    current = tuple(start)
+    current_error = error_of(current) if start_error is None else start_error
+    history = [(list(current), current_error)]
+    for _ in range(rounds):
+        moved = False
+        for index, step in enumerate(current):
+            if step < warmup or step == T - 1:
+                continue
+            for shifted in (step - 1, step + 1):
+                if shifted < warmup or shifted >= T - 1 or shifted in current:
+                    continue
+                candidate = tuple(sorted((*current[:index], shifted, *current[index + 1 :])))
+                error = error_of(candidate)
+                if error < current_error:
+                    current, current_error, moved = candidate, error, True
+                    history.append((list(current), current_error))
+                    break
+            if moved:
+                break
+        if not moved:
+            break
+    return current, history
 
 
 def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch.Tensor) -> SearchResult | None:
@@ -121,9 +214,9 @@ def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch
     from .. import api
 
     candidates, errors = [], []
-    for max_run in VERIFY_MAX_RUNS:
+    for max_run, units in verify_grid(config):
         try:
-            result = search_plan(stats, flops, replace(config, max_run=max_run))
+            result = search_plan(stats, flops, replace(config, max_run=max_run, reuse_units=units))
         except BudgetError as error:
             logger.info("%.3gx with runs of at most %s: %s", config.speedup, max_run or "window", error)
             continue
@@ -142,14 +235,29 @@ def _verified(stats, flops, config: SearchConfig, pipe, sample, reference: torch
     chosen.plan.provenance["search"]["verified"] = {
         "output_mse": errors[best],
         "candidates": [
-            {"max_run": c.plan.provenance["search"]["max_run"], "output_mse": e, "model_error": c.error}
+            {
+                "max_run": c.plan.provenance["search"]["max_run"],
+                "reuse_units": c.plan.provenance["search"]["reuse_units"],
+                "output_mse": e,
+                "model_error": c.error,
+            }
             for c, e in zip(candidates, errors, strict=True)
         ],
     }
+    search = chosen.plan.provenance["search"]
     logger.info(
-        "%.3gx: kept the plan with runs of at most %d", config.speedup, chosen.plan.provenance["search"]["max_run"]
+        "%.3gx: kept the plan with runs of at most %d, unit reuse %s",
+        config.speedup,
+        search["max_run"],
+        "on" if search["reuse_units"] else "off",
     )
     return chosen
+
+
+def verify_grid(config: SearchConfig) -> list[tuple]:
+    """The (max_run, reuse_units) settings whose searched plans the verified selection samples."""
+    units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u]
+    return [(max_run, reuse) for reuse in units for max_run in VERIFY_MAX_RUNS]
 
 
 def _same_plan(a, b) -> bool:

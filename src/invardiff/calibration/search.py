@@ -26,6 +26,10 @@ FLOPs are computed instead), and while the fitted plan falls short of the target
 raised by the shortfall; the result is the first fitted plan that meets the target. Step caching keeps only H, so
 under a tight bound the plans lean on it more.
 
+:func:`schedule_plan` builds the same plan for a given step schedule (what ``calibrate_budget(refine=N)``'s
+descent on sampled error moves between). The budget counts what the FLOP-ideal speedup counts, extrapolation lerps
+included.
+
 Trade-off: the error model is a proxy, fitted on the calibration inputs; the sweep measures the true error on
 held-out inputs. Search time grows with ``T^2 * max_run^2`` per unit with unit extrapolation (seconds for T=50).
 """
@@ -182,6 +186,13 @@ def _memory_bounded(stats: TrajectoryStats, flops, config: SearchConfig) -> Sear
     )
 
 
+def schedule_plan(stats: TrajectoryStats, flops, config: SearchConfig, computed: list[int]) -> SearchResult | None:
+    """The plan :func:`search_plan` would build on exactly the computed steps ``computed`` (step 0, the warm-up and
+    the last step included), its units allocated to meet ``config.speedup``; None when that schedule has a reused run
+    longer than the cap or cannot meet the budget. What a search on sampled error moves between."""
+    return _Search(stats, flops, config).for_schedule(computed)
+
+
 def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
     """One searched plan per speedup target (the same settings otherwise); targets out of reach are skipped
     with a warning."""
@@ -214,9 +225,25 @@ class _Search:
         for name in self.stats.unit_streams:
             block_list, layer, unit = name.split(".")
             saving = float(self.flops.units[block_list][unit][int(layer)])
+            if self.config.extrapolate_units:  # a reuse that extrapolates rebuilds the value (one lerp)
+                saving -= self._lerp_flops(self.flops.unit_elements.get(block_list, {}).get(unit), int(layer))
             if saving > 0:
                 streams.append((name, block_list, int(layer), unit, saving))
         return streams
+
+    def _lerp_flops(self, elements, layer: int | None = None) -> float:
+        """FLOPs of one extrapolated reuse of a value of ``elements`` (per layer when ``layer`` is given); 0 when
+        the profile does not record the stream's size."""
+        if elements is None:
+            return 0.0
+        return self.flops.extrapolation_flops(float(elements[layer] if layer is not None else elements))
+
+    def schedule_flops(self, n: int, step_coefficients: dict[int, float]) -> float:
+        """FLOPs of a step schedule with ``n`` computed steps (before unit reuse): the extrapolated reused steps
+        (nonzero coefficient) rebuild H with one lerp each, which the FLOP-ideal speedup counts too."""
+        extrapolated = sum(1 for c in step_coefficients.values() if c != 0)
+        lerp = self._lerp_flops(self.flops.step_elements)
+        return n * self.flops.full_step + (self.T - n) * self.flops.step_cached + extrapolated * lerp
 
     # ----- errors -----
     def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
@@ -265,14 +292,9 @@ class _Search:
         return steps
 
     def _step_coefficients(self, computed: list[int]) -> dict[int, float]:
-        coefficients = {}
-        for t in range(self.T):
-            if t in computed:
-                continue
-            earlier = [s for s in computed if s < t]
-            previous = earlier[-2] if len(earlier) >= 2 else None
-            coefficients[t] = self.step_error(previous, earlier[-1], t)[1]
-        return coefficients
+        return {
+            t: self.step_error(previous, anchor, t)[1] for t, (anchor, previous) in self._anchors(computed).items()
+        }
 
     # ----- units -----
     def unit_curve(self, stream: str, computed: tuple[int, ...]) -> tuple[np.ndarray, list[list[int]]]:
@@ -286,25 +308,59 @@ class _Search:
         best = None
         for n in sorted(schedules):
             step_cost, computed, step_coefficients = schedules[n]
-            flops = n * full + (self.T - n) * cached
+            flops = self.schedule_flops(n, step_coefficients)
             need = flops - self.budget
             if best is not None and step_cost >= best[0]:
                 continue
-            if need <= 0:
-                if flops < self.budget - (full - cached) * (1 + 1e-9):
-                    continue  # faster than asked by more than one step's worth: not this budget's plan
-                candidate = (step_cost, step_cost, 0.0, computed, step_coefficients, {})
-            else:
-                allocation = self._allocate_units(tuple(computed), need)
-                if allocation is None:
-                    continue
-                unit_cost, unit_choices = allocation
-                total = step_cost + self.config.unit_weight * unit_cost
-                candidate = (total, step_cost, unit_cost, computed, step_coefficients, unit_choices)
-            if best is None or candidate[0] < best[0]:
+            if need <= 0 and flops < self.budget - (full - cached) * (1 + 1e-9):
+                continue  # faster than asked by more than one step's worth: not this budget's plan
+            candidate = self._candidate(step_cost, computed, step_coefficients, need)
+            if candidate is not None and (best is None or candidate[0] < best[0]):
                 best = candidate
         if best is None:
             raise BudgetError(self._out_of_reach())
+        return self._result(best)
+
+    def for_schedule(self, computed: list[int]) -> SearchResult | None:
+        """The plan of least modelled error with exactly these computed steps (units allocated as in :meth:`run`),
+        or None when the schedule breaks the run limit or the budget cannot be met on it."""
+        computed = sorted(computed)
+        if (
+            computed[0] != 0
+            or computed[-1] != self.T - 1
+            or computed[: self.config.warmup_steps] != list(range(self.config.warmup_steps))
+        ):
+            return None
+        coefficients = self._step_coefficients(computed)
+        step_cost = 0.0
+        for t, (anchor, previous) in self._anchors(computed).items():
+            step_cost += self.step_error(previous, anchor, t)[0]
+        if not math.isfinite(step_cost):
+            return None
+        need = self.schedule_flops(len(computed), coefficients) - self.budget
+        candidate = self._candidate(step_cost, computed, coefficients, need)
+        return None if candidate is None else self._result(candidate)
+
+    def _anchors(self, computed: list[int]) -> dict[int, tuple]:
+        """Per reused step: (its last computed step, the one before or None)."""
+        anchors = {}
+        for t in range(self.T):
+            if t not in computed:
+                earlier = [s for s in computed if s < t]
+                anchors[t] = (earlier[-1], earlier[-2] if len(earlier) >= 2 else None)
+        return anchors
+
+    def _candidate(self, step_cost: float, computed: list[int], step_coefficients: dict, need: float):
+        if need <= 0:
+            return (step_cost, step_cost, 0.0, computed, step_coefficients, {})
+        allocation = self._allocate_units(tuple(computed), need)
+        if allocation is None:
+            return None
+        unit_cost, unit_choices = allocation
+        total = step_cost + self.config.unit_weight * unit_cost
+        return (total, step_cost, unit_cost, computed, step_coefficients, unit_choices)
+
+    def _result(self, best: tuple) -> SearchResult:
         total, step_cost, unit_cost, computed, step_coefficients, unit_choices = best
         plan = self._plan(computed, step_coefficients, unit_choices)
         speedup = ideal_speedup(plan, self.flops)

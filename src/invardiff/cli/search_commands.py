@@ -48,9 +48,17 @@ def add_search_arguments(p) -> None:
     group.add_argument(
         "--verify",
         action="store_true",
-        help="search each target under caps of 2, 3 and --window reused steps, sample every distinct plan on the "
-        "calibration inputs and keep the one closest to full compute (up to 3 more sampling runs per target; "
-        "replaces --max-run)",
+        help="search each target under caps of 2, 3 and --window reused steps, each with and without unit reuse, "
+        "sample every distinct plan on the calibration inputs and keep the one closest to full compute (up to 6 more "
+        "sampling runs per target; replaces --max-run)",
+    )
+    group.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="with --verify: then up to ROUNDS moves of one computed step by one step, each kept only where the "
+        "sampled calibration error drops (up to 2 sampling runs per computed step a round; default 0)",
     )
 
 
@@ -91,6 +99,8 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         raise ValueError("--budget / --pareto search the plan: drop --preset / --thresholds.")
     if getattr(args, "ray", None) is not None:
         raise ValueError("--ray does not apply to --budget / --pareto yet: the trajectories are recorded in-process.")
+    if args.refine < 0 or (args.refine and not args.verify):
+        raise ValueError(f"--refine takes a number of rounds >= 0 and needs --verify, got --refine {args.refine}.")
     if args.verify and args.max_run is not None:
         raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
     try:
@@ -124,6 +134,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         verify=args.verify,
         max_cache_bytes=max_cache_bytes,
         cache_dtype=args.cache_dtype,
+        refine=args.refine,
     )
     if not results:
         raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")

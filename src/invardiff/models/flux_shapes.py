@@ -33,12 +33,14 @@ TRANSFORMER_CONFIG = {
 
 
 class ShapesFluxPipeline(FluxPipeline):
-    """FluxPipeline with ``max_sequence_length`` defaulting to the 16 T5 tokens the model was trained with."""
+    """FluxPipeline with ``max_sequence_length`` defaulting to the 16 T5 tokens the model was trained with, and the
+    image size to the model's 32x32. ``call_defaults`` names these defaults for whatever sizes a call without
+    running it (``calibration.batching.pipeline_call_config``: the FLOP profile the budgeted search plans with)."""
 
-    def __call__(self, *args, max_sequence_length: int = MAX_SEQUENCE_LENGTH, **kwargs):
-        kwargs.setdefault("height", shapes.SIZE)
-        kwargs.setdefault("width", shapes.SIZE)
-        return super().__call__(*args, max_sequence_length=max_sequence_length, **kwargs)
+    call_defaults = {"height": shapes.SIZE, "width": shapes.SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH}
+
+    def __call__(self, *args, **kwargs):
+        return super().__call__(*args, **{**self.call_defaults, **kwargs})
 
 
 def build_pipeline(transformer: FluxTransformer2DModel | None = None, text_weights: dict | None = None):
