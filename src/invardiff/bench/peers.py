@@ -75,13 +75,13 @@ SETTINGS = {
     # warms up for 8 steps whatever the count (at 8 steps it would never cache): scaled, as at 28 steps, to
     # DBCACHE_WARMUP * steps / 28 (2 at 8 steps, 1 at 4), and 1 at the fast end. FBCache has no warm-up.
     FEW_STEP: {
-        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
-        "diffusers-magcache": (0.06, 0.12, 0.24, 0.5, {"threshold": 1.0, "max_skip_steps": 6, "retention_ratio": 0.1}),
+        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8),
+        "diffusers-magcache": (0.06, 0.12, 0.24, {"threshold": 1.0, "max_skip_steps": 6, "retention_ratio": 0.1}),
         "diffusers-taylorseer": (
             {"interval": 2, "disable_cache_before_step": 2},
             {"interval": 3, "disable_cache_before_step": 2},
         ),
-        "cache-dit": (0.12, 0.2, 0.3, 0.5, 0.8, {"threshold": 0.8, "max_warmup_steps": 1}),
+        "cache-dit": (0.12, 0.2, 0.3, 0.8, {"threshold": 0.8, "max_warmup_steps": 1}),
     },
 }
 METHODS = tuple(SETTINGS[PIPELINE])
@@ -111,9 +111,9 @@ def peers(
 ) -> list[Peer]:
     """Every peer at the settings of target ``kind`` (``"pipeline"``, ``"loop"`` or ``"few-step"``: cache-dit's
     warm-up scaled to ``num_inference_steps``), or at ``settings`` (a subset of :data:`SETTINGS`' shape: ``{method:
-    settings}``, each setting a number or a dict of keyword settings; a method left out does not run). ``mag_ratios`` are
-    MagCache's calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses diffusers' default
-    (Flux) ratios."""
+    settings}``, each setting a number or a dict of keyword settings; a method left out does not run).
+    ``mag_ratios`` are MagCache's calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses
+    diffusers' default (Flux) ratios."""
     if kind not in KINDS:
         raise ValueError(f"Unknown target kind {kind!r}; expected one of {KINDS}.")
     if settings is None:
