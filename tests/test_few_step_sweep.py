@@ -91,6 +91,8 @@ def test_a_few_step_sweep_has_its_own_files(tmp_path, capsys):
     assert main(argv) == 0
     table = (tmp_path / "sweep-flux-shapes-4-steps.md").read_text()
     assert "# Speed-quality sweep: flux-shapes-4-steps" in table and "| dicache δ=0.1 | 1.20x |" in table
+    # Compared at few-step speedups (a step in two reused is already 2x): 1.3x is beyond the point's 1.2x.
+    assert "| method | LPIPS @ 1.3x | PSNR @ 1.3x | LPIPS @ 1.5x |" in table
     assert not (tmp_path / "sweep-flux-shapes.md").exists()
     assert (tmp_path / "sweep-flux-shapes-4-steps.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -131,3 +133,15 @@ def test_few_step_peers_scale_their_warm_ups_and_reach_further_at_the_pipeline_k
     assert (aggressive["max_skip_steps"], aggressive["retention_ratio"]) == (10, 0.1)
     assert pipeline["DBCache F1B0 thr=0.8 warm-up=2"].settings["max_warmup_steps"] == 2
     assert "max_warmup_steps" not in pipeline["DBCache F1B0 thr=0.8"].settings  # cache-dit's own default
+
+
+def test_a_point_identical_to_full_compute_does_not_make_the_equal_speed_psnr_infinite():
+    """At a few steps a peer's slow settings reuse nothing (PSNR inf); interpolating from them read inf at every
+    speedup up to the next point."""
+    from invardiff.bench.sweep_report import equal_speed_table
+
+    def point(speedup, psnr, lpips):
+        return {"method": "peer", "label": f"{speedup}", "measured_speedup": speedup, "psnr": psnr, "lpips": lpips}
+
+    table = equal_speed_table("m", [point(1.0, float("inf"), 0.0), point(1.6, 28.6, 0.02)], (1.3, 1.6))
+    assert "| peer | 0.0100 | 28.60 (at 1.60x) | 0.0200 | 28.60 |" in table  # LPIPS 0 at 1x still interpolates

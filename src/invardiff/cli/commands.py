@@ -724,7 +724,7 @@ def bench(args) -> int:
     _quiet_cache_dit()
     from datetime import datetime, timezone
 
-    from ..bench.bundled import sweep_inputs
+    from ..bench.bundled import comparison_speedups, sweep_inputs
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
     from ..bench.targets import source_target
     from ..models.sources import ModelSource
@@ -766,11 +766,12 @@ def bench(args) -> int:
             "images": len(inputs.cases),
             "rounds": args.rounds,
         }
+        speedups = comparison_speedups(target.entry.num_inference_steps)
         table = "\n".join(
             [
                 markdown_table(model, results, meta),
-                equal_speed_table(model, results),
-                equal_speed_table(model, results, speed="ideal_speedup"),
+                equal_speed_table(model, results, speedups),
+                equal_speed_table(model, results, speedups, speed="ideal_speedup"),
             ]
         )
         from ..bench.extrapolation_cost import sweep_note
