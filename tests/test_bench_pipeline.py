@@ -33,8 +33,10 @@ def test_bench_runs_on_a_saved_user_pipeline(saved_dit_pipeline, tmp_path, capsy
     args = ["bench", "--pipeline", str(saved_dit_pipeline), "--classes", "1,2", "--steps", "8", "--rounds", "1"]
     assert main([*args, "--methods", "dicache", "--out", str(out)]) == 0
     results = [json.loads(line) for line in (out / "sweep-my-dit.jsonl").read_text().splitlines()]
-    # DiTPipeline batches CFG, so DiCache runs per sample and batch-global: official 0.4 plus 3 thresholds each.
-    assert len(results) == 8
+    # DiTPipeline batches CFG, so DiCache runs per sample and batch-global: official 0.4, 3 thresholds and the
+    # aggressive setting (bundled.DICACHE_AGGRESSIVE) each.
+    assert len(results) == 10
+    assert "dicache δ=1.5 warmup_ratio=0.1 batch-global" in [r["label"] for r in results]
     low = next(r for r in results if r["label"] == "dicache δ=0.1")
     high = next(r for r in results if r["label"] == "dicache δ=0.8")
     # A larger threshold skips at least as much work (FLOP-counted) and is at least as far from full compute.

@@ -27,7 +27,8 @@ import torch
 
 PIPELINE = "pipeline"  # the sweep: bundled trained models, or a user's saved pipeline
 LOOP = "loop"  # bench-engine --peers: FLUX.1-dev's depth with random weights (model_configs flux-bench / flux1-dev)
-KINDS = (PIPELINE, LOOP)
+FEW_STEP = "few-step"  # the sweep at a few steps (bundled.FEW_STEPS or fewer: invardiff bench --steps 8)
+KINDS = (PIPELINE, LOOP, FEW_STEP)
 
 # Settings per peer and target kind. The kinds differ because the first block's residual changes differently
 # between steps. On the small trained models of the sweep, the 2026-11-22 sweep had FBCache 0.05 computing every
@@ -36,12 +37,31 @@ KINDS = (PIPELINE, LOOP)
 # F1B0 computed every block up to a threshold of 0.2 and 82-86 % at 0.4, and MagCache stops at 2.54x (its
 # max_skip_steps=3) from 0.12 on; these settings make each peer's skipped work reach the books' (2.5-3.4x ideal).
 # A DBCache threshold of None is cache-dit's default configuration (F8B0, threshold 0.08).
+#
+# An entry is the peer's main knob (threshold, TaylorSeer's interval) or a dict of its settings. The dicts are each
+# peer's most aggressive settings, which reach 4-5x FLOP-ideal where the peer can (issue 27): at their defaults
+# MagCache stops near 2.5x (retention_ratio 0.2 computes the first fifth, max_skip_steps 3 a step in four after
+# it) and DBCache F1B0 near 2-2.8x (max_warmup_steps 8 computes the first 8). TaylorSeer caches the attention units
+# only (diffusers' default patterns): the MLPs always compute, so it cannot reach 2x on these models at any interval.
+AGGRESSIVE_MAGCACHE = (
+    {"threshold": 0.5, "max_skip_steps": 6, "retention_ratio": 0.1},
+    {"threshold": 1.0, "max_skip_steps": 10, "retention_ratio": 0.1},
+)
 SETTINGS = {
     PIPELINE: {
-        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5),
-        "diffusers-magcache": (0.06, 0.12, 0.24, 0.5),
-        "diffusers-taylorseer": (2, 3, 5),
-        "cache-dit": (None, 0.12, 0.2, 0.3, 0.5, 0.8),
+        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
+        "diffusers-magcache": (0.06, 0.12, 0.24, 0.5, *AGGRESSIVE_MAGCACHE),
+        "diffusers-taylorseer": (2, 3, 5, 8),
+        "cache-dit": (
+            None,
+            0.12,
+            0.2,
+            0.3,
+            0.5,
+            0.8,
+            {"threshold": 0.5, "max_warmup_steps": 2},
+            {"threshold": 0.8, "max_warmup_steps": 2},
+        ),
     },
     LOOP: {
         "diffusers-fbcache": (0.2, 0.4, 0.6, 0.8),
@@ -49,8 +69,28 @@ SETTINGS = {
         "diffusers-taylorseer": (2, 3, 5),
         "cache-dit": (0.2, 0.4, 0.6, 0.8),
     },
+    # A few steps: the warm-ups scaled to the step count. MagCache's retention_ratio and DiCache's warmup_ratio
+    # scale by themselves (0.2 of 8 steps: 2 steps); TaylorSeer keeps the 2 computed steps a first-order
+    # prediction needs (not its 3) and predicts every other step (interval 2) or two in three; cache-dit's DBCache
+    # warms up for 8 steps whatever the count (at 8 steps it would never cache): scaled, as at 28 steps, to
+    # DBCACHE_WARMUP * steps / 28 (2 at 8 steps, 1 at 4), and 1 at the fast end. FBCache has no warm-up.
+    FEW_STEP: {
+        "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8),
+        "diffusers-magcache": (0.06, 0.12, 0.24, {"threshold": 1.0, "max_skip_steps": 6, "retention_ratio": 0.1}),
+        "diffusers-taylorseer": (
+            {"interval": 2, "disable_cache_before_step": 2},
+            {"interval": 3, "disable_cache_before_step": 2},
+        ),
+        "cache-dit": (0.12, 0.2, 0.3, 0.8, {"threshold": 0.8, "max_warmup_steps": 1}),
+    },
 }
 METHODS = tuple(SETTINGS[PIPELINE])
+DBCACHE_WARMUP = 8  # cache-dit's default max_warmup_steps
+
+
+def scaled_dbcache_warmup(num_inference_steps: int) -> int:
+    """cache-dit's default warm-up (8 steps, meant for 28-50) at a few-step count: the same fraction of 28 steps."""
+    return max(1, round(DBCACHE_WARMUP * num_inference_steps / 28))
 
 
 @dataclass(frozen=True)
@@ -69,10 +109,11 @@ class Peer:
 def peers(
     kind: str, num_inference_steps: int, mag_ratios: list[float] | None = None, settings: dict | None = None
 ) -> list[Peer]:
-    """Every peer at the settings of target ``kind`` (``"pipeline"`` or ``"loop"``), or at ``settings`` (a subset
-    of :data:`SETTINGS`' shape: ``{method: settings}``; a method left out does not run). ``mag_ratios`` are
-    MagCache's calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses diffusers' default
-    (Flux) ratios."""
+    """Every peer at the settings of target ``kind`` (``"pipeline"``, ``"loop"`` or ``"few-step"``: cache-dit's
+    warm-up scaled to ``num_inference_steps``), or at ``settings`` (a subset of :data:`SETTINGS`' shape: ``{method:
+    settings}``, each setting a number or a dict of keyword settings; a method left out does not run).
+    ``mag_ratios`` are MagCache's calibrated ratios (:func:`calibrate_mag_ratios`); without them MagCache uses
+    diffusers' default (Flux) ratios."""
     if kind not in KINDS:
         raise ValueError(f"Unknown target kind {kind!r}; expected one of {KINDS}.")
     if settings is None:
@@ -80,12 +121,24 @@ def peers(
     unknown = sorted(set(settings) - set(METHODS))
     if unknown:
         raise ValueError(f"Unknown peer methods {unknown}; expected some of {list(METHODS)}.")
-    return [
-        *(fbcache(t) for t in settings.get("diffusers-fbcache", ())),
-        *(magcache(t, num_inference_steps, mag_ratios) for t in settings.get("diffusers-magcache", ())),
-        *(taylorseer(i) for i in settings.get("diffusers-taylorseer", ())),
-        *(dbcache(t, num_inference_steps) for t in settings.get("cache-dit", ())),
+    dbcache_defaults = {"max_warmup_steps": scaled_dbcache_warmup(num_inference_steps)} if kind == FEW_STEP else {}
+    makers = {
+        "diffusers-fbcache": fbcache,
+        "diffusers-magcache": lambda threshold, **more: magcache(threshold, num_inference_steps, mag_ratios, **more),
+        "diffusers-taylorseer": taylorseer,
+        "cache-dit": lambda threshold, **more: dbcache(
+            threshold, num_inference_steps, **({} if threshold is None else {**dbcache_defaults, **more})
+        ),
+    }
+    found = [
+        make(**entry) if isinstance(entry, dict) else make(entry)
+        for method, make in makers.items()
+        for entry in settings.get(method, ())
     ]
+    unique: dict[str, Peer] = {}  # one peer per label: a scaled warm-up can equal an explicit one (DBCache, 4 steps)
+    for peer in found:
+        unique.setdefault(peer.label, peer)
+    return list(unique.values())
 
 
 def fbcache(threshold: float) -> Peer:
@@ -97,23 +150,43 @@ def fbcache(threshold: float) -> Peer:
     return _diffusers_peer("diffusers-fbcache", f"FBCache thr={threshold:g}", config, {"threshold": threshold})
 
 
-def magcache(threshold: float, num_inference_steps: int, mag_ratios: list[float] | None) -> Peer:
+def magcache(
+    threshold: float,
+    num_inference_steps: int,
+    mag_ratios: list[float] | None,
+    max_skip_steps: int = 3,
+    retention_ratio: float = 0.2,
+) -> Peer:
+    """diffusers MagCache; ``max_skip_steps`` and ``retention_ratio`` other than diffusers' defaults (3, 0.2) are
+    named in the label."""
+
     def config(transformer):
         from diffusers.hooks import MagCacheConfig
 
         ratios = mag_ratios or None  # None: diffusers' default ratios
-        return MagCacheConfig(threshold=threshold, num_inference_steps=num_inference_steps, mag_ratios=ratios)
+        return MagCacheConfig(
+            threshold=threshold,
+            num_inference_steps=num_inference_steps,
+            mag_ratios=ratios,
+            max_skip_steps=max_skip_steps,
+            retention_ratio=retention_ratio,
+        )
 
     settings = {
         "threshold": threshold,
-        "max_skip_steps": 3,
-        "retention_ratio": 0.2,
+        "max_skip_steps": max_skip_steps,
+        "retention_ratio": retention_ratio,
         "calibrated_ratios": len(mag_ratios or ()),
     }
-    return _diffusers_peer("diffusers-magcache", f"MagCache thr={threshold:g}", config, settings)
+    label = f"MagCache thr={threshold:g}"
+    label += f" max-skip={max_skip_steps}" if max_skip_steps != 3 else ""
+    label += f" retention={retention_ratio:g}" if retention_ratio != 0.2 else ""
+    return _diffusers_peer("diffusers-magcache", label, config, settings)
 
 
-def taylorseer(interval: int) -> Peer:
+def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
+    """diffusers TaylorSeer (first order); a warm-up (``disable_cache_before_step``) other than 3 is in the label."""
+
     def config(transformer):
         from diffusers.hooks import TaylorSeerCacheConfig
 
@@ -123,20 +196,31 @@ def taylorseer(interval: int) -> Peer:
         # attentions are blocks.N.attn1 / attn2, where TaylorSeer would silently cache nothing.
         identifiers = _attention_units(transformer)
         return TaylorSeerCacheConfig(
-            cache_interval=interval, taylor_factors_dtype=transformer.dtype, cache_identifiers=identifiers
+            cache_interval=interval,
+            disable_cache_before_step=disable_cache_before_step,
+            taylor_factors_dtype=transformer.dtype,
+            cache_identifiers=identifiers,
         )
 
-    settings = {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1}
-    return _diffusers_peer("diffusers-taylorseer", f"TaylorSeer interval={interval}", config, settings)
+    settings = {"cache_interval": interval, "disable_cache_before_step": disable_cache_before_step, "max_order": 1}
+    label = f"TaylorSeer interval={interval}"
+    label += f" warm-up={disable_cache_before_step}" if disable_cache_before_step != 3 else ""
+    return _diffusers_peer("diffusers-taylorseer", label, config, settings)
 
 
-def dbcache(threshold: float | None, num_inference_steps: int) -> Peer:
-    """cache-dit DBCache: its default (F8B0 thr=0.08) when ``threshold`` is None, else F1B0 at ``threshold``."""
+def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps: int | None = None) -> Peer:
+    """cache-dit DBCache: its default (F8B0 thr=0.08) when ``threshold`` is None, else F1B0 at ``threshold``;
+    ``max_warmup_steps`` (default: cache-dit's 8) is named in the label when given."""
     if threshold is None:
+        if max_warmup_steps is not None:
+            raise ValueError("DBCache's default configuration (threshold None) keeps its own warm-up.")
         label, settings = "DBCache default (F8B0 thr=0.08)", {}
     else:
         label = f"DBCache F1B0 thr={threshold:g}"
         settings = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": threshold}
+        if max_warmup_steps is not None:
+            label += f" warm-up={max_warmup_steps}"
+            settings["max_warmup_steps"] = max_warmup_steps
 
     def attach(transformer, pipe=None):
         import cache_dit

@@ -42,6 +42,7 @@ def dicache_point(family: str, threshold: float | None = None, **overrides) -> O
     config = DiCacheConfig.preset(preset, **({"threshold": threshold} if threshold is not None else {}), **overrides)
     official = threshold is None and not (set(overrides) - {"per_sample"})
     label = f"dicache δ={config.threshold:g}" + (" (official)" if official else "")
+    label += "".join(f" {key}={value:g}" for key, value in overrides.items() if key != "per_sample")
     label += " batch-global" if not config.per_sample else ""
     settings = {"preset": preset, "threshold": config.threshold, **overrides}
     return _point("dicache" if config.per_sample else "dicache-batch-global", label, config, settings)
@@ -55,12 +56,17 @@ def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float, per_sam
 
 
 def peer_points(target: SweepTarget) -> list[OperatingPoint]:
-    """Every peer at the pipeline settings; MagCache's ratios from its calibration mode on the target's
-    calibration runs (the held-out rule, targets.py)."""
+    """Every peer at the pipeline settings (at a few steps, :data:`~invardiff.bench.bundled.FEW_STEPS` or fewer:
+    the few-step settings); MagCache's ratios from its calibration mode on the target's calibration runs at the
+    target's step count (the held-out rule, targets.py)."""
+    from .bundled import FEW_STEPS
+
     entry, pipe = target.entry, target.load()
+    steps = entry.num_inference_steps
     runs = [lambda case=case: pipe(**entry.call_kwargs(*case)) for case in target.calibration_runs()]
-    ratios = peers.calibrate_mag_ratios(pipe.transformer, entry.num_inference_steps, runs)
-    return [_peer_point(peer) for peer in peers.peers(peers.PIPELINE, entry.num_inference_steps, ratios)]
+    ratios = peers.calibrate_mag_ratios(pipe.transformer, steps, runs)
+    kind = peers.FEW_STEP if steps <= FEW_STEPS else peers.PIPELINE
+    return [_peer_point(peer) for peer in peers.peers(kind, steps, ratios)]
 
 
 def _peer_point(peer: peers.Peer) -> OperatingPoint:

@@ -67,6 +67,9 @@ def _curves(results: list[dict]) -> dict[str, list[dict]]:
 def pareto_front(points: list[dict], metric: str, speed: str = "measured_speedup") -> list[dict]:
     """Points not beaten on both speed and ``metric`` by another point of the same method, by speedup."""
     better = (lambda a, b: a < b) if metric == "lpips" else (lambda a, b: a > b)
+    # A point identical to full compute (PSNR inf: a few-step sweep's peer that reused nothing) has no value to
+    # interpolate from: between it and a finite point every speedup would read inf.
+    points = [p for p in points if np.isfinite(p[metric])]
     front = []
     for p in sorted(points, key=lambda r: -r[speed]):
         if not front or better(p[metric], front[-1][metric]):

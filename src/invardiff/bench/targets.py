@@ -4,6 +4,7 @@ method, ours and the peers', calibrates on :meth:`SweepTarget.calibration_runs` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,8 +88,8 @@ def check_held_out(target: SweepTarget, evaluation: list[tuple]) -> None:
         )
 
 
-def bundled_target(name: str, device: str = "cpu") -> SweepTarget:
-    return source_target(ModelSource(model=name), device=device)
+def bundled_target(name: str, device: str = "cpu", num_inference_steps: int | None = None) -> SweepTarget:
+    return source_target(ModelSource(model=name), num_inference_steps=num_inference_steps, device=device)
 
 
 def source_target(
@@ -103,16 +104,22 @@ def source_target(
     inputs (:data:`CALIBRATION`); your own pipeline evaluates ``inputs`` (prompts or class ids) at
     ``num_inference_steps`` and ``guidance_scale`` (``None``: the pipeline's own default) and calibrates on
     ``calibration_cases`` ((input, seed) pairs) or, by default, on the same inputs with seeds from
-    :data:`CALIBRATION_SEED` (never the evaluation's)."""
+    :data:`CALIBRATION_SEED` (never the evaluation's).
+
+    A bundled model may be given ``num_inference_steps`` (a few-step sweep: ``invardiff bench --model NAME --steps
+    8``): every run, full compute (the reference), the calibrations and the peers', then samples at that count."""
 
     @functools.cache
     def load():
         return source.load(device)
 
     if source.model is not None:
-        if inputs or num_inference_steps or guidance_scale is not None or calibration_cases:
-            raise ValueError("A bundled model is evaluated on its own examples and settings.")
-        return SweepTarget(source.bundled, load, tuple(CALIBRATION[source.model]), None, source)
+        if inputs or guidance_scale is not None or calibration_cases:
+            raise ValueError("A bundled model is evaluated on its own examples and settings (all but the step count).")
+        entry = source.bundled
+        if num_inference_steps is not None:
+            entry = dataclasses.replace(entry, num_inference_steps=num_inference_steps)
+        return SweepTarget(entry, load, tuple(CALIBRATION[source.model]), None, source)
     entry = source.sampling(load(), num_inference_steps, guidance_scale, inputs or ())
     kind = entry.inputs
     if not inputs or (kind == "prompt") != all(isinstance(item, str) for item in inputs):

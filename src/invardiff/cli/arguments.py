@@ -284,7 +284,12 @@ def bench(p) -> None:
         help="your own model: a JSON file of (input, seed) pairs every method calibrates on (default: the evaluated "
         "inputs with seeds 1000, 1001, ...); an evaluated (input, seed) among them is refused",
     )
-    p.add_argument("--steps", type=at_least(3, "a step count"), help="your own model: sampling steps")
+    p.add_argument(
+        "--steps",
+        type=at_least(3, "a step count"),
+        help="sampling steps: your own model's; a bundled model's few-step sweep (e.g. 8 or 4: full compute at that "
+        "count is the reference, every method calibrates at it; files sweep-MODEL-N-steps.*)",
+    )
     p.add_argument(
         "--guidance", type=float, help="your own model: guidance scale (default: the pipeline's own default)"
     )

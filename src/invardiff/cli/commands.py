@@ -764,8 +764,9 @@ def bench(args) -> int:
     _quiet_cache_dit()
     from datetime import datetime, timezone
 
-    from ..bench.bundled import sweep_inputs
+    from ..bench.bundled import comparison_speedups, sweep_inputs
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
+    from ..bench.targets import source_target
     from ..models.sources import ModelSource
 
     _use_threads(args)
@@ -777,14 +778,20 @@ def bench(args) -> int:
             raise ValueError("Give bundled --model NAME(s) or your own --pipeline / --transformer, not both.")
         targets = [_own_target(args, ModelSource(None, args.pipeline, args.transformer), device, cases)]
     else:
-        given = [f"--{k.replace('_', '-')}" for k in OWN_MODEL_OPTIONS if getattr(args, k) is not None]
+        own_only = [k for k in OWN_MODEL_OPTIONS if k != "steps"]  # a bundled model's few-step sweep takes --steps
+        given = [f"--{k.replace('_', '-')}" for k in own_only if getattr(args, k) is not None]
         if given or cases:
             raise ValueError(f"{', '.join(given) or '--cases'} applies only to your own --pipeline / --transformer.")
-        targets = [_own_target(args, ModelSource(model), device) for model in args.model or BENCH_MODELS]
+        targets = [
+            source_target(ModelSource(model), num_inference_steps=args.steps, device=device)
+            for model in args.model or BENCH_MODELS
+        ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for target in targets:
-        model = target.name
+        # A bundled model at another step count than its own is another sweep: its files say the count.
+        few_step = args.steps is not None and not (args.pipeline or args.transformer)
+        model = f"{target.name}-{args.steps}-steps" if few_step else target.name
         jsonl = out / f"sweep-{model}.jsonl"
         inputs = sweep_inputs(target, seeds, device, cases, args.batch)
         if not args.report_only:
@@ -799,11 +806,12 @@ def bench(args) -> int:
             "images": len(inputs.cases),
             "rounds": args.rounds,
         }
+        speedups = comparison_speedups(target.entry.num_inference_steps)
         table = "\n".join(
             [
                 markdown_table(model, results, meta),
-                equal_speed_table(model, results),
-                equal_speed_table(model, results, speed="ideal_speedup"),
+                equal_speed_table(model, results, speedups),
+                equal_speed_table(model, results, speedups, speed="ideal_speedup"),
             ]
         )
         from ..bench.extrapolation_cost import sweep_note
