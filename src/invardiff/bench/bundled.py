@@ -15,6 +15,7 @@ from ..families import get_family, is_video
 from ..families.calibration_spec import InvarDiffThresholds
 from ..plan_transforms import cap_step_runs
 from ..stats import extrapolation_work
+from .peers import FEW_STEPS
 from .points import dicache_point, plan_point, plan_probe_point
 from .sweep import OperatingPoint, SweepInputs
 from .targets import CALIBRATION_SEED, SweepTarget, check_held_out  # noqa: F401 (CALIBRATION_SEED: benchmarks)
@@ -101,13 +102,12 @@ VIDEO_SWEEP = SweepGrid(
     plan_probe={AGGRESSIVE: (0.1, 0.2)},
     examples=2,
 )
-# Few-step sweeps (a bundled model at --steps FEW_STEPS or fewer, e.g. a distilled model's 4-8 steps): with a
+# Few-step sweeps (a bundled model at --steps peers.FEW_STEPS or fewer, e.g. a distilled model's 4-8 steps): with a
 # step or two between computed ones at most, whole-step reuse has little room, so the points lean on unit reuse
 # (the grid's step level 0: unit-only plans) and on low search targets; 4.5x and 5x are out of reach in 8 steps.
 # The grid is small (unit-only plans at two module levels, one step level alone) and there are no capped plans
 # (the search decides each step's reuse): a few-step sweep adds to the model's own sweep, it does not redo it.
 # A video model evaluates as many clips as in its own sweep (VIDEO_SWEEP.examples).
-FEW_STEPS = 10
 FEW_STEP_SWEEP = SweepGrid(
     step_levels=(0.0, 0.5),
     module_levels=(0.0, 0.68),

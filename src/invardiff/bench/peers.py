@@ -27,7 +27,8 @@ import torch
 
 PIPELINE = "pipeline"  # the sweep: bundled trained models, or a user's saved pipeline
 LOOP = "loop"  # bench-engine --peers: FLUX.1-dev's depth with random weights (model_configs flux-bench / flux1-dev)
-FEW_STEP = "few-step"  # the sweep at a few steps (bundled.FEW_STEPS or fewer: invardiff bench --steps 8)
+FEW_STEP = "few-step"  # the sweep at a few steps (FEW_STEPS or fewer: invardiff bench --steps 8)
+FEW_STEPS = 10  # a sweep of this many steps or fewer is a few-step sweep (bench/bundled.py says what changes)
 KINDS = (PIPELINE, LOOP, FEW_STEP)
 
 # Settings per peer and target kind. The kinds differ because the first block's residual changes differently

@@ -56,16 +56,14 @@ def plan_probe_point(plan_label: str, plan: CachePlan, threshold: float, per_sam
 
 
 def peer_points(target: SweepTarget) -> list[OperatingPoint]:
-    """Every peer at the pipeline settings (at a few steps, :data:`~invardiff.bench.bundled.FEW_STEPS` or fewer:
+    """Every peer at the pipeline settings (at a few steps, :data:`~invardiff.bench.peers.FEW_STEPS` or fewer:
     the few-step settings); MagCache's ratios from its calibration mode on the target's calibration runs at the
     target's step count (the held-out rule, targets.py)."""
-    from .bundled import FEW_STEPS
-
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps
     runs = [lambda case=case: pipe(**entry.call_kwargs(*case)) for case in target.calibration_runs()]
     ratios = peers.calibrate_mag_ratios(pipe.transformer, steps, runs)
-    kind = peers.FEW_STEP if steps <= FEW_STEPS else peers.PIPELINE
+    kind = peers.FEW_STEP if steps <= peers.FEW_STEPS else peers.PIPELINE
     return [_peer_point(peer) for peer in peers.peers(kind, steps, ratios)]
 
 
