@@ -19,6 +19,15 @@ from ..model_configs import ModelConfig
 from .timing import timed
 
 
+def euler_update(latents: torch.Tensor, output: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """The loop's Euler update ``latents - prediction / num_steps`` on the channels that the model predicts: DiT
+    predicts (eps, variance), of which eps is kept; HunyuanVideo-1.5 takes its latent channels followed by
+    conditioning channels (a conditioning latent and a mask), which the update leaves as they are."""
+    channels = min(latents.shape[1], output.shape[1])
+    updated = latents[:, :channels] - output[:, :channels] / num_steps
+    return updated if channels == latents.shape[1] else torch.cat([updated, latents[:, channels:]], dim=1)
+
+
 class Trajectory:
     def __init__(
         self,
@@ -55,8 +64,7 @@ class Trajectory:
         call["timestep"] = self.call_timestep(fraction, self.call["timestep"])
         seconds, output = timed(lambda: self._forward(call, index), self.device)
         self.seconds += seconds
-        prediction = output[0][:, : self.latents.shape[1]]  # DiT predicts (eps, variance): keep eps
-        self.latents = self.latents - prediction / self.num_steps
+        self.latents = euler_update(self.latents, output[0], self.num_steps)
 
     @torch.no_grad()
     def _forward(self, call: dict, index: int):
