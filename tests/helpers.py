@@ -14,6 +14,7 @@ import torch
 
 import invardiff
 from invardiff import CachePlan, ModelFacts
+from invardiff.bench.loop import euler_update
 from invardiff.calibration.run import output_tensor
 from invardiff.families import get_family
 from invardiff.model_configs import MODEL_CONFIGS, ModelConfig
@@ -112,6 +113,9 @@ def row_of(call: dict, index: int) -> dict:
         "class_labels",
         "encoder_attention_mask",
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
+        "encoder_hidden_states_2",  # HunyuanVideo-1.5: glyph text and image embeddings, with their masks
+        "encoder_attention_mask_2",
+        "image_embeds",
     )
     return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
 
@@ -134,7 +138,7 @@ def branch_loop(transformer, family: str, calls: dict[str, dict], steps: int) ->
                     (output,) = transformer(**kwargs)
             else:
                 (output,) = transformer(**kwargs)
-            latents[name] = latents[name] - output[:, : latents[name].shape[1]] / steps
+            latents[name] = euler_update(latents[name], output, steps)
     return latents
 
 

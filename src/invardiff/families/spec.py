@@ -333,6 +333,10 @@ class PipelineSpec:
             ``cache_context`` (``ChromaPipeline``): the engine then gives each call its branch's state, as the context
             would. ``None``: the pipeline names its calls itself (or batches them), and an unnamed call is the
             ``"default"`` branch.
+        branch_names: the branch name of each ``cache_context`` name that the pipeline sets and that is not the
+            usual ``"cond"`` / ``"uncond"`` (diffusers' guiders, as ``HunyuanVideo15Pipeline``'s, name their calls
+            ``"pred_cond"`` / ``"pred_uncond"``), so that every family's branches have the same names in summaries,
+            calibration (``record_branches``) and DiCache's call order.
     """
 
     input_kind: str
@@ -351,6 +355,7 @@ class PipelineSpec:
     size_rules: Callable[[Any], dict[str, SizeRule]] | None = None
     toy_cfg_kwargs: Callable[..., dict] | None = None
     call_branches: Callable[[Any], tuple[str, ...]] | None = None
+    branch_names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
