@@ -46,15 +46,18 @@ class ModelConfig:
         return getattr(torch, self.dtype)
 
     def build_transformer(self, device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
-        """Random-weight transformer (``device="meta"`` allocates nothing, for FLOP counting)."""
-        cls = get_family(self.family).transformer_class
+        """Random-weight transformer (``device="meta"`` allocates nothing, for FLOP counting; a family whose forward
+        cannot run on the meta device as it is adapts that build: ``ConfigSpec.meta_adapt``)."""
+        spec = get_family(self.family)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.torch_dtype)  # build in the target dtype: no fp32 copy, no cast warning
         try:
             with torch.device(device), seeded(seed, device):  # the caller's global random state is left as it was
-                model = cls(**self.transformer_kwargs)
+                model = spec.transformer_class(**self.transformer_kwargs)
         finally:
             torch.set_default_dtype(previous)
+        if torch.device(device).type == "meta" and spec.configs is not None and spec.configs.meta_adapt is not None:
+            spec.configs.meta_adapt(model)
         return model.eval().requires_grad_(False)
 
     def example_call(self, device: str | torch.device = "cpu", timestep: float = 0.5, seed: int = 0) -> dict:

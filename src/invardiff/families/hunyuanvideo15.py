@@ -165,10 +165,11 @@ NAMED_CONFIGS = (
         transformer_kwargs(54, 4, 64, (16, 24, 24), 256, 256, 256, channels=16),
         (4, 8, 8),
         glyph_tokens=16,
+        image_tokens=64,
         text_tokens=64,
         steps=50,
         description="HunyuanVideo-1.5 depth (54), hidden 256, 4 latent frames of 8x8 (256 tokens), 64 prompt + 16 "
-        "glyph + 729 image tokens (CPU benchmark)",
+        "glyph + 64 image tokens (CPU benchmark)",
     ),
     _config(
         "hunyuanvideo15-tiny-fulldepth",

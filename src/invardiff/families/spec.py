@@ -71,14 +71,17 @@ class ReuseUnit:
 DUAL_STREAM_KINDS = ("attn", "context_attn", "ff", "context_ff")
 
 
-def dual_stream_units(ff: str = "ff", context_ff: str = "ff_context", attn_present=None) -> tuple[ReuseUnit, ...]:
-    """The reusable units of an MMDiT dual-stream block: the joint attention ``attn`` (image and text outputs from
+def dual_stream_units(
+    ff: str = "ff", context_ff: str = "ff_context", attn_present=None, attn: str = "attn", context_ff_present=None
+) -> tuple[ReuseUnit, ...]:
+    """The reusable units of an MMDiT dual-stream block: the joint attention at ``attn`` (image and text outputs from
     one call, reused together: kinds ``attn`` and ``context_attn``), the image feed-forward at ``ff`` and the text
-    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` as :attr:`ReuseUnit.present`."""
+    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` and ``context_ff_present`` as
+    :attr:`ReuseUnit.present` (a ``context_pre_only`` last block has no text feed-forward: SD3, Mochi)."""
     return (
-        ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1), present=attn_present),
+        ReuseUnit("attn", ("attn", "context_attn"), attn, kind_outputs=(0, 1), present=attn_present),
         ReuseUnit("ff", ("ff",), ff),
-        ReuseUnit("context_ff", ("context_ff",), context_ff),
+        ReuseUnit("context_ff", ("context_ff",), context_ff, present=context_ff_present),
     )
 
 
@@ -384,6 +387,9 @@ class ConfigSpec:
         bench: benchmark size (``"cpu"``, ``"full"``, ``"tiny"``) -> the name of the config ``bench-engine`` uses.
         tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
             conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
+        meta_adapt: ``meta_adapt(transformer)`` adapts a random-weight build on the meta device (FLOP profile,
+            memory estimate) whose stock forward cannot run there, without changing what it computes (Mochi's RoPE
+            opens an autocast region on its tensors' device type, which the meta device lacks); ``None``: nothing.
     """
 
     example_call: Callable[..., dict]
@@ -393,6 +399,7 @@ class ConfigSpec:
     named: tuple[ModelConfig, ...] = ()
     bench: dict[str, str] = field(default_factory=dict)
     tiny: str | None = None
+    meta_adapt: Callable[[torch.nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
