@@ -121,6 +121,9 @@ def row_of(call: dict, index: int) -> dict:
         "encoder_attention_mask",
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
         "control_hidden_states",  # Wan VACE: the control latents
+        "encoder_hidden_states_2",  # HunyuanVideo-1.5: glyph text and image embeddings, with their masks
+        "encoder_attention_mask_2",
+        "image_embeds",
     )
     sliced = (torch.Tensor, list)
     row = {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from .families import get_family
 from .families.model_config import ModelConfig
 from .families.spec import TransformerCall
+from .meta_values import MetaValues
 from .plan import CachePlan
 
 
@@ -89,7 +90,11 @@ class FlopProfile:
 def profile_flops(config: ModelConfig) -> FlopProfile:
     family = get_family(config.family)
     model = config.build_transformer("meta")
-    call = config.example_call("meta")
+    with MetaValues():  # the constant masks of the call keep their values for forwards that read them (Mochi)
+        return _profile(config, family, model, config.example_call("meta"))
+
+
+def _profile(config: ModelConfig, family, model, call) -> FlopProfile:
     captured = {}
     head = model.get_submodule(family.head_input)
 

@@ -14,6 +14,7 @@ from .bench.loop import Trajectory
 from .calibration.recording import recording
 from .families import get_family
 from .families.model_config import ModelConfig
+from .meta_values import MetaValues
 from .plan import CachePlan, ModelFacts
 
 
@@ -21,9 +22,10 @@ def cache_memory(plan: CachePlan, config: ModelConfig) -> dict[str, int]:
     """Peak bytes the engine holds for ``plan`` on ``config``, and what keeping every unit output would take."""
     transformer = config.build_transformer("meta")
     api.enable(transformer, plan)
-    trajectory = Trajectory(transformer, config, plan.num_inference_steps, torch.device("meta"))
-    for step in range(plan.num_inference_steps):
-        trajectory.step(step)
+    with MetaValues():  # the constant masks of the calls keep their values for forwards that read them (Mochi)
+        trajectory = Trajectory(transformer, config, plan.num_inference_steps, torch.device("meta"))
+        for step in range(plan.num_inference_steps):
+            trajectory.step(step)
     summary = api.summary(transformer)
     api.disable(transformer)
     return {"peak_cache_bytes": summary.peak_cache_bytes, "all_outputs_bytes": summary.all_outputs_bytes}
@@ -44,7 +46,7 @@ def calibration_memory(config: ModelConfig, offload: str | None = None) -> dict[
     transformer = config.build_transformer("meta")
     facts = ModelFacts.for_family(config.family, get_family(config.family).num_layers(transformer))
     steps = 3
-    with recording(transformer, facts, steps, offload=offload) as recorder:
+    with recording(transformer, facts, steps, offload=offload) as recorder, MetaValues():
         trajectory = Trajectory(transformer, config, steps, torch.device("meta"))
         for step in range(steps):
             trajectory.step(step)

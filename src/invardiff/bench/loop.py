@@ -25,11 +25,14 @@ def clone_latents(latents):
 
 
 def euler_update(latents, prediction, steps: int):
-    """``latents - prediction / steps`` on the latents' channels (DiT predicts (eps, variance): eps is kept), for a
-    tensor or a list of per-sample tensors (channels first in each)."""
+    """``latents - prediction / steps`` on the channels the model predicts, for a tensor or a list of per-sample
+    tensors (channels first in each): DiT predicts (eps, variance), of which eps is kept; HunyuanVideo-1.5 takes its
+    latent channels followed by conditioning channels (a conditioning latent and a mask), left as they are."""
     if isinstance(latents, (list, tuple)):
-        return [item - out[: item.shape[0]] / steps for item, out in zip(latents, prediction, strict=True)]
-    return latents - prediction[:, : latents.shape[1]] / steps
+        return [euler_update(item[None], out[None], steps)[0] for item, out in zip(latents, prediction, strict=True)]
+    channels = min(latents.shape[1], prediction.shape[1])
+    updated = latents[:, :channels] - prediction[:, :channels] / steps
+    return updated if channels == latents.shape[1] else torch.cat([updated, latents[:, channels:]], dim=1)
 
 
 class Trajectory:

@@ -198,7 +198,10 @@ class CacheEngine:
         # A pipeline's own step_index (WanPipeline passes one) counts the whole schedule; with the pipeline at hand
         # the schedule gives the step, checks the timestep, and knows which part of it this transformer runs.
         from_pipeline = not self._contexts and self.pipeline is not None
-        name = getattr(context, "name", None) or self._unnamed_call_branch(from_pipeline)
+        name = getattr(context, "name", None)
+        if name is not None and not self._contexts and self.family.pipeline is not None:  # diffusers' context
+            name = self.family.pipeline.branch_names.get(name, name)
+        name = name or self._unnamed_call_branch(from_pipeline)
         explicit_step = None if from_pipeline else getattr(context, "step_index", None)
         step = explicit_step if explicit_step is not None else self._step_from_schedule(call, name)
         if step == 0:  # a cache added after invardiff (transformer.enable_cache, cache-dit): refuse before it runs

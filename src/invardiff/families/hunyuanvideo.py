@@ -59,9 +59,15 @@ def _run_head(transformer, hidden, call):
     # The output section of HunyuanVideoTransformer3DModel.forward, on the cached image tokens.
     if transformer.config.image_condition_type == "token_replace":
         raise NotImplementedError("HunyuanVideo image-to-video (token_replace) models are not supported.")
+    temb = _embed_timestep(transformer, call)
+    return video_output(transformer, transformer.proj_out(transformer.norm_out(hidden, temb)), call)
+
+
+def video_output(transformer, hidden, call):
+    """The end of the HunyuanVideo (1.0 and 1.5) ``forward``: the ``proj_out`` tokens (B, N, p_t*p*p*C) put back into
+    a (B, C, F, H, W) clip of the call's latent shape, returned as ``forward`` returns it."""
     batch, _, frames, height, width = call["hidden_states"].shape
     p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
-    hidden = transformer.proj_out(transformer.norm_out(hidden, _embed_timestep(transformer, call)))  # (B, N, .)
     hidden = hidden.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p)
     output = hidden.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
     return Transformer2DModelOutput(sample=output) if call["return_dict"] else (output,)

@@ -74,14 +74,17 @@ class ReuseUnit:
 DUAL_STREAM_KINDS = ("attn", "context_attn", "ff", "context_ff")
 
 
-def dual_stream_units(ff: str = "ff", context_ff: str = "ff_context", attn_present=None) -> tuple[ReuseUnit, ...]:
-    """The reusable units of an MMDiT dual-stream block: the joint attention ``attn`` (image and text outputs from
+def dual_stream_units(
+    ff: str = "ff", context_ff: str = "ff_context", attn_present=None, attn: str = "attn", context_ff_present=None
+) -> tuple[ReuseUnit, ...]:
+    """The reusable units of an MMDiT dual-stream block: the joint attention at ``attn`` (image and text outputs from
     one call, reused together: kinds ``attn`` and ``context_attn``), the image feed-forward at ``ff`` and the text
-    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` as :attr:`ReuseUnit.present`."""
+    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` and ``context_ff_present`` as
+    :attr:`ReuseUnit.present` (a ``context_pre_only`` last block has no text feed-forward: SD3, Mochi)."""
     return (
-        ReuseUnit("attn", ("attn", "context_attn"), "attn", kind_outputs=(0, 1), present=attn_present),
+        ReuseUnit("attn", ("attn", "context_attn"), attn, kind_outputs=(0, 1), present=attn_present),
         ReuseUnit("ff", ("ff",), ff),
-        ReuseUnit("context_ff", ("context_ff",), context_ff),
+        ReuseUnit("context_ff", ("context_ff",), context_ff, present=context_ff_present),
     )
 
 
@@ -395,6 +398,10 @@ class PipelineSpec:
             ``cache_context`` (``ChromaPipeline``): the engine then gives each call its branch's state, as the context
             would. ``None``: the pipeline names its calls itself (or batches them), and an unnamed call is the
             ``"default"`` branch.
+        branch_names: the branch name of each ``cache_context`` name that the pipeline sets and that is not the
+            usual ``"cond"`` / ``"uncond"`` (diffusers' guiders, as ``HunyuanVideo15Pipeline``'s, name their calls
+            ``"pred_cond"`` / ``"pred_uncond"``), so that every family's branches have the same names in summaries,
+            calibration (``record_branches``) and DiCache's call order.
     """
 
     input_kind: str
@@ -413,6 +420,7 @@ class PipelineSpec:
     size_rules: Callable[[Any], dict[str, SizeRule]] | None = None
     toy_cfg_kwargs: Callable[..., dict] | None = None
     call_branches: Callable[[Any], tuple[str, ...]] | None = None
+    branch_names: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.input_kind not in INPUT_KINDS:
@@ -443,9 +451,10 @@ class ConfigSpec:
         tiny: the name of the family's smallest named config (a few blocks, a few tokens): what the tests and the
             conformance kit (``tests/test_family_conformance.py``) run the family on; ``None`` if it has none.
         on_meta: ``on_meta(transformer)`` makes a transformer built on the meta device (FLOP profiles, memory
-            estimates) runnable where its forward reads tensor values on the host (HiDream's mixture-of-experts
-            routing counts the tokens of each expert), on that instance only and with the same FLOPs; ``None``: the
-            stock forward runs on the meta device as it is.
+            estimates) runnable where its stock forward cannot run there (HiDream's mixture-of-experts routing counts
+            the tokens of each expert on the host; Mochi's RoPE opens an autocast region on its tensors' device type,
+            which the meta device lacks), on that instance only and with the same FLOPs; ``None``: the stock forward
+            runs on the meta device as it is.
     """
 
     example_call: Callable[..., dict]
