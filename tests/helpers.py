@@ -112,6 +112,9 @@ def row_of(call: dict, index: int) -> dict:
         "class_labels",
         "encoder_attention_mask",
         "attention_mask",  # Chroma: the text padding mask over text and image tokens
+        "original_size",  # CogView4: the size conditioning, one row per sample
+        "target_size",
+        "crop_coords",
     )
     return {k: (v[index : index + 1] if k in per_sample and torch.is_tensor(v) else v) for k, v in call.items()}
 
