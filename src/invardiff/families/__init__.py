@@ -139,7 +139,7 @@ def _load_plugin_families() -> None:
 def _load_builtin_families() -> None:
     # The registry: one import per family file. Imported lazily so that `import invardiff.families` stays cheap and
     # free of import cycles (family files import the generic types they fill, e.g. calibration thresholds).
-    from . import chroma, cogvideox, cogview4, dit, flux, flux2, hunyuanvideo, qwenimage, sd3, wan  # noqa: F401
+    from . import chroma, cogvideox, cogview4, dit, flux, flux2, hunyuanvideo, pixart, qwenimage, sd3, wan  # noqa: F401
 
 
 __all__ = [
