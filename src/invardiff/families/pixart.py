@@ -98,7 +98,8 @@ NAMED_CONFIGS = (
     # here): 28 blocks, 16 heads of 72 (hidden 1152), T5 captions of 4096, 4 latent channels in and 8 out (learned
     # variance), sample_size 128, interpolation_scale 2, no additional conditions; the rest are the diffusers
     # defaults. At 1024x1024: a 128x128 latent, 4096 tokens of 2x2 patches; the pipeline pads every prompt to 300
-    # T5 tokens (max_sequence_length) and batches the CFG branches (2 rows); its default is 20 steps.
+    # T5 tokens (max_sequence_length) and batches the CFG branches (2 rows); its default is 20 steps. float16: the
+    # dtype the model card runs it in.
     ModelConfig(
         "pixart-sigma-1024",
         "pixart",
