@@ -124,6 +124,9 @@ def row_of(call: dict, index: int) -> dict:
         "encoder_hidden_states_2",  # HunyuanVideo-1.5: glyph text and image embeddings, with their masks
         "encoder_attention_mask_2",
         "image_embeds",
+        "original_size",  # CogView4: the size conditioning, one row per sample
+        "target_size",
+        "crop_coords",
     )
     sliced = (torch.Tensor, list)
     row = {k: (v[index : index + 1] if k in per_sample and isinstance(v, sliced) else v) for k, v in call.items()}

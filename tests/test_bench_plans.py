@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from invardiff.bench.plans import bench_plan, bench_plan_names, default_bench_plans
+from invardiff.bench.plans import UnreachableTarget, bench_plan, bench_plan_names, default_bench_plans
 from invardiff.flops import profile_flops
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.stats import ideal_speedup
@@ -17,6 +17,16 @@ def test_families_without_books_get_synthetic_plans():
     assert {"dit/slow", "wan/synthetic-3x", "flux/synthetic-2x"} <= set(bench_plan_names())
     with pytest.raises(ValueError, match="Unknown benchmark plan 'wan/fast'"):
         bench_plan("wan/fast", MODEL_CONFIGS["wan-tiny"])
+
+
+def test_a_synthetic_target_out_of_a_familys_reach_is_left_out_of_its_default_plans():
+    # CogView4 reuses its joint attention only (its feed-forward runs twice per block, and always): with every step
+    # move and every unit move of the synthetic sequence, its ideal speedup stays under 3x.
+    assert default_bench_plans("cogview4") == ["cogview4/synthetic-2x", "cogview4/synthetic-3x"]
+    assert default_bench_plans("cogview4", "tiny") == ["cogview4/synthetic-2x"]
+    assert default_bench_plans("wan", "tiny") == ["wan/synthetic-2x", "wan/synthetic-3x"]
+    with pytest.raises(UnreachableTarget, match="No synthetic plan over 50 steps reaches an ideal speedup of 3.0x"):
+        bench_plan("cogview4/synthetic-3x", MODEL_CONFIGS["cogview4-tiny-fulldepth"])
 
 
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuanvideo-tiny"])

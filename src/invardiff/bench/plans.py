@@ -18,6 +18,7 @@ import numpy as np
 from ..families import families, get_family
 from ..families.model_config import ModelConfig
 from ..flops import FlopProfile, profile_flops
+from ..model_configs import MODEL_CONFIGS
 from ..official import bundled_books, convert_official_book
 from ..plan import CachePlan, ModelFacts
 from ..stats import ideal_speedup
@@ -34,10 +35,31 @@ def bench_plan_names() -> list[str]:
     return [*bundled_books(), *synthetic]
 
 
-def default_bench_plans(family: str) -> list[str]:
-    """What ``bench-engine --family FAMILY`` runs: the family's official books, else its synthetic plans."""
+class UnreachableTarget(ValueError):
+    """No synthetic plan reaches the target FLOP-ideal speedup on a config: the family's reusable units are too
+    small a share of its FLOPs (CogView4 reuses its joint attention only, so 3x is out of reach)."""
+
+
+def default_bench_plans(family: str, size: str | None = None) -> list[str]:
+    """What ``bench-engine --family FAMILY`` runs: the family's official books, else its synthetic plans; with
+    ``size`` (``"cpu"``, ``"full"``, ``"tiny"``), only the synthetic plans that the family's benchmark config of that
+    size can reach (:class:`UnreachableTarget`)."""
     books = [name for name in bundled_books() if name.split("/")[0] == family]
-    return books or [f"{family}/{label}" for label in SYNTHETIC]
+    if books:
+        return books
+    names = [f"{family}/{label}" for label in SYNTHETIC]
+    if size is None:
+        return names
+    config = MODEL_CONFIGS[get_family(family).configs.bench[size]]
+    return [name for name in names if _reaches(name, config)]
+
+
+def _reaches(name: str, config: ModelConfig) -> bool:
+    try:
+        bench_plan(name, config)
+    except UnreachableTarget:
+        return False
+    return True
 
 
 def is_plan_file(name: str) -> bool:
@@ -96,7 +118,7 @@ def synthetic_plan(facts: ModelFacts, num_steps: int, target: float, flops: Flop
         plan = _plan(facts, step_cache, reused_rows, target)
         if ideal_speedup(plan, flops) >= target:
             return plan
-    raise ValueError(f"No synthetic plan over {T} steps reaches an ideal speedup of {target}x.")
+    raise UnreachableTarget(f"No synthetic plan over {T} steps reaches an ideal speedup of {target}x.")
 
 
 def _plan(facts: ModelFacts, step_cache: np.ndarray, reused_rows: np.ndarray, target: float) -> CachePlan:

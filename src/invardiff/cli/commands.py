@@ -494,12 +494,12 @@ def bench_engine(args) -> int:
     _use_threads(args)
     device = check_device(args.device)
     schedule = args.schedule or ("alternate" if device.type == "cuda" else "lockstep")
-    from ..bench.plans import bench_plan_names, default_bench_plans, is_plan_file
+    from ..bench.plans import bench_plan_names, is_plan_file
 
     available = bench_plan_names()
     from .arguments import book_families
 
-    books = args.books or [name for family in args.family or book_families() for name in default_bench_plans(family)]
+    books = args.books or _default_books(args.family or book_families(), args.config)
     unknown = sorted(book for book in set(books) - set(available) if not is_plan_file(book))
     if unknown:
         raise ValueError(f"Unknown books {unknown}; available: {sorted(available)}, or a plan file (PLAN.json).")
@@ -517,6 +517,25 @@ def bench_engine(args) -> int:
     results = _per_family(args, by_family, "bench-engine", run)
     stem = f"bench-engine-{args.config}-{device.type}" + ("-compiled" if args.compile else "")
     return _report(args, results, stem, [_public_fields(r) for r in results])
+
+
+def _default_books(families: list[str], size: str) -> list[str]:
+    from ..bench.plans import default_bench_plans
+
+    books = []
+    for family in families:
+        reachable = default_bench_plans(family, size)
+        left_out = [name for name in default_bench_plans(family) if name not in reachable]
+        if not reachable:
+            raise ValueError(f"No benchmark plan of {family} reaches its FLOP-ideal speedup on its {size} config.")
+        if left_out:
+            print(
+                f"bench-engine: leaving out {', '.join(left_out)}: no plan reaches that FLOP-ideal speedup on the "
+                f"{size} config of {family} (its reusable units are too small a share of its FLOPs)",
+                file=sys.stderr,
+            )
+        books += reachable
+    return books
 
 
 def _bench_engine_peers(args, device, books: list[str]) -> int:

@@ -142,6 +142,8 @@ def _load_builtin_families() -> None:
     from . import (  # noqa: F401
         allegro,
         chroma,
+        cogvideox,
+        cogview4,
         dit,
         flux,
         flux2,
@@ -150,6 +152,7 @@ def _load_builtin_families() -> None:
         hunyuanvideo15,
         ltx,
         mochi,
+        pixart,
         qwenimage,
         sana,
         sd3,

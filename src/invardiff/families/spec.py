@@ -74,15 +74,22 @@ class ReuseUnit:
 DUAL_STREAM_KINDS = ("attn", "context_attn", "ff", "context_ff")
 
 
+def joint_attention_unit(module: str = "attn", present=None) -> ReuseUnit:
+    """The joint attention of a block at path ``module``: one call over image and text tokens that returns ``(image,
+    text)``, reused only when both its kinds ``attn`` and ``context_attn`` are set; ``present`` as
+    :attr:`ReuseUnit.present`."""
+    return ReuseUnit("attn", ("attn", "context_attn"), module, kind_outputs=(0, 1), present=present)
+
+
 def dual_stream_units(
     ff: str = "ff", context_ff: str = "ff_context", attn_present=None, attn: str = "attn", context_ff_present=None
 ) -> tuple[ReuseUnit, ...]:
-    """The reusable units of an MMDiT dual-stream block: the joint attention at ``attn`` (image and text outputs from
-    one call, reused together: kinds ``attn`` and ``context_attn``), the image feed-forward at ``ff`` and the text
-    feed-forward at ``context_ff`` (module paths in the block); ``attn_present`` and ``context_ff_present`` as
-    :attr:`ReuseUnit.present` (a ``context_pre_only`` last block has no text feed-forward: SD3, Mochi)."""
+    """The reusable units of an MMDiT dual-stream block: the joint attention at ``attn``
+    (:func:`joint_attention_unit`), the image feed-forward at ``ff`` and the text feed-forward at ``context_ff``
+    (module paths in the block); ``attn_present`` and ``context_ff_present`` as :attr:`ReuseUnit.present` (a
+    ``context_pre_only`` last block has no text feed-forward: SD3, Mochi)."""
     return (
-        ReuseUnit("attn", ("attn", "context_attn"), attn, kind_outputs=(0, 1), present=attn_present),
+        joint_attention_unit(attn, attn_present),
         ReuseUnit("ff", ("ff",), ff),
         ReuseUnit("context_ff", ("context_ff",), context_ff, present=context_ff_present),
     )
