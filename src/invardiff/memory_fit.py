@@ -14,6 +14,10 @@ problem: a two-step plan is one window), solved exactly by HiGHS' branch and bou
 0) within a time limit; a run that stops at the limit returns the best plan found, marked ``"optimal": false``
 with its proven gap in the provenance. The result is checked against the exact replay of the engine's accounting
 before it is returned, so the bound always holds exactly.
+
+With step reuse allowed (``step_reuse``), the fit may also turn steps that reuse nearly every unit into whole-step
+reuses, which keep only H: every subset of those candidate steps is a plan fitted as above, and the best is kept
+(:func:`_fit_with_step_reuse`).
 """
 
 from __future__ import annotations
