@@ -3,14 +3,16 @@ exact, on the meta device), and the quality the bound costs on flux-shapes (PSNR
 its held-out examples, the bound scaled to flux-shapes' config).
 
     python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux1-dev   # the meta-device part (~3 min)
-    python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux-shapes --seeds 0 --budgets ""
+    python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux-shapes --seeds 0,1 --budgets ""
 
 FLUX.1-dev part: each official FLUX book, fitted (``invardiff.memory_fit.fit_memory``) to 1.5 GB (10^9 bytes) in
 bf16 (the model's dtype) and with an fp8 e4m3 cache; the fit's proven upper bound on the speedup any fitted plan
-reaches is reported beside it. flux-shapes part: the fast preset calibrated on flux-shapes' calibration runs, fitted
-to FLUX.1-dev's bound scaled to flux-shapes (the same fraction of every unit output and H of one step), in the model
-dtype and in bf16 / fp8 caches; and, at equal FLOP-ideal budgets (the fitted preset's, and ``--budgets``), the
-unbounded budgeted search against the memory-bounded one (model dtype, bf16 cache), from one recording of the
+reaches is reported beside it; each again with step reuse (``step_reuse=0.9``: steps whose reuses cover 90% of
+their unit FLOPs may become whole-step reuses). flux-shapes part: the fast preset calibrated on flux-shapes'
+calibration runs, fitted to FLUX.1-dev's bound scaled to flux-shapes (the same fraction of every unit output and H
+of one step), in the model dtype, in bf16 / fp8 caches, and with step reuse; and, at equal FLOP-ideal budgets (the
+fitted presets', and ``--budgets``), the unbounded budgeted search against the memory-bounded one (model dtype,
+bf16 cache), from one recording of the
 calibration trajectories. A run of one part keeps the other's figures in the JSON.
 """
 
