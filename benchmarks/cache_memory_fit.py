@@ -3,18 +3,21 @@ exact, on the meta device), and the quality the bound costs on flux-shapes (PSNR
 its held-out examples, the bound scaled to flux-shapes' config).
 
     python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux1-dev   # the meta-device part (~3 min)
-    python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux-shapes --seeds 0 --budgets ""
+    python benchmarks/cache_memory_fit.py --out benchmarks/results --part flux-shapes --seeds 0,1 --budgets ""
 
 FLUX.1-dev part: each official FLUX book, fitted (``invardiff.memory_fit.fit_memory``) to 1.5 GB (10^9 bytes) in
 bf16 (the model's dtype) and with an fp8 e4m3 cache; the fit's proven upper bound on the speedup any fitted plan
-reaches is reported beside it. flux-shapes part: the fast preset calibrated on flux-shapes' calibration runs, fitted
-to FLUX.1-dev's bound scaled to flux-shapes (the same fraction of every unit output and H of one step), in the model
-dtype and in bf16 / fp8 caches; and, at equal FLOP-ideal budgets (the fitted preset's, and ``--budgets``), the
-unbounded budgeted search against the memory-bounded one (model dtype, bf16 cache), from one recording of the
+reaches is reported beside it; each again with step reuse (``step_reuse=0.9``: steps whose reuses cover 90% of
+their unit FLOPs may become whole-step reuses). flux-shapes part: the fast preset calibrated on flux-shapes'
+calibration runs, fitted to FLUX.1-dev's bound scaled to flux-shapes (the same fraction of every unit output and H
+of one step), in the model dtype, in bf16 / fp8 caches, and with step reuse; and, at equal FLOP-ideal budgets (the
+fitted presets', and ``--budgets``), the unbounded budgeted search against the memory-bounded one (model dtype,
+bf16 cache), from one recording of the
 calibration trajectories. A run of one part keeps the other's figures in the JSON.
 """
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from invardiff.stats import ideal_speedup
 
 
 FIT_SECONDS = 30.0
+STEP_REUSE = 0.9  # fit-memory --allow-step-reuse's default: steps whose reuses cover 90% of their unit FLOPs
 
 
 def flux1_dev_part() -> list[dict]:
@@ -47,10 +51,11 @@ def flux1_dev_part() -> list[dict]:
         book = convert_official_book(path, "flux")
         row = {"book": name, "ideal_speedup": ideal_speedup(book, flops), "peak_cache_bytes": None, "fits": {}}
         row["peak_cache_bytes"] = peak_cache_bytes(book, footprint)
-        for dtype in (None, "float8_e4m3fn"):
-            fitted = fit_memory(book, footprint, flops, FLUX1_DEV_BOUND, dtype, FIT_SECONDS)
+        for dtype, step_reuse in itertools.product((None, "float8_e4m3fn"), (None, STEP_REUSE)):
+            fitted = fit_memory(book, footprint, flops, FLUX1_DEV_BOUND, dtype, FIT_SECONDS, step_reuse)
             record = fitted.provenance.get("memory_fit", {})
-            row["fits"][dtype or "bfloat16"] = {
+            row["fits"][(dtype or "bfloat16") + (" + step reuse" if step_reuse else "")] = {
+                "steps_reused": record.get("step_reuse", {}).get("converted", []),
                 "ideal_speedup": ideal_speedup(fitted, flops),
                 "peak_cache_bytes": peak_cache_bytes(fitted, footprint),
                 "speedup_bound": record.get("ideal_speedup", {}).get("bound", ideal_speedup(fitted, flops)),
@@ -93,6 +98,9 @@ def flux_shapes_part(seeds: list[int], budgets: list[float]) -> dict:
     for dtype in (None, "bfloat16", "float8_e4m3fn"):
         fitted[dtype] = fit_memory(fast, footprint, flops, bound, dtype, FIT_SECONDS)
         rows.append(measure(f"fast preset fitted{' + ' + dtype if dtype else ''}", fitted[dtype]))
+    stepped = fit_memory(fast, footprint, flops, bound, None, FIT_SECONDS, STEP_REUSE)
+    steps = stepped.provenance.get("memory_fit", {}).get("step_reuse", {}).get("converted", [])
+    rows.append(measure(f"fast preset fitted + step reuse (steps {steps})", stepped))
     kwargs = {**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale}
     _, stats = calibrate_budget(
         pipe,
@@ -101,7 +109,8 @@ def flux_shapes_part(seeds: list[int], budgets: list[float]) -> dict:
         speedups=[2.0],
         pipeline_kwargs=kwargs,
     )
-    budgets = sorted({*budgets, round(ideal_speedup(fitted[None], flops), 3)})  # and the fitted preset's
+    fitted_speeds = (round(ideal_speedup(plan, flops), 3) for plan in (fitted[None], stepped))
+    budgets = sorted({*budgets, *fitted_speeds})  # and the fitted presets'
     pairs = []
     for budget in budgets:
         entry = {"budget": budget}
@@ -151,6 +160,23 @@ def markdown(flux1_dev: list[dict] | None, flux_shapes: dict | None) -> str:
                 f"{bf16['ideal_speedup']:.3f}x, {_gib(bf16['peak_cache_bytes'])} GiB | {bf16['speedup_bound']:.3f}x | "
                 f"{fp8['ideal_speedup']:.3f}x, {_gib(fp8['peak_cache_bytes'])} GiB | {fp8['speedup_bound']:.3f}x |"
             )
+        if any("bfloat16 + step reuse" in r["fits"] for r in flux1_dev):
+            lines += [
+                "",
+                f"With step reuse (`fit-memory --allow-step-reuse {STEP_REUSE:g}`): steps whose reuses cover "
+                f"{STEP_REUSE:.0%} of their unit FLOPs may become whole-step reuses (only H kept).",
+                "",
+                "| book | steps reused | bf16 cache | at most | fp8 cache | at most |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in flux1_dev:
+                bf16, fp8 = r["fits"]["bfloat16 + step reuse"], r["fits"]["float8_e4m3fn + step reuse"]
+                lines.append(
+                    f"| {r['book']} | {bf16['steps_reused'] or '-'} | "
+                    f"{bf16['ideal_speedup']:.3f}x, {_gib(bf16['peak_cache_bytes'])} GiB | "
+                    f"{bf16['speedup_bound']:.3f}x | "
+                    f"{fp8['ideal_speedup']:.3f}x, {_gib(fp8['peak_cache_bytes'])} GiB | {fp8['speedup_bound']:.3f}x |"
+                )
         lines.append("")
     if flux_shapes:
         f = flux_shapes

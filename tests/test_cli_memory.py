@@ -3,6 +3,7 @@ that only the budgeted search takes."""
 
 import json
 
+import numpy as np
 import pytest
 from test_cli_errors import one_error_line, run
 
@@ -60,9 +61,25 @@ def test_fit_memory_with_a_cache_dtype(tiny, tmp_path, capsys):
     assert "stored in bfloat16 (the plan's cache_dtype)" in capsys.readouterr().out
 
 
+def test_fit_memory_with_step_reuse(tiny, tmp_path, capsys):
+    _, plan, footprint = tiny
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "fit.json"
+    bound = footprint.hidden_bytes()  # only H: every unit reuse must go, or its step become a step reuse
+    argv = ["fit-memory", str(tmp_path / "plan.json"), "--model-config", "flux-tiny", "--max-cache-memory", str(bound)]
+    assert main([*argv, "--allow-step-reuse", "0.01", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    fitted = CachePlan.load(out)
+    converted = fitted.provenance["memory_fit"]["step_reuse"]["converted"]
+    assert converted and f"steps {', '.join(map(str, converted))} reused whole" in said
+    assert (fitted.step_cache == (plan.step_cache | np.isin(np.arange(8), converted))).all()
+    assert peak_cache_bytes(fitted, footprint) <= bound
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
+        (["--max-cache-memory", "1GB", "--allow-step-reuse", "0"], "--allow-step-reuse takes a fraction in (0, 1]"),
         (["--max-cache-memory", "10"], "No fitted plan keeps its cache within 10 bytes on flux-tiny"),
         (["--max-cache-memory", "lots"], "A memory size is a number with an optional unit"),
         (["--max-cache-memory", "1GB", "--time-limit", "0"], "--time-limit must be a number of seconds > 0"),

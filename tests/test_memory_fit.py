@@ -203,3 +203,72 @@ def cache_memory_all_outputs_flux1_dev() -> int:
 
     rows = json.loads((Path(__file__).parents[1] / "benchmarks/results/cache-memory-full.json").read_text())
     return next(r["all_outputs_bytes"] for r in rows if r["model_config"] == "flux1-dev")
+
+
+# ----- step reuse: the fit may turn steps into whole-step reuses; exact against brute force -----
+def _small_plan(facts, seed):
+    """5 steps, about 8 reused entries at steps 2-4 (brute force: every step subset times every entry subset)."""
+    rng = np.random.default_rng(seed)
+    T = 5
+    reuse = {b.name: {k: np.zeros((T, b.num_layers), dtype=bool) for k in b.module_kinds} for b in facts.block_lists}
+    for t in (2, 3, 4):
+        for name, kinds in (("transformer_blocks", ("attn", "context_attn")), ("single_transformer_blocks", ("mlp",))):
+            layer = int(rng.integers(reuse[name][kinds[0]].shape[1]))
+            for kind in kinds:
+                reuse[name][kind][t, layer] = True
+        if rng.random() < 0.7:
+            reuse["transformer_blocks"]["ff"][t, int(rng.integers(2))] = True
+    return CachePlan(facts, T, np.zeros(T, dtype=bool), reuse)
+
+
+def _brute_force_with_steps(plan, footprint, flops, bound):
+    from invardiff.cache_footprint import reuse_layout
+    from invardiff.memory_fit import _drop_reuses, _reuse_steps
+
+    candidates = [t for t in range(1, plan.num_inference_steps) if reuse_layout(plan, footprint).reuse[t].any()]
+    best = None
+    for count in range(len(candidates) + 1):
+        for steps in itertools.combinations(candidates, count):
+            converted = _reuse_steps(plan, list(steps))
+            layout = reuse_layout(converted, footprint)
+            entries = list(zip(*np.nonzero(layout.reuse), strict=True))
+            for mask in range(2 ** len(entries)):
+                dropped = np.zeros_like(layout.reuse)
+                for i, (t, u) in enumerate(entries):
+                    dropped[t, u] = bool(mask >> i & 1)
+                candidate = _drop_reuses(converted, footprint, dropped, None)
+                if peak_cache_bytes(candidate, footprint) <= bound:
+                    speed = ideal_speedup(candidate, flops)
+                    best = speed if best is None else max(best, speed)
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_step_reuse_fit_is_the_brute_force_optimum(flux_tiny, seed):
+    _, facts, footprint, flops = flux_tiny
+    plan = _small_plan(facts, seed)
+    full = peak_cache_bytes(plan, footprint)
+    hidden = footprint.hidden_bytes()
+    for bound in (full // 2, hidden + full // 5, hidden):
+        fitted = fit_memory(plan, footprint, flops, bound, step_reuse=1e-9)
+        assert peak_cache_bytes(fitted, footprint) <= bound
+        record = fitted.provenance["memory_fit"]
+        assert record["optimal"]
+        assert ideal_speedup(fitted, flops) == pytest.approx(_brute_force_with_steps(plan, footprint, flops, bound))
+        assert record["ideal_speedup"]["bound"] == pytest.approx(ideal_speedup(fitted, flops))
+
+
+def test_step_reuse_is_off_by_default_and_converts_only_candidate_steps(flux_tiny):
+    _, facts, footprint, flops = flux_tiny
+    plan = _small_plan(facts, 0)
+    bound = footprint.hidden_bytes()
+    plain = fit_memory(plan, footprint, flops, bound)
+    assert not plain.step_cache.any()  # the default only drops reuses
+    fitted = fit_memory(plan, footprint, flops, bound, step_reuse=1e-9)
+    converted = fitted.provenance["memory_fit"]["step_reuse"]["converted"]
+    assert converted and fitted.step_cache[converted].all() and fitted.step_cache.sum() == len(converted)
+    assert ideal_speedup(fitted, flops) > ideal_speedup(plain, flops)
+    # a step that reuses less than the fraction of its unit FLOPs is never a candidate
+    assert fit_memory(plan, footprint, flops, bound, step_reuse=1.0).step_cache.sum() == 0
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+        fit_memory(plan, footprint, flops, bound, step_reuse=0)

@@ -14,6 +14,10 @@ problem: a two-step plan is one window), solved exactly by HiGHS' branch and bou
 0) within a time limit; a run that stops at the limit returns the best plan found, marked ``"optimal": false``
 with its proven gap in the provenance. The result is checked against the exact replay of the engine's accounting
 before it is returned, so the bound always holds exactly.
+
+With step reuse allowed (``step_reuse``), the fit may also turn steps that reuse nearly every unit into whole-step
+reuses, which keep only H: every subset of those candidate steps is a plan fitted as above, and the best is kept
+(:func:`_fit_with_step_reuse`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 # Seconds of branch and bound per fit. FLUX.1-dev's books fit in about a second when the bound leaves room for the
 # entries of highest FLOPs per byte; a tight bound on the Fast book stops at the limit, within 1% of the bound.
 DEFAULT_TIME_LIMIT = 30.0
+# Candidate steps of the step-reuse fit: every subset of them is considered (2^12 unbounded speedups, milliseconds).
+MAX_STEP_CANDIDATES = 12
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -58,22 +64,35 @@ def fit_memory(
     max_cache_bytes: int,
     cache_dtype: str | None = None,
     time_limit: float = DEFAULT_TIME_LIMIT,
+    step_reuse: float | None = None,
 ) -> CachePlan:
     """A copy of ``plan`` whose peak cache memory on the footprint's config is at most ``max_cache_bytes``, computing
     the reused entries of least total FLOPs (``flops``: the :class:`~invardiff.flops.FlopProfile` of the same
     config) needed for that; ``plan`` itself when it already fits.
 
     ``cache_dtype`` sets the fitted plan's cache storage dtype (``engine/storage.py``; default: the plan's own).
+    ``step_reuse`` (a fraction in (0, 1]; default None: off) also lets the fit turn executed steps whose unit reuses
+    cover at least that fraction of the step's unit FLOPs into whole-step reuses (the step cache: only H is kept,
+    the step costs its head); the set of such steps and the reuses dropped beside them are chosen together for the
+    greatest FLOP-ideal speedup within the bound (:func:`_fit_with_step_reuse`).
     Raises :class:`MemoryBoundError` when the bound is below what the plan needs with no unit reuse at all (the
     H its step cache keeps), and ``NotImplementedError`` for plans that extrapolate reused units.
     """
-    from .stats import ideal_speedup, plan_flops
-
     if not isinstance(max_cache_bytes, (int, np.integer)) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 0:
         raise ValueError(f"max_cache_bytes must be an integer >= 0, got {max_cache_bytes!r}.")
     dtype = cache_dtype if cache_dtype is not None else plan.cache_dtype
     if dtype != plan.cache_dtype:
         plan = _with(plan, plan.module_reuse, plan.provenance, dtype)
+    if step_reuse is not None:
+        return _fit_with_step_reuse(plan, footprint, flops, max_cache_bytes, time_limit, step_reuse)
+    return _fit_reuses(plan, footprint, flops, max_cache_bytes, time_limit)
+
+
+def _fit_reuses(plan: CachePlan, footprint: CacheFootprint, flops, max_cache_bytes: int, time_limit: float):
+    """:func:`fit_memory` without step conversion, the plan already in its cache dtype."""
+    from .stats import ideal_speedup, plan_flops
+
+    dtype = plan.cache_dtype
     before = peak_cache_bytes(plan, footprint)  # also refuses unit extrapolation
     layout = reuse_layout(plan, footprint, dtype)
     sizes = footprint.unit_bytes(dtype)
@@ -113,6 +132,102 @@ def fit_memory(
         },
     }
     return fitted
+
+
+def step_reuse_candidates(plan: CachePlan, footprint: CacheFootprint, flops, min_fraction: float) -> list[int]:
+    """Executed steps after the first whose unit reuses cover at least ``min_fraction`` of the step's unit FLOPs
+    (and some): the steps :func:`fit_memory` may turn into whole-step reuses."""
+    layout = reuse_layout(plan, footprint)
+    savings = _unit_flops(footprint, flops)
+    covered = layout.reuse.astype(np.float64) @ savings
+    total = float(savings.sum())
+    return [
+        t for t in range(1, plan.num_inference_steps) if layout.executed[t] and 0 < covered[t] >= min_fraction * total
+    ]
+
+
+def _fit_with_step_reuse(
+    plan: CachePlan, footprint: CacheFootprint, flops, max_cache_bytes: int, time_limit: float, min_fraction: float
+) -> CachePlan:
+    """The best of every subset of the candidate steps turned into step reuses, each fitted exactly by
+    :func:`_fit_reuses`. Subsets go by their unbounded speedup, highest first, and the search stops at the first
+    whose unbounded speedup is no better than the best fitted one (no later subset can beat it), so the result is
+    the optimum over (candidate steps converted, reuses dropped) when every fit it ran was optimal; the provenance
+    records a proven upper bound otherwise."""
+    from .stats import ideal_speedup
+
+    if not 0 < min_fraction <= 1:
+        raise ValueError(f"step_reuse must be a fraction in (0, 1] of a step's unit FLOPs, got {min_fraction!r}.")
+    if plan.step_extrapolation is not None and (plan.step_extrapolation != 0).any():
+        raise NotImplementedError(
+            "fit-memory with step reuse does not convert steps of plans that extrapolate the step cache (their "
+            "extrapolation pairs depend on which steps compute); fit without step reuse."
+        )
+    candidates = step_reuse_candidates(plan, footprint, flops, min_fraction)
+    if len(candidates) > MAX_STEP_CANDIDATES:
+        raise ValueError(
+            f"{len(candidates)} steps reuse at least {min_fraction:g} of their unit FLOPs, more than the "
+            f"{MAX_STEP_CANDIDATES} whose subsets the fit searches; give a larger step-reuse fraction."
+        )
+    before_peak, before_speed = peak_cache_bytes(plan, footprint), ideal_speedup(plan, flops)
+    options = []
+    for mask in range(2 ** len(candidates)):
+        steps = [t for i, t in enumerate(candidates) if mask >> i & 1]
+        converted = _reuse_steps(plan, steps)
+        options.append((ideal_speedup(converted, flops), steps, converted))
+    options.sort(key=lambda option: (-option[0], len(option[1])))  # ties: fewer steps converted
+    best, best_speed, proven, optimal, fits, needed = None, 0.0, 0.0, True, 0, None
+    for upper, steps, converted in options:
+        if best is not None and upper <= best_speed:
+            break  # this and every later subset is at most best_speed even unbounded
+        try:
+            fitted = _fit_reuses(converted, footprint, flops, max_cache_bytes, time_limit)
+        except MemoryBoundError as error:
+            needed = needed or error
+            continue
+        fits += 1
+        record = fitted.provenance.get("memory_fit", {})
+        speed = ideal_speedup(fitted, flops)
+        proven = max(proven, record.get("ideal_speedup", {}).get("bound", speed))
+        optimal &= record.get("optimal", True)
+        if best is None or speed > best_speed:
+            best, best_speed, best_steps = fitted, speed, steps
+    if best is None:
+        raise needed
+    if not best_steps and best is plan:
+        return plan
+    record = dict(best.provenance.get("memory_fit", {}))
+    record.update(
+        {
+            "max_cache_bytes": int(max_cache_bytes),
+            "model_config": footprint.config_name,
+            "cache_dtype": plan.cache_dtype,
+            "peak_cache_bytes": {"before": int(before_peak), "after": int(peak_cache_bytes(best, footprint))},
+            "ideal_speedup": {
+                "before": before_speed,
+                "after": float(best_speed),
+                "bound": float(max(proven, best_speed)),
+            },
+            "reuses_dropped": int(record.get("reuses_dropped", 0)),
+            "optimal": bool(optimal),
+            "step_reuse": {"min_fraction": min_fraction, "candidates": candidates, "converted": best_steps},
+            "subsets_fitted": fits,
+        }
+    )
+    best.provenance = {**plan.provenance, "memory_fit": record}
+    return best
+
+
+def _reuse_steps(plan: CachePlan, steps: list[int]) -> CachePlan:
+    """``plan`` with ``steps`` turned into whole-step reuses (their unit rows cleared: nothing runs there)."""
+    if not steps:
+        return plan
+    converted = _with(plan, plan.module_reuse, plan.provenance, plan.cache_dtype)
+    converted.step_cache[steps] = True
+    for kinds in converted.module_reuse.values():
+        for matrix in kinds.values():
+            matrix[steps] = False
+    return converted
 
 
 def fit_layout(
@@ -268,7 +383,7 @@ def _unit_flops(footprint: CacheFootprint, flops) -> np.ndarray:
 
 def _drop_reuses(plan: CachePlan, footprint: CacheFootprint, dropped: np.ndarray, cache_dtype) -> CachePlan:
     family = get_family(plan.model.family)
-    module_reuse = {name: {kind: m.copy() for kind, m in kinds.items()} for name, kinds in plan.module_reuse.items()}
+    module_reuse = _copy_reuse(plan.module_reuse)
     for index, (block_list, layer, name) in enumerate(footprint.units):
         steps = np.flatnonzero(dropped[:, index])
         if not len(steps):
@@ -282,12 +397,16 @@ def _drop_reuses(plan: CachePlan, footprint: CacheFootprint, dropped: np.ndarray
     return _with(plan, module_reuse, plan.provenance, cache_dtype)
 
 
+def _copy_reuse(module_reuse):
+    return {name: {kind: m.copy() for kind, m in kinds.items()} for name, kinds in module_reuse.items()}
+
+
 def _with(plan: CachePlan, module_reuse, provenance, cache_dtype) -> CachePlan:
     return CachePlan(
         plan.model,
         plan.num_inference_steps,
         plan.step_cache.copy(),
-        module_reuse,
+        _copy_reuse(module_reuse),
         plan.scheduler,
         dict(provenance),
         dict(plan.written_by),

@@ -225,6 +225,15 @@ def fit_memory(p) -> None:
         default=30.0,
         help="seconds of branch and bound (default 30); a fit stopped at the limit says how far from optimal at most",
     )
+    p.add_argument(
+        "--allow-step-reuse",
+        metavar="FRACTION",
+        type=float,
+        nargs="?",
+        const=0.9,
+        help="also turn steps whose unit reuses cover at least FRACTION (default 0.9) of their unit FLOPs into "
+        "whole-step reuses (only H is kept), chosen with the dropped reuses for the best speedup within the bound",
+    )
     p.add_argument("-o", "--output", required=True)
 
 

@@ -108,7 +108,10 @@ def fit_memory(args) -> int:
     if config is None:
         raise ValueError("fit-memory needs --model-config or --model (the shapes the cache memory depends on).")
     flops = profile_flops(config)
-    fitted = fit(plan, measure_footprint(config), flops, bound, args.cache_dtype, args.time_limit)
+    step_reuse = args.allow_step_reuse
+    if step_reuse is not None and not 0 < step_reuse <= 1:
+        raise ValueError(f"--allow-step-reuse takes a fraction in (0, 1] of a step's unit FLOPs, got {step_reuse}.")
+    fitted = fit(plan, measure_footprint(config), flops, bound, args.cache_dtype, args.time_limit, step_reuse)
     fitted.save(args.output)
     fit_record = fitted.provenance.get("memory_fit")
     if fitted is plan or fit_record is None:
@@ -125,9 +128,15 @@ def fit_memory(args) -> int:
         f"wrote {args.output}: peak cache {peak['before'] / 2**30:.3f} -> {peak['after'] / 2**30:.3f} GiB "
         f"(stored in {fitted.cache_dtype or config.dtype}) "
         f"(bound {bound / 2**30:.3f} GiB), ideal speedup {speed['before']:.3f}x -> {speed['after']:.3f}x on "
-        f"{config.name}, {fit_record['reuses_dropped']} reuses computed instead ({quality})"
+        f"{config.name}, {fit_record['reuses_dropped']} reuses computed instead"
+        f"{_steps_reused(fit_record)} ({quality})"
     )
     return 0
+
+
+def _steps_reused(fit_record: dict) -> str:
+    steps = fit_record.get("step_reuse", {}).get("converted")
+    return f", steps {', '.join(map(str, steps))} reused whole" if steps else ""
 
 
 SHAPE_OPTIONS = ("image_tokens", "text_tokens", "batch", "dtype")
