@@ -123,3 +123,11 @@ def test_runs_with_a_cache_dtype_on_a_pipeline():
     for dtype in ("bfloat16", "float8_e4m3fn"):
         error = (outputs[dtype] - outputs[None]).abs().max()
         assert 0 < error < 0.1 * outputs[None].abs().max()  # rounded reuses: close to the plain plan, not equal
+
+
+def test_the_cli_offers_exactly_the_storage_dtypes_the_engine_has():
+    # The CLI keeps its own torch-free list (cli/parsing.py); it must not drift from the engine's table.
+    from invardiff.cli.parsing import CACHE_DTYPES as offered
+    from invardiff.engine.storage import CACHE_DTYPES as stored
+
+    assert sorted(offered) == sorted(stored)
