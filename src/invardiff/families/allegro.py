@@ -27,11 +27,18 @@ from ..toy_components import tiny_t5
 from .calibration_spec import FamilyCalibration
 from .ltx import call_size, embedded_timestep, modulated_head, text_mask, toy_prompts
 from .model_config import ModelConfig, video_config, video_fields, video_latent_shape, video_pipeline_size
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule
+from .spec import (
+    SELF_CROSS_FF_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    SizeRule,
+    self_cross_ff_units,
+)
 from .table import register_family
 
 
-KINDS = ("self_attn", "cross_attn", "ffn")
 COMPRESSION = (4, 8)  # the Allegro VAE: 4x in time, 8x in space (the pipeline's defaults without a VAE)
 
 
@@ -232,12 +239,8 @@ ALLEGRO = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=KINDS,
-                units=(
-                    ReuseUnit("self_attn", ("self_attn",), "attn1"),
-                    ReuseUnit("cross_attn", ("cross_attn",), "attn2"),
-                    ReuseUnit("ffn", ("ffn",), "ff"),
-                ),
+                module_kinds=SELF_CROSS_FF_KINDS,
+                units=self_cross_ff_units(),
                 per_sample_args=("encoder_hidden_states", "temb", "attention_mask", "encoder_attention_mask"),
             ),
         ),

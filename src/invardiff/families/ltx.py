@@ -28,11 +28,18 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from ..toy_components import tiny_t5
 from .calibration_spec import FamilyCalibration
 from .model_config import ModelConfig, video_config, video_fields, video_latent_shape, video_pipeline_size
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule
+from .spec import (
+    SELF_CROSS_FF_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    SizeRule,
+    self_cross_ff_units,
+)
 from .table import register_family
 
 
-KINDS = ("self_attn", "cross_attn", "ffn")
 # The LTX-Video VAE compresses 8x in time and 32x in space (the pipeline's defaults without a VAE are the same).
 COMPRESSION = (8, 32)
 FRAME_RATE = 25  # LTXPipeline's default frame_rate: the rotary embedding's temporal scale is 8 / frame_rate
@@ -291,12 +298,8 @@ LTX = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=KINDS,
-                units=(
-                    ReuseUnit("self_attn", ("self_attn",), "attn1"),
-                    ReuseUnit("cross_attn", ("cross_attn",), "attn2"),
-                    ReuseUnit("ffn", ("ffn",), "ff"),
-                ),
+                module_kinds=SELF_CROSS_FF_KINDS,
+                units=self_cross_ff_units(),
                 per_sample_args=("encoder_hidden_states", "temb", "image_rotary_emb", "encoder_attention_mask"),
             ),
         ),

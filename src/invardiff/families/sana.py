@@ -22,11 +22,18 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from .calibration_spec import FamilyCalibration
 from .model_config import ModelConfig
-from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit, SizeRule
+from .spec import (
+    SELF_CROSS_FF_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    FamilySpec,
+    PipelineSpec,
+    SizeRule,
+    self_cross_ff_units,
+)
 from .table import register_family
 
 
-KINDS = ("self_attn", "cross_attn", "ffn")
 _VAE_FACTOR = 32  # the DC-AE's spatial compression; SanaPipeline's vae_scale_factor without a VAE too
 
 
@@ -222,12 +229,8 @@ SANA = register_family(
         block_lists=(
             BlockListSpec(
                 attr="transformer_blocks",
-                module_kinds=KINDS,
-                units=(
-                    ReuseUnit("self_attn", ("self_attn",), "attn1"),
-                    ReuseUnit("cross_attn", ("cross_attn",), "attn2"),
-                    ReuseUnit("ffn", ("ffn",), "ff"),
-                ),
+                module_kinds=SELF_CROSS_FF_KINDS,
+                units=self_cross_ff_units(),
                 # The blocks' modulation (`timestep`: (B, 6D)), the text and its mask are per sample.
                 per_sample_args=("attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep"),
             ),

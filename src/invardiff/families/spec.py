@@ -72,6 +72,7 @@ class ReuseUnit:
 
 # The module kinds of an MMDiT dual-stream block (FLUX, FLUX.2, Chroma, HunyuanVideo, Qwen-Image).
 DUAL_STREAM_KINDS = ("attn", "context_attn", "ff", "context_ff")
+SELF_CROSS_FF_KINDS = ("self_attn", "cross_attn", "ffn")  # the kinds of self_cross_ff_units()
 
 
 def joint_attention_unit(module: str = "attn", present=None) -> ReuseUnit:
@@ -92,6 +93,16 @@ def dual_stream_units(
         joint_attention_unit(attn, attn_present),
         ReuseUnit("ff", ("ff",), ff),
         ReuseUnit("context_ff", ("context_ff",), context_ff, present=context_ff_present),
+    )
+
+
+def self_cross_ff_units(ff: str = "ff") -> tuple[ReuseUnit, ...]:
+    """The reusable units of a block of self-attention at ``attn1``, text cross-attention at ``attn2`` and a
+    feed-forward at ``ff`` (Wan: ``ffn``; LTX-Video, Allegro, Sana: ``ff``), of kinds :data:`SELF_CROSS_FF_KINDS`."""
+    return (
+        ReuseUnit("self_attn", ("self_attn",), "attn1"),
+        ReuseUnit("cross_attn", ("cross_attn",), "attn2"),
+        ReuseUnit("ffn", ("ffn",), ff),
     )
 
 

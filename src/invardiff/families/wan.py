@@ -36,11 +36,17 @@ from .model_config import (
     video_pipeline_size,
     video_size_rules,
 )
-from .spec import BlockListSpec, ConfigSpec, Expert, FamilySpec, OfficialSpec, PipelineSpec, ReuseUnit
+from .spec import (
+    SELF_CROSS_FF_KINDS,
+    BlockListSpec,
+    ConfigSpec,
+    Expert,
+    FamilySpec,
+    OfficialSpec,
+    PipelineSpec,
+    self_cross_ff_units,
+)
 from .table import register_family
-
-
-KINDS = ("self_attn", "cross_attn", "ffn")
 
 
 def _embed_timestep(transformer, call):
@@ -265,8 +271,8 @@ def _low_noise_steps(pipe, timesteps: torch.Tensor) -> slice:
 
 def _official_reuse(book: dict) -> dict:
     reuse = book_table(book, "module_cache_book")
-    if set(reuse) != set(KINDS):
-        wanted = list(KINDS)
+    if set(reuse) != set(SELF_CROSS_FF_KINDS):
+        wanted = list(SELF_CROSS_FF_KINDS)
         raise PlanError(f"A Wan book's 'module_cache_book' needs exactly the kinds {wanted}, got {sorted(reuse)}.")
     shapes = {kind: matrix.shape for kind, matrix in reuse.items()}
     if len(set(shapes.values())) != 1:
@@ -279,7 +285,7 @@ def _official_book(plan) -> dict:
     reuse = plan.module_reuse["blocks"]
     return {
         "step_cache_bool": plan.step_cache.tolist(),
-        "module_cache_book": {kind: np.asarray(reuse[kind]).tolist() for kind in KINDS},
+        "module_cache_book": {kind: np.asarray(reuse[kind]).tolist() for kind in SELF_CROSS_FF_KINDS},
     }
 
 
@@ -300,12 +306,8 @@ WAN = register_family(
         block_lists=(
             BlockListSpec(
                 attr="blocks",
-                module_kinds=KINDS,
-                units=(
-                    ReuseUnit("self_attn", ("self_attn",), "attn1"),
-                    ReuseUnit("cross_attn", ("cross_attn",), "attn2"),
-                    ReuseUnit("ffn", ("ffn",), "ffn"),
-                ),
+                module_kinds=SELF_CROSS_FF_KINDS,
+                units=self_cross_ff_units("ffn"),
                 # The rotary embedding has one row for the whole batch; text and modulation are per sample.
                 per_sample_args=("encoder_hidden_states", "temb"),
             ),
