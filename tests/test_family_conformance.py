@@ -330,7 +330,9 @@ def _first_block_inputs_and_outputs_on_the_way(transformer, spec, call: dict):
 def test_the_block_stack_input_and_timestep_embedding_are_the_stock_forwards(family):
     # A policy reads both from the family (TeaCache- or MagCache-like): embed_input must be the first block's input
     # and embed_timestep a tensor the stock forward itself computes on the way to the blocks (the embedder's
-    # output: FLUX's temb, DiT's first AdaLayerNormZero embedding), bit for bit; a family without one says so.
+    # output: FLUX's temb, DiT's first AdaLayerNormZero embedding; or, where the forward combines embedders' outputs
+    # outside any module, what the first block receives: HiDream's timestep plus pooled-text temb), bit for bit; a
+    # family without one says so.
     driver = Driver(family)
     spec, transformer = driver.spec, driver.config.build_transformer()
     kwargs = driver.config.example_call()
@@ -350,9 +352,12 @@ def test_the_block_stack_input_and_timestep_embedding_are_the_stock_forwards(fam
             return
         temb = spec.timestep_embedding(transformer, call)
     assert x is None or not _equal(temb, x)
-    assert any(_equal(temb, output) and temb.dtype == output.dtype for output in outputs), (
-        f"{family}: embed_timestep returned {tuple(temb.shape)} {temb.dtype}, which no module of the stock forward "
-        f"computed before the first block returned"
+    stream = {"hidden_states", next(iter(arguments))}  # the block's token stream (Z-Image's is `x`)
+    block_arguments = [value for name, value in arguments.items() if name not in stream]
+    computed = [value for value in outputs + block_arguments if isinstance(value, torch.Tensor)]
+    assert any(_equal(temb, value) and temb.dtype == value.dtype for value in computed), (
+        f"{family}: embed_timestep returned {tuple(temb.shape)} {temb.dtype}, which neither a module of the stock "
+        f"forward computed before the first block returned nor the first block received"
     )
 
 

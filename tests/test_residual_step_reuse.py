@@ -13,7 +13,7 @@ from invardiff.families import TransformerCall, get_family
 from helpers import facts_for, plan_from_bits, tiny_pipeline
 
 
-@pytest.mark.parametrize("family", ["flux", "dit"])
+@pytest.mark.parametrize("family", ["flux", "dit", "hidream"])
 @torch.no_grad()
 def test_residual_step_reuse_equals_the_head_on_current_input_plus_last_residual(family):
     config, pipe = tiny_pipeline(family)

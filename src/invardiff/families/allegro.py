@@ -42,12 +42,19 @@ from .table import register_family
 COMPRESSION = (4, 8)  # the Allegro VAE: 4x in time, 8x in space (the pipeline's defaults without a VAE)
 
 
+def _embed_timestep(transformer, call):
+    # AllegroTransformer3DModel.forward's adaln_single embedding (B, D), in the latent's dtype: the blocks'
+    # modulations are its projection, the head's shift and scale are added to it.
+    states = call["hidden_states"]  # (B, C, F, H, W)
+    return embedded_timestep(transformer.adaln_single, call["timestep"], states.shape[0], states.dtype)
+
+
 def _run_head(transformer, hidden, call):
     # The output section of AllegroTransformer3DModel.forward on the cached tokens.
     states = call["hidden_states"]  # (B, C, F, H, W)
     batch, _, frames, height, width = states.shape
     p_t, p = transformer.config.patch_size_t, transformer.config.patch_size
-    embedded = embedded_timestep(transformer.adaln_single, call["timestep"], batch, states.dtype)
+    embedded = _embed_timestep(transformer, call)
     table, norm, proj = transformer.scale_shift_table, transformer.norm_out, transformer.proj_out
     hidden = modulated_head(table, embedded, norm, proj, hidden).squeeze(1)  # (B, N, p_t*p*p*C)
     hidden = hidden.reshape(batch, frames // p_t, height // p, width // p, p_t, p, p, -1)
@@ -249,6 +256,7 @@ ALLEGRO = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=_embed_input,
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for Allegro: FLUX's rules
         pipeline=PipelineSpec(

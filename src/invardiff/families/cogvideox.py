@@ -290,6 +290,7 @@ COGVIDEOX = register_family(
         run_head=_run_head,
         input_signature=input_signature,
         embed_input=_embed_input,
+        embed_timestep=_time_embedding,  # (B, D): every block's and the head's modulation come from it
         calibration=JOINT_CALIBRATION,
         dicache_preset="flux",  # no official DiCache setting for CogVideoX: FLUX's rules
         pipeline=PipelineSpec(

@@ -41,14 +41,24 @@ JOINT_CALIBRATION = FamilyCalibration(
 )
 
 
+def _temb(transformer, call, dtype):
+    # CogView4Transformer2DModel.forward's time_condition_embed (B, D), in the block stack's dtype; the forward
+    # hands every block and the head its SiLU.
+    return transformer.time_condition_embed(
+        call["timestep"], call["original_size"], call["target_size"], call["crop_coords"], dtype
+    )
+
+
+def _embed_timestep(transformer, call):
+    return _temb(transformer, call, call["hidden_states"].dtype)  # the patch embedding keeps the latent's dtype
+
+
 def _run_head(transformer, hidden, call):
     # The output section of CogView4Transformer2DModel.forward, on the cached image tokens. The conditioning is
     # embedded in the block stack's dtype, which is the cached tokens' dtype.
     batch, _, height, width = call["hidden_states"].shape
     p = transformer.config.patch_size
-    temb = transformer.time_condition_embed(
-        call["timestep"], call["original_size"], call["target_size"], call["crop_coords"], hidden.dtype
-    )
+    temb = _temb(transformer, call, hidden.dtype)
     hidden = transformer.proj_out(transformer.norm_out(hidden, F.silu(temb)))  # (B, N, p*p*C)
     hidden = hidden.reshape(batch, height // p, width // p, -1, p, p)
     output = hidden.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)  # (B, C, H, W)
@@ -218,6 +228,7 @@ COGVIEW4 = register_family(
         run_head=_run_head,
         input_signature=input_signature,
         embed_input=_embed_input,
+        embed_timestep=_embed_timestep,
         calibration=JOINT_CALIBRATION,
         dicache_preset="flux",  # no official DiCache setting for CogView4: FLUX's rules
         pipeline=PipelineSpec(

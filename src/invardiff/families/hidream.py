@@ -20,8 +20,8 @@ the toy pipeline runs from precomputed ``pooled_prompt_embeds``, ``prompt_embeds
 (and their negatives) without a VAE (``output_type="latent"``). The pipeline scales any requested size to the area
 of its default size (1024x1024 px), keeping the aspect ratio, so its sizes follow no size rule. There is no official
 InvarDiff or DiCache code for HiDream: calibration follows the generic official behaviour (DiT/Wan) with
-``context_attn`` tied to ``attn``, and DiCache runs FLUX's rules. Residual step reuse (``embed_input``) is not
-offered. HiDream-I1-Dev and -Fast (guidance-distilled, no CFG, Euler schedulers) share the transformer.
+``context_attn`` tied to ``attn``, and DiCache runs FLUX's rules. HiDream-I1-Dev and -Fast (guidance-distilled, no
+CFG, Euler schedulers) share the transformer.
 """
 
 from __future__ import annotations
@@ -55,12 +55,27 @@ describe_block_outputs(HiDreamBlock, BlockOutputs(hidden_index=0, encoder_index=
 _PER_SAMPLE = ("hidden_states_masks", "temb", "image_rotary_emb")
 
 
+def _embed_timestep(transformer, call):
+    # HiDreamImageTransformer2DModel.forward's temb (B, D): the timestep embedding (in the latent's dtype) plus the
+    # pooled-text embedding, which every block and the final layer modulate with. The sum is no module's output:
+    # the blocks receive it as their `temb` argument.
+    timesteps = transformer.t_embedder(call["timesteps"], call["hidden_states"].dtype)
+    return timesteps + transformer.p_embedder(call["pooled_embeds"])
+
+
+def _embed_input(transformer, call):
+    # The image tokens entering the first double-stream block (B, N_img, D): the forward patchifies a (B, C, H, W)
+    # latent itself (padding a non-square one to max_resolution) unless it comes patchified with its mask.
+    states = call["hidden_states"]
+    if call["hidden_states_masks"] is None:
+        states = transformer.patchify(states)[0]
+    return transformer.x_embedder(states)
+
+
 def _run_head(transformer, hidden, call):
-    # The conditioning and output section of HiDreamImageTransformer2DModel.forward, on the cached image tokens.
+    # The output section of HiDreamImageTransformer2DModel.forward, on the cached image tokens.
     latents = call["hidden_states"]
-    timesteps = transformer.t_embedder(call["timesteps"], latents.dtype)
-    temb = timesteps + transformer.p_embedder(call["pooled_embeds"])
-    output = transformer.final_layer(hidden, temb)  # (B, N_img, p*p*C)
+    output = transformer.final_layer(hidden, _embed_timestep(transformer, call))  # (B, N_img, p*p*C)
     if call["hidden_states_masks"] is None:  # the forward patchified the latents: its grid is theirs
         patch = transformer.config.patch_size
         sizes = [(latents.shape[-2] // patch, latents.shape[-1] // patch)] * latents.shape[0]
@@ -308,6 +323,8 @@ HIDREAM = register_family(
         rows_in_place=True,
         run_head=_run_head,
         input_signature=_input_signature,
+        embed_input=_embed_input,
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(
             correct_step=True,
             provisional_module_warmup=True,

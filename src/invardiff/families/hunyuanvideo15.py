@@ -58,9 +58,15 @@ GLYPH_TOKENS = 256  # HunyuanVideo15Pipeline.tokenizer_2_max_length: ByT5 glyph 
 PATCH = (1, 1, 1)  # patch_size_t, patch_size, patch_size of the published configs
 
 
+def _embed_timestep(transformer, call):
+    # HunyuanVideo15Transformer3DModel.forward's time_embed (B, D): the timestep's embedding (plus the MeanFlow
+    # models' timestep_r one), in the timestep's dtype, which every block and the head modulate with.
+    return transformer.time_embed(call["timestep"], timestep_r=call["timestep_r"])
+
+
 def _run_head(transformer, hidden, call):
     # The output section of HunyuanVideo15Transformer3DModel.forward, on the cached image tokens.
-    temb = transformer.time_embed(call["timestep"], timestep_r=call["timestep_r"])
+    temb = _embed_timestep(transformer, call)
     return video_output(transformer, transformer.proj_out(transformer.norm_out(hidden, temb)), call)
 
 
@@ -298,6 +304,7 @@ HUNYUANVIDEO15 = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.x_embedder(call["hidden_states"]),  # (B, N_img, D)
+        embed_timestep=_embed_timestep,
         calibration=HUNYUANVIDEO.calibration,  # the generic official behaviour, context_attn tied to attn
         dicache_preset="flux",  # no official DiCache setting for 1.5 (module docstring): FLUX's rules
         pipeline=PipelineSpec(

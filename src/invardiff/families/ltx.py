@@ -47,18 +47,27 @@ FRAME_RATE = 25  # LTXPipeline's default frame_rate: the rotary embedding's temp
 
 def modulated_head(table, embedded, norm, proj, hidden):
     """The LTX output head on the pre-head tokens ``hidden``: ``proj(norm(hidden) * (1 + scale) + shift)`` with the
-    shift and scale of ``table`` (2, D) plus the embedded timestep ``embedded`` (B, 1, D), as LTX-Video's and LTX-2's
-    ``forward`` compute it (the same operations in the same order: bit-identical)."""
+    shift and scale of ``table`` (2, D) plus the embedded timestep ``embedded`` (:func:`embedded_timestep`: (B, D),
+    or (B, N, D) with one timestep per token), as LTX-Video's and LTX-2's ``forward`` compute it (the same operations
+    in the same order: bit-identical)."""
+    embedded = embedded.view(embedded.size(0), -1, embedded.size(-1))  # (B, 1 or N, D), as the forward views it
     values = table[None, None] + embedded[:, :, None]
     shift, scale = values[:, :, 0], values[:, :, 1]
     return proj(norm(hidden) * (1 + scale) + shift)
 
 
 def embedded_timestep(time_embed, timestep, batch: int, dtype: torch.dtype):
-    """The embedded timestep ``(B, 1, D)`` that LTX's ``time_embed`` (``AdaLayerNormSingle``) hands the head, without
-    its modulation projection (which only the blocks use)."""
+    """The embedded timestep that LTX's ``time_embed`` (``AdaLayerNormSingle``) computes in ``dtype`` (the block
+    stack's), without its modulation projection: the blocks' modulations are that projection of it and the head's
+    shift and scale are added to it. ``(B, D)`` as its embedder returns it, or ``(B, N, D)`` for a timestep with one
+    value per token (``(B, N)``: LTX conditioning pipelines)."""
     embedded = time_embed.emb(timestep.flatten(), None, None, batch_size=batch, hidden_dtype=dtype)
-    return embedded.view(batch, -1, embedded.size(-1))
+    return embedded if timestep.ndim < 2 else embedded.view(batch, -1, embedded.size(-1))
+
+
+def _embed_timestep(transformer, call):
+    states = call["hidden_states"]  # (B, N, C): the patch projection keeps its dtype
+    return embedded_timestep(transformer.time_embed, call["timestep"], states.size(0), states.dtype)
 
 
 def _run_head(transformer, hidden, call):
@@ -308,6 +317,7 @@ LTX = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.proj_in(call["hidden_states"]),  # (B, N, D)
+        embed_timestep=_embed_timestep,
         # No official code: the generic official behaviour (DiT/Wan), every branch of the batched call recorded.
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for LTX-Video: FLUX's rules

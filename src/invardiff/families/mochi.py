@@ -42,15 +42,25 @@ from .spec import (
 from .table import register_family
 
 
+def _embed_timestep(transformer, call):
+    # MochiTransformer3DModel.forward's conditioning (B, D), in the latent's dtype: the time embedding plus the
+    # attention-pooled text, which every block and the head modulate with (time_embed returns the projected text
+    # too, which only the blocks take as their text stream).
+    temb, _ = transformer.time_embed(
+        call["timestep"],
+        call["encoder_hidden_states"],
+        call["encoder_attention_mask"],
+        hidden_dtype=call["hidden_states"].dtype,
+    )
+    return temb
+
+
 def _run_head(transformer, hidden, call):
-    # The output section of MochiTransformer3DModel.forward, on the cached image tokens; the conditioning is the time
-    # embedding plus the attention-pooled text (time_embed returns the projected text too, which the head drops).
+    # The output section of MochiTransformer3DModel.forward, on the cached image tokens.
     states = call["hidden_states"]  # (B, C, F, H, W)
     batch, _, frames, height, width = states.shape
     p = transformer.config.patch_size
-    temb, _ = transformer.time_embed(
-        call["timestep"], call["encoder_hidden_states"], call["encoder_attention_mask"], hidden_dtype=states.dtype
-    )
+    temb = _embed_timestep(transformer, call)
     hidden = transformer.proj_out(transformer.norm_out(hidden, temb))  # (B, N, p*p*C)
     hidden = hidden.reshape(batch, frames, height // p, width // p, p, p, -1).permute(0, 6, 1, 2, 4, 3, 5)
     output = hidden.reshape(batch, -1, frames, height, width)
@@ -249,6 +259,7 @@ MOCHI = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=_embed_input,
+        embed_timestep=_embed_timestep,
         calibration=SD3.calibration,  # the generic official behaviour, context_attn tied to attn (as for SD3)
         dicache_preset="flux",  # no official DiCache setting for Mochi: FLUX's rules
         pipeline=PipelineSpec(

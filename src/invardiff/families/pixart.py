@@ -27,13 +27,26 @@ from .spec import BlockListSpec, ConfigSpec, FamilySpec, PipelineSpec, ReuseUnit
 from .table import register_family
 
 
+def _embedded(transformer, call, dtype):
+    # PixArtTransformer2DModel.forward's adaln_single embedding (B, D) in the block stack's dtype (with the resolution
+    # and aspect-ratio conditions where the model takes them): the blocks' modulations are its projection (the
+    # module's first output), the head's shift and scale are added to it.
+    batch = call["hidden_states"].shape[0]
+    _, embedded = transformer.adaln_single(
+        call["timestep"], call["added_cond_kwargs"], batch_size=batch, hidden_dtype=dtype
+    )
+    return embedded
+
+
+def _embed_timestep(transformer, call):
+    return _embedded(transformer, call, call["hidden_states"].dtype)  # the patch embedding keeps the latent's dtype
+
+
 def _run_head(transformer, hidden, call):
     # The output section of PixArtTransformer2DModel.forward, on the cached tokens.
-    batch, _, height, width = call["hidden_states"].shape
+    _, _, height, width = call["hidden_states"].shape
     p, channels = transformer.config.patch_size, transformer.out_channels
-    _, embedded = transformer.adaln_single(
-        call["timestep"], call["added_cond_kwargs"], batch_size=batch, hidden_dtype=hidden.dtype
-    )
+    embedded = _embedded(transformer, call, hidden.dtype)
     table = transformer.scale_shift_table
     shift, scale = (table[None] + embedded[:, None].to(table.device)).chunk(2, dim=1)
     hidden = transformer.norm_out(hidden)
@@ -222,6 +235,7 @@ PIXART = register_family(
         run_head=_run_head,
         input_signature=_input_signature,
         embed_input=lambda transformer, call: transformer.pos_embed(call["hidden_states"]),  # (B, N, D)
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for PixArt: FLUX's rules
         pipeline=PipelineSpec(

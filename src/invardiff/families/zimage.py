@@ -56,10 +56,16 @@ def _head_key(call) -> str:
     return f"{call['patch_size']}-{call['f_patch_size']}"
 
 
+def _embed_timestep(transformer, call):
+    # ZImageTransformer2DModel.forward's adaln_input (basic mode) (B, D): the timestep embedding in the latents'
+    # dtype, which the refiners, the layers and the final layer modulate with.
+    return transformer.t_embedder(call["t"] * transformer.t_scale).type_as(call["x"][0])
+
+
 def _run_head(transformer, hidden, call):
     # The output section of ZImageTransformer2DModel.forward (basic mode), on the cached unified sequence.
     x = call["x"]
-    adaln_input = transformer.t_embedder(call["t"] * transformer.t_scale).type_as(x[0])
+    adaln_input = _embed_timestep(transformer, call)
     out = transformer.all_final_layer[_head_key(call)](hidden, c=adaln_input)  # (B, N, p*p*pf*C)
     sizes = [tuple(item.shape[1:]) for item in x]  # (F, H, W) of each sample's latent
     output = transformer.unpatchify(list(out.unbind(dim=0)), sizes, call["patch_size"], call["f_patch_size"])
@@ -232,6 +238,11 @@ ZIMAGE = register_family(
         latent_arg="x",
         run_head=_run_head,
         input_signature=_input_signature,
+        # No embed_input: the first layer's input is the unified sequence, which the forward assembles from the
+        # noise refiner's output (2 timestep-modulated blocks over the image tokens) and the context refiner's by
+        # per-sample Python loops with padding; computing it would rerun those 4 blocks and restate that assembly,
+        # and it is not the patch-embedded image tokens that residual step reuse and input-deciding policies want.
+        embed_timestep=_embed_timestep,
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for Z-Image: FLUX's rules
         pipeline=PipelineSpec(
