@@ -309,17 +309,20 @@ def restore(module: torch.nn.Module) -> None:
         module.__dict__.pop(name, None)
 
 
-def graph_bound(num_units_per_block: int, probe: bool) -> int:
+def graph_bound(num_units_per_block: int, probe: bool, head: bool = False) -> int:
     """An upper bound on the graphs one block class compiles under ``compile_repeated_blocks`` in a run.
 
     Every call out to the engine is a graph break, so a block splits into one graph before its first unit and
     one after each unit. Each segment is specialised on the mode of the unit that ends it (compute, plain or reuse:
     a plain unit does not break the graph, so its segment merges with the next, which only lowers the count), and
     for a probe policy on the block's mode (plain, input, probe, input+probe, skip, subset). Shape changes (a
-    subset of samples) add one dynamic-shape recompile at most.
+    subset of samples) add one dynamic-shape recompile at most. ``head``: the class of the last block of a family
+    with head streams, whose hand-over of the packed streams is one more break and whose HEAD role adds three block
+    modes under a probe (head, head+skip, head+subset).
     """
-    segments = num_units_per_block + 1
-    return segments * 3 * (6 if probe else 1) + (1 if probe else 0)
+    segments = num_units_per_block + 1 + (1 if head else 0)
+    modes = (6 + (3 if head else 0)) if probe else 1
+    return segments * 3 * modes + (1 if probe else 0)
 
 
 def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]]:
