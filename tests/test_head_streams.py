@@ -19,7 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 import invardiff
 import invardiff.families.table as family_table
 from invardiff import ModelFacts
-from invardiff.families import BlockListSpec, FamilySpec, ReuseUnit
+from invardiff.families import BlockListSpec, FamilySpec, ReuseUnit, SpecError
 from invardiff.families.spec import BlockOutputs, HeadStreams, describe_block_outputs
 
 from helpers import plan_from_bits
@@ -176,3 +176,20 @@ def test_dicache_replaces_both_streams_before_the_first_head_runs(toy):
     assert [row[0] for row in decisions].count("skipped") >= 2  # the deep blocks did not run there
     for (video, audio), (stock_video, stock_audio) in zip(outputs, stock, strict=True):
         assert torch.equal(video, stock_video) and torch.equal(audio, stock_audio)
+
+
+def test_streams_packed_in_another_order_than_run_head_reads_them_fail_the_head_check(monkeypatch):
+    # The spec packs audio first while run_head unpacks video first: a step-cached step would feed each head the
+    # other stream's values. The engine's head check at the first computed call names it.
+    swapped = dataclasses.replace(
+        TWO_STREAMS,
+        name="toy-two-streams-swapped",
+        head_streams=HeadStreams((1, 0), ("audio", "video"), ("audio_head", "video_head"), ("video", "audio")),
+    )
+    monkeypatch.setitem(family_table._FAMILIES, swapped.name, swapped)
+    model = TwoStreamToy().eval()
+    facts = ModelFacts.for_family(swapped.name, {"blocks": 2})
+    with invardiff.enabled(model, plan_from_bits(facts, "01")):
+        with pytest.raises(SpecError, match="does not reproduce") as error:
+            _run(model, [_call(0.0, 1.0, 0.5)])
+    assert error.value.check == "head-input-state"
