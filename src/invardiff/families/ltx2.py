@@ -23,7 +23,8 @@ Calls. ``LTX2Pipeline`` runs the classifier-free guidance branches as one batche
 guidance call (``"uncond_stg"``: self-attention of the given blocks perturbed) and a modality-isolation call
 (``"uncond_modality"``: no audio-video cross-attention) per step: each context name is its own branch with its own
 caches, so each call reuses only what a call of its own kind computed (an isolated call runs no ``a2v_attn`` /
-``v2a_attn``: their plan bits have nothing to act on there). Every per-sample block argument (text, modulations,
+``v2a_attn``: their plan bits have nothing to act on there, and the FLOP profile, made on the full call, overstates
+that call's work). Every per-sample block argument (text, modulations,
 rotary embeddings, masks, the STG perturbation mask) is cut with the samples. The stock pipeline needs a Gemma 3 text
 encoder, text connectors, a video and an audio VAE and a vocoder, so the conformance kit runs the bare transformer
 (an Euler loop that advances both latent streams), not the pipeline; a call that gives ``audio_timestep`` different
