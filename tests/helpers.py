@@ -113,6 +113,9 @@ def row_of(call: dict, index: int) -> dict:
         "encoder_hidden_states_t5",
         "pooled_embeds",
         "hidden_states",
+        "audio_hidden_states",  # LTX-2: the audio stream, its text and mask
+        "audio_encoder_hidden_states",
+        "audio_encoder_attention_mask",
         "encoder_hidden_states",
         "pooled_projections",
         "timestep",
@@ -139,23 +142,28 @@ def row_of(call: dict, index: int) -> dict:
 def branch_loop(transformer, family: str, calls: dict[str, dict], steps: int) -> dict[str, torch.Tensor]:
     """Euler loop over a bare transformer with one call per branch and step, the branches interleaved in the order of
     ``calls`` (name -> call); under invardiff each call runs in ``cache_context(name, step_index=step)``. Returns
-    each branch's final latents."""
+    each branch's final latents: a family with head streams (LTX-2) advances each stream's latents by its output,
+    and returns them packed (``HeadStreams.pack``), so that every stream is compared."""
     enabled = invardiff.is_enabled(transformer)
     spec = get_family(family)
-    timestep_of, latent_arg, timestep_arg = spec.configs.call_timestep, spec.latent_arg, spec.timestep_arg
-    latents = {name: clone_latents(call[latent_arg]) for name, call in calls.items()}
+    timestep_of, timestep_arg = spec.configs.call_timestep, spec.timestep_arg
+    latent_args = (spec.latent_arg,) if spec.head_streams is None else spec.head_streams.latents
+    latents = {name: [clone_latents(call[arg]) for arg in latent_args] for name, call in calls.items()}
     for step in range(steps):
         for name, call in calls.items():
-            kwargs = {**call, latent_arg: latents[name]}
+            kwargs = {**call, **dict(zip(latent_args, latents[name], strict=True))}
             kwargs[timestep_arg] = timestep_of(1.0 - step / steps, call[timestep_arg])
             if enabled:
                 with invardiff.cache_context(transformer, name, step_index=step):
-                    (output,) = transformer(**kwargs)
+                    outputs = transformer(**kwargs)
             else:
-                (output,) = transformer(**kwargs)
-            latents[name] = euler_update(latents[name], output, steps)
+                outputs = transformer(**kwargs)
+            assert len(outputs) == len(latent_args)
+            latents[name] = [euler_update(x, out, steps) for x, out in zip(latents[name], outputs, strict=True)]
+    if spec.head_streams is not None:
+        return {name: spec.head_streams.pack(value) for name, value in latents.items()}
     # Per-sample latents (Z-Image's list) as one batch tensor, like every other family's.
-    return {name: torch.stack(value) if isinstance(value, list) else value for name, value in latents.items()}
+    return {name: torch.stack(x) if isinstance(x, list) else x for name, (x,) in latents.items()}
 
 
 def euler_loop(transformer, family: str, call: dict, config=None, steps: int = T_PROBE):
@@ -220,7 +228,10 @@ class ReferenceExecutor:
             cached.register_forward_hook(
                 self._unit_hook(f"{block_list.attr}.{layer}.{unit.name}", block_list.attr, layer, unit.kinds)
             )
-        model.get_submodule(spec.head_input).register_forward_pre_hook(self._capture_hidden)
+        # Every head's input: the one pre-head state, or each stream's (a family with head streams, LTX-2).
+        heads = (spec.head_input,) if spec.head_streams is None else spec.head_streams.modules
+        for head in heads:
+            model.get_submodule(head).register_forward_pre_hook(self._capture_hidden(head))
 
     def _unit_hook(self, key, block_list, layer, kinds):
         def hook(module, inputs, output):
@@ -235,11 +246,15 @@ class ReferenceExecutor:
 
         return hook
 
-    def _capture_hidden(self, module, inputs):
-        if self.swapping:
-            return (self.hidden[self.current[0]], *inputs[1:])
-        self.hidden[self.current[0]] = inputs[0]
-        return None
+    def _capture_hidden(self, head):
+        def hook(module, inputs):
+            key = (self.current[0], head)
+            if self.swapping:
+                return (self.hidden[key], *inputs[1:])
+            self.hidden[key] = inputs[0]
+            return None
+
+        return hook
 
     def forward(self, *args, **kwargs):
         branch = 0 if self.share_branches else self.calls % self.branches_per_step

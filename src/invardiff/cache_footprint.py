@@ -24,6 +24,7 @@ import torch
 
 from .engine.storage import stored_bytes
 from .families import get_family
+from .families.spec import pre_head_capture
 from .model_configs import ModelConfig
 from .plan import CachePlan, PlanError
 from .policies.extrapolation import StepExtrapolation
@@ -76,12 +77,8 @@ def measure_footprint(config: ModelConfig) -> CacheFootprint:
         # The engine stores what the unit's last stage returns (the pass-through's output when there is one).
         module = block.get_submodule(unit.submodules[-1])
         handles.append(module.register_forward_hook(_record(fired, index)))
-    hidden = {}
-
-    def capture(module, args):
-        hidden["value"] = args[0]
-
-    handles.append(model.get_submodule(family.head_input).register_forward_pre_hook(capture))
+    head_handles, pre_head = pre_head_capture(family, model)  # H: the head's input, or the packed head streams
+    handles += head_handles
     try:
         with torch.no_grad():
             model(**config.example_call("meta"))
@@ -92,7 +89,7 @@ def measure_footprint(config: ModelConfig) -> CacheFootprint:
     order = tuple(dict.fromkeys(index for index, _ in fired))  # a unit's first firing places it
     if len(order) != len(units):
         raise RuntimeError(f"{len(units) - len(order)} units of {config.name} did not run in a forward.")
-    value = hidden["value"]
+    value = pre_head()
     return CacheFootprint(
         config.name,
         tuple(units),

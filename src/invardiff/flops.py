@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .families import get_family
 from .families.model_config import ModelConfig
-from .families.spec import TransformerCall
+from .families.spec import TransformerCall, pre_head_capture
 from .meta_values import MetaValues
 from .plan import CachePlan
 
@@ -95,13 +95,7 @@ def profile_flops(config: ModelConfig) -> FlopProfile:
 
 
 def _profile(config: ModelConfig, family, model, call) -> FlopProfile:
-    captured = {}
-    head = model.get_submodule(family.head_input)
-
-    def capture(module, args):
-        captured["hidden"] = args[0]  # returns None: the call's arguments stay unchanged
-
-    handles = [head.register_forward_pre_hook(capture)]
+    handles, pre_head = pre_head_capture(family, model)  # H: the head's input, or the packed head streams
     sizes: dict[str, int] = {}  # module path -> elements of its output (the value a reuse keeps)
     for spec, layer, unit, _ in family.units_of(model):  # a unit some blocks lack (ReuseUnit.present) keeps nothing
         path = f"{spec.attr}.{layer}.{unit.submodules[-1]}"  # the passthrough's output when there is one
@@ -113,11 +107,12 @@ def _profile(config: ModelConfig, family, model, call) -> FlopProfile:
         handle.remove()
     counts = {_strip_root(name): sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     full_step = float(counts.get("", 0))
+    hidden = pre_head()
 
     head_counter = flop_counter()
     bound = TransformerCall(inspect.signature(model.forward), (), call)
     with torch.no_grad(), head_counter:
-        family.run_head(model, captured["hidden"], bound)
+        family.run_head(model, hidden, bound)
     step_cached = float(sum(head_counter.get_flop_counts().get("Global", {}).values()))
 
     units = {}
@@ -147,7 +142,7 @@ def _profile(config: ModelConfig, family, model, call) -> FlopProfile:
         for spec in family.block_lists
     }
     num_layers = family.num_layers(model)
-    step_elements = float(captured["hidden"].numel())
+    step_elements = float(hidden.numel())
     return FlopProfile(config.name, config.family, num_layers, full_step, step_cached, units, step_elements, elements)
 
 

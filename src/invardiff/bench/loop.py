@@ -52,11 +52,14 @@ class Trajectory:
         self.call = config.example_call(device, seed=0)
         family = get_family(config.family)
         self.call_timestep = family.configs.call_timestep
-        self.latent_arg, self.timestep_arg = family.latent_arg, family.timestep_arg
+        self.timestep_arg = family.timestep_arg
+        # The noisy latents of each output, in output order: one, or each head stream's (LTX-2: video, audio).
+        streams = family.head_streams
+        self.latent_args = (family.latent_arg,) if streams is None else streams.latents
         self.restart()
 
     def restart(self) -> None:
-        self.latents = clone_latents(self.call[self.latent_arg])
+        self.latents = [clone_latents(self.call[arg]) for arg in self.latent_args]
         self.seconds = 0.0
 
     def run(self) -> None:
@@ -68,11 +71,11 @@ class Trajectory:
     def step(self, index: int) -> None:
         """Run denoising step ``index``: one timed transformer call, then the Euler update."""
         fraction = 1.0 - index / self.num_steps  # 1 -> 1/T, like the flow-matching sigmas
-        call = {**self.call, self.latent_arg: self.latents}
+        call = {**self.call, **dict(zip(self.latent_args, self.latents, strict=True))}
         call[self.timestep_arg] = self.call_timestep(fraction, self.call[self.timestep_arg])
         seconds, output = timed(lambda: self._forward(call, index), self.device)
         self.seconds += seconds
-        self.latents = euler_update(self.latents, output[0], self.num_steps)
+        self.latents = [euler_update(x, out, self.num_steps) for x, out in zip(self.latents, output, strict=False)]
 
     @torch.no_grad()
     def _forward(self, call: dict, index: int):

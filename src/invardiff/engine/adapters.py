@@ -13,7 +13,10 @@ and each call out to the engine is a graph break.
 Modes of a unit: ``INACTIVE`` (not in a run: the stock forward), ``COMPUTE`` (compute and hand the output to the
 engine), ``PLAIN`` (compute; nobody needs the output: no call out, no graph break), ``REUSE``. Modes of a block are bit
 flags: ``INPUT`` (record the block-stack input x), ``PROBE`` (decide after this block), ``SKIP`` (no sample
-computes: hand the inputs on), ``SUBSET`` (only some samples compute: cut their per-sample arguments).
+computes: hand the inputs on), ``SUBSET`` (only some samples compute: cut their per-sample arguments), ``HEAD`` (the
+last block of a family with head streams, ``FamilySpec.head_streams``: its output streams, packed into one tensor,
+are the pre-head state; the policy sees it here, before the first head runs, and what it returns is unpacked into the
+output, so that every head runs on the state the policy chose).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .state import COMPUTED, REUSED, put_rows, take_rows
 
 
 INACTIVE, COMPUTE, REUSE, PLAIN = 0, 1, 2, 3  # unit modes
-INPUT, PROBE, SKIP, SUBSET = 1, 2, 4, 8  # block mode flags
+INPUT, PROBE, SKIP, SUBSET, HEAD = 1, 2, 4, 8, 16  # block mode flags
 MODE = "_invardiff_mode"  # the attribute an adapted module reads its mode from
 _ATTRIBUTES = (MODE, "_invardiff_slot")
 
@@ -54,19 +57,23 @@ class BlockSlot:
         image_output: int | None,
         first: bool,
         in_place: bool = False,
+        streams=None,
     ):
         self.engine = engine
+        # families.spec.HeadStreams of a family whose pre-head state is several streams: the block-stack input x
+        # and the probe features are the packed streams; None: the image stream alone.
+        self.streams = streams
         self.first = first  # the first block in execution order: in a run its mode is never INACTIVE
         self.image_output = image_output  # index of the image stream in the block's output tuple, None: a tensor
         self.passthrough = _passthrough_layout(block, image_output)
         # In place (FamilySpec.rows_in_place): a deep block of a subset step gets the full batch, so its streams are
         # cut too, and its output goes back into the full batch.
         self.in_place = in_place
-        streams = tuple(name for name, _ in self.passthrough) if in_place else ()
-        self.per_sample_args = (*per_sample_args, *streams)
+        cut_streams = tuple(name for name, _ in self.passthrough) if in_place else ()
+        self.per_sample_args = (*per_sample_args, *cut_streams)
         base = getattr(type(block), "_invardiff_base", type(block))
         parameters = list(inspect.signature(base.forward).parameters)[1:]  # without self
-        names = {*per_sample_args, *(name for name, _ in self.passthrough)}
+        names = {*per_sample_args, *(name for name, _ in self.passthrough), *(streams.arguments if streams else ())}
         missing = names - set(parameters)
         if missing:
             raise ValueError(f"{type(block).__name__}.forward has no argument(s) {sorted(missing)}.")
@@ -110,7 +117,11 @@ def _computed_output(module, output) -> None:
 @torch.compiler.disable
 def _record_input(module, args: tuple, kwargs: dict) -> None:
     slot = module._invardiff_slot
-    slot.engine.active.block_input = slot.argument(slot.passthrough[-1][0], args, kwargs)  # image tokens x
+    if slot.streams is not None:  # every stream, packed as the pre-head state is
+        x = slot.streams.pack([slot.argument(name, args, kwargs) for name in slot.streams.arguments])
+    else:
+        x = slot.argument(slot.passthrough[-1][0], args, kwargs)  # image tokens x
+    slot.engine.active.block_input = x
 
 
 @torch.compiler.disable
@@ -142,13 +153,31 @@ def _after_probe(module, output):
     slot = module._invardiff_slot
     engine = slot.engine
     state = engine.active
-    image = output if slot.image_output is None else output[slot.image_output]
+    if slot.streams is not None:
+        image = slot.streams.pack([output[index] for index in slot.streams.outputs])
+    else:
+        image = output if slot.image_output is None else output[slot.image_output]
     decision = engine.policy.decide(state, state.block_input, image)
     state.compute_rows, state.skip_all = decision.compute_rows, decision.skip_all
     engine.set_deep_blocks(SKIP if decision.skip_all else SUBSET if decision.compute_rows is not None else 0)
     if decision.compute_rows is None or slot.in_place:
         return output
     return take_rows(output, decision.compute_rows)
+
+
+@torch.compiler.disable
+def _head_output(module, output):
+    streams = module._invardiff_slot.streams
+    engine = module._invardiff_slot.engine
+    parts = [output[index] for index in streams.outputs]
+    packed = streams.pack(parts)
+    head = engine.head_state(engine.active, packed)
+    if head is packed:  # the policy kept the computed state: the heads run on the block's own tensors
+        return output
+    replaced = list(output)
+    for index, part in zip(streams.outputs, streams.unpack(head, [p.shape[1:] for p in parts]), strict=True):
+        replaced[index] = part
+    return type(output)(replaced)
 
 
 @torch.compiler.disable
@@ -206,7 +235,8 @@ def _block_class(base: type) -> type:
         if mode == INACTIVE and getattr(self, "_invardiff_slot", None) is not None and self._invardiff_slot.first:
             _bypassed(self)  # in a run the first block always records the input
         if mode & SKIP:
-            return _identity(self, args, kwargs)
+            output = _identity(self, args, kwargs)
+            return _head_output(self, output) if mode & HEAD else output
         if mode & INPUT:
             _record_input(self, args, kwargs)
         full = None
@@ -219,6 +249,8 @@ def _block_class(base: type) -> type:
             output = _put_back(self, full, output)
         if mode & PROBE:
             output = _after_probe(self, output)
+        if mode & HEAD:
+            output = _head_output(self, output)
         return output
 
     return _subclass(base, forward)
@@ -277,17 +309,20 @@ def restore(module: torch.nn.Module) -> None:
         module.__dict__.pop(name, None)
 
 
-def graph_bound(num_units_per_block: int, probe: bool) -> int:
+def graph_bound(num_units_per_block: int, probe: bool, head: bool = False) -> int:
     """An upper bound on the graphs one block class compiles under ``compile_repeated_blocks`` in a run.
 
     Every call out to the engine is a graph break, so a block splits into one graph before its first unit and
     one after each unit. Each segment is specialised on the mode of the unit that ends it (compute, plain or reuse:
     a plain unit does not break the graph, so its segment merges with the next, which only lowers the count), and
     for a probe policy on the block's mode (plain, input, probe, input+probe, skip, subset). Shape changes (a
-    subset of samples) add one dynamic-shape recompile at most.
+    subset of samples) add one dynamic-shape recompile at most. ``head``: the class of the last block of a family
+    with head streams, whose hand-over of the packed streams is one more break and whose HEAD role adds three block
+    modes under a probe (head, head+skip, head+subset).
     """
-    segments = num_units_per_block + 1
-    return segments * 3 * (6 if probe else 1) + (1 if probe else 0)
+    segments = num_units_per_block + 1 + (1 if head else 0)
+    modes = (6 + (3 if head else 0)) if probe else 1
+    return segments * 3 * modes + (1 if probe else 0)
 
 
 def _passthrough_layout(block, image_output: int | None) -> list[tuple[str, int]]:

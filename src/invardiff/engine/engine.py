@@ -41,7 +41,7 @@ from .adapters import INACTIVE, MODE
 from .adapters import PLAIN as PLAIN_MODE
 from .adapters import REUSE as REUSE_MODE
 from .policy import CachePolicy, StepAction
-from .state import COMPUTED, NOT_RUN, REUSED, BranchState, UnitRef, tensor_bytes
+from .state import COMPUTED, NOT_RUN, REUSED, BranchState, UnitRef, take_rows, tensor_bytes
 
 
 logger = logging.getLogger(__name__)
@@ -173,9 +173,12 @@ class CacheEngine:
         # Set by install: the adapted modules whose mode the engine sets around each call (adapters.py).
         self.unit_modules: list[tuple] = []  # per unit: its producer and, if any, its pass-through stage
         self.unit_places: list[tuple] = []  # per unit: (its block, the paths of those modules in the block)
-        self.blocks: list = []  # probe policies: every block in execution order, its static role, the deep ones
+        # Probe policies: every block in execution order, its static role, the deep ones and theirs; a family with
+        # head streams: also (or only) its last block, in the HEAD role.
+        self.blocks: list = []
         self.block_roles: list[int] = []
         self.deep_blocks: list = []
+        self.deep_roles: list[int] = []
         self.pristine = None  # set by install: what uninstall restores (install.Pristine)
         # The first computed call checks that the spec's head_input is the pre-head state (hooks._check_head).
         self.head_checked = False
@@ -298,9 +301,10 @@ class CacheEngine:
             block.__dict__[MODE] = role
 
     def set_deep_blocks(self, mode: int) -> None:
-        """After the probe's decision: how the remaining blocks run (adapters.SKIP, SUBSET or plain)."""
-        for block in self.deep_blocks:
-            block.__dict__[MODE] = mode
+        """After the probe's decision: how the remaining blocks run (adapters.SKIP, SUBSET or plain), each keeping
+        its static role (the head block of a family with head streams: adapters.HEAD)."""
+        for block, role in zip(self.deep_blocks, self.deep_roles, strict=True):
+            block.__dict__[MODE] = mode | role
 
     def end_call(self, state: BranchState, failed: bool) -> None:
         self.active = None
@@ -403,6 +407,21 @@ class CacheEngine:
                 f"num_inference_steps follows the scheduler), or change num_inference_steps until {name} runs "
                 f"{needed} steps."
             ) from error
+
+    # ----- the pre-head state (called by the hooks and the head block's adapter) -----
+    def head_state(self, state: BranchState, received: torch.Tensor) -> torch.Tensor:
+        """The pre-head state the head runs on, from ``received`` (the head's input, or the packed head streams):
+        the policy may replace it (rows of samples that skipped after a probe) and says what to keep."""
+        hidden = received
+        if self.family.rows_in_place and state.compute_rows is not None and not state.skip_all:
+            hidden = take_rows(hidden, state.compute_rows)  # the deep blocks wrote the computing rows into the batch
+        head_hidden, kept = self.policy.head_input(state, hidden)
+        if state.step == 0:
+            self.note_step0_output(head_hidden)
+        if not self.head_checked:
+            self.head_hidden = head_hidden  # for hooks._check_head, at the end of this call
+        self.store_hidden(state, kept)
+        return head_hidden
 
     # ----- cached tensors (called by the hooks) -----
     def store_unit(self, state: BranchState, unit: int, value) -> None:

@@ -3,7 +3,9 @@
 * :class:`StepHook` on the transformer: resolves step and branch, asks the policy for the step's action, and on a
   ``REUSE`` step runs only the conditioning and the output head.
 * :class:`HeadInputHook` on the head's first module: hands the pre-head hidden state to the policy, which may
-  replace rows (samples that skipped after a probe) and says what to keep.
+  replace rows (samples that skipped after a probe) and says what to keep. A family whose pre-head state is several
+  streams (``FamilySpec.head_streams``) has no such hook: its last block hands the packed streams to the policy
+  (``adapters.HEAD``), and a ``REUSE`` step hands the policy's tensor over here, before the head runs.
 
 Units (``attn``, ``ff``, ...) and, for probe policies, blocks are driven by ``adapters.py``. Every call into the
 engine is marked ``torch.compiler.disable``, so a whole-model ``torch.compile`` breaks its graph there and never
@@ -19,7 +21,6 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..families.spec import SpecError
 from .policy import StepAction
-from .state import take_rows
 
 
 STEP_HOOK = "invardiff_step"
@@ -59,7 +60,9 @@ class StepHook(ModelHook):
         try:
             if state.action == StepAction.REUSE:
                 hidden = _reused_hidden(engine, module, state)
-                # run_head calls the head's first module, whose HeadInputHook asks the policy what to keep.
+                if engine.family.head_streams is not None:
+                    hidden = _head_state(engine, state, hidden)  # no head hook: the policy sees the state here
+                # Otherwise run_head calls the head's first module, whose HeadInputHook asks the policy what to keep.
                 output = engine.family.run_head(module, hidden, state.call)
             else:
                 output = self.fn_ref.original_forward(*args, **kwargs)
@@ -106,18 +109,15 @@ def _head_input(engine, args: tuple, kwargs: dict):
     if state is None:
         return args, kwargs
     received = args[0] if args else kwargs["hidden_states"]  # (B, N, D) pre-head hidden state
-    hidden = received
-    if engine.family.rows_in_place and state.compute_rows is not None and not state.skip_all:
-        hidden = take_rows(hidden, state.compute_rows)  # the deep blocks wrote the computing rows into the full batch
-    head_hidden, kept = engine.policy.head_input(state, hidden)
+    head_hidden = engine.head_state(state, received)
     if head_hidden is not received:
         args, kwargs = ((head_hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": head_hidden})
-    if state.step == 0:
-        engine.note_step0_output(head_hidden)
-    if not engine.head_checked:
-        engine.head_hidden = head_hidden  # for _check_head, at the end of this call
-    engine.store_hidden(state, kept)
     return args, kwargs
+
+
+@torch.compiler.disable
+def _head_state(engine, state, hidden):
+    return engine.head_state(state, hidden)
 
 
 @torch.compiler.disable
@@ -129,10 +129,15 @@ def _check_head(engine, transformer, state, output) -> None:
     hidden, engine.head_hidden = engine.head_hidden, None
     family = engine.family
     if hidden is None:
+        where = (
+            f"the module {family.head_input!r} (FamilySpec.head_input) did not run"
+            if family.head_streams is None
+            else "the last block (whose outputs are the head streams, FamilySpec.head_streams) did not return"
+        )
         raise SpecError(
             "head-input-state",
-            f"family {family.name!r}: the module {family.head_input!r} (FamilySpec.head_input) did not run in a "
-            f"forward of {type(transformer).__name__}, so it is not where the pre-head hidden state enters the head.",
+            f"family {family.name!r}: {where} in a forward of {type(transformer).__name__}, so it is not where the "
+            f"pre-head hidden state enters the head.",
         )
     if hidden.device.type == "meta":  # shapes only (memory estimates): there are no values to compare
         engine.head_checked = True
@@ -142,12 +147,12 @@ def _check_head(engine, transformer, state, output) -> None:
         # Outside every dispatch mode: the check is the engine's bookkeeping, not the model's work, so a
         # FlopCounterMode around the run (FLOP-ideal speedups, the sweep's counted warm-up) does not count it.
         with torch.no_grad(), _disable_current_modes():
-            expected = _sample(family.run_head(transformer, hidden, state.call))
+            expected = _sample(family.run_head(transformer, hidden, state.call), family.head_streams is not None)
     except Exception as error:  # noqa: BLE001 - any failure of the head on this input is the finding
         expected = f"{type(error).__name__}: {error}"
     finally:
         engine.active = active
-    actual = _sample(output)
+    actual = _sample(output, family.head_streams is not None)
     if not _reproduces(actual, expected):
         raise SpecError(
             "head-input-state",
@@ -159,7 +164,12 @@ def _check_head(engine, transformer, state, output) -> None:
     engine.head_checked = True
 
 
-def _sample(output) -> torch.Tensor:
+def _sample(output, every_output: bool = False) -> torch.Tensor:
+    if every_output and not torch.is_tensor(output):
+        # A family with head streams returns one output per stream (LTX-2: video, audio): all of them are compared,
+        # each flattened per sample.
+        outputs = output.to_tuple() if hasattr(output, "to_tuple") else tuple(output)
+        return torch.cat([item.reshape(item.shape[0], -1) for item in outputs if torch.is_tensor(item)], dim=1)
     if not torch.is_tensor(output):
         output = output.sample if hasattr(output, "sample") else output[0]
     if isinstance(output, (list, tuple)) and output and all(torch.is_tensor(item) for item in output):

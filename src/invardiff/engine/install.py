@@ -58,10 +58,11 @@ def install(transformer, family: FamilySpec, engine: CacheEngine) -> None:
     try:
         if engine.policy.uses_units:
             _adapt_units(transformer, family, engine)
-        if engine.policy.probe_depth is not None:
+        if engine.policy.probe_depth is not None or family.head_streams is not None:
             _adapt_blocks(transformer, family, engine)
-        head = transformer.get_submodule(family.head_input)
-        HookRegistry.check_if_exists_or_initialize(head).register_hook(HeadInputHook(engine), HEAD_INPUT_HOOK)
+        if family.head_streams is None:  # else the last block hands the packed streams over (adapters.HEAD)
+            head = transformer.get_submodule(family.head_input)
+            HookRegistry.check_if_exists_or_initialize(head).register_hook(HeadInputHook(engine), HEAD_INPUT_HOOK)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
         registry.register_hook(StepHook(engine), STEP_HOOK)
         registry.invalidate_child_registries_cache()
@@ -102,15 +103,26 @@ def _adapt_units(transformer, family: FamilySpec, engine: CacheEngine) -> None:
 
 
 def _adapt_blocks(transformer, family: FamilySpec, engine: CacheEngine) -> None:
+    # Probe policies adapt every block; a family with head streams adapts its last block (execution order) too, or
+    # only that one, in the HEAD role.
     depth = engine.policy.probe_depth
+    streams = family.head_streams
+    listed = [(spec, block) for spec in family.block_lists for block in getattr(transformer, spec.attr)]
+    last = len(listed) - 1
     blocks, roles = [], []
-    for spec in family.block_lists:
-        for block in getattr(transformer, spec.attr):
-            index = len(blocks)  # block position in execution order
-            slot = adapters.BlockSlot(
-                engine, block, spec.per_sample_args, spec.image_output, index == 0, family.rows_in_place
-            )
-            adapters.adapt(block, "block", slot)
-            blocks.append(block)
-            roles.append((adapters.INPUT if index == 0 else 0) | (adapters.PROBE if index == depth - 1 else 0))
-    engine.blocks, engine.block_roles, engine.deep_blocks = blocks, roles, blocks[depth:]
+    for index, (spec, block) in enumerate(listed):  # index: the block's position in execution order
+        head = streams is not None and index == last
+        if depth is None and not head:
+            continue
+        slot = adapters.BlockSlot(
+            engine, block, spec.per_sample_args, spec.image_output, index == 0, family.rows_in_place, streams
+        )
+        adapters.adapt(block, "block", slot)
+        blocks.append(block)
+        role = adapters.HEAD if head else 0
+        if depth is not None:
+            role |= (adapters.INPUT if index == 0 else 0) | (adapters.PROBE if index == depth - 1 else 0)
+        roles.append(role)
+    deep = len(blocks) if depth is None else depth  # no probe: no deep blocks
+    engine.blocks, engine.block_roles = blocks, roles
+    engine.deep_blocks, engine.deep_roles = blocks[deep:], roles[deep:]

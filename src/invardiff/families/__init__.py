@@ -151,6 +151,7 @@ def _load_builtin_families() -> None:
         hunyuanvideo,
         hunyuanvideo15,
         ltx,
+        ltx2,
         mochi,
         pixart,
         qwenimage,

@@ -15,7 +15,8 @@ config lookup, toy pipelines) sits above the registry and imports this module, n
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,85 @@ class BlockListSpec:
 
 
 @dataclass(frozen=True)
+class HeadStreams:
+    """The pre-head state of a family whose blocks carry several token streams, each to a head of its own (LTX-2: a
+    video and an audio stream, normalised and projected by ``norm_out`` / ``proj_out`` and ``audio_norm_out`` /
+    ``audio_proj_out``, and both returned).
+
+    The engine keeps one tensor per step as the pre-head state H and hands one tensor to every policy, so such a
+    family's streams are packed into one: each ``(B, N_i, D_i)`` stream flattened to ``(B, N_i * D_i)`` and the
+    streams concatenated along dim 1, in the order of :attr:`outputs` (:meth:`pack`). Rows stay samples, so the
+    per-sample row cutting of probe policies works on the packed state as on a single stream. The engine reads the
+    streams where all of them exist: the output of the last block in execution order, which must enter the heads
+    unchanged (the engine's head check at the first computed call verifies it through ``FamilySpec.run_head``). The
+    block-stack input x (``FamilySpec.embed_input``, the first block's stream arguments) and a probe's features (the
+    probe block's output streams) are packed the same way, so that residuals ``H - x`` pair element by element.
+
+    Attributes:
+        outputs: the index of each stream in a block's output tuple, in packing order.
+        arguments: the block ``forward`` argument that carries each stream in, in the same order.
+        modules: the head module of each stream (whose first input is that stream's pre-head state), in the same
+            order: what the memory and FLOP tools read, and the tests' independent reference executor swaps.
+        latents: the transformer ``forward`` argument of each stream's noisy latents, in the order of the
+            transformer's outputs (output ``i`` is the prediction for ``latents[i]``): what bare-transformer loops
+            (benchmarks, tests) advance.
+    """
+
+    outputs: tuple[int, ...]
+    arguments: tuple[str, ...]
+    modules: tuple[str, ...]
+    latents: tuple[str, ...]
+
+    def __post_init__(self):
+        counts = {len(self.outputs), len(self.arguments), len(self.modules), len(self.latents)}
+        if len(counts) != 1 or len(self.outputs) < 2:
+            raise ValueError(
+                f"HeadStreams needs one output index, block argument, head module and latent argument per stream, "
+                f"for two streams or more; got outputs={self.outputs}, arguments={self.arguments}, "
+                f"modules={self.modules}, latents={self.latents}."
+            )
+
+    @staticmethod
+    def pack(streams: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(B, sum_i N_i * D_i)``: each ``(B, N_i, D_i)`` stream flattened per sample, concatenated in order."""
+        return torch.cat([stream.reshape(stream.shape[0], -1) for stream in streams], dim=1)
+
+    @staticmethod
+    def unpack(packed: torch.Tensor, shapes: Sequence[Sequence[int]]) -> tuple[torch.Tensor, ...]:
+        """The streams of ``packed`` (:meth:`pack`), each of shape ``(B, *shapes[i])``: views where possible."""
+        sizes = [math.prod(shape) for shape in shapes]
+        if sum(sizes) != packed.shape[1]:
+            raise ValueError(
+                f"A packed pre-head state of {packed.shape[1]} elements per sample does not hold streams of shapes "
+                f"{[tuple(shape) for shape in shapes]} ({sum(sizes)} elements)."
+            )
+        parts = packed.split(sizes, dim=1)
+        return tuple(part.reshape(packed.shape[0], *shape) for part, shape in zip(parts, shapes, strict=True))
+
+
+def pre_head_capture(spec: FamilySpec, model: torch.nn.Module) -> tuple[list, Callable[[], torch.Tensor]]:
+    """Plain forward pre-hooks that record the pre-head state of ``model``'s next forward (the input of
+    :attr:`FamilySpec.head_input`, or the packed inputs of the :class:`HeadStreams` modules): ``(handles, read)``;
+    ``read()`` returns the state once the forward ran. Remove the handles afterwards."""
+    streams = spec.head_streams
+    paths = (spec.head_input,) if streams is None else streams.modules
+    seen: dict[str, torch.Tensor] = {}
+
+    def recorder(path):
+        def capture(module, args):
+            seen[path] = args[0]  # returns None: the call's arguments stay unchanged
+
+        return capture
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(recorder(path)) for path in paths]
+
+    def read() -> torch.Tensor:
+        return seen[paths[0]] if streams is None else streams.pack([seen[path] for path in paths])
+
+    return handles, read
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """Everything the engine needs to know about one model family.
 
@@ -194,6 +274,10 @@ class FamilySpec:
             stream cannot be cut to the computing rows once after the probe: instead each deep block cuts them out of
             its own inputs and writes its output back into the full batch (the skipped rows pass through), and the
             head takes the computing rows.
+        head_streams: for a family whose pre-head state is several token streams with a head each (LTX-2's video
+            and audio), how they are packed into the one tensor the engine and the policies see
+            (:class:`HeadStreams`); ``run_head`` and ``embed_input`` then take and return the packed state, and
+            ``head_input`` names the first stream's head module. ``None``: one stream, read at ``head_input``.
     """
 
     name: str
@@ -215,6 +299,7 @@ class FamilySpec:
     timestep_arg: str = "timestep"
     timestep_offset: float = 0.0
     rows_in_place: bool = False
+    head_streams: HeadStreams | None = field(default=None, hash=False)
 
     def block_stack_input(self, transformer: torch.nn.Module, call: TransformerCall) -> torch.Tensor:
         """The block-stack input of ``call`` (:attr:`embed_input`); ``NotImplementedError`` if the family has none."""
@@ -299,14 +384,16 @@ def check_spec(spec: FamilySpec, transformer: torch.nn.Module) -> None:
                             f"{path!r} (unit {unit.name!r}). Fix the path, or, if some blocks lack this unit, say "
                             f"which with ReuseUnit(present=...).",
                         ) from None
-    try:
-        transformer.get_submodule(spec.head_input)
-    except AttributeError:
-        raise SpecError(
-            "head-input-path",
-            f"family {spec.name!r}: {model} has no module {spec.head_input!r} (FamilySpec.head_input, the module "
-            f"whose first input is the pre-head hidden state).",
-        ) from None
+    heads = (spec.head_input,) + (() if spec.head_streams is None else spec.head_streams.modules)
+    for path in heads:
+        try:
+            transformer.get_submodule(path)
+        except AttributeError:
+            raise SpecError(
+                "head-input-path",
+                f"family {spec.name!r}: {model} has no module {path!r} (FamilySpec.head_input or a HeadStreams "
+                f"module: a module whose first input is a pre-head hidden state).",
+            ) from None
 
 
 @dataclass(frozen=True)
