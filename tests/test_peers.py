@@ -61,3 +61,24 @@ def test_diffusers_hooks_on_dit_cannot_run_and_say_why():
     pipe = registry.load("dit-digits")
     with pytest.raises(TypeError, match="DiTPipeline does not set cache_context"):
         _peer_point(peers.fbcache(0.1)).attach(pipe)
+
+
+def test_dbcache_with_taylorseer_extrapolates_and_detaches(flux_shapes):
+    # cache-dit's calibrator must really run (the output differs from DBCache alone at the same settings) and leave
+    # nothing behind; its settings and label say so, and a negative order is refused.
+    pipe, generate, full = flux_shapes
+    plain, calibrated = peers.dbcache(0.8, 28, 2), peers.dbcache(0.8, 28, 2, taylorseer_order=1)
+    assert calibrated.label == "DBCache F1B0 thr=0.8 warm-up=2 +TaylorSeer order=1"
+    assert calibrated.settings["taylorseer_order"] == 1 and "taylorseer_order" not in plain.settings
+    outputs = []
+    for peer in (plain, calibrated):
+        detach = _peer_point(peer).attach(pipe)
+        try:
+            outputs.append(generate())
+        finally:
+            detach()
+    assert not torch.equal(outputs[0], outputs[1])
+    assert torch.equal(generate(), full)
+    assert calibrated.label in [p.label for p in peers.peers(peers.PIPELINE, 28)]
+    with pytest.raises(ValueError, match="taylorseer_order must be 0"):
+        peers.dbcache(0.8, 28, taylorseer_order=-1)

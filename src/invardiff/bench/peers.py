@@ -48,6 +48,12 @@ AGGRESSIVE_MAGCACHE = (
     {"threshold": 0.5, "max_skip_steps": 6, "retention_ratio": 0.1},
     {"threshold": 1.0, "max_skip_steps": 10, "retention_ratio": 0.1},
 )
+# cache-dit's fastest published settings pair DBCache with its TaylorSeer calibrator (PEERS.md: DBCache(F)+TS,
+# 5.7x TFLOPs on FLUX.1-dev): cached steps extrapolate the residual (first order) instead of reusing it.
+AGGRESSIVE_DBCACHE_TAYLORSEER = (
+    {"threshold": 0.5, "max_warmup_steps": 2, "taylorseer_order": 1},
+    {"threshold": 0.8, "max_warmup_steps": 2, "taylorseer_order": 1},
+)
 SETTINGS = {
     PIPELINE: {
         "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
@@ -62,6 +68,7 @@ SETTINGS = {
             0.8,
             {"threshold": 0.5, "max_warmup_steps": 2},
             {"threshold": 0.8, "max_warmup_steps": 2},
+            *AGGRESSIVE_DBCACHE_TAYLORSEER,
         ),
     },
     LOOP: {
@@ -209,12 +216,16 @@ def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
     return _diffusers_peer("diffusers-taylorseer", label, config, settings)
 
 
-def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps: int | None = None) -> Peer:
+def dbcache(
+    threshold: float | None, num_inference_steps: int, max_warmup_steps: int | None = None, taylorseer_order: int = 0
+) -> Peer:
     """cache-dit DBCache: its default (F8B0 thr=0.08) when ``threshold`` is None, else F1B0 at ``threshold``;
-    ``max_warmup_steps`` (default: cache-dit's 8) is named in the label when given."""
+    ``max_warmup_steps`` (default: cache-dit's 8) is named in the label when given. ``taylorseer_order`` > 0 adds
+    cache-dit's TaylorSeer calibrator of that order (cached steps extrapolate the cached residual instead of reusing
+    it: cache-dit's own recipe for its fastest settings, DBCache + TaylorSeer), named in the label."""
     if threshold is None:
-        if max_warmup_steps is not None:
-            raise ValueError("DBCache's default configuration (threshold None) keeps its own warm-up.")
+        if max_warmup_steps is not None or taylorseer_order:
+            raise ValueError("DBCache's default configuration (threshold None) keeps its own warm-up and calibrator.")
         label, settings = "DBCache default (F8B0 thr=0.08)", {}
     else:
         label = f"DBCache F1B0 thr={threshold:g}"
@@ -222,6 +233,11 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
         if max_warmup_steps is not None:
             label += f" warm-up={max_warmup_steps}"
             settings["max_warmup_steps"] = max_warmup_steps
+    if taylorseer_order < 0:
+        raise ValueError(f"taylorseer_order must be 0 (no calibrator) or a positive order, got {taylorseer_order}.")
+    if taylorseer_order:
+        label += f" +TaylorSeer order={taylorseer_order}"
+    recorded = {**settings, "taylorseer_order": taylorseer_order} if taylorseer_order else settings
 
     def attach(transformer, pipe=None):
         import cache_dit
@@ -230,8 +246,11 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
             target, config = transformer, cache_dit.DBCacheConfig(**settings, num_inference_steps=num_inference_steps)
         else:
             target, config = _cache_dit_target(pipe), cache_dit.DBCacheConfig(**settings)
+        calibrator = (
+            cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        )
         order = list(transformer._modules)
-        cache_dit.enable_cache(target, cache_config=config)
+        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
 
         def detach() -> None:
             cache_dit.disable_cache(pipe if pipe is not None else transformer)
@@ -242,7 +261,7 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
 
         return detach
 
-    return Peer("cache-dit", label, settings, attach)
+    return Peer("cache-dit", label, recorded, attach)
 
 
 def _cache_dit_target(pipe):
