@@ -11,6 +11,7 @@ import torch
 from invardiff.bench import peers
 from invardiff.bench.points import _peer_point
 from invardiff.demo import _generate
+from invardiff.flops import flop_counter
 from invardiff.models import registry
 
 
@@ -82,3 +83,21 @@ def test_dbcache_with_taylorseer_extrapolates_and_detaches(flux_shapes):
     assert calibrated.label in [p.label for p in peers.peers(peers.PIPELINE, 28)]
     with pytest.raises(ValueError, match="taylorseer_order must be 0"):
         peers.dbcache(0.8, 28, taylorseer_order=-1)
+
+
+def test_taylorseer_on_every_unit_caches_the_mlps_too(flux_shapes):
+    # The fast end of TaylorSeer caches every unit: it must compute less than the attention-only default at the
+    # same interval (the MLPs' work is skipped too), and detach to exactly full compute.
+    pipe, generate, full = flux_shapes
+    counts = {}
+    for peer in (peers.taylorseer(8), peers.taylorseer(8, all_units=True)):
+        detach = _peer_point(peer).attach(pipe)
+        try:
+            with flop_counter() as counter:
+                generate()
+        finally:
+            detach()
+        counts[peer.label] = counter.get_total_flops()
+    assert counts["TaylorSeer interval=8 all units"] < 0.75 * counts["TaylorSeer interval=8"]
+    assert torch.equal(generate(), full)
+    assert {"interval": 8, "all_units": True} in peers.SETTINGS[peers.PIPELINE]["diffusers-taylorseer"]

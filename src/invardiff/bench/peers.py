@@ -43,7 +43,8 @@ KINDS = (PIPELINE, LOOP, FEW_STEP)
 # peer's most aggressive settings, which reach 4-5x FLOP-ideal where the peer can (issue 27): at their defaults
 # MagCache stops near 2.5x (retention_ratio 0.2 computes the first fifth, max_skip_steps 3 a step in four after
 # it) and DBCache F1B0 near 2-2.8x (max_warmup_steps 8 computes the first 8). TaylorSeer caches the attention units
-# only (diffusers' default patterns): the MLPs always compute, so it cannot reach 2x on these models at any interval.
+# only (diffusers' default patterns): the MLPs always compute, so it cannot reach 2x on these models at any interval;
+# its fast end caches every unit instead.
 AGGRESSIVE_MAGCACHE = (
     {"threshold": 0.5, "max_skip_steps": 6, "retention_ratio": 0.1},
     {"threshold": 1.0, "max_skip_steps": 10, "retention_ratio": 0.1},
@@ -54,11 +55,13 @@ AGGRESSIVE_DBCACHE_TAYLORSEER = (
     {"threshold": 0.5, "max_warmup_steps": 2, "taylorseer_order": 1},
     {"threshold": 0.8, "max_warmup_steps": 2, "taylorseer_order": 1},
 )
+# TaylorSeer caching the MLPs too (its paper's setting on FLUX): the attention-only default cannot reach 2x.
+AGGRESSIVE_TAYLORSEER = ({"interval": 6, "all_units": True}, {"interval": 8, "all_units": True})
 SETTINGS = {
     PIPELINE: {
         "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
         "diffusers-magcache": (0.06, 0.12, 0.24, 0.5, *AGGRESSIVE_MAGCACHE),
-        "diffusers-taylorseer": (2, 3, 5, 8),
+        "diffusers-taylorseer": (2, 3, 5, 8, *AGGRESSIVE_TAYLORSEER),
         "cache-dit": (
             None,
             0.12,
@@ -192,17 +195,19 @@ def magcache(
     return _diffusers_peer("diffusers-magcache", label, config, settings)
 
 
-def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
-    """diffusers TaylorSeer (first order); a warm-up (``disable_cache_before_step``) other than 3 is in the label."""
+def taylorseer(interval: int, disable_cache_before_step: int = 3, all_units: bool = False) -> Peer:
+    """diffusers TaylorSeer (first order); a warm-up (``disable_cache_before_step``) other than 3 is in the label.
+    It caches the family's attention units (diffusers' default), or with ``all_units`` every reusable unit of the
+    family (attention and MLP, as the TaylorSeer paper caches on FLUX), named in the label."""
 
     def config(transformer):
         from diffusers.hooks import TaylorSeerCacheConfig
 
         # Taylor factors in the model's dtype: the default bfloat16 is slow on CPU and would handicap the peer
-        # on the float32 models. The cached modules are the family's attention units: diffusers' default patterns
+        # on the float32 models. The cached modules are the family's units: diffusers' default patterns
         # ("^blocks.*attn", fully matched) name the same modules on FLUX and HunyuanVideo but none on Wan, whose
         # attentions are blocks.N.attn1 / attn2, where TaylorSeer would silently cache nothing.
-        identifiers = _attention_units(transformer)
+        identifiers = _unit_patterns(transformer, attention_only=not all_units)
         return TaylorSeerCacheConfig(
             cache_interval=interval,
             disable_cache_before_step=disable_cache_before_step,
@@ -213,6 +218,9 @@ def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
     settings = {"cache_interval": interval, "disable_cache_before_step": disable_cache_before_step, "max_order": 1}
     label = f"TaylorSeer interval={interval}"
     label += f" warm-up={disable_cache_before_step}" if disable_cache_before_step != 3 else ""
+    if all_units:
+        settings["all_units"] = True
+        label += " all units"
     return _diffusers_peer("diffusers-taylorseer", label, config, settings)
 
 
@@ -282,11 +290,17 @@ def _cache_dit_target(pipe):
     )
 
 
-def _attention_units(transformer) -> list[str]:
+def _unit_patterns(transformer, attention_only: bool = True) -> list[str]:
+    """Regex patterns (full match) of the family's reusable units' modules: its attention units, or all of them."""
     from ..families import resolve_family
 
     family = resolve_family(transformer)
-    units = [(spec.attr, unit.module) for spec in family.block_lists for unit in spec.units if "attn" in unit.name]
+    units = [
+        (spec.attr, unit.module)
+        for spec in family.block_lists
+        for unit in spec.units
+        if "attn" in unit.name or not attention_only
+    ]
     return [rf"{attr}\.\d+\.{module}" for attr, module in units]
 
 
