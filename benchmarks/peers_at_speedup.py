@@ -39,7 +39,7 @@ def main() -> None:
     )
     print("|---|---|---|---|")
     for method, points in peers.items():
-        near = min(points, key=lambda p: abs(p["ideal_speedup"] - args.ideal))
+        near = min(points, key=lambda p: (round(abs(p["ideal_speedup"] - args.ideal), 2), -p["psnr"]))  # ties: best
         ideal = at_speedup(points, "psnr", args.ideal, "ideal_speedup")
         measured = None if args.measured is None else at_speedup(points, "psnr", args.measured)
         print(
