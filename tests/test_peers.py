@@ -98,6 +98,7 @@ def test_taylorseer_on_every_unit_caches_the_mlps_too(flux_shapes):
         finally:
             detach()
         counts[peer.label] = counter.get_total_flops()
+    # 0.63 on the sweep's 4 images (1.57x vs 2.51x ideal); 0.75 leaves room, and attention-only would give 1.0
     assert counts["TaylorSeer interval=8 all units"] < 0.75 * counts["TaylorSeer interval=8"]
     assert torch.equal(generate(), full)
     assert {"interval": 8, "all_units": True} in peers.SETTINGS[peers.PIPELINE]["diffusers-taylorseer"]
