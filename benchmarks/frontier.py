@@ -11,7 +11,11 @@ compute in N alternating rounds (``bench/sweep.py``'s measurement; indicative on
 
 Writes benchmarks/results/frontier/frontier-<model>.{jsonl,md}.
 
-Usage: python benchmarks/frontier.py --model flux-shapes [--speedups 4,4.5,5] [--rounds 0] [--threads 1]
+``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
+the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
+sweep ``benchmarks/results/sweep-few-step/sweep-<model>-N-steps.jsonl``).
+
+Usage: python benchmarks/frontier.py --model flux-shapes [--speedups 4,4.5,5] [--rounds 0] [--threads 1] [--steps N]
 """
 
 from __future__ import annotations
@@ -51,12 +55,15 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=0, help="rounds of descent on sampled error (budget.py)")
     parser.add_argument("--methods", default="invardiff-search,invardiff-search+extrap")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a loaded machine)")
-    parser.add_argument("--sweep", default="benchmarks/results/sweep", help="the committed sweep (peers' points)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
+    parser.add_argument("--sweep", default=None, help="the committed sweep (peers' points); default: the model's")
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     speedups = [float(s) for s in args.speedups.split(",")]
-    target = bundled_target(args.model)
+    target = bundled_target(args.model, num_inference_steps=args.steps)
+    model = args.model + (f"-{args.steps}-steps" if args.steps else "")
+    sweep_dir = Path(args.sweep or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
@@ -80,7 +87,7 @@ def main() -> None:
         for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine):
             search = found.plan.provenance["search"]
             label = f"{method} {search['speedup']:g}x"
-            found.plan.save(out / "plans" / f"{args.model}{suffix}-{method}-{search['speedup']:g}x.json")
+            found.plan.save(out / "plans" / f"{model}{suffix}-{method}-{search['speedup']:g}x.json")
             if args.rounds:
                 point = plan_point(label, found.plan, dict(search), method=method)
                 result = run_point(inputs, pipe, full, point, args.rounds)
@@ -104,19 +111,21 @@ def main() -> None:
                 result["refine_moves"] = len(search["refined"]["moves"]) - 1
             results.append(result)
             print(json.dumps({k: result.get(k) for k in ("label", "ideal_speedup", "measured_speedup", "psnr")}))
-            write_text(out / f"frontier-{args.model}{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+            write_text(out / f"frontier-{model}{suffix}.jsonl", "".join(json.dumps(r) + "\n" for r in results))
     minutes = (time.perf_counter() - started) / 60
-    sweep = [json.loads(line) for line in (Path(args.sweep) / f"sweep-{args.model}.jsonl").read_text().splitlines()]
-    write_text(out / f"frontier-{args.model}{suffix}.md", _report(args, results, sweep, minutes))
+    sweep = [json.loads(line) for line in (sweep_dir / f"sweep-{model}.jsonl").read_text().splitlines()]
+    write_text(out / f"frontier-{model}{suffix}.md", _report(args, model, results, sweep, minutes))
 
 
-def _report(args, results: list[dict], sweep: list[dict], minutes: float) -> str:
+def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: float) -> str:
     video = any("clip_psnr" in r for r in results)
+    steps = f" --steps {args.steps}" if args.steps else ""
     lines = [
-        f"# {args.model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
+        f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
-        f"`python benchmarks/frontier.py --model {args.model} --speedups {args.speedups} --rounds {args.rounds} "
-        f"--window {args.window} --refine {args.refine} --methods {args.methods} --threads {args.threads}` "
+        f"`python benchmarks/frontier.py --model {args.model}{steps} --speedups {args.speedups} "
+        f"--rounds {args.rounds} --window {args.window} --refine {args.refine} --methods {args.methods} "
+        f"--threads {args.threads}` "
         f"({minutes:.0f} min on a loaded "
         "2-core CPU). Plans searched and verified on the "
         "calibration runs, evaluated on the sweep's evaluation inputs against full compute; ideal speedup = "

@@ -49,7 +49,7 @@ def test_taylorseer_caches_the_family_attention_units(family):
 
     from diffusers.hooks.taylorseer_cache import _TRANSFORMER_BLOCK_IDENTIFIERS
 
-    from invardiff.bench.peers import _attention_units
+    from invardiff.bench.peers import _unit_patterns
 
     transformer = MODEL_CONFIGS[f"{family}-tiny"].build_transformer("meta")
     names = [name for name, _ in transformer.named_modules()]
@@ -57,10 +57,13 @@ def test_taylorseer_caches_the_family_attention_units(family):
     def matched(patterns):
         return {name for name in names if any(re.fullmatch(pattern, name) for pattern in patterns)}
 
-    ours, default = matched(_attention_units(transformer)), matched(_TRANSFORMER_BLOCK_IDENTIFIERS)
+    ours, default = matched(_unit_patterns(transformer)), matched(_TRANSFORMER_BLOCK_IDENTIFIERS)
     if family == "wan":
         assert not default  # diffusers' defaults match no Wan module (blocks.N.attn1 / attn2)
         assert ours == {f"blocks.{i}.attn{j}" for i in range(2) for j in (1, 2)}
+        # TaylorSeer's fast end (all_units) caches the feed-forwards too, and only the units' own modules
+        every = matched(_unit_patterns(transformer, attention_only=False))
+        assert every == ours | {f"blocks.{i}.ffn" for i in range(2)}
     else:
         assert ours == default and ours
 

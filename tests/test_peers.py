@@ -11,6 +11,7 @@ import torch
 from invardiff.bench import peers
 from invardiff.bench.points import _peer_point
 from invardiff.demo import _generate
+from invardiff.flops import flop_counter
 from invardiff.models import registry
 
 
@@ -61,3 +62,43 @@ def test_diffusers_hooks_on_dit_cannot_run_and_say_why():
     pipe = registry.load("dit-digits")
     with pytest.raises(TypeError, match="DiTPipeline does not set cache_context"):
         _peer_point(peers.fbcache(0.1)).attach(pipe)
+
+
+def test_dbcache_with_taylorseer_extrapolates_and_detaches(flux_shapes):
+    # cache-dit's calibrator must really run (the output differs from DBCache alone at the same settings) and leave
+    # nothing behind; its settings and label say so, and a negative order is refused.
+    pipe, generate, full = flux_shapes
+    plain, calibrated = peers.dbcache(0.8, 28, 2), peers.dbcache(0.8, 28, 2, taylorseer_order=1)
+    assert calibrated.label == "DBCache F1B0 thr=0.8 warm-up=2 +TaylorSeer order=1"
+    assert calibrated.settings["taylorseer_order"] == 1 and "taylorseer_order" not in plain.settings
+    outputs = []
+    for peer in (plain, calibrated):
+        detach = _peer_point(peer).attach(pipe)
+        try:
+            outputs.append(generate())
+        finally:
+            detach()
+    assert not torch.equal(outputs[0], outputs[1])
+    assert torch.equal(generate(), full)
+    assert calibrated.label in [p.label for p in peers.peers(peers.PIPELINE, 28)]
+    with pytest.raises(ValueError, match="taylorseer_order must be 0"):
+        peers.dbcache(0.8, 28, taylorseer_order=-1)
+
+
+def test_taylorseer_on_every_unit_caches_the_mlps_too(flux_shapes):
+    # The fast end of TaylorSeer caches every unit: it must compute less than the attention-only default at the
+    # same interval (the MLPs' work is skipped too), and detach to exactly full compute.
+    pipe, generate, full = flux_shapes
+    counts = {}
+    for peer in (peers.taylorseer(8), peers.taylorseer(8, all_units=True)):
+        detach = _peer_point(peer).attach(pipe)
+        try:
+            with flop_counter() as counter:
+                generate()
+        finally:
+            detach()
+        counts[peer.label] = counter.get_total_flops()
+    # 0.63 on the sweep's 4 images (1.57x vs 2.51x ideal); 0.75 leaves room, and attention-only would give 1.0
+    assert counts["TaylorSeer interval=8 all units"] < 0.75 * counts["TaylorSeer interval=8"]
+    assert torch.equal(generate(), full)
+    assert {"interval": 8, "all_units": True} in peers.SETTINGS[peers.PIPELINE]["diffusers-taylorseer"]

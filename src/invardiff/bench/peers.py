@@ -43,16 +43,25 @@ KINDS = (PIPELINE, LOOP, FEW_STEP)
 # peer's most aggressive settings, which reach 4-5x FLOP-ideal where the peer can (issue 27): at their defaults
 # MagCache stops near 2.5x (retention_ratio 0.2 computes the first fifth, max_skip_steps 3 a step in four after
 # it) and DBCache F1B0 near 2-2.8x (max_warmup_steps 8 computes the first 8). TaylorSeer caches the attention units
-# only (diffusers' default patterns): the MLPs always compute, so it cannot reach 2x on these models at any interval.
+# only (diffusers' default patterns): the MLPs always compute, so it cannot reach 2x on these models at any interval;
+# its fast end caches every unit instead.
 AGGRESSIVE_MAGCACHE = (
     {"threshold": 0.5, "max_skip_steps": 6, "retention_ratio": 0.1},
     {"threshold": 1.0, "max_skip_steps": 10, "retention_ratio": 0.1},
 )
+# cache-dit's fastest published settings pair DBCache with its TaylorSeer calibrator (PEERS.md: DBCache(F)+TS,
+# 5.7x TFLOPs on FLUX.1-dev): cached steps extrapolate the residual (first order) instead of reusing it.
+AGGRESSIVE_DBCACHE_TAYLORSEER = (
+    {"threshold": 0.5, "max_warmup_steps": 2, "taylorseer_order": 1},
+    {"threshold": 0.8, "max_warmup_steps": 2, "taylorseer_order": 1},
+)
+# TaylorSeer caching the MLPs too (its paper's setting on FLUX): the attention-only default cannot reach 2x.
+AGGRESSIVE_TAYLORSEER = ({"interval": 6, "all_units": True}, {"interval": 8, "all_units": True})
 SETTINGS = {
     PIPELINE: {
         "diffusers-fbcache": (0.1, 0.2, 0.3, 0.5, 0.8, 1.2),
         "diffusers-magcache": (0.06, 0.12, 0.24, 0.5, *AGGRESSIVE_MAGCACHE),
-        "diffusers-taylorseer": (2, 3, 5, 8),
+        "diffusers-taylorseer": (2, 3, 5, 8, *AGGRESSIVE_TAYLORSEER),
         "cache-dit": (
             None,
             0.12,
@@ -62,6 +71,7 @@ SETTINGS = {
             0.8,
             {"threshold": 0.5, "max_warmup_steps": 2},
             {"threshold": 0.8, "max_warmup_steps": 2},
+            *AGGRESSIVE_DBCACHE_TAYLORSEER,
         ),
     },
     LOOP: {
@@ -185,17 +195,19 @@ def magcache(
     return _diffusers_peer("diffusers-magcache", label, config, settings)
 
 
-def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
-    """diffusers TaylorSeer (first order); a warm-up (``disable_cache_before_step``) other than 3 is in the label."""
+def taylorseer(interval: int, disable_cache_before_step: int = 3, all_units: bool = False) -> Peer:
+    """diffusers TaylorSeer (first order); a warm-up (``disable_cache_before_step``) other than 3 is in the label.
+    It caches the family's attention units (diffusers' default), or with ``all_units`` every reusable unit of the
+    family (attention and MLP, as the TaylorSeer paper caches on FLUX), named in the label."""
 
     def config(transformer):
         from diffusers.hooks import TaylorSeerCacheConfig
 
         # Taylor factors in the model's dtype: the default bfloat16 is slow on CPU and would handicap the peer
-        # on the float32 models. The cached modules are the family's attention units: diffusers' default patterns
+        # on the float32 models. The cached modules are the family's units: diffusers' default patterns
         # ("^blocks.*attn", fully matched) name the same modules on FLUX and HunyuanVideo but none on Wan, whose
         # attentions are blocks.N.attn1 / attn2, where TaylorSeer would silently cache nothing.
-        identifiers = _attention_units(transformer)
+        identifiers = _unit_patterns(transformer, attention_only=not all_units)
         return TaylorSeerCacheConfig(
             cache_interval=interval,
             disable_cache_before_step=disable_cache_before_step,
@@ -206,15 +218,22 @@ def taylorseer(interval: int, disable_cache_before_step: int = 3) -> Peer:
     settings = {"cache_interval": interval, "disable_cache_before_step": disable_cache_before_step, "max_order": 1}
     label = f"TaylorSeer interval={interval}"
     label += f" warm-up={disable_cache_before_step}" if disable_cache_before_step != 3 else ""
+    if all_units:
+        settings["all_units"] = True
+        label += " all units"
     return _diffusers_peer("diffusers-taylorseer", label, config, settings)
 
 
-def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps: int | None = None) -> Peer:
+def dbcache(
+    threshold: float | None, num_inference_steps: int, max_warmup_steps: int | None = None, taylorseer_order: int = 0
+) -> Peer:
     """cache-dit DBCache: its default (F8B0 thr=0.08) when ``threshold`` is None, else F1B0 at ``threshold``;
-    ``max_warmup_steps`` (default: cache-dit's 8) is named in the label when given."""
+    ``max_warmup_steps`` (default: cache-dit's 8) is named in the label when given. ``taylorseer_order`` > 0 adds
+    cache-dit's TaylorSeer calibrator of that order (cached steps extrapolate the cached residual instead of reusing
+    it: cache-dit's own recipe for its fastest settings, DBCache + TaylorSeer), named in the label."""
     if threshold is None:
-        if max_warmup_steps is not None:
-            raise ValueError("DBCache's default configuration (threshold None) keeps its own warm-up.")
+        if max_warmup_steps is not None or taylorseer_order:
+            raise ValueError("DBCache's default configuration (threshold None) keeps its own warm-up and calibrator.")
         label, settings = "DBCache default (F8B0 thr=0.08)", {}
     else:
         label = f"DBCache F1B0 thr={threshold:g}"
@@ -222,6 +241,11 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
         if max_warmup_steps is not None:
             label += f" warm-up={max_warmup_steps}"
             settings["max_warmup_steps"] = max_warmup_steps
+    if taylorseer_order < 0:
+        raise ValueError(f"taylorseer_order must be 0 (no calibrator) or a positive order, got {taylorseer_order}.")
+    if taylorseer_order:
+        label += f" +TaylorSeer order={taylorseer_order}"
+    recorded = {**settings, "taylorseer_order": taylorseer_order} if taylorseer_order else settings
 
     def attach(transformer, pipe=None):
         import cache_dit
@@ -230,8 +254,11 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
             target, config = transformer, cache_dit.DBCacheConfig(**settings, num_inference_steps=num_inference_steps)
         else:
             target, config = _cache_dit_target(pipe), cache_dit.DBCacheConfig(**settings)
+        calibrator = (
+            cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylorseer_order) if taylorseer_order else None
+        )
         order = list(transformer._modules)
-        cache_dit.enable_cache(target, cache_config=config)
+        cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
 
         def detach() -> None:
             cache_dit.disable_cache(pipe if pipe is not None else transformer)
@@ -242,7 +269,7 @@ def dbcache(threshold: float | None, num_inference_steps: int, max_warmup_steps:
 
         return detach
 
-    return Peer("cache-dit", label, settings, attach)
+    return Peer("cache-dit", label, recorded, attach)
 
 
 def _cache_dit_target(pipe):
@@ -263,11 +290,17 @@ def _cache_dit_target(pipe):
     )
 
 
-def _attention_units(transformer) -> list[str]:
+def _unit_patterns(transformer, attention_only: bool = True) -> list[str]:
+    """Regex patterns (full match) of the family's reusable units' modules: its attention units, or all of them."""
     from ..families import resolve_family
 
     family = resolve_family(transformer)
-    units = [(spec.attr, unit.module) for spec in family.block_lists for unit in spec.units if "attn" in unit.name]
+    units = [
+        (spec.attr, unit.module)
+        for spec in family.block_lists
+        for unit in spec.units
+        if "attn" in unit.name or not attention_only
+    ]
     return [rf"{attr}\.\d+\.{module}" for attr, module in units]
 
 
