@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff.calibration.budget import descend
+from invardiff.calibration.budget import _verified, descend, refined_plan
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
@@ -302,6 +302,53 @@ def test_descent_on_sampled_error_reaches_the_enumerated_optimum():
     assert [error for _, error in history] == sorted((error for _, error in history), reverse=True)
     one, moves = descend(start, error_of, warmup=2, T=T, rounds=1)
     assert len(moves) == 2 and error_of(one) < error_of(start)  # one round: one accepted move
+
+
+def longest_reused_run(plan) -> int:
+    runs = "".join("1" if cached else "0" for cached in plan.step_cache).split("0")
+    return max(len(run) for run in runs)
+
+
+def test_verified_selection_samples_the_caps_of_4_and_5_at_targets_a_cap_of_3_cannot_reach():
+    # T = 16, units off: a cap of 3 needs 5 computed steps (2.62x), caps of 4 and up reach 3x with 4 computed steps
+    # (52 of the 53.3 FLOPs the budget allows). A toy sampled error that grows with the longest reused run keeps the
+    # cap of 4, whose only 4-step schedule is [0, 5, 10, 15]; with the caps of 2, 3 and the window alone the
+    # window's plan, with a longer run, was the only candidate.
+    stats = stats_from(random_trajectories(16, seed=3), window=6)
+    config = SearchConfig(3.0, reuse_units=False)
+    for cap in (2, 3):
+        with pytest.raises(BudgetError):
+            search_plan(stats, toy_flops(), SearchConfig(3.0, max_run=cap, reuse_units=False))
+    chosen = _verified(stats, toy_flops(), config, lambda plan: float(longest_reused_run(plan)))
+    candidates = chosen.plan.provenance["search"]["verified"]["candidates"]
+    assert {c["max_run"] for c in candidates} >= {4, 6} and all(c["reuse_units"] is False for c in candidates)
+    assert chosen.plan.provenance["search"]["max_run"] == 4
+    assert np.flatnonzero(~chosen.plan.step_cache).tolist() == [0, 5, 10, 15]
+    errors = [c["output_mse"] for c in candidates]
+    assert chosen.plan.provenance["search"]["verified"]["output_mse"] == 4.0 == min(errors)
+
+
+def test_refined_plan_moves_steps_into_runs_longer_than_the_kept_cap():
+    # The kept plan was searched under a cap of 2 (2x, T = 16, units off: 7 computed steps); the toy sampled error
+    # is the squared distance of the computed steps to a schedule with a run of 5 reused steps (10-14), inside the
+    # window of 6. The descent must reach it: moves are judged by the sampled error, up to the recorded window,
+    # whatever the cap the start was searched under.
+    T, target = 16, (0, 2, 4, 6, 8, 9, 15)
+    stats = stats_from(random_trajectories(T, seed=4), window=6)
+    start = search_plan(stats, toy_flops(), SearchConfig(2.0, max_run=2, reuse_units=False))
+    assert longest_reused_run(start.plan) <= 2 and int((~start.plan.step_cache).sum()) == len(target)
+
+    def measure(plan) -> float:
+        computed = np.flatnonzero(~plan.step_cache).tolist()
+        return float(sum((s - t) ** 2 for s, t in zip(computed, target, strict=True)))
+
+    refined = refined_plan(stats, toy_flops(), start, measure, rounds=100)
+    assert np.flatnonzero(~refined.plan.step_cache).tolist() == list(target)
+    assert longest_reused_run(refined.plan) == 5
+    moves = refined.plan.provenance["search"]["refined"]["moves"]
+    assert moves[0][0] == np.flatnonzero(~start.plan.step_cache).tolist() and tuple(moves[-1]) == (list(target), 0.0)
+    errors = [error for _, error in moves]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
 
 
 def test_refine_with_a_memory_bound_is_refused_before_any_sampling():

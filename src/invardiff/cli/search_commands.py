@@ -102,7 +102,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     if args.refine < 0 or (args.refine and not args.verify):
         raise ValueError(f"--refine takes a number of rounds >= 0 and needs --verify, got --refine {args.refine}.")
     if args.verify and args.max_run is not None:
-        raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
+        raise ValueError("--verify chooses the cap on reused runs itself (2, 3, 4, 5 or --window): drop --max-run.")
     try:
         refuse_experts(pipe)
     except NotImplementedError as error:
