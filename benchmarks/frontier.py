@@ -128,7 +128,8 @@ def _report(args, results: list[dict], sweep: list[dict], minutes: float) -> str
     for r in results:
         s = r["settings"]
         measured = f"{r['measured_speedup']:.2f}x" if "measured_speedup" in r else "—"
-        kept = f"max_run {s['max_run']}, units {'on' if s['reuse_units'] else 'off'}"
+        units = "last step" if s.get("last_step_units") else "on" if s["reuse_units"] else "off"
+        kept = f"max_run {s['max_run']}, units {units}"
         if "refine_moves" in r:
             kept += f", {r['refine_moves']} refining moves"
         lines.append(

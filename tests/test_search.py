@@ -304,6 +304,34 @@ def test_descent_on_sampled_error_reaches_the_enumerated_optimum():
     assert len(moves) == 2 and error_of(one) < error_of(start)  # one round: one accepted move
 
 
+def test_last_step_units_fill_the_budget_at_the_last_step_only():
+    # T = 8, computed [0, 3, 7]: 3 * 10 + 5 * 1 = 35 FLOPs; 2.5x allows 32, so 3 more FLOPs must come from unit reuse.
+    # One unit stream (attn, 3 FLOPs): the default search reuses it at step 3 (from step 0), last_step_units at step 7
+    # (from step 3), with the error written here from the features (relative RMS over H's at that step).
+    features = random_trajectories(8, seed=6)
+    del features["blocks.0.ff"]  # the search only reuses units whose trajectories it has
+    stats = stats_from(features, window=5)
+    h, f = features["step"], features["blocks.0.attn"]
+
+    def reused_at(result) -> list[int]:
+        executed = ~result.plan.step_cache
+        return np.flatnonzero(unit_reuse(result.plan, "blocks")["attn"][:, 0] & executed).tolist()
+
+    default = schedule_plan(stats, toy_flops(), SearchConfig(2.5), [0, 3, 7])
+    last = schedule_plan(stats, toy_flops(), SearchConfig(2.5, last_step_units=True), [0, 3, 7])
+    assert reused_at(default) == [3] and reused_at(last) == [7]
+    assert not unit_reuse(last.plan, "blocks")["ff"][~last.plan.step_cache].any()
+    assert last.unit_error == pytest.approx(direct_error(f, h, [0, 3], 7, extrapolate=False), rel=1e-9)
+    assert last.step_error == pytest.approx(default.step_error, rel=1e-12)
+    assert ideal_speedup(last.plan, toy_flops()) == pytest.approx(2.5)
+    assert last.plan.provenance["search"]["last_step_units"] is True
+    assert "last_step_units" not in default.plan.provenance["search"]  # plans without it keep their provenance
+    searched = search_plan(stats, toy_flops(), SearchConfig(2.5, last_step_units=True))
+    assert reused_at(searched) in ([], [7]) and ideal_speedup(searched.plan, toy_flops()) >= 2.5
+    with pytest.raises(ValueError, match="needs reuse_units=True"):
+        SearchConfig(2.5, reuse_units=False, last_step_units=True)
+
+
 def longest_reused_run(plan) -> int:
     runs = "".join("1" if cached else "0" for cached in plan.step_cache).split("0")
     return max(len(run) for run in runs)

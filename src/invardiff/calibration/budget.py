@@ -37,8 +37,9 @@ logger = logging.getLogger(__name__)
 
 # The caps on consecutive reused steps tried per target by verify=True (None: the trajectories' window).
 VERIFY_MAX_RUNS = (2, 3, 4, 5, None)
-# Unit reuse on / off per cap (off: the budget is met by step reuse alone); a config without unit reuse tries off.
-VERIFY_UNIT_REUSE = (True, False)
+# Unit reuse per cap: (reuse_units, last_step_units) = on the computed steps, at the last step only (SearchConfig), or
+# off (the budget is met by step reuse alone); a config without unit reuse tries off only.
+VERIFY_UNIT_REUSE = ((True, False), (True, True), (False, False))
 
 
 def calibrate_budget(
@@ -174,6 +175,7 @@ def refined_plan(stats, flops, start: SearchResult, measure, rounds: int):
         extrapolate_units=settings["extrapolate_units"],
         reuse_units=settings["reuse_units"],
         unit_weight=settings["unit_weight"],
+        last_step_units=settings.get("last_step_units", False),  # absent before it existed
     )
     plans = {}
 
@@ -225,9 +227,10 @@ def _verified(stats, flops, config: SearchConfig, measure) -> SearchResult | Non
     """The candidate of least output error (``measure(plan)``) at ``config.speedup``, its plan's provenance recording
     every candidate's error; None (with a warning) when no cap reaches the target."""
     candidates, errors = [], []
-    for max_run, units in verify_grid(config):
+    for max_run, units, last in verify_grid(config):
         try:
-            result = search_plan(stats, flops, replace(config, max_run=max_run, reuse_units=units))
+            setting = replace(config, max_run=max_run, reuse_units=units, last_step_units=last)
+            result = search_plan(stats, flops, setting)
         except BudgetError as error:
             logger.info("%.3gx with runs of at most %s: %s", config.speedup, max_run or "window", error)
             continue
@@ -247,6 +250,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> SearchResult | Non
             {
                 "max_run": c.plan.provenance["search"]["max_run"],
                 "reuse_units": c.plan.provenance["search"]["reuse_units"],
+                "last_step_units": c.plan.provenance["search"].get("last_step_units", False),
                 "output_mse": e,
                 "model_error": c.error,
             }
@@ -254,19 +258,17 @@ def _verified(stats, flops, config: SearchConfig, measure) -> SearchResult | Non
         ],
     }
     search = chosen.plan.provenance["search"]
+    units = "at the last step" if search.get("last_step_units") else "on" if search["reuse_units"] else "off"
     logger.info(
-        "%.3gx: kept the plan with runs of at most %d, unit reuse %s",
-        config.speedup,
-        search["max_run"],
-        "on" if search["reuse_units"] else "off",
+        "%.3gx: kept the plan with runs of at most %d, unit reuse %s", config.speedup, search["max_run"], units
     )
     return chosen
 
 
 def verify_grid(config: SearchConfig) -> list[tuple]:
-    """The (max_run, reuse_units) settings whose searched plans the verified selection samples."""
-    units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u]
-    return [(max_run, reuse) for reuse in units for max_run in VERIFY_MAX_RUNS]
+    """The (max_run, reuse_units, last_step_units) settings whose searched plans the verified selection samples."""
+    units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u[0]]
+    return [(max_run, *reuse) for reuse in units for max_run in VERIFY_MAX_RUNS]
 
 
 def _same_plan(a, b) -> bool:

@@ -65,6 +65,10 @@ class SearchConfig:
             coefficients stored in the plan) instead of returning the stale H. Never worse on the calibration set.
         extrapolate_units (`bool`): the same for reused units.
         reuse_units (`bool`, defaults to `True`): allow unit reuse on computed steps (layer-wise caching).
+        last_step_units (`bool`): unit reuse only at the last step (from the computed step before it), which the
+            default search always computes in full: it fills what the step schedule leaves of the budget where no
+            later step can carry the error further (at 5x on flux-shapes the default unit reuse, 4-8 steps stale
+            on earlier computed steps, cost 3.8 dB; see ``benchmarks/results/frontier/README.md``).
         unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
         memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
@@ -77,6 +81,7 @@ class SearchConfig:
     reuse_units: bool = True
     unit_weight: float = 1.0
     memory: MemoryBound | None = None
+    last_step_units: bool = False
 
     def __post_init__(self):
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
@@ -85,6 +90,8 @@ class SearchConfig:
             raise ValueError(f"warmup_steps must be an integer >= 1 (step 0 computes), got {self.warmup_steps!r}.")
         if self.max_run is not None and (not isinstance(self.max_run, int) or self.max_run < 1):
             raise ValueError(f"max_run must be an integer >= 1 or None, got {self.max_run!r}.")
+        if self.last_step_units and not self.reuse_units:
+            raise ValueError("last_step_units places unit reuse at the last step: it needs reuse_units=True.")
         if not self.unit_weight >= 0.0:
             raise ValueError(f"unit_weight must be >= 0, got {self.unit_weight!r}.")
         if self.memory is not None and self.memory.cache_dtype and (self.extrapolate_steps or self.extrapolate_units):
@@ -375,7 +382,8 @@ class _Search:
         fewest = warmup + 1 + math.ceil(interior / (limit + 1))
         reused = T - fewest
         flops = fewest * self.flops.full_step + reused * self.flops.step_cached
-        units = sum(stream[-1] for stream in self.units) * max(0, fewest - warmup - 1)
+        unit_steps = 1 if self.config.last_step_units else max(0, fewest - warmup - 1)  # steps that may reuse units
+        units = sum(stream[-1] for stream in self.units) * unit_steps
         fastest = T * self.flops.full_step / max(flops - units, 1.0)
         return (
             f"A FLOP-ideal speedup of {self.config.speedup:g}x is out of reach with {T} steps, {warmup} warm-up "
@@ -437,6 +445,7 @@ class _Search:
                 "extrapolate_units": config.extrapolate_units,
                 "reuse_units": config.reuse_units,
                 "unit_weight": config.unit_weight,
+                **({"last_step_units": True} if config.last_step_units else {}),
             },
             "calibration": dict(self.stats.provenance),
         }
@@ -476,7 +485,8 @@ def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
     history = []  # per position: (parent index (K, size), reused (K, size), coefficient per parent index)
     for index in range(1, len(computed)):
         s = computed[index]
-        eligible = s >= config.warmup_steps and s != search.T - 1
+        last = s == search.T - 1
+        eligible = last if config.last_step_units else s >= config.warmup_steps and not last
         frontier, coefficients = _Frontier(size), {}
         for parent, ((previous, anchor), values) in enumerate(zip(keys, costs, strict=True)):
             keep = extrapolate and s + 1 - anchor <= stats.window
