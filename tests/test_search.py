@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff.calibration.budget import _verified, descend, refined_plan
+from invardiff.calibration.budget import _unit_setting, _verified, descend, refined_best, refined_plan
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
@@ -347,7 +347,7 @@ def test_verified_selection_samples_the_caps_of_4_and_5_at_targets_a_cap_of_3_ca
     for cap in (2, 3):
         with pytest.raises(BudgetError):
             search_plan(stats, toy_flops(), SearchConfig(3.0, max_run=cap, reuse_units=False))
-    chosen = _verified(stats, toy_flops(), config, lambda plan: float(longest_reused_run(plan)))
+    chosen = _verified(stats, toy_flops(), config, lambda plan: float(longest_reused_run(plan)))[0]
     candidates = chosen.plan.provenance["search"]["verified"]["candidates"]
     assert {c["max_run"] for c in candidates} >= {4, 6} and all(c["reuse_units"] is False for c in candidates)
     assert chosen.plan.provenance["search"]["max_run"] == 4
@@ -377,6 +377,48 @@ def test_refined_plan_moves_steps_into_runs_longer_than_the_kept_cap():
     assert moves[0][0] == np.flatnonzero(~start.plan.step_cache).tolist() and tuple(moves[-1]) == (list(target), 0.0)
     errors = [error for _, error in moves]
     assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
+
+
+def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_lowest_end():
+    # T = 16 at 2.2x with units on the computed steps, at the last step only and off (each setting's plans); a toy
+    # sampled error: the squared distance of the computed steps to a target schedule plus a cost per unit setting that
+    # favours the last step. Every setting's best candidate is a start, and the kept plan is the start whose descent
+    # ends lowest, each descent the same as refined_plan from that start alone.
+    T, target = 16, (0, 2, 5, 8, 11, 15)
+    stats = stats_from(random_trajectories(T, seed=7), window=6)
+    flops = toy_flops()
+    offset = {"computed": 3.0, "last": 0.0, "off": 6.0}
+
+    def measure(plan) -> float:
+        computed = np.flatnonzero(~plan.step_cache).tolist()
+        reuse = unit_reuse(plan, "blocks")
+        executed = ~plan.step_cache
+        rows = np.flatnonzero((reuse["attn"] | reuse["ff"]).any(axis=1) & executed)
+        setting = "off" if rows.size == 0 else "last" if rows.tolist() == [T - 1] else "computed"
+        distance = sum((s - t) ** 2 for s, t in zip(computed, target, strict=False)) + 10 * abs(len(computed) - 6)
+        return float(distance + offset[setting])
+
+    config = SearchConfig(2.2)
+    starts = _verified(stats, flops, config, measure)
+    settings = [_unit_setting(start.plan.provenance["search"]) for start in starts]
+    assert len(set(settings)) == len(settings) >= 2 and "last" in settings  # off may equal a plan with units
+    errors = [start.plan.provenance["search"]["verified"]["output_mse"] for start in starts]
+    assert errors == sorted(errors)
+    chosen = refined_best(stats, flops, starts, measure, rounds=50)
+    ends = {}
+    for setting in settings:  # each descent alone, from a fresh selection
+        alone = next(
+            s
+            for s in _verified(stats, flops, config, measure)
+            if _unit_setting(s.plan.provenance["search"]) == setting
+        )
+        ends[setting] = refined_plan(stats, flops, alone, measure, rounds=50).plan.provenance["search"]["refined"][
+            "moves"
+        ][-1][1]
+    recorded = {entry["units"]: entry["end_mse"] for entry in chosen.plan.provenance["search"]["refined"]["starts"]}
+    assert recorded == ends
+    assert measure(chosen.plan) == min(ends.values())
+    assert _unit_setting(chosen.plan.provenance["search"]) == min(ends, key=ends.get)
 
 
 def test_refine_with_a_memory_bound_is_refused_before_any_sampling():
