@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff.calibration.budget import _unit_setting, _verified, descend, refined_best, refined_plan
+from invardiff.calibration.budget import (
+    _unit_setting,
+    _verified,
+    descend,
+    refined_best,
+    refined_plan,
+    sampled_last_step_fill,
+)
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
@@ -332,6 +339,30 @@ def test_last_step_units_fill_the_budget_at_the_last_step_only():
         SearchConfig(2.5, reuse_units=False, last_step_units=True)
 
 
+@pytest.mark.parametrize(
+    ("added", "chosen"), [({"attn": 0.9, "ff": 0.1}, ["ff", "attn"]), ({"attn": 0.3, "ff": 0.5}, ["attn"])]
+)
+def test_sampled_last_step_fill_takes_the_least_added_error_per_flop(added, chosen):
+    # T = 8, computed [0, 3, 7] at 2.5x: 3 FLOPs of unit reuse at the last step are needed (attn saves 3, ff 2). A toy
+    # sampled error adds a fixed amount per unit reused at the last step: per FLOP saved, ff first (0.05 < 0.3) does
+    # not cover the need alone, so attn joins it; attn first (0.1 < 0.25) covers it alone.
+    stats = stats_from(random_trajectories(8, seed=6), window=5)
+    flops = toy_flops()
+
+    def measure(plan) -> float:
+        reuse = unit_reuse(plan, "blocks")
+        return 1.0 + sum(added[unit] for unit in ("attn", "ff") if reuse[unit][7, 0])
+
+    start = schedule_plan(stats, flops, SearchConfig(2.5, last_step_units=True), [0, 3, 7])
+    result, streams = sampled_last_step_fill(stats, flops, start, measure)
+    assert streams == [f"blocks.0.{unit}" for unit in chosen]
+    fill = result.plan.provenance["search"]["last_step_fill"]
+    assert fill["added_mse"] == pytest.approx({f"blocks.0.{unit}": value for unit, value in added.items()})
+    assert fill["output_mse"] == pytest.approx(1.0 + sum(added[unit] for unit in chosen))
+    assert np.flatnonzero(~result.plan.step_cache).tolist() == [0, 3, 7]
+    assert ideal_speedup(result.plan, flops) >= 2.5
+
+
 def longest_reused_run(plan) -> int:
     runs = "".join("1" if cached else "0" for cached in plan.step_cache).split("0")
     return max(len(run) for run in runs)
@@ -412,9 +443,11 @@ def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_l
             for s in _verified(stats, flops, config, measure)
             if _unit_setting(s.plan.provenance["search"]) == setting
         )
-        ends[setting] = refined_plan(stats, flops, alone, measure, rounds=50).plan.provenance["search"]["refined"][
-            "moves"
-        ][-1][1]
+        fill = None
+        if setting == "last":  # its fill is chosen on sampled error first, then kept while the steps move
+            alone, fill = sampled_last_step_fill(stats, flops, alone, measure)
+        refined = refined_plan(stats, flops, alone, measure, rounds=50, fill=fill)
+        ends[setting] = refined.plan.provenance["search"]["refined"]["moves"][-1][1]
     recorded = {entry["units"]: entry["end_mse"] for entry in chosen.plan.provenance["search"]["refined"]["starts"]}
     assert recorded == ends
     assert measure(chosen.plan) == min(ends.values())

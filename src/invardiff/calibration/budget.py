@@ -29,7 +29,16 @@ from ..families import resolve_family
 from ..flops import profile_flops
 from .batching import pipeline_call_config
 from .run import _call, check_cases, output_tensor, sampling_defaults
-from .search import BudgetError, SearchConfig, SearchResult, pareto_plans, schedule_plan, search_plan
+from .search import (
+    BudgetError,
+    SearchConfig,
+    SearchResult,
+    filled_plan,
+    pareto_plans,
+    schedule_plan,
+    search_plan,
+    unit_savings,
+)
 from .trajectory import TrajectoryStats, record_trajectories
 
 
@@ -167,7 +176,12 @@ def refined_best(stats, flops, starts: list[SearchResult], measure, rounds: int)
     recorded in its provenance (``search.refined.starts``). The setting whose searched plan samples best is not always
     the one whose descent ends lowest (flux-shapes 5x: unit reuse at the last step only starts 4% worse than unit
     reuse on the computed steps and descends further)."""
-    refined = [refined_plan(stats, flops, start, measure, rounds) for start in starts]
+    refined = []
+    for start in starts:
+        fill = None
+        if start.plan.provenance["search"].get("last_step_units"):
+            start, fill = sampled_last_step_fill(stats, flops, start, measure)
+        refined.append(refined_plan(stats, flops, start, measure, rounds, fill))
     moves = [result.plan.provenance["search"]["refined"]["moves"] for result in refined]
     chosen = refined[int(np.argmin([steps[-1][1] for steps in moves]))]
     chosen.plan.provenance["search"]["refined"]["starts"] = [
@@ -177,7 +191,70 @@ def refined_best(stats, flops, starts: list[SearchResult], measure, rounds: int)
     return chosen
 
 
-def refined_plan(stats, flops, start: SearchResult, measure, rounds: int):
+def sampled_last_step_fill(stats, flops, start: SearchResult, measure) -> tuple[SearchResult, list[str]]:
+    """The unit reuse at the last step of ``start`` (a ``last_step_units`` plan) chosen on sampled error instead of
+    the additive model: on ``start``'s computed steps, each unit stream reused alone at the last step is sampled
+    (``measure``), and the streams of least added error per FLOP saved are taken until the budget is met
+    (:func:`~invardiff.calibration.search.filled_plan`). One sampling pass per unit stream, plus one without any.
+    The additive model rates a unit by its output's change against H's size and misses that some (flux-shapes'
+    single-stream attention) cost several times more in the output. Returns the plan (its sampled error in
+    ``search.last_step_fill``) and the streams; ``start`` and its own streams when no sampled fill meets the budget."""
+    settings = dict(start.plan.provenance["search"])
+    config = _settings_config(settings)
+    computed = [int(t) for t in np.flatnonzero(~start.plan.step_cache)]
+    free = replace(config, speedup=1.0)  # the schedule alone, then one stream at a time: below the budget
+    base = measure(filled_plan(stats, flops, free, computed, []).plan)
+    savings = unit_savings(stats, flops, config)
+    added = {}
+    for name in savings:
+        single = filled_plan(stats, flops, free, computed, [name])
+        added[name] = measure(single.plan) - base if single is not None else math.inf
+    order = sorted(savings, key=lambda name: (added[name] / savings[name], name))
+    chosen = []
+    for name in order:
+        if not math.isfinite(added[name]):
+            break
+        chosen.append(name)
+        result = filled_plan(stats, flops, config, computed, chosen)
+        if result is not None:
+            error = measure(result.plan)
+            result.plan.provenance["search"] = {
+                **settings,
+                "last_step_fill": {"units": chosen, "output_mse": error, "added_mse": added},
+            }
+            return result, chosen
+    logger.info("no sampled fill at the last step meets %.3gx: keeping the searched one", config.speedup)
+    return start, _last_step_streams(start.plan)
+
+
+def _last_step_streams(plan) -> list[str]:
+    """The unit streams a plan reuses at its last step."""
+    from ..stats import unit_reuse
+
+    last = plan.num_inference_steps - 1
+    return [
+        f"{facts.name}.{layer}.{unit}"
+        for facts in plan.model.block_lists
+        for unit, matrix in unit_reuse(plan, facts.name).items()
+        for layer in np.flatnonzero(matrix[last])
+    ]
+
+
+def _settings_config(settings: dict) -> SearchConfig:
+    """The search settings of a plan's provenance, runs up to the trajectories' window (see :func:`refined_plan`)."""
+    return SearchConfig(
+        settings["speedup"],
+        warmup_steps=settings["warmup_steps"],
+        max_run=None,
+        extrapolate_steps=settings["extrapolate_steps"],
+        extrapolate_units=settings["extrapolate_units"],
+        reuse_units=settings["reuse_units"],
+        unit_weight=settings["unit_weight"],
+        last_step_units=settings.get("last_step_units", False),  # absent before it existed
+    )
+
+
+def refined_plan(stats, flops, start: SearchResult, measure, rounds: int, fill: list[str] | None = None):
     """Descent on sampled error from ``start`` (a verified plan): each round tries moving every computed step one
     step earlier or later, with the search's settings of ``start`` (the same budget and unit reuse; units and
     coefficients re-fitted for the moved schedule by :func:`schedule_plan`), and keeps the first move whose plan has
@@ -185,22 +262,18 @@ def refined_plan(stats, flops, start: SearchResult, measure, rounds: int):
     or at a round without a better move. The moved schedules may hold reused runs up to the trajectories' window,
     whatever cap the verified selection kept: the cap was chosen for the additive model's plans, and the sampled
     error judges every move (at 5x on flux-shapes the cap of 5 kept the descent at 27.5 dB held out, the window of
-    8 let it reach 28.5 dB). The moves and errors are recorded in the plan's provenance (``search.refined``)."""
+    8 let it reach 28.5 dB). ``fill``: the unit streams reused at the last step, kept on every schedule
+    (:func:`sampled_last_step_fill`) instead of re-allocated. The moves and errors are recorded in the plan's
+    provenance (``search.refined``)."""
     settings = dict(start.plan.provenance["search"])
-    config = SearchConfig(
-        settings["speedup"],
-        warmup_steps=settings["warmup_steps"],
-        max_run=None,  # the window: see above
-        extrapolate_steps=settings["extrapolate_steps"],
-        extrapolate_units=settings["extrapolate_units"],
-        reuse_units=settings["reuse_units"],
-        unit_weight=settings["unit_weight"],
-        last_step_units=settings.get("last_step_units", False),  # absent before it existed
-    )
+    config = _settings_config(settings)
     plans = {}
 
     def error_of(computed: tuple[int, ...]) -> float:
-        result = schedule_plan(stats, flops, config, list(computed))
+        if fill is not None:
+            result = filled_plan(stats, flops, config, list(computed), fill)
+        else:
+            result = schedule_plan(stats, flops, config, list(computed))
         if result is None:
             return math.inf
         error = float(measure(result.plan))
@@ -208,7 +281,7 @@ def refined_plan(stats, flops, start: SearchResult, measure, rounds: int):
         return error if math.isfinite(error) else math.inf
 
     first = tuple(int(t) for t in np.flatnonzero(~start.plan.step_cache))
-    start_error = settings.get("verified", {}).get("output_mse")
+    start_error = settings.get("last_step_fill", settings.get("verified", {})).get("output_mse")
     best, history = descend(first, error_of, config.warmup_steps, stats.num_steps, rounds, start_error)
     result = plans.get(best, start)
     result.plan.provenance["search"] = {**settings, "refined": {"rounds": rounds, "moves": history}}

@@ -200,6 +200,20 @@ def schedule_plan(stats: TrajectoryStats, flops, config: SearchConfig, computed:
     return _Search(stats, flops, config).for_schedule(computed)
 
 
+def filled_plan(
+    stats: TrajectoryStats, flops, config: SearchConfig, computed: list[int], units: list[str]
+) -> SearchResult | None:
+    """The plan of the computed steps ``computed`` whose unit streams ``units`` (``"transformer_blocks.3.attn"``) are
+    reused at the last step and no unit elsewhere (modelled errors as in :func:`search_plan`); None when the schedule
+    breaks the run limit or the plan misses ``config.speedup``. What a fill chosen on sampled error is built with."""
+    return _Search(stats, flops, config).with_last_step_units(computed, units)
+
+
+def unit_savings(stats: TrajectoryStats, flops, config: SearchConfig) -> dict[str, float]:
+    """FLOPs one reuse of each unit stream saves (the streams the search may reuse under ``config``)."""
+    return {name: saving for name, _, _, _, saving in _Search(stats, flops, config).units}
+
+
 def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
     """One searched plan per speedup target (the same settings otherwise); targets out of reach are skipped
     with a warning."""
@@ -332,6 +346,37 @@ class _Search:
         """The plan of least modelled error with exactly these computed steps (units allocated as in :meth:`run`),
         or None when the schedule breaks the run limit or the budget cannot be met on it."""
         computed = sorted(computed)
+        schedule = self._schedule_cost(computed)
+        if schedule is None:
+            return None
+        step_cost, coefficients = schedule
+        need = self.schedule_flops(len(computed), coefficients) - self.budget
+        candidate = self._candidate(step_cost, computed, coefficients, need)
+        return None if candidate is None else self._result(candidate)
+
+    def with_last_step_units(self, computed: list[int], units: list[str]) -> SearchResult | None:
+        """The plan of ``computed`` reusing exactly ``units`` at the last step (see :func:`filled_plan`)."""
+        computed = sorted(computed)
+        schedule = self._schedule_cost(computed)
+        if schedule is None or len(computed) < 2:
+            return None
+        step_cost, coefficients = schedule
+        last, anchor = computed[-1], computed[-2]
+        previous = computed[-3] if len(computed) >= 3 else None
+        unit_cost, choices = 0.0, {}
+        for name in units:
+            error, coefficient = self.unit_error(name, previous, anchor, last)
+            unit_cost += error
+            choices[name] = {last: coefficient}
+        if not math.isfinite(unit_cost):
+            return None
+        total = step_cost + self.config.unit_weight * unit_cost
+        result = self._result((total, step_cost, unit_cost, computed, coefficients, choices))
+        return result if result.ideal_speedup >= self.config.speedup * (1 - 1e-9) else None
+
+    def _schedule_cost(self, computed: list[int]):
+        """(step error, coefficient per reused step) of a sorted schedule; None when it is not one the search may
+        build (step 0, the warm-up and the last step computed, runs within the limit)."""
         if (
             computed[0] != 0
             or computed[-1] != self.T - 1
@@ -342,11 +387,7 @@ class _Search:
         step_cost = 0.0
         for t, (anchor, previous) in self._anchors(computed).items():
             step_cost += self.step_error(previous, anchor, t)[0]
-        if not math.isfinite(step_cost):
-            return None
-        need = self.schedule_flops(len(computed), coefficients) - self.budget
-        candidate = self._candidate(step_cost, computed, coefficients, need)
-        return None if candidate is None else self._result(candidate)
+        return (step_cost, coefficients) if math.isfinite(step_cost) else None
 
     def _anchors(self, computed: list[int]) -> dict[int, tuple]:
         """Per reused step: (its last computed step, the one before or None)."""
