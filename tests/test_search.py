@@ -454,6 +454,26 @@ def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_l
     assert _unit_setting(chosen.plan.provenance["search"]) == min(ends, key=ends.get)
 
 
+def test_descent_leaves_a_local_minimum_of_single_shifts_by_a_shift_of_two():
+    # T = 8, schedules (0, x, 7): x = 2 is a local minimum of shifts by one (3 against 5 and 4); a shift by two
+    # reaches x = 4, the enumerated optimum. Each schedule is measured once.
+    errors = {1: 5.0, 2: 3.0, 3: 4.0, 4: 1.0, 5: 6.0, 6: 6.0}
+    calls = []
+
+    def error_of(schedule):
+        calls.append(schedule)
+        return errors[schedule[1]]
+
+    stuck, _ = descend((0, 2, 7), error_of, warmup=1, T=8, rounds=10, reach=1)
+    assert stuck == (0, 2, 7)
+    calls.clear()
+    best, history = descend((0, 2, 7), error_of, warmup=1, T=8, rounds=10)
+    measured = list(calls)
+    assert len(measured) == len(set(measured))
+    assert best == (0, 4, 7) == min(((0, x, 7) for x in errors), key=error_of)
+    assert [error for _, error in history] == [3.0, 1.0]
+
+
 def test_refine_with_a_memory_bound_is_refused_before_any_sampling():
     # refined plans are rebuilt by schedule_plan, which does not fit them to the bound: the pair must be refused, and
     # before the recording pass (a pipeline that fails when called shows nothing ran).
