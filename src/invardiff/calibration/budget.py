@@ -3,11 +3,12 @@
 The search's error model adds up per-step errors measured on full-compute trajectories; it cannot see how an early
 error grows through the later steps, so it favours long runs of reused steps that sampling punishes. With
 ``verify=True`` each target is searched under several caps on consecutive reused steps (:data:`VERIFY_MAX_RUNS`),
-each with and without unit reuse (:data:`VERIFY_UNIT_REUSE`: the additive model underrates how a reused unit's
-error grows through the later layers and steps, and at 4x and beyond it spends the budget on unit reuse that
-sampling punishes), and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come
-closest to full compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct
-candidate (at most ten per target) over the calibration inputs, on top of the recording pass.
+each with unit reuse on the computed steps, at the last step only, and without (:data:`VERIFY_UNIT_REUSE`: the
+additive model underrates how a reused unit's error grows through the later layers and steps, and at 4x and beyond
+it spends the budget on unit reuse that sampling punishes), and every distinct candidate is sampled on the
+calibration inputs: the plan whose outputs come closest to full compute's (mean squared error) is kept. Cost: one
+full-compute pass plus one pass per distinct candidate (at most fifteen per target) over the calibration inputs, on
+top of the recording pass.
 
 The caps of 4 and 5 are there for the high targets (4.5x-5x): a cap of 3 cannot reach them, and the window alone
 (6) leaves runs of 6-7 reused steps that sampling punishes; at 5x on dit-digits (50 steps) the cap of 4 with
@@ -80,12 +81,12 @@ def calibrate_budget(
 
     ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS`, with and
     without unit reuse, by the sampled outputs' error on the calibration inputs (see the module docstring;
-    ``search.max_run`` is then ignored). Slower calibration (up to 10 sampling passes per target), plans that hold
+    ``search.max_run`` is then ignored). Slower calibration (up to 15 sampling passes per target), plans that hold
     up better at high speedups.
 
     ``refine`` (with ``verify``): then at most this many rounds of a descent on sampled error from each kept plan:
     every computed step moved one step earlier or later (units re-allocated on the new schedule), the first move
-    whose sampled error is lower kept (:func:`refined_plan`). Up to ``2 * steps computed`` sampling passes a round.
+    whose sampled error is lower kept (:func:`refined_best`). Up to ``4 * steps computed`` sampling passes a round.
 
     ``max_cache_bytes``: every plan keeps at most this many bytes of cache in a run at the sampling call's shapes
     (:class:`~invardiff.calibration.search.MemoryBound`, measured on the meta device), its values stored as

@@ -48,9 +48,9 @@ def add_search_arguments(p) -> None:
     group.add_argument(
         "--verify",
         action="store_true",
-        help="search each target under caps of 2, 3, 4, 5 and --window reused steps, each with and without unit "
-        "reuse, sample every distinct plan on the calibration inputs and keep the one closest to full compute (up to "
-        "10 more sampling runs per target; replaces --max-run)",
+        help="search each target under caps of 2, 3, 4, 5 and --window reused steps, each with unit reuse on the "
+        "computed steps, at the last step only and without, sample every distinct plan on the calibration inputs and "
+        "keep the one closest to full compute (up to 15 more sampling runs per target; replaces --max-run)",
     )
     group.add_argument(
         "--refine",
