@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from invardiff.calibration.budget import descend
+from invardiff.calibration.budget import (
+    _unit_setting,
+    _verified,
+    descend,
+    refined_best,
+    refined_plan,
+    sampled_last_step_fill,
+)
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
 from invardiff.flops import FlopProfile
@@ -302,6 +309,169 @@ def test_descent_on_sampled_error_reaches_the_enumerated_optimum():
     assert [error for _, error in history] == sorted((error for _, error in history), reverse=True)
     one, moves = descend(start, error_of, warmup=2, T=T, rounds=1)
     assert len(moves) == 2 and error_of(one) < error_of(start)  # one round: one accepted move
+
+
+def test_last_step_units_fill_the_budget_at_the_last_step_only():
+    # T = 8, computed [0, 3, 7]: 3 * 10 + 5 * 1 = 35 FLOPs; 2.5x allows 32, so 3 more FLOPs must come from unit reuse.
+    # One unit stream (attn, 3 FLOPs): the default search reuses it at step 3 (from step 0), last_step_units at step 7
+    # (from step 3), with the error written here from the features (relative RMS over H's at that step).
+    features = random_trajectories(8, seed=6)
+    del features["blocks.0.ff"]  # the search only reuses units whose trajectories it has
+    stats = stats_from(features, window=5)
+    h, f = features["step"], features["blocks.0.attn"]
+
+    def reused_at(result) -> list[int]:
+        executed = ~result.plan.step_cache
+        return np.flatnonzero(unit_reuse(result.plan, "blocks")["attn"][:, 0] & executed).tolist()
+
+    default = schedule_plan(stats, toy_flops(), SearchConfig(2.5), [0, 3, 7])
+    last = schedule_plan(stats, toy_flops(), SearchConfig(2.5, last_step_units=True), [0, 3, 7])
+    assert reused_at(default) == [3] and reused_at(last) == [7]
+    assert not unit_reuse(last.plan, "blocks")["ff"][~last.plan.step_cache].any()
+    assert last.unit_error == pytest.approx(direct_error(f, h, [0, 3], 7, extrapolate=False), rel=1e-9)
+    assert last.step_error == pytest.approx(default.step_error, rel=1e-12)
+    assert ideal_speedup(last.plan, toy_flops()) == pytest.approx(2.5)
+    assert last.plan.provenance["search"]["last_step_units"] is True
+    assert "last_step_units" not in default.plan.provenance["search"]  # plans without it keep their provenance
+    searched = search_plan(stats, toy_flops(), SearchConfig(2.5, last_step_units=True))
+    assert reused_at(searched) in ([], [7]) and ideal_speedup(searched.plan, toy_flops()) >= 2.5
+    with pytest.raises(ValueError, match="needs reuse_units=True"):
+        SearchConfig(2.5, reuse_units=False, last_step_units=True)
+
+
+@pytest.mark.parametrize(
+    ("added", "chosen"), [({"attn": 0.9, "ff": 0.1}, ["ff", "attn"]), ({"attn": 0.3, "ff": 0.5}, ["attn"])]
+)
+def test_sampled_last_step_fill_takes_the_least_added_error_per_flop(added, chosen):
+    # T = 8, computed [0, 3, 7] at 2.5x: 3 FLOPs of unit reuse at the last step are needed (attn saves 3, ff 2). A toy
+    # sampled error adds a fixed amount per unit reused at the last step: per FLOP saved, ff first (0.05 < 0.3) does
+    # not cover the need alone, so attn joins it; attn first (0.1 < 0.25) covers it alone.
+    stats = stats_from(random_trajectories(8, seed=6), window=5)
+    flops = toy_flops()
+
+    def measure(plan) -> float:
+        reuse = unit_reuse(plan, "blocks")
+        return 1.0 + sum(added[unit] for unit in ("attn", "ff") if reuse[unit][7, 0])
+
+    start = schedule_plan(stats, flops, SearchConfig(2.5, last_step_units=True), [0, 3, 7])
+    result, streams = sampled_last_step_fill(stats, flops, start, measure)
+    assert streams == [f"blocks.0.{unit}" for unit in chosen]
+    fill = result.plan.provenance["search"]["last_step_fill"]
+    assert fill["added_mse"] == pytest.approx({f"blocks.0.{unit}": value for unit, value in added.items()})
+    assert fill["output_mse"] == pytest.approx(1.0 + sum(added[unit] for unit in chosen))
+    assert np.flatnonzero(~result.plan.step_cache).tolist() == [0, 3, 7]
+    assert ideal_speedup(result.plan, flops) >= 2.5
+
+
+def longest_reused_run(plan) -> int:
+    runs = "".join("1" if cached else "0" for cached in plan.step_cache).split("0")
+    return max(len(run) for run in runs)
+
+
+def test_verified_selection_samples_the_caps_of_4_and_5_at_targets_a_cap_of_3_cannot_reach():
+    # T = 16, units off: a cap of 3 needs 5 computed steps (2.62x), caps of 4 and up reach 3x with 4 computed steps
+    # (52 of the 53.3 FLOPs the budget allows). A toy sampled error that grows with the longest reused run keeps the
+    # cap of 4, whose only 4-step schedule is [0, 5, 10, 15]; with the caps of 2, 3 and the window alone the
+    # window's plan, with a longer run, was the only candidate.
+    stats = stats_from(random_trajectories(16, seed=3), window=6)
+    config = SearchConfig(3.0, reuse_units=False)
+    for cap in (2, 3):
+        with pytest.raises(BudgetError):
+            search_plan(stats, toy_flops(), SearchConfig(3.0, max_run=cap, reuse_units=False))
+    chosen = _verified(stats, toy_flops(), config, lambda plan: float(longest_reused_run(plan)))[0]
+    candidates = chosen.plan.provenance["search"]["verified"]["candidates"]
+    assert {c["max_run"] for c in candidates} >= {4, 6} and all(c["reuse_units"] is False for c in candidates)
+    assert chosen.plan.provenance["search"]["max_run"] == 4
+    assert np.flatnonzero(~chosen.plan.step_cache).tolist() == [0, 5, 10, 15]
+    errors = [c["output_mse"] for c in candidates]
+    assert chosen.plan.provenance["search"]["verified"]["output_mse"] == 4.0 == min(errors)
+
+
+def test_refined_plan_moves_steps_into_runs_longer_than_the_kept_cap():
+    # The kept plan was searched under a cap of 2 (2x, T = 16, units off: 7 computed steps); the toy sampled error
+    # is the squared distance of the computed steps to a schedule with a run of 5 reused steps (10-14), inside the
+    # window of 6. The descent must reach it: moves are judged by the sampled error, up to the recorded window,
+    # whatever the cap the start was searched under.
+    T, target = 16, (0, 2, 4, 6, 8, 9, 15)
+    stats = stats_from(random_trajectories(T, seed=4), window=6)
+    start = search_plan(stats, toy_flops(), SearchConfig(2.0, max_run=2, reuse_units=False))
+    assert longest_reused_run(start.plan) <= 2 and int((~start.plan.step_cache).sum()) == len(target)
+
+    def measure(plan) -> float:
+        computed = np.flatnonzero(~plan.step_cache).tolist()
+        return float(sum((s - t) ** 2 for s, t in zip(computed, target, strict=True)))
+
+    refined = refined_plan(stats, toy_flops(), start, measure, rounds=100)
+    assert np.flatnonzero(~refined.plan.step_cache).tolist() == list(target)
+    assert longest_reused_run(refined.plan) == 5
+    moves = refined.plan.provenance["search"]["refined"]["moves"]
+    assert moves[0][0] == np.flatnonzero(~start.plan.step_cache).tolist() and tuple(moves[-1]) == (list(target), 0.0)
+    errors = [error for _, error in moves]
+    assert errors == sorted(errors, reverse=True) and len(set(errors)) == len(errors)
+
+
+def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_lowest_end():
+    # T = 16 at 2.2x with units on the computed steps, at the last step only and off (each setting's plans); a toy
+    # sampled error: the squared distance of the computed steps to a target schedule plus a cost per unit setting that
+    # favours the last step. Every setting's best candidate is a start, and the kept plan is the start whose descent
+    # ends lowest, each descent the same as refined_plan from that start alone.
+    T, target = 16, (0, 2, 5, 8, 11, 15)
+    stats = stats_from(random_trajectories(T, seed=7), window=6)
+    flops = toy_flops()
+    offset = {"computed": 3.0, "last": 0.0, "off": 6.0}
+
+    def measure(plan) -> float:
+        computed = np.flatnonzero(~plan.step_cache).tolist()
+        reuse = unit_reuse(plan, "blocks")
+        executed = ~plan.step_cache
+        rows = np.flatnonzero((reuse["attn"] | reuse["ff"]).any(axis=1) & executed)
+        setting = "off" if rows.size == 0 else "last" if rows.tolist() == [T - 1] else "computed"
+        distance = sum((s - t) ** 2 for s, t in zip(computed, target, strict=False)) + 10 * abs(len(computed) - 6)
+        return float(distance + offset[setting])
+
+    config = SearchConfig(2.2)
+    starts = _verified(stats, flops, config, measure)
+    settings = [_unit_setting(start.plan.provenance["search"]) for start in starts]
+    assert len(set(settings)) == len(settings) >= 2 and "last" in settings  # off may equal a plan with units
+    errors = [start.plan.provenance["search"]["verified"]["output_mse"] for start in starts]
+    assert errors == sorted(errors)
+    chosen = refined_best(stats, flops, starts, measure, rounds=50)
+    ends = {}
+    for setting in settings:  # each descent alone, from a fresh selection
+        alone = next(
+            s
+            for s in _verified(stats, flops, config, measure)
+            if _unit_setting(s.plan.provenance["search"]) == setting
+        )
+        fill = None
+        if setting == "last":  # its fill is chosen on sampled error first, then kept while the steps move
+            alone, fill = sampled_last_step_fill(stats, flops, alone, measure)
+        refined = refined_plan(stats, flops, alone, measure, rounds=50, fill=fill)
+        ends[setting] = refined.plan.provenance["search"]["refined"]["moves"][-1][1]
+    recorded = {entry["units"]: entry["end_mse"] for entry in chosen.plan.provenance["search"]["refined"]["starts"]}
+    assert recorded == ends
+    assert measure(chosen.plan) == min(ends.values())
+    assert _unit_setting(chosen.plan.provenance["search"]) == min(ends, key=ends.get)
+
+
+def test_descent_leaves_a_local_minimum_of_single_shifts_by_a_shift_of_two():
+    # T = 8, schedules (0, x, 7): x = 2 is a local minimum of shifts by one (3 against 5 and 4); a shift by two
+    # reaches x = 4, the enumerated optimum. Each schedule is measured once.
+    errors = {1: 5.0, 2: 3.0, 3: 4.0, 4: 1.0, 5: 6.0, 6: 6.0}
+    calls = []
+
+    def error_of(schedule):
+        calls.append(schedule)
+        return errors[schedule[1]]
+
+    stuck, _ = descend((0, 2, 7), error_of, warmup=1, T=8, rounds=10, reach=1)
+    assert stuck == (0, 2, 7)
+    calls.clear()
+    best, history = descend((0, 2, 7), error_of, warmup=1, T=8, rounds=10)
+    measured = list(calls)
+    assert len(measured) == len(set(measured))
+    assert best == (0, 4, 7) == min(((0, x, 7) for x in errors), key=error_of)
+    assert [error for _, error in history] == [3.0, 1.0]
 
 
 def test_refine_with_a_memory_bound_is_refused_before_any_sampling():

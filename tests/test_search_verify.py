@@ -45,11 +45,11 @@ def test_verified_search_keeps_the_candidate_of_least_output_error():
         assert verified["output_mse"] == min(errors)
         assert ideal_speedup(result.plan, flops) >= result.plan.provenance["search"]["speedup"]
         # Every recorded candidate error is the error of that setting's searched plan, sampled here independently.
-        settings = {(c["max_run"], c["reuse_units"]) for c in verified["candidates"]}
+        settings = {(c["max_run"], c["reuse_units"], c["last_step_units"]) for c in verified["candidates"]}
         seen = []
         speedup = result.plan.provenance["search"]["speedup"]
-        for max_run, units in verify_grid(SearchConfig(speedup)):
-            config = SearchConfig(speedup, max_run=max_run, reuse_units=units)
+        for max_run, units, last in verify_grid(SearchConfig(speedup)):
+            config = SearchConfig(speedup, max_run=max_run, reuse_units=units, last_step_units=last)
             try:
                 plan = search_plan(stats, flops, config).plan
             except BudgetError:
@@ -61,11 +61,13 @@ def test_verified_search_keeps_the_candidate_of_least_output_error():
             ):
                 continue  # the same decisions as a smaller cap: measured once
             seen.append(plan)
-            key = (plan.provenance["search"]["max_run"], units)
+            key = (plan.provenance["search"]["max_run"], units, last)
             assert key in settings
             with invardiff.enabled(pipe, plan):
                 error = float(((_sample(pipe) - reference) ** 2).mean())
-            recorded = next(c for c in verified["candidates"] if (c["max_run"], c["reuse_units"]) == key)
+            recorded = next(
+                c for c in verified["candidates"] if (c["max_run"], c["reuse_units"], c["last_step_units"]) == key
+            )
             # the same runs; the float32 reductions of the CPU kernels may split differently between calls
             assert recorded["output_mse"] == pytest.approx(error, rel=1e-5)
         assert len(seen) == len(verified["candidates"])

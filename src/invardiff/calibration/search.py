@@ -65,6 +65,10 @@ class SearchConfig:
             coefficients stored in the plan) instead of returning the stale H. Never worse on the calibration set.
         extrapolate_units (`bool`): the same for reused units.
         reuse_units (`bool`, defaults to `True`): allow unit reuse on computed steps (layer-wise caching).
+        last_step_units (`bool`): unit reuse only at the last step (from the computed step before it), which the
+            default search always computes in full: it fills what the step schedule leaves of the budget where no
+            later step can carry the error further (at 5x on flux-shapes the default unit reuse, 4-8 steps stale
+            on earlier computed steps, cost 3.8 dB; see ``benchmarks/results/frontier/README.md``).
         unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
         memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
@@ -77,6 +81,7 @@ class SearchConfig:
     reuse_units: bool = True
     unit_weight: float = 1.0
     memory: MemoryBound | None = None
+    last_step_units: bool = False
 
     def __post_init__(self):
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
@@ -85,6 +90,8 @@ class SearchConfig:
             raise ValueError(f"warmup_steps must be an integer >= 1 (step 0 computes), got {self.warmup_steps!r}.")
         if self.max_run is not None and (not isinstance(self.max_run, int) or self.max_run < 1):
             raise ValueError(f"max_run must be an integer >= 1 or None, got {self.max_run!r}.")
+        if self.last_step_units and not self.reuse_units:
+            raise ValueError("last_step_units places unit reuse at the last step: it needs reuse_units=True.")
         if not self.unit_weight >= 0.0:
             raise ValueError(f"unit_weight must be >= 0, got {self.unit_weight!r}.")
         if self.memory is not None and self.memory.cache_dtype and (self.extrapolate_steps or self.extrapolate_units):
@@ -191,6 +198,20 @@ def schedule_plan(stats: TrajectoryStats, flops, config: SearchConfig, computed:
     the last step included), its units allocated to meet ``config.speedup``; None when that schedule has a reused run
     longer than the cap or cannot meet the budget. What a search on sampled error moves between."""
     return _Search(stats, flops, config).for_schedule(computed)
+
+
+def filled_plan(
+    stats: TrajectoryStats, flops, config: SearchConfig, computed: list[int], units: list[str]
+) -> SearchResult | None:
+    """The plan of the computed steps ``computed`` whose unit streams ``units`` (``"transformer_blocks.3.attn"``) are
+    reused at the last step and no unit elsewhere (modelled errors as in :func:`search_plan`); None when the schedule
+    breaks the run limit or the plan misses ``config.speedup``. What a fill chosen on sampled error is built with."""
+    return _Search(stats, flops, config).with_last_step_units(computed, units)
+
+
+def unit_savings(stats: TrajectoryStats, flops, config: SearchConfig) -> dict[str, float]:
+    """FLOPs one reuse of each unit stream saves (the streams the search may reuse under ``config``)."""
+    return {name: saving for name, _, _, _, saving in _Search(stats, flops, config).units}
 
 
 def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
@@ -325,6 +346,37 @@ class _Search:
         """The plan of least modelled error with exactly these computed steps (units allocated as in :meth:`run`),
         or None when the schedule breaks the run limit or the budget cannot be met on it."""
         computed = sorted(computed)
+        schedule = self._schedule_cost(computed)
+        if schedule is None:
+            return None
+        step_cost, coefficients = schedule
+        need = self.schedule_flops(len(computed), coefficients) - self.budget
+        candidate = self._candidate(step_cost, computed, coefficients, need)
+        return None if candidate is None else self._result(candidate)
+
+    def with_last_step_units(self, computed: list[int], units: list[str]) -> SearchResult | None:
+        """The plan of ``computed`` reusing exactly ``units`` at the last step (see :func:`filled_plan`)."""
+        computed = sorted(computed)
+        schedule = self._schedule_cost(computed)
+        if schedule is None or len(computed) < 2:
+            return None
+        step_cost, coefficients = schedule
+        last, anchor = computed[-1], computed[-2]
+        previous = computed[-3] if len(computed) >= 3 else None
+        unit_cost, choices = 0.0, {}
+        for name in units:
+            error, coefficient = self.unit_error(name, previous, anchor, last)
+            unit_cost += error
+            choices[name] = {last: coefficient}
+        if not math.isfinite(unit_cost):
+            return None
+        total = step_cost + self.config.unit_weight * unit_cost
+        result = self._result((total, step_cost, unit_cost, computed, coefficients, choices))
+        return result if result.ideal_speedup >= self.config.speedup * (1 - 1e-9) else None
+
+    def _schedule_cost(self, computed: list[int]):
+        """(step error, coefficient per reused step) of a sorted schedule; None when it is not one the search may
+        build (step 0, the warm-up and the last step computed, runs within the limit)."""
         if (
             computed[0] != 0
             or computed[-1] != self.T - 1
@@ -335,11 +387,7 @@ class _Search:
         step_cost = 0.0
         for t, (anchor, previous) in self._anchors(computed).items():
             step_cost += self.step_error(previous, anchor, t)[0]
-        if not math.isfinite(step_cost):
-            return None
-        need = self.schedule_flops(len(computed), coefficients) - self.budget
-        candidate = self._candidate(step_cost, computed, coefficients, need)
-        return None if candidate is None else self._result(candidate)
+        return (step_cost, coefficients) if math.isfinite(step_cost) else None
 
     def _anchors(self, computed: list[int]) -> dict[int, tuple]:
         """Per reused step: (its last computed step, the one before or None)."""
@@ -375,7 +423,8 @@ class _Search:
         fewest = warmup + 1 + math.ceil(interior / (limit + 1))
         reused = T - fewest
         flops = fewest * self.flops.full_step + reused * self.flops.step_cached
-        units = sum(stream[-1] for stream in self.units) * max(0, fewest - warmup - 1)
+        unit_steps = 1 if self.config.last_step_units else max(0, fewest - warmup - 1)  # steps that may reuse units
+        units = sum(stream[-1] for stream in self.units) * unit_steps
         fastest = T * self.flops.full_step / max(flops - units, 1.0)
         return (
             f"A FLOP-ideal speedup of {self.config.speedup:g}x is out of reach with {T} steps, {warmup} warm-up "
@@ -437,6 +486,7 @@ class _Search:
                 "extrapolate_units": config.extrapolate_units,
                 "reuse_units": config.reuse_units,
                 "unit_weight": config.unit_weight,
+                **({"last_step_units": True} if config.last_step_units else {}),
             },
             "calibration": dict(self.stats.provenance),
         }
@@ -476,7 +526,8 @@ def _unit_curve(search: _Search, stream: str, computed: tuple[int, ...]):
     history = []  # per position: (parent index (K, size), reused (K, size), coefficient per parent index)
     for index in range(1, len(computed)):
         s = computed[index]
-        eligible = s >= config.warmup_steps and s != search.T - 1
+        last = s == search.T - 1
+        eligible = last if config.last_step_units else s >= config.warmup_steps and not last
         frontier, coefficients = _Frontier(size), {}
         for parent, ((previous, anchor), values) in enumerate(zip(keys, costs, strict=True)):
             keep = extrapolate and s + 1 - anchor <= stats.window

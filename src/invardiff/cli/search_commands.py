@@ -48,9 +48,9 @@ def add_search_arguments(p) -> None:
     group.add_argument(
         "--verify",
         action="store_true",
-        help="search each target under caps of 2, 3 and --window reused steps, each with and without unit reuse, "
-        "sample every distinct plan on the calibration inputs and keep the one closest to full compute (up to 6 more "
-        "sampling runs per target; replaces --max-run)",
+        help="search each target under caps of 2, 3, 4, 5 and --window reused steps, each with unit reuse on the "
+        "computed steps, at the last step only and without, sample every distinct plan on the calibration inputs and "
+        "keep the one closest to full compute (up to 15 more sampling runs per target; replaces --max-run)",
     )
     group.add_argument(
         "--refine",
@@ -102,7 +102,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     if args.refine < 0 or (args.refine and not args.verify):
         raise ValueError(f"--refine takes a number of rounds >= 0 and needs --verify, got --refine {args.refine}.")
     if args.verify and args.max_run is not None:
-        raise ValueError("--verify chooses the cap on reused runs itself (2, 3 or --window): drop --max-run.")
+        raise ValueError("--verify chooses the cap on reused runs itself (2, 3, 4, 5 or --window): drop --max-run.")
     try:
         refuse_experts(pipe)
     except NotImplementedError as error:
