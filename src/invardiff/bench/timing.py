@@ -8,7 +8,9 @@ demo) times them here, the same way:
   rotated every round (with two variants: the order flips every round), so slow drifts of a shared or throttled
   machine hit every variant alike. ``start`` and ``finish`` run untimed around each run (attach and detach a cache);
 * ``schedule="lockstep"``: every variant has its own copy of the model and takes step ``i`` right after the others
-  (order rotated every step); ``start`` and ``finish`` run once per round around all the steps;
+  (order rotated every step); ``start`` and ``finish`` run once per round around all the steps. The host heap is
+  pinned first (:func:`~invardiff.bench.host_heap.pin_host_heap`): otherwise one variant's allocations decide
+  how many page faults the next one's take;
 * a variant's time in a round is the sum of what its ``step`` returns; timed regions are wrapped by :func:`timed`,
   which synchronizes the device before and after (CUDA launches are asynchronous);
 * the figures are medians over rounds of per-round ratios (:meth:`RoundTimes.median_ratio`), which cancels what
@@ -27,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from .host_heap import pin_host_heap
 
 
 logger = logging.getLogger(__name__)
@@ -155,6 +159,8 @@ def measure_rounds(
     names = [variant.name for variant in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"Variant names must be unique, got {names}.")
+    if schedule == "lockstep":
+        pin_host_heap()
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for round_index in range(warmup_rounds + rounds):
         if on_start is not None:
