@@ -214,15 +214,19 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
     }
 
 
+def patch_of(pipe) -> tuple[int, int, int]:
+    """The transformer's (frames, height, width) patch, as HunyuanVideo and HunyuanVideo-1.5 configs state it."""
+    config = pipe.transformer.config
+    return config.patch_size_t, config.patch_size, config.patch_size
+
+
 def _call_shape(pipe, call_kwargs: dict) -> dict:
-    config = pipe.transformer.config
-    patch = (config.patch_size_t, config.patch_size, config.patch_size)
-    return video_call_fields(pipe, call_kwargs, (720, 1280, 129), 256, patch)
+    return video_call_fields(pipe, call_kwargs, (720, 1280, 129), 256, patch_of(pipe))
 
 
-def _size_rules(pipe) -> dict:
-    config = pipe.transformer.config
-    return video_size_rules(pipe, (config.patch_size_t, config.patch_size, config.patch_size))
+def size_rules(pipe) -> dict:
+    """The pipeline's size rules (also HunyuanVideo-1.5's: the same patch fields and VAE layout)."""
+    return video_size_rules(pipe, patch_of(pipe))
 
 
 HUNYUANVIDEO = register_family(
@@ -268,7 +272,7 @@ HUNYUANVIDEO = register_family(
             calibration_kwargs={"output_type": "latent"},
             build_toy=_build_toy,
             call_shape=_call_shape,
-            size_rules=_size_rules,
+            size_rules=size_rules,
             toy_call_kwargs=_toy_call_kwargs,
         ),
         configs=ConfigSpec(

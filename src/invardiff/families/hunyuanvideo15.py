@@ -34,8 +34,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Transformer3DModel
 from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15TransformerBlock
 
-from .hunyuanvideo import HUNYUANVIDEO, _call_timestep, video_output
-from .model_config import ModelConfig, video_call_fields, video_fields, video_latent_shape, video_size_rules
+from .hunyuanvideo import HUNYUANVIDEO, _call_timestep, patch_of, size_rules, video_output
+from .model_config import ModelConfig, video_call_fields, video_fields, video_latent_shape
 from .spec import (
     DUAL_STREAM_KINDS,
     BlockListSpec,
@@ -271,19 +271,12 @@ def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, d
 def _call_shape(pipe, call_kwargs: dict) -> dict:
     # The pipeline's default size: its target size at 16:9 (HunyuanVideo15Pipeline.__call__).
     default = pipe.video_processor.calculate_default_height_width(9, 16, pipe.target_size)
-    config = pipe.transformer.config
-    patch = (config.patch_size_t, config.patch_size, config.patch_size)
-    fields = video_call_fields(pipe, call_kwargs, (*default, 121), pipe.tokenizer_max_length, patch)
+    fields = video_call_fields(pipe, call_kwargs, (*default, 121), pipe.tokenizer_max_length, patch_of(pipe))
     prompt, glyphs = call_kwargs.get("prompt_embeds"), call_kwargs.get("prompt_embeds_2")
     if prompt is not None:
         fields["text_tokens"] = prompt.shape[1]
     fields["extra"]["glyph_tokens"] = glyphs.shape[1] if glyphs is not None else pipe.tokenizer_2_max_length
     return fields
-
-
-def _size_rules(pipe) -> dict:
-    config = pipe.transformer.config
-    return video_size_rules(pipe, (config.patch_size_t, config.patch_size, config.patch_size))
 
 
 HUNYUANVIDEO15 = register_family(
@@ -315,7 +308,7 @@ HUNYUANVIDEO15 = register_family(
             calibration_kwargs={"output_type": "latent"},
             build_toy=_build_toy,
             call_shape=_call_shape,
-            size_rules=_size_rules,
+            size_rules=size_rules,
             toy_call_kwargs=_toy_call_kwargs,
             branch_names={"pred_cond": "cond", "pred_uncond": "uncond"},
         ),
