@@ -236,13 +236,13 @@ NAMED_CONFIGS = (
     ModelConfig(
         "ltx2-bench",
         "ltx2",
-        transformer_kwargs(48, 2, 32, 2, 16, caption_channels=64),
-        **_fields((2, 8, 8), 16),
-        text_tokens=16,
+        transformer_kwargs(48, 4, 64, 4, 32, caption_channels=256),
+        **_fields((4, 8, 8), 32),
+        text_tokens=64,
         batch=2,
         steps=30,
-        description="LTX-2 depth (48), video 64 / audio 32 wide, 2 latent frames of 8x8 (128 tokens), 16 audio "
-        "tokens, 16 text tokens, batched CFG (CPU benchmark)",
+        description="LTX-2 depth (48), video 256 / audio 128 wide, 4 latent frames of 8x8 (256 tokens), 32 audio "
+        "tokens, 64 text tokens, batched CFG (CPU benchmark)",
     ),
     ModelConfig(
         "ltx2-tiny",
