@@ -280,3 +280,26 @@ def test_calibrate_budget_writes_an_extrapolating_plan_within_the_budget_that_ru
         first = run_pipeline(pipe, config, 10, **THREE_CALLS)
         second = run_pipeline(pipe, config, 10, **THREE_CALLS)
     assert torch.equal(first, second) and not torch.equal(first, run_pipeline(pipe, config, 10, **THREE_CALLS))
+
+
+# ----- context parallelism: refused, by name, before any collective ----------------------------------------------
+def test_context_parallelism_is_refused_naming_the_streams_it_would_shard_unevenly(tmp_path):
+    import torch.distributed as dist
+
+    from invardiff.scale.distributed import enable_context_parallel
+
+    transformer = tiny_config("ltx2").build_transformer()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        for config in (invardiff.DiCacheConfig(threshold=0.1, num_inference_steps=4), plan_from_bits(
+            facts_for(transformer, "ltx2"), "0010"
+        )):  # fmt: skip
+            with pytest.raises(NotImplementedError) as error:
+                enable_context_parallel(transformer, config, group)
+            message = str(error.value)
+            assert "'ltx2' family" in message
+            assert "streams hidden_states, audio_hidden_states" in message and "shards hidden_states and" in message
+            assert not invardiff.is_enabled(transformer)
+    finally:
+        dist.destroy_process_group()
