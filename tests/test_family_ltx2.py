@@ -23,6 +23,7 @@ from invardiff.families.model_config import video_pipeline_size
 from invardiff.families.spec import pre_head_capture
 from invardiff.flops import profile_flops
 from invardiff.stats import ideal_speedup
+from invardiff.toy_pipelines import build_pipeline
 
 from helpers import (
     ReferenceExecutor,
@@ -128,7 +129,7 @@ def test_the_pipelines_cfg_stg_and_modality_calls_are_one_branch_each():
     def reference(share_branches):  # the plan executed the plain way, each of the 3 calls of a step one branch
         clone = copy.deepcopy(pipe.transformer)
         ReferenceExecutor(clone, plan, "ltx2", branches_per_step=3, share_branches=share_branches)
-        return run_pipeline(tiny_pipeline_around(config, clone), config, 4, **THREE_CALLS)
+        return run_pipeline(build_pipeline(config, clone), config, 4, **THREE_CALLS)
 
     with invardiff.enabled(pipe, plan):
         actual = run_pipeline(pipe, config, 4, **THREE_CALLS)
@@ -139,12 +140,6 @@ def test_the_pipelines_cfg_stg_and_modality_calls_are_one_branch_each():
     assert torch.equal(actual, reference(share_branches=False))
     assert not torch.equal(actual, stock)
     assert not torch.equal(reference(share_branches=True), actual)  # the control: one cache for the 3 calls differs
-
-
-def tiny_pipeline_around(config, transformer):
-    from invardiff.toy_pipelines import build_pipeline
-
-    return build_pipeline(config, transformer)
 
 
 # ----- extrapolated plans and the interval policy on the packed state --------------------------------------------
