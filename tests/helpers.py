@@ -73,10 +73,15 @@ def random_plan(facts: ModelFacts, steps: int, seed: int, rate: float = 0.5) -> 
 
 def run_pipeline(pipe, config, steps: int, seed: int = 0, **overrides):
     """Run a tiny pipeline; returns the final latents: what its VAE decodes when it has one (DiT's identity VAE,
-    whose image postprocessing clamps), else the pipeline's output (the toys without a VAE return latents)."""
+    whose image postprocessing clamps), else the pipeline's output (the toys without a VAE, and calls with
+    ``output_type="latent"``, return latents; LTX-2's video and audio latents are packed per sample)."""
     kwargs = {**pipeline_call_kwargs(config, steps, seed=seed), **overrides}
-    if getattr(pipe, "vae", None) is None:
-        return output_tensor(pipe(**kwargs)).clone()
+    if getattr(pipe, "vae", None) is None or kwargs.get("output_type") == "latent":
+        result = pipe(**kwargs)
+        audio = getattr(result, "audio", None)  # LTX2Pipeline: its audio latents too, packed after the video's
+        if torch.is_tensor(audio):
+            return torch.cat([output_tensor(result).flatten(1), audio.flatten(1)], dim=1).clone()
+        return output_tensor(result).clone()
     captured = {}
     original_decode = pipe.vae.decode
 

@@ -121,3 +121,40 @@ def umt5_encoder(vocab: int, width: int, seed: int = 0):
     with seeded(seed):
         encoder = UMT5EncoderModel(config)
     return encoder.eval().requires_grad_(False)
+
+
+def gemma_tokenizer():
+    """A character-level Gemma tokenizer built in code (BPE with no merges), padding on the left as Gemma's."""
+    from transformers import GemmaTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for piece in _CHARACTERS + ["\u2581"]:  # Gemma's pre-tokenizer turns spaces into U+2581
+        vocab.setdefault(piece, len(vocab))
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[])
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_gemma3(width: int, layers: int = 2, seed: int = 0) -> dict:
+    """A tiny random Gemma 3 text stack of hidden ``width`` (``layers`` decoder layers, so ``layers + 1`` hidden
+    states) with a tokenizer built in code, as the ``text_encoder`` and ``tokenizer`` of ``LTX2Pipeline``."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    tokenizer = gemma_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=max(width // 2, 4),
+        sliding_window=8,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    with seeded(seed):
+        encoder = Gemma3TextModel(config)
+    return {"text_encoder": encoder.eval().requires_grad_(False), "tokenizer": tokenizer}

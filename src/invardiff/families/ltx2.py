@@ -25,10 +25,16 @@ guidance call (``"uncond_stg"``: self-attention of the given blocks perturbed) a
 caches, so each call reuses only what a call of its own kind computed (an isolated call runs no ``a2v_attn`` /
 ``v2a_attn``: their plan bits have nothing to act on there, and the FLOP profile, made on the full call, overstates
 that call's work). Every per-sample block argument (text, modulations,
-rotary embeddings, masks, the STG perturbation mask) is cut with the samples. The stock pipeline needs a Gemma 3 text
-encoder, text connectors, a video and an audio VAE and a vocoder, so the conformance kit runs the bare transformer
-(an Euler loop that advances both latent streams), not the pipeline; a call that gives ``audio_timestep`` different
-from ``timestep`` is supported (the audio head reads it), but only ``timestep`` is checked against the schedule.
+rotary embeddings, masks, the STG perturbation mask) is cut with the samples. A call that gives ``audio_timestep``
+different from ``timestep`` is supported (the audio head reads it), but only ``timestep`` is checked against the
+schedule.
+
+Toy pipeline. The stock ``LTX2Pipeline`` runs offline around a random-weight transformer with tiny random
+components: the video VAE (at LTX-2's 8x / 32x compression), the audio VAE, the text connectors and the vocoder,
+and, for ``pipe(prompt=...)``, a tiny Gemma 3 text stack with a tokenizer built in code
+(:func:`~invardiff.toy_components.tiny_gemma3`). The conformance kit calls it from ``prompt_embeds`` with CFG alone
+(one batched call per step); ``tests/test_family_ltx2.py`` runs its default three calls per step. The sampler is
+LTX-Video's (``ltx.scheduler``: the same settings are assumed for LTX-2, not checked against its hub config).
 """
 
 from __future__ import annotations
@@ -37,15 +43,19 @@ import torch
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import AudioVisualModelOutput, LTX2VideoTransformerBlock
 
+from ..seeding import seeded
+from ..toy_components import tiny_gemma3
 from .calibration_spec import FamilyCalibration
-from .ltx import call_timestep, embedded_timestep, modulated_head, text_mask
-from .model_config import ModelConfig, video_fields, video_latent_shape
+from .ltx import call_shape as ltx_call_shape
+from .ltx import call_timestep, embedded_timestep, modulated_head, scheduler, size_rules, text_mask, toy_prompts
+from .model_config import ModelConfig, video_fields, video_latent_shape, video_pipeline_size
 from .spec import (
     BlockListSpec,
     BlockOutputs,
     ConfigSpec,
     FamilySpec,
     HeadStreams,
+    PipelineSpec,
     ReuseUnit,
     describe_block_outputs,
 )
@@ -257,6 +267,109 @@ NAMED_CONFIGS = (
 )
 
 
+# ----- the stock LTX2Pipeline around a random-weight transformer (no downloads) ----------------------------------
+TEXT_LAYERS = 2  # the toy Gemma 3's decoder layers: the pipeline stacks its TEXT_LAYERS + 1 hidden states
+
+
+def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
+    # Every component tiny and random, at the shapes the transformer needs: the video VAE at LTX-2's compression
+    # (8x in time, 32x in space, set on the VAE rather than built from 5 downsampling blocks), the audio VAE with
+    # 2 latent channels x mel_bins / 4 latent bins = the transformer's audio_in_channels, connectors of the caption
+    # width. With output_type="latent" (the toy calls') the VAEs give only their latent statistics and the vocoder
+    # does not run; a decoding call runs them all.
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2Pipeline
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    kw = config.transformer_kwargs
+    width, audio_channels = kw["caption_channels"], kw["audio_in_channels"]
+    mel_bins = 2 * audio_channels
+    temporal, spatial = COMPRESSION
+    with seeded(0):
+        vae = AutoencoderKLLTX2Video(
+            latent_channels=kw["in_channels"],
+            block_out_channels=(8,),
+            down_block_types=("LTX2VideoDownBlock3D",),
+            decoder_block_out_channels=(8,),
+            layers_per_block=(1, 1),
+            decoder_layers_per_block=(1, 1),
+            spatio_temporal_scaling=(True,),
+            decoder_spatio_temporal_scaling=(True,),
+            decoder_inject_noise=(False, False),
+            downsample_type=("spatiotemporal",),
+            upsample_type=("spatiotemporal",),
+            upsample_residual=(True,),
+            upsample_factor=(2,),
+            spatial_compression_ratio=spatial,
+            temporal_compression_ratio=temporal,
+        )
+        audio_vae = AutoencoderKLLTX2Audio(
+            base_channels=audio_channels,  # also the size of its latent statistics: the packed audio channels
+            ch_mult=(1,),
+            num_res_blocks=1,
+            latent_channels=2,
+            mel_bins=mel_bins,
+        )
+        heads = {"num_attention_heads": 2, "attention_head_dim": width // 2, "num_layers": 1}
+        connectors = LTX2TextConnectors(
+            caption_channels=width,
+            text_proj_in_factor=TEXT_LAYERS + 1,
+            **{f"video_connector_{key}": value for key, value in heads.items()},
+            **{f"audio_connector_{key}": value for key, value in heads.items()},
+            video_connector_num_learnable_registers=8,  # the real model's padding registers (128 there)
+            audio_connector_num_learnable_registers=8,
+        )
+        vocoder = LTX2Vocoder(
+            in_channels=2 * mel_bins,  # the audio VAE's 2 output channels x mel_bins
+            hidden_channels=8,
+            upsample_kernel_sizes=[4],
+            upsample_factors=[2],
+            resnet_kernel_sizes=[3],
+            resnet_dilations=[[1]],
+        )
+    encoders = tiny_gemma3(width, TEXT_LAYERS) if text_encoders else {"text_encoder": None, "tokenizer": None}
+    parts = {"vae": vae, "audio_vae": audio_vae, "connectors": connectors, "vocoder": vocoder}
+    parts = {name: part.eval().requires_grad_(False).to(config.torch_dtype) for name, part in parts.items()}
+    return LTX2Pipeline(scheduler=scheduler(), transformer=transformer, **parts, **encoders)
+
+
+def _toy_call_kwargs(config: ModelConfig, num_inference_steps: int, seed: int, device) -> dict:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # The Gemma hidden states the connectors take: TEXT_LAYERS + 1 of them, stacked per token; Gemma pads left.
+    prompts = toy_prompts(config, generator, config.transformer_kwargs["caption_channels"] * (TEXT_LAYERS + 1), device)
+    for key in ("prompt_attention_mask", "negative_prompt_attention_mask"):
+        prompts[key] = prompts[key].flip(-1)
+    size = video_pipeline_size(config)
+    return {
+        **prompts,
+        **size,
+        # The pipeline draws round(num_frames / frame_rate * 25) audio latents: this rate gives the config's count.
+        "frame_rate": size["num_frames"] * AUDIO_LATENTS_PER_SECOND / config.extra["audio_tokens"],
+        "num_inference_steps": num_inference_steps,
+        "max_sequence_length": config.text_tokens,
+        "guidance_scale": 3.0,  # batched CFG: one call of 2 x samples rows per step
+        # The spatio-temporal and modality-isolation guidance calls off: one call per step, as the kit's checks
+        # count (tests/test_family_ltx2.py runs the pipeline's default three calls).
+        "stg_scale": 0.0,
+        "audio_stg_scale": 0.0,
+        "modality_scale": 1.0,
+        "audio_modality_scale": 1.0,
+        "output_type": "latent",
+        "generator": generator,
+    }
+
+
+def call_shape(pipe, call_kwargs: dict) -> dict:
+    """:class:`ModelConfig` call-shape fields of one sample of the ``LTX2Pipeline`` call ``pipe(**call_kwargs)``:
+    LTX-Video's rules at LTX2Pipeline's defaults (768x512, 121 frames, 1024 Gemma tokens), plus the audio latents
+    the pipeline draws for the clip's duration."""
+    fields = ltx_call_shape(pipe, call_kwargs, default_size=(512, 768, 121), text_tokens=1024)
+    frames = call_kwargs.get("num_frames") or 121
+    seconds = frames / (call_kwargs.get("frame_rate") or FRAME_RATE)
+    rate = pipe.audio_sampling_rate / pipe.audio_hop_length / float(pipe.audio_vae_temporal_compression_ratio)
+    return {**fields, "extra": {**fields["extra"], "audio_tokens": round(seconds * rate)}}
+
+
 LTX2 = register_family(
     FamilySpec(
         name="ltx2",
@@ -280,6 +393,18 @@ LTX2 = register_family(
         # No official code: the generic official behaviour (DiT/Wan), every branch of the batched call recorded.
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for LTX-2: FLUX's rules
+        pipeline=PipelineSpec(
+            input_kind="prompt",
+            output_type="pt",
+            video=True,
+            scheduler=scheduler,  # LTX-Video's sampler settings (LTX2Pipeline computes the same shift, mu)
+            calibration_kwargs={"output_type": "latent"},
+            batched_cfg=True,
+            build_toy=_build_toy,
+            call_shape=call_shape,
+            size_rules=size_rules,
+            toy_call_kwargs=_toy_call_kwargs,
+        ),
         configs=ConfigSpec(
             example_call=_example_call,
             call_timestep=call_timestep,

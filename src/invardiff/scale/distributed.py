@@ -12,7 +12,9 @@ So:
   ``delta_minus``, gamma's numerator and denominator, a flag for non-finite residual windows) travel in ONE
   all-reduce, after which every rank computes the same numbers and the same decision. NaN sums stay NaN after the
   reduction on every rank, so a NaN sample on one shard makes every rank compute it (``non_finite``): no rank
-  leaves the collective sequence early and none hangs.
+  leaves the collective sequence early and none hangs;
+* a family whose pre-head state packs several token streams (LTX-2's video and audio) is refused with
+  ``NotImplementedError`` (:func:`refuse_several_streams` says why).
 
 The reduction runs over the group passed in, never over WORLD: data-parallel replicas (different prompts) must not
 tie their decisions together, and under CFG parallelism (the two guidance branches on different ranks) each branch
@@ -36,6 +38,7 @@ from .. import api
 from ..dicache.estimators import EPS, gamma_from_means
 from ..dicache.probe import ProbePolicy
 from ..engine.install import attached_engine
+from ..families import resolve_family
 from ..plan import CachePlan
 
 
@@ -92,12 +95,37 @@ def enable_context_parallel(target, config, group) -> None:
             "device mesh (e.g. mesh.get_group('cp')); with a single group spanning all ranks, pass "
             "torch.distributed.new_group(list(range(world_size)))."
         )
+    for transformer in api.transformers_of(target):  # before any collective: every rank raises alike
+        refuse_several_streams(transformer)
     check_same_policy(config, group)
     api.enable(target, config)
     for transformer in api.transformers_of(target):  # each expert of a two-expert pipeline has its own policy
         policy = attached_engine(transformer).policy
         if isinstance(policy, ProbePolicy):
             policy.context_parallel = ContextParallelReduction(group)
+
+
+def refuse_several_streams(transformer) -> None:
+    """Raise ``NotImplementedError`` for a family whose pre-head state packs several token streams (LTX-2).
+
+    Its streams are not sharded alike: diffusers' context-parallel plan for ``LTX2VideoTransformer3DModel``
+    splits the video tokens over the ranks and leaves the audio tokens whole on every rank. The probe policies'
+    group sums would then count the replicated stream once per rank (their decisions, though equal on every rank,
+    would not be the unsharded run's), and a step-cached step would unpack this rank's packed state with the call's
+    stream shapes; neither is handled yet."""
+    spec = resolve_family(transformer)
+    streams = spec.head_streams
+    if streams is None:
+        return
+    split = getattr(type(transformer), "_cp_plan", None) or {}
+    sharded = [name for name in streams.arguments if name in split.get("", {})]
+    raise NotImplementedError(
+        f"enable_context_parallel does not support the {spec.name!r} family yet: its pre-head state packs the "
+        f"token streams {', '.join(streams.arguments)} into one tensor, and diffusers' context-parallel plan for "
+        f"{type(transformer).__name__} shards {', '.join(sharded) or 'none of them'} and replicates the rest on "
+        f"every rank, so the group's statistics would count a replicated stream once per rank. Run this family "
+        f"without context parallelism (invardiff.enable on one device)."
+    )
 
 
 class ContextParallelReduction:
