@@ -11,7 +11,12 @@ divided by RMS(G_t), what the step's reuse puts into the guided prediction:
 * ``d``: d_t - d_(t-1), the change of the difference alone;
 * ``cfg reuse``: (g - 1) (d_t - d_(t-1)), the error of G_t when u_t is replaced by c_t + d_(t-1);
 * ``cfg reuse, 2 back``: the same from d_(t-2) (two skipped steps in a row);
-* ``cfg extrap``: (g - 1) (d_t - (2 d_(t-1) - d_(t-2))), first-order extrapolation of d in the step index.
+* ``cfg extrap``: (g - 1) (d_t - (2 d_(t-1) - d_(t-2))), first-order extrapolation of d in the step index;
+* ``cfg rescaled`` / ``cfg low/high``: (g - 1) (d_t - a d_(t-1)) with one factor a, or one factor per band of
+  d_(t-1) (spatial frequencies up to a quarter of the sampling rate on each axis, and the rest: FasterCache's
+  variant), each least-squares fitted on the very step it predicts (a bound on what any calibrated rescaling gives).
+
+and the cosine between d_t and d_(t-1): a d that turns cannot be rescaled into the next.
 
 Usage: python benchmarks/cfg_rates.py --model wan-motion --steps 8 [--threads 1]
 """
@@ -52,6 +57,24 @@ def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
+def bands(x: torch.Tensor, cutoff: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` split into its spatial frequencies up to ``cutoff`` (cycles per sample, on each of the last two axes)
+    and the rest; the two add up to ``x``."""
+    spectrum = torch.fft.fftn(x, dim=(-2, -1))
+    low_y = torch.fft.fftfreq(x.shape[-2], device=x.device).abs().view(-1, 1) <= cutoff
+    low_x = torch.fft.fftfreq(x.shape[-1], device=x.device).abs().view(1, -1) <= cutoff
+    low = torch.fft.ifftn(spectrum * (low_y & low_x), dim=(-2, -1)).real
+    return low, x - low
+
+
+def fitted_residual(goal: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor:
+    """``goal`` minus its least-squares fit by a combination of ``basis``."""
+    design = torch.stack([b.flatten().double() for b in basis], dim=1)
+    target = goal.flatten().double().unsqueeze(1)
+    coefficients = torch.linalg.lstsq(design, target).solution
+    return (target - design @ coefficients).float()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan-motion")
@@ -79,6 +102,8 @@ def main() -> None:
         "cfg reuse": lambda t: (g - 1) * (d[:, t] - d[:, t - 1]),
         "cfg reuse, 2 back": lambda t: (g - 1) * (d[:, t] - d[:, t - 2]) if t >= 2 else None,
         "cfg extrap": lambda t: (g - 1) * (d[:, t] - 2 * d[:, t - 1] + d[:, t - 2]) if t >= 2 else None,
+        "cfg rescaled": lambda t: (g - 1) * fitted_residual(d[:, t], [d[:, t - 1]]),
+        "cfg low/high": lambda t: (g - 1) * fitted_residual(d[:, t], list(bands(d[:, t - 1]))),
     }
     steps = range(1, args.steps)
     print(f"`python benchmarks/cfg_rates.py --model {args.model} --steps {args.steps} --threads {args.threads}`\n")
@@ -94,6 +119,10 @@ def main() -> None:
             value = error(t)
             cells.append("-" if value is None else f"{rms(value) / rms(guided[:, t]):.3f}")
         print(f"| {name} | {' '.join(cells)} |")
+    cosines = [
+        float(torch.nn.functional.cosine_similarity(d[:, t].flatten(), d[:, t - 1].flatten(), dim=0)) for t in steps
+    ]
+    print("\ncos(d_t, d_(t-1)) at t = 1 ..: " + " ".join(f"{c:.3f}" for c in cosines))
     print("\nRMS(d_t) / RMS(G_t): " + " ".join(f"{rms(d[:, t]) / rms(guided[:, t]):.3f}" for t in range(args.steps)))
 
 
