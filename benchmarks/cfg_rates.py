@@ -28,7 +28,6 @@ import argparse
 import torch
 
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.run import _call, sampling_defaults
 
 
@@ -91,7 +90,6 @@ def main() -> None:
         **entry.pipeline_kwargs,
         "guidance_scale": g,
     }
-    pipeline_call_config(pipe, target.family, call_kwargs)  # refuses arguments the pipeline does not take
     with torch.no_grad():
         cond, uncond = record_branches(pipe, target.family, target.calibration_runs(), call_kwargs, args.steps)
     guided = uncond + g * (cond - uncond)
