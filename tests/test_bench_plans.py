@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from invardiff.bench.engine import BENCH_CONFIGS
@@ -27,14 +28,24 @@ def test_families_without_books_get_synthetic_plans():
         bench_plan("wan/fast", MODEL_CONFIGS["wan-tiny"])
 
 
-def test_a_synthetic_target_out_of_a_familys_reach_is_left_out_of_its_default_plans():
-    # CogView4 reuses its joint attention only (its feed-forward runs twice per block, and always): with every step
-    # move and every unit move of the synthetic sequence, its ideal speedup stays under 3x.
-    assert default_bench_plans("cogview4") == ["cogview4/synthetic-2x", "cogview4/synthetic-3x"]
-    assert default_bench_plans("cogview4", "tiny") == ["cogview4/synthetic-2x"]
-    assert default_bench_plans("wan", "tiny") == ["wan/synthetic-2x", "wan/synthetic-3x"]
-    with pytest.raises(UnreachableTarget, match="No synthetic plan over 50 steps reaches an ideal speedup of 3.0x"):
-        bench_plan("cogview4/synthetic-3x", MODEL_CONFIGS["cogview4-tiny-fulldepth"])
+def test_a_family_whose_units_cannot_reach_the_target_gets_it_by_step_caching_the_even_steps_too():
+    # CogView4 reuses its joint attention only (its feed-forward runs twice per block, and always): the alternating
+    # moves end under 3x, so the even steps are then step-cached from the start until the plan reaches it.
+    config = MODEL_CONFIGS["cogview4-tiny-fulldepth"]
+    flops = profile_flops(config)
+    assert default_bench_plans("cogview4", "tiny") == ["cogview4/synthetic-2x", "cogview4/synthetic-3x"]
+    plan = bench_plan("cogview4/synthetic-3x", config)
+    assert 3.0 <= ideal_speedup(plan, flops) < 3.3
+    T = config.steps
+    odd = np.arange(3, T - 1, 2)
+    assert plan.step_cache[odd].all()  # every alternating move made ...
+    even = np.flatnonzero(plan.step_cache[4 : T - 1 : 2]) * 2 + 4
+    assert len(even) and (even == np.arange(4, even[-1] + 1, 2)).all()  # ... then even steps cached from the start
+    reused = plan.module_reuse["transformer_blocks"]["attn"].any(axis=1)
+    assert not (reused & plan.step_cache).any() and reused[even[-1] + 2 : T - 1 : 2].all()
+    # A target no plan can reach: every step but 0-2 and the last cached is ~T / 4 at best.
+    with pytest.raises(UnreachableTarget, match=f"No synthetic plan over {T} steps reaches an ideal speedup of 40x"):
+        synthetic_plan(plan.model, T, 40, flops)
 
 
 @pytest.mark.parametrize("config", ["wan-tiny", "hunyuanvideo-tiny"])
