@@ -85,3 +85,23 @@ def test_a_transformer_whose_control_channels_do_not_fit_the_toy_vae_is_refused_
     config = dataclasses.replace(config, transformer_kwargs={**config.transformer_kwargs, "vace_in_channels": 8})
     with pytest.raises(ValueError, match="control latents have 72 channels.*vace_in_channels=8"):
         build_pipeline(config, config.build_transformer())
+
+
+def test_prompts_reach_the_transformer_through_the_tiny_text_encoder():
+    config = tiny_config("wanvace")
+    pipe = build_pipeline(config, config.build_transformer(), text_encoders=True)
+    calls = _record_calls(pipe.transformer)
+    kwargs = {k: v for k, v in pipeline_call_kwargs(config, 1).items() if not k.endswith("prompt_embeds")}
+    pipe(**kwargs, prompt="a red ball", negative_prompt="blur", max_sequence_length=8)
+    cond, uncond = (call["encoder_hidden_states"] for call in calls)
+    assert cond.shape == uncond.shape == (1, 8, 16)  # max_sequence_length tokens of the encoder's width (text_dim)
+    assert not torch.equal(cond, uncond)
+
+
+def test_without_ftfy_a_toy_for_prompts_is_refused_by_name(monkeypatch):
+    # WanVACEPipeline's prompt cleaning calls ftfy unchecked: without it the first prompt call would be a NameError.
+    monkeypatch.setattr("diffusers.utils.is_ftfy_available", lambda: False)
+    config = tiny_config("wanvace")
+    with pytest.raises(ImportError, match="needs the ftfy package.*pip install ftfy, or call the pipeline with"):
+        build_pipeline(config, config.build_transformer(), text_encoders=True)
+    assert build_pipeline(config, config.build_transformer()).vae is not None  # embeddings alone need no ftfy

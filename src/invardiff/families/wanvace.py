@@ -125,7 +125,16 @@ def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False):
     # 4 channels throughout; the identity latent normalisation. It stays float32 whatever the transformer's dtype,
     # as diffusers' Wan examples load it.
     from diffusers import AutoencoderKLWan, WanVACEPipeline
+    from diffusers.utils import is_ftfy_available
 
+    if text_encoders and not is_ftfy_available():
+        # WanVACEPipeline cleans prompts with ftfy.fix_text without checking for it (diffusers 0.42; WanPipeline
+        # checks): a prompt call would fail with a NameError at its first prompt.
+        raise ImportError(
+            "WanVACEPipeline's prompt encoding needs the ftfy package, which is not installed: pip install ftfy, "
+            "or call the pipeline with prompt_embeds.",
+            name="ftfy",
+        )
     latent = transformer.config.in_channels
     expected = _control_channels(latent)
     if transformer.config.vace_in_channels != expected:
