@@ -200,18 +200,21 @@ def _scheduler() -> UniPCMultistepScheduler:
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
 
 
+def toy_parts(config: ModelConfig, text_encoders: bool = False) -> dict:
+    """The sampler and text stack of Wan's toy pipelines (``WanPipeline``, ``WanVACEPipeline``): with
+    ``text_encoders``, a tiny random UMT5 encoder and a tokenizer built in code, else none (the pipeline then runs
+    from ``prompt_embeds`` / ``negative_prompt_embeds``)."""
+    encoders = _tiny_text_encoder(config) if text_encoders else {"tokenizer": None, "text_encoder": None}
+    return {"scheduler": _scheduler(), **encoders}
+
+
 def _build_toy(config: ModelConfig, transformer, text_encoders: bool = False, transformer_2=None, boundary=None):
-    # No VAE (latents out); without text encoders the pipeline runs from prompt_embeds / negative_prompt_embeds.
+    # No VAE (latents out).
     from diffusers import WanPipeline
 
-    encoders = _tiny_text_encoder(config) if text_encoders else {"tokenizer": None, "text_encoder": None}
+    parts = toy_parts(config, text_encoders)
     return WanPipeline(
-        vae=None,
-        scheduler=_scheduler(),
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=boundary,
-        **encoders,
+        vae=None, transformer=transformer, transformer_2=transformer_2, boundary_ratio=boundary, **parts
     )
 
 
