@@ -41,7 +41,13 @@ from invardiff.flops import profile_flops
 from invardiff.metrics import output_fidelity
 
 
-METHODS = (("invardiff-search", False), ("invardiff-search+extrap", True))
+# method -> SearchConfig settings. "+stepfit": reused steps extrapolated with the coefficient fitted up to H's scale
+# (SearchConfig.step_fit="scale_free"), units reused plainly.
+METHODS = {
+    "invardiff-search": {},
+    "invardiff-search+extrap": {"extrapolate_steps": True, "extrapolate_units": True},
+    "invardiff-search+stepfit": {"extrapolate_steps": True, "step_fit": "scale_free"},
+}
 PEERS = ("diffusers-fbcache", "diffusers-magcache", "diffusers-taylorseer", "cache-dit", "dicache", "plan+probe")
 GOALS = {4.0: 33.0, 5.0: 30.0}  # the issue's PSNR goals (dB) at these FLOP-ideal speedups
 
@@ -59,6 +65,10 @@ def main() -> None:
     parser.add_argument("--sweep", default=None, help="the committed sweep (peers' points); default: the model's")
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        parser.error(f"--methods takes names from {sorted(METHODS)}, got {unknown[0]!r}")
     torch.set_num_threads(args.threads)
     speedups = [float(s) for s in args.speedups.split(",")]
     target = bundled_target(args.model, num_inference_steps=args.steps)
@@ -82,8 +92,8 @@ def main() -> None:
     full = {"images": reference, "flops": full_flops}
     out = Path(args.out)
     results = []
-    for method, extrapolate in [m for m in METHODS if m[0] in args.methods.split(",")]:
-        config = SearchConfig(max(speedups), extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    for method in methods:
+        config = SearchConfig(max(speedups), **METHODS[method])
         for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine):
             search = found.plan.provenance["search"]
             label = f"{method} {search['speedup']:g}x"

@@ -254,6 +254,7 @@ def _settings_config(settings: dict) -> SearchConfig:
         reuse_units=settings["reuse_units"],
         unit_weight=settings["unit_weight"],
         last_step_units=settings.get("last_step_units", False),  # absent before it existed
+        step_fit=settings.get("step_fit", "direct"),  # absent in plans of the direct fit
     )
 
 
