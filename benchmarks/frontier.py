@@ -39,6 +39,7 @@ from invardiff.calibration.trajectory import record_trajectories
 from invardiff.files import write_text
 from invardiff.flops import profile_flops
 from invardiff.metrics import output_fidelity
+from invardiff.policies.plan import PlanConfig
 
 
 # method -> SearchConfig settings. "+stepfit": reused steps extrapolated with the coefficient fitted up to H's scale
@@ -63,12 +64,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--sweep", default=None, help="the committed sweep (peers' points); default: the model's")
+    parser.add_argument(
+        "--step-reuse",
+        default="state",
+        choices=["state", "residual"],
+        help="what reused steps take (PlanConfig.step_reuse), in the verified selection and the evaluation",
+    )
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         parser.error(f"--methods takes names from {sorted(METHODS)}, got {unknown[0]!r}")
+    if args.rounds and args.step_reuse != "state":
+        parser.error("--rounds times plans with state reuse only (bench.points.plan_point); use --rounds 0")
     torch.set_num_threads(args.threads)
     speedups = [float(s) for s in args.speedups.split(",")]
     target = bundled_target(args.model, num_inference_steps=args.steps)
@@ -79,8 +88,10 @@ def main() -> None:
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
     cases = target.calibration_runs()
     started = time.perf_counter()
-    suffix = (f"-refine{args.refine}" if args.refine else "") + (
-        f"-window{args.window}" if args.window != SEARCH_WINDOW else ""
+    suffix = (
+        (f"-refine{args.refine}" if args.refine else "")
+        + (f"-window{args.window}" if args.window != SEARCH_WINDOW else "")
+        + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
     )
     stats = record_trajectories(
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
@@ -94,7 +105,10 @@ def main() -> None:
     results = []
     for method in methods:
         config = SearchConfig(max(speedups), **METHODS[method])
-        for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine):
+        found_plans = verified_plans(
+            pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine, step_reuse=args.step_reuse
+        )
+        for found in found_plans:
             search = found.plan.provenance["search"]
             label = f"{method} {search['speedup']:g}x"
             found.plan.save(out / "plans" / f"{model}{suffix}-{method}-{search['speedup']:g}x.json")
@@ -104,7 +118,7 @@ def main() -> None:
             else:
                 import invardiff
 
-                with invardiff.enabled(pipe, found.plan):
+                with invardiff.enabled(pipe, PlanConfig(found.plan, step_reuse=args.step_reuse)):
                     point_flops, images = count_flops(lambda: inputs.generate(pipe))
                 result = {
                     "method": method,
@@ -130,12 +144,13 @@ def main() -> None:
 def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: float) -> str:
     video = any("clip_psnr" in r for r in results)
     steps = f" --steps {args.steps}" if args.steps else ""
+    reuse = f"--step-reuse {args.step_reuse} " if args.step_reuse != "state" else ""
     lines = [
         f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
         f"`python benchmarks/frontier.py --model {args.model}{steps} --speedups {args.speedups} "
         f"--rounds {args.rounds} --window {args.window} --refine {args.refine} --methods {args.methods} "
-        f"--threads {args.threads}` "
+        f"{reuse}--threads {args.threads}` "
         f"({minutes:.0f} min on a loaded "
         "2-core CPU). Plans searched and verified on the "
         "calibration runs, evaluated on the sweep's evaluation inputs against full compute; ideal speedup = "
