@@ -25,6 +25,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs
@@ -42,11 +43,12 @@ from invardiff.metrics import output_fidelity
 from invardiff.policies.plan import PlanConfig
 
 
-# method -> SearchConfig settings. "+stepfit": reused steps extrapolated with the coefficient fitted up to H's scale
-# (SearchConfig.step_fit="scale_free"), units reused plainly.
+# method -> SearchConfig settings. "+stepextrap": reused steps extrapolated, units reused plainly; "+stepfit": the
+# same with the coefficient fitted up to H's scale (SearchConfig.step_fit="scale_free").
 METHODS = {
     "invardiff-search": {},
     "invardiff-search+extrap": {"extrapolate_steps": True, "extrapolate_units": True},
+    "invardiff-search+stepextrap": {"extrapolate_steps": True},
     "invardiff-search+stepfit": {"extrapolate_steps": True, "step_fit": "scale_free"},
 }
 PEERS = ("diffusers-fbcache", "diffusers-magcache", "diffusers-taylorseer", "cache-dit", "dicache", "plan+probe")
@@ -70,9 +72,13 @@ def main() -> None:
         choices=["state", "residual"],
         help="what reused steps take (PlanConfig.step_reuse), in the verified selection and the evaluation",
     )
+    parser.add_argument(
+        "--seeds", default="0", help="evaluation seeds of the examples (the sweep's: 0; more: a larger held-out set)"
+    )
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
     methods = args.methods.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     unknown = [method for method in methods if method not in METHODS]
     if unknown:
         parser.error(f"--methods takes names from {sorted(METHODS)}, got {unknown[0]!r}")
@@ -92,13 +98,14 @@ def main() -> None:
         (f"-refine{args.refine}" if args.refine else "")
         + (f"-window{args.window}" if args.window != SEARCH_WINDOW else "")
         + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
+        + (f"-seeds{args.seeds.replace(',', '')}" if seeds != [0] else "")
     )
     stats = record_trajectories(
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )
     call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
-    inputs = sweep_inputs(target, [0])
+    inputs = sweep_inputs(target, seeds)
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     full = {"images": reference, "flops": full_flops}
     out = Path(args.out)
@@ -127,6 +134,9 @@ def main() -> None:
                     "ideal_speedup": full_flops / point_flops,
                     **output_fidelity(images, reference),
                 }
+            if len(seeds) > 1:  # cases run seed-major: every example with the first seed, then the next seed
+                per_seed = np.array(result["per_image"]["psnr"]).reshape(len(seeds), -1)
+                result["psnr_by_seed"] = {seed: float(row.mean()) for seed, row in zip(seeds, per_seed, strict=True)}
             result["target"] = search["speedup"]
             result["steps_computed"] = int((~found.plan.step_cache).sum())
             result["computed_steps"] = [int(t) for t in (~found.plan.step_cache).nonzero()[0]]
@@ -144,17 +154,22 @@ def main() -> None:
 def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: float) -> str:
     video = any("clip_psnr" in r for r in results)
     steps = f" --steps {args.steps}" if args.steps else ""
-    reuse = f"--step-reuse {args.step_reuse} " if args.step_reuse != "state" else ""
+    extra = f"--step-reuse {args.step_reuse} " if args.step_reuse != "state" else ""
+    extra += f"--seeds {args.seeds} " if args.seeds != "0" else ""
     lines = [
         f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
         f"`python benchmarks/frontier.py --model {args.model}{steps} --speedups {args.speedups} "
         f"--rounds {args.rounds} --window {args.window} --refine {args.refine} --methods {args.methods} "
-        f"{reuse}--threads {args.threads}` "
+        f"{extra}--threads {args.threads}` "
         f"({minutes:.0f} min on a loaded "
         "2-core CPU). Plans searched and verified on the "
-        "calibration runs, evaluated on the sweep's evaluation inputs against full compute; ideal speedup = "
-        "FLOP-counted. PSNR" + (" = mean over frames" if video else "") + ": mean (worst).",
+        f"calibration runs, evaluated on the sweep's evaluation inputs (seeds {args.seeds}) against full compute; "
+        "ideal speedup = FLOP-counted. PSNR"
+        + (" = mean over frames" if video else "")
+        + ": mean (worst)"
+        + ("; then the mean per seed" if "," in args.seeds else "")
+        + ".",
         "",
         "| point | ideal | measured | PSNR dB | LPIPS | steps computed | kept candidate |",
         "|---|---|---|---|---|---|---|",
@@ -166,7 +181,9 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
         if "refine_moves" in r:
             kept += f", {r['refine_moves']} refining moves"
         lines.append(
-            f"| {r['label']} | {r['ideal_speedup']:.2f}x | {measured} | {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) "
+            f"| {r['label']} | {r['ideal_speedup']:.2f}x | {measured} | {r['psnr']:.2f} ({r['worst']['psnr']:.2f})"
+            + "".join(f"; seed {seed}: {value:.2f}" for seed, value in r.get("psnr_by_seed", {}).items())
+            + " "
             f"| {r['lpips']:.4f} | {r['steps_computed']} {r['computed_steps']} | {kept} |"
         )
     lines += [
