@@ -76,7 +76,8 @@ class SearchConfig:
             fitted. ``"direct"``: least squares on H itself (:meth:`TrajectoryStats.fit`). ``"scale_free"``: up to
             H's scale (:meth:`TrajectoryStats.fit_scale_free`), for families whose output head normalises H per
             token (an AdaLN ``norm_out``: FLUX, SD3, DiT, Wan, ...), which the direct fit's coefficient otherwise
-            partly spends on H's shrinking norm. Stored coefficients keep plan format version 2.
+            partly spends on H's shrinking norm. Stored coefficients keep plan format version 2. Held out on
+            flux-shapes at 4x it is not better than the direct fit (``benchmarks/results/frontier/README.md``).
         memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
 
