@@ -11,6 +11,11 @@ compute in N alternating rounds (``bench/sweep.py``'s measurement; indicative on
 
 Writes benchmarks/results/frontier/frontier-<model>.{jsonl,md}.
 
+Methods (``--methods``, :data:`METHODS`): the search, ``+extrap`` (steps and units extrapolated), ``+stepextrap``
+(steps only) and ``+stepfit`` (steps only, fitted up to H's scale). ``--seeds 0,1,2`` evaluates on the examples with
+more seeds (a larger held-out set; PSNR also per seed); ``--step-reuse residual`` samples the candidates and evaluates
+the plans with residual step reuse (``PlanConfig.step_reuse``).
+
 ``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
 the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
 sweep ``benchmarks/results/sweep-few-step/sweep-<model>-N-steps.jsonl``).
