@@ -11,6 +11,11 @@ compute in N alternating rounds (``bench/sweep.py``'s measurement; indicative on
 
 Writes benchmarks/results/frontier/frontier-<model>.{jsonl,md}.
 
+Methods (``--methods``, :data:`METHODS`): the search, ``+extrap`` (steps and units extrapolated), ``+stepextrap``
+(steps only) and ``+stepfit`` (steps only, fitted up to H's scale). ``--seeds 0,1,2`` evaluates on the examples with
+more seeds (a larger held-out set; PSNR also per seed); ``--step-reuse residual`` samples the candidates and evaluates
+the plans with residual step reuse (``PlanConfig.step_reuse``).
+
 ``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
 the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
 sweep ``benchmarks/results/sweep-few-step/sweep-<model>-N-steps.jsonl``).
@@ -25,6 +30,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs
@@ -39,9 +45,17 @@ from invardiff.calibration.trajectory import record_trajectories
 from invardiff.files import write_text
 from invardiff.flops import profile_flops
 from invardiff.metrics import output_fidelity
+from invardiff.policies.plan import PlanConfig
 
 
-METHODS = (("invardiff-search", False), ("invardiff-search+extrap", True))
+# method -> SearchConfig settings. "+stepextrap": reused steps extrapolated, units reused plainly; "+stepfit": the
+# same with the coefficient fitted up to H's scale (SearchConfig.step_fit="scale_free").
+METHODS = {
+    "invardiff-search": {},
+    "invardiff-search+extrap": {"extrapolate_steps": True, "extrapolate_units": True},
+    "invardiff-search+stepextrap": {"extrapolate_steps": True},
+    "invardiff-search+stepfit": {"extrapolate_steps": True, "step_fit": "scale_free"},
+}
 PEERS = ("diffusers-fbcache", "diffusers-magcache", "diffusers-taylorseer", "cache-dit", "dicache", "plan+probe")
 GOALS = {4.0: 33.0, 5.0: 30.0}  # the issue's PSNR goals (dB) at these FLOP-ideal speedups
 
@@ -57,8 +71,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     parser.add_argument("--sweep", default=None, help="the committed sweep (peers' points); default: the model's")
+    parser.add_argument(
+        "--step-reuse",
+        default="state",
+        choices=["state", "residual"],
+        help="what reused steps take (PlanConfig.step_reuse), in the verified selection and the evaluation",
+    )
+    parser.add_argument(
+        "--seeds", default="0", help="evaluation seeds of the examples (the sweep's: 0; more: a larger held-out set)"
+    )
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        parser.error(f"--methods takes names from {sorted(METHODS)}, got {unknown[0]!r}")
+    if args.rounds and args.step_reuse != "state":
+        parser.error("--rounds times plans with state reuse only (bench.points.plan_point); use --rounds 0")
     torch.set_num_threads(args.threads)
     speedups = [float(s) for s in args.speedups.split(",")]
     target = bundled_target(args.model, num_inference_steps=args.steps)
@@ -69,22 +99,28 @@ def main() -> None:
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
     cases = target.calibration_runs()
     started = time.perf_counter()
-    suffix = (f"-refine{args.refine}" if args.refine else "") + (
-        f"-window{args.window}" if args.window != SEARCH_WINDOW else ""
+    suffix = (
+        (f"-refine{args.refine}" if args.refine else "")
+        + (f"-window{args.window}" if args.window != SEARCH_WINDOW else "")
+        + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
+        + (f"-seeds{args.seeds.replace(',', '')}" if seeds != [0] else "")
     )
     stats = record_trajectories(
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )
     call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
-    inputs = sweep_inputs(target, [0])
+    inputs = sweep_inputs(target, seeds)
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     full = {"images": reference, "flops": full_flops}
     out = Path(args.out)
     results = []
-    for method, extrapolate in [m for m in METHODS if m[0] in args.methods.split(",")]:
-        config = SearchConfig(max(speedups), extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
-        for found in verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine):
+    for method in methods:
+        config = SearchConfig(max(speedups), **METHODS[method])
+        found_plans = verified_plans(
+            pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine, step_reuse=args.step_reuse
+        )
+        for found in found_plans:
             search = found.plan.provenance["search"]
             label = f"{method} {search['speedup']:g}x"
             found.plan.save(out / "plans" / f"{model}{suffix}-{method}-{search['speedup']:g}x.json")
@@ -94,7 +130,7 @@ def main() -> None:
             else:
                 import invardiff
 
-                with invardiff.enabled(pipe, found.plan):
+                with invardiff.enabled(pipe, PlanConfig(found.plan, step_reuse=args.step_reuse)):
                     point_flops, images = count_flops(lambda: inputs.generate(pipe))
                 result = {
                     "method": method,
@@ -103,6 +139,9 @@ def main() -> None:
                     "ideal_speedup": full_flops / point_flops,
                     **output_fidelity(images, reference),
                 }
+            if len(seeds) > 1:  # cases run seed-major: every example with the first seed, then the next seed
+                per_seed = np.array(result["per_image"]["psnr"]).reshape(len(seeds), -1)
+                result["psnr_by_seed"] = {seed: float(row.mean()) for seed, row in zip(seeds, per_seed, strict=True)}
             result["target"] = search["speedup"]
             result["steps_computed"] = int((~found.plan.step_cache).sum())
             result["computed_steps"] = [int(t) for t in (~found.plan.step_cache).nonzero()[0]]
@@ -120,16 +159,22 @@ def main() -> None:
 def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: float) -> str:
     video = any("clip_psnr" in r for r in results)
     steps = f" --steps {args.steps}" if args.steps else ""
+    extra = f"--step-reuse {args.step_reuse} " if args.step_reuse != "state" else ""
+    extra += f"--seeds {args.seeds} " if args.seeds != "0" else ""
     lines = [
         f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
         f"`python benchmarks/frontier.py --model {args.model}{steps} --speedups {args.speedups} "
         f"--rounds {args.rounds} --window {args.window} --refine {args.refine} --methods {args.methods} "
-        f"--threads {args.threads}` "
+        f"{extra}--threads {args.threads}` "
         f"({minutes:.0f} min on a loaded "
         "2-core CPU). Plans searched and verified on the "
-        "calibration runs, evaluated on the sweep's evaluation inputs against full compute; ideal speedup = "
-        "FLOP-counted. PSNR" + (" = mean over frames" if video else "") + ": mean (worst).",
+        f"calibration runs, evaluated on the sweep's evaluation inputs (seeds {args.seeds}) against full compute; "
+        "ideal speedup = FLOP-counted. PSNR"
+        + (" = mean over frames" if video else "")
+        + ": mean (worst)"
+        + ("; then the mean per seed" if "," in args.seeds else "")
+        + ".",
         "",
         "| point | ideal | measured | PSNR dB | LPIPS | steps computed | kept candidate |",
         "|---|---|---|---|---|---|---|",
@@ -141,7 +186,9 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
         if "refine_moves" in r:
             kept += f", {r['refine_moves']} refining moves"
         lines.append(
-            f"| {r['label']} | {r['ideal_speedup']:.2f}x | {measured} | {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) "
+            f"| {r['label']} | {r['ideal_speedup']:.2f}x | {measured} | {r['psnr']:.2f} ({r['worst']['psnr']:.2f})"
+            + "".join(f"; seed {seed}: {value:.2f}" for seed, value in r.get("psnr_by_seed", {}).items())
+            + " "
             f"| {r['lpips']:.4f} | {r['steps_computed']} {r['computed_steps']} | {kept} |"
         )
     lines += [

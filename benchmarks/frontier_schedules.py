@@ -9,7 +9,8 @@ the calibration samples (the Gram matrices of ``calibration/trajectory.py``; ``-
 Sum over the reused steps of the relative RMS error, as the search's additive model counts it.
 
 Usage: python benchmarks/frontier_schedules.py --model flux-shapes --window 8 --speedup 5 \\
-    --schedules "0,1,7,13,20,27 0,5,9,16,24,27" [--no-units] [--orders-window 20]
+    --schedules "0,1,7,13,20,27 0,5,9,16,24,27" [--no-units] [--extrapolate-steps] [--seeds 0,1,2]
+    [--orders-window 20]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
         "--schedules", required=True, help="computed steps, comma-separated; schedules space-separated"
     )
     parser.add_argument("--no-units", action="store_true", help="no unit reuse (the schedule's own speedup)")
+    parser.add_argument("--extrapolate-steps", action="store_true", help="reused steps extrapolate (fitted c)")
+    parser.add_argument("--seeds", default="0", help="evaluation seeds (the sweep's: 0; more: a larger held-out set)")
     parser.add_argument("--orders-window", type=int, default=0, help="also record this window for orders 0-2")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -57,10 +60,11 @@ def main() -> None:
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
-    inputs = sweep_inputs(target, [0])
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    inputs = sweep_inputs(target, seeds)
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     calibration = _outputs(pipe, target.family, cases, call_kwargs, len(cases))
-    config = SearchConfig(args.speedup, reuse_units=not args.no_units)
+    config = SearchConfig(args.speedup, reuse_units=not args.no_units, extrapolate_steps=args.extrapolate_steps)
     for schedule in schedules:
         result = schedule_plan(stats, flops, config, schedule)
         if result is None:
@@ -73,10 +77,13 @@ def main() -> None:
         row = {
             "schedule": schedule,
             "units": not args.no_units,
+            "extrapolate_steps": args.extrapolate_steps,
             "ideal_speedup": full_flops / point_flops,
             "calibration_mse": float(((sampled - calibration) ** 2).mean()),
             "psnr": fidelity["psnr"],
             "worst_psnr": fidelity["worst"]["psnr"],
+            "per_image_psnr": fidelity["per_image"]["psnr"],  # seed-major: every example, then the next seed
+            "seeds": seeds,
         }
         print(json.dumps(row), flush=True)
     if args.orders_window:

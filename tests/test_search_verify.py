@@ -11,9 +11,11 @@ import torch
 
 import invardiff
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.budget import calibrate_budget, verify_grid
+from invardiff.calibration.budget import calibrate_budget, verified_plans, verify_grid
 from invardiff.calibration.search import BudgetError, SearchConfig, search_plan
+from invardiff.calibration.trajectory import record_trajectories
 from invardiff.flops import profile_flops
+from invardiff.policies.plan import PlanConfig
 from invardiff.stats import ideal_speedup
 
 from helpers import tiny_pipeline
@@ -102,3 +104,28 @@ def test_refined_plans_move_computed_steps_only_to_lower_sampled_error():
     with invardiff.enabled(pipe, results[0].plan):
         error = float(((_sample(pipe) - reference) ** 2).mean())
     assert error == pytest.approx(errors[-1], rel=1e-5)  # the kept plan is the one whose error was recorded
+
+
+def test_verified_selection_samples_candidates_with_the_step_reuse_they_run_with():
+    _, pipe = tiny_pipeline("dit")
+    stats = record_trajectories(
+        pipe, num_inference_steps=STEPS, cases=CASES, window=4, pipeline_kwargs={"guidance_scale": 1.0}
+    )
+    flops = profile_flops(pipeline_call_config(pipe, "dit", KWARGS))
+    config = SearchConfig(2.5, reuse_units=False)
+    with pytest.raises(ValueError, match="search without extrapolate_steps"):
+        verified_plans(
+            pipe, stats, flops, [2.5], replace(config, extrapolate_steps=True), CASES, KWARGS, step_reuse="residual"
+        )
+    (result,) = verified_plans(pipe, stats, flops, [2.5], config, CASES, KWARGS, step_reuse="residual")
+    search = result.plan.provenance["search"]
+    assert search["step_reuse"] == "residual"
+    reference = _sample(pipe)
+    errors = {}
+    for reuse in ("state", "residual"):
+        with invardiff.enabled(pipe, PlanConfig(result.plan, step_reuse=reuse)):
+            errors[reuse] = float(((_sample(pipe) - reference) ** 2).mean())
+    # The recorded error is the residual run's (the CPU's float32 reductions may split differently between calls),
+    # which differs from the state run's: the candidates were sampled with residual reuse.
+    assert search["verified"]["output_mse"] == pytest.approx(errors["residual"], rel=1e-5)
+    assert errors["state"] != pytest.approx(errors["residual"], rel=1e-2)

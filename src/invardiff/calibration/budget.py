@@ -28,6 +28,7 @@ import torch
 
 from ..families import resolve_family
 from ..flops import profile_flops
+from ..policies.plan import STEP_REUSE, PlanConfig
 from .batching import pipeline_call_config
 from .run import _call, check_cases, output_tensor, sampling_defaults
 from .search import (
@@ -140,12 +141,25 @@ def verified_plans(
     call_kwargs: dict,
     batch_size: int | None = None,
     refine: int = 0,
+    step_reuse: str = "state",
 ) -> list[SearchResult]:
     """``calibrate_budget(verify=True)``'s selection on trajectories already recorded: per target in
     ``speedups``, the searched plan (one per setting of :func:`verify_grid`) whose outputs on ``cases`` sampled
     with ``call_kwargs`` come closest to full compute's. Targets no cap reaches are skipped with a warning.
     ``refine``: rounds of :func:`refined_plan` from the best candidate of each unit setting, the plan of least
-    sampled error at the end kept."""
+    sampled error at the end kept.
+
+    ``step_reuse``: the :class:`~invardiff.policies.plan.PlanConfig` step reuse every candidate is sampled with
+    (``"residual"``: a reused step adds the last computed H - x to its own block-stack input), recorded in the
+    plans' provenance (``search.step_reuse``) when not ``"state"``; run the plans with the same ``PlanConfig``. The
+    search's additive model still rates reused steps on H."""
+    if step_reuse not in STEP_REUSE:
+        raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {step_reuse!r}.")
+    if step_reuse == "residual" and config.extrapolate_steps:
+        raise ValueError(
+            "step_reuse='residual' reuses H - x, but extrapolate_steps fits coefficients on H; search without "
+            "extrapolate_steps."
+        )
     family = resolve_family(pipe.transformer).name
     cases = check_cases(cases)
 
@@ -157,7 +171,7 @@ def verified_plans(
     def measure(plan) -> float:
         from .. import api
 
-        with api.enabled(pipe, plan):
+        with api.enabled(pipe, PlanConfig(plan, step_reuse=step_reuse)):
             return float(((sample() - reference) ** 2).mean())
 
     results = []
@@ -165,10 +179,9 @@ def verified_plans(
         starts = _verified(stats, flops, replace(config, speedup=float(speedup)), measure)
         if not starts:
             continue
-        if not refine:
-            results.append(starts[0])
-            continue
-        chosen = refined_best(stats, flops, starts, measure, refine)
+        chosen = refined_best(stats, flops, starts, measure, refine) if refine else starts[0]
+        if step_reuse != "state":
+            chosen.plan.provenance["search"]["step_reuse"] = step_reuse
         results.append(chosen)
     return results
 
@@ -254,6 +267,7 @@ def _settings_config(settings: dict) -> SearchConfig:
         reuse_units=settings["reuse_units"],
         unit_weight=settings["unit_weight"],
         last_step_units=settings.get("last_step_units", False),  # absent before it existed
+        step_fit=settings.get("step_fit", "direct"),  # absent in plans of the direct fit
     )
 
 

@@ -51,6 +51,8 @@ from .trajectory import STEP_STREAM, TrajectoryStats
 
 logger = logging.getLogger(__name__)
 
+STEP_FITS = ("direct", "scale_free")
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -70,6 +72,12 @@ class SearchConfig:
             later step can carry the error further (at 5x on flux-shapes the default unit reuse, 4-8 steps stale
             on earlier computed steps, cost 3.8 dB; see ``benchmarks/results/frontier/README.md``).
         unit_weight (`float`, defaults to `1.0`): weight of a unit's error against a step's error.
+        step_fit (`str`, defaults to `"direct"`): how a reused step's error and extrapolation coefficient are
+            fitted. ``"direct"``: least squares on H itself (:meth:`TrajectoryStats.fit`). ``"scale_free"``: up to
+            H's scale (:meth:`TrajectoryStats.fit_scale_free`), for families whose output head normalises H per
+            token (an AdaLN ``norm_out``: FLUX, SD3, DiT, Wan, ...), which the direct fit's coefficient otherwise
+            partly spends on H's shrinking norm. Stored coefficients keep plan format version 2. Held out on
+            flux-shapes at 4x it is not better than the direct fit (``benchmarks/results/frontier/README.md``).
         memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
     """
 
@@ -82,8 +90,11 @@ class SearchConfig:
     unit_weight: float = 1.0
     memory: MemoryBound | None = None
     last_step_units: bool = False
+    step_fit: str = "direct"
 
     def __post_init__(self):
+        if self.step_fit not in STEP_FITS:
+            raise ValueError(f"step_fit must be one of {STEP_FITS}, got {self.step_fit!r}.")
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
             raise ValueError(f"speedup must be a FLOP-ideal speedup >= 1 (e.g. 2.5), got {self.speedup!r}.")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
@@ -268,7 +279,8 @@ class _Search:
 
     # ----- errors -----
     def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
-        return _reuse(self.stats, STEP_STREAM, previous, anchor, t, self.config.extrapolate_steps, self.run_limit)
+        extrapolate, scale_free = self.config.extrapolate_steps, self.config.step_fit == "scale_free"
+        return _reuse(self.stats, STEP_STREAM, previous, anchor, t, extrapolate, self.run_limit, scale_free)
 
     def _unit_error(self, stream: str, previous, anchor: int, t: int) -> tuple[float, float]:
         return _reuse(self.stats, stream, previous, anchor, t, self.config.extrapolate_units, self.run_limit)
@@ -487,6 +499,7 @@ class _Search:
                 "reuse_units": config.reuse_units,
                 "unit_weight": config.unit_weight,
                 **({"last_step_units": True} if config.last_step_units else {}),
+                **({"step_fit": config.step_fit} if config.step_fit != "direct" else {}),
             },
             "calibration": dict(self.stats.provenance),
         }
@@ -502,14 +515,26 @@ class _Search:
         )
 
 
-def _reuse(stats: TrajectoryStats, stream: str, previous, anchor: int, t: int, extrapolate: bool, limit: int):
-    """(relative error, coefficient) of stream's value at ``t`` from its last computed value(s)."""
+def _reuse(
+    stats: TrajectoryStats,
+    stream: str,
+    previous,
+    anchor: int,
+    t: int,
+    extrapolate: bool,
+    limit: int,
+    scale_free: bool = False,
+):
+    """(relative error, coefficient) of stream's value at ``t`` from its last computed value(s); ``scale_free``:
+    both up to the value's scale (``SearchConfig.step_fit``)."""
     if t - anchor > limit:
         return math.inf, 0.0
     if extrapolate and previous is not None and t - previous <= stats.window:
-        coefficient, squared = stats.fit(stream, previous, anchor, t)
+        fit = stats.fit_scale_free if scale_free else stats.fit
+        coefficient, squared = fit(stream, previous, anchor, t)
     else:
-        coefficient, squared = 0.0, stats.reuse_error(stream, anchor, t)
+        error = stats.scale_free_error if scale_free else stats.reuse_error
+        coefficient, squared = 0.0, error(stream, anchor, t)
     return stats.relative(stream, squared, t), coefficient
 
 
