@@ -14,7 +14,8 @@ Writes benchmarks/results/frontier/frontier-<model>.{jsonl,md}.
 Methods (``--methods``, :data:`METHODS`): the search, ``+extrap`` (steps and units extrapolated), ``+stepextrap``
 (steps only) and ``+stepfit`` (steps only, fitted up to H's scale). ``--seeds 0,1,2`` evaluates on the examples with
 more seeds (a larger held-out set; PSNR also per seed); ``--step-reuse residual`` samples the candidates and evaluates
-the plans with residual step reuse (``PlanConfig.step_reuse``).
+the plans with residual step reuse (``PlanConfig.step_reuse``); ``--unit-weight W`` / ``--warmup N`` search with
+``SearchConfig(unit_weight=W, warmup_steps=N)``.
 
 ``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
 the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
@@ -80,6 +81,10 @@ def main() -> None:
     parser.add_argument(
         "--seeds", default="0", help="evaluation seeds of the examples (the sweep's: 0; more: a larger held-out set)"
     )
+    parser.add_argument(
+        "--unit-weight", type=float, default=1.0, help="SearchConfig.unit_weight: a unit's error against a step's"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="SearchConfig.warmup_steps: leading steps computed")
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -103,6 +108,8 @@ def main() -> None:
         (f"-refine{args.refine}" if args.refine else "")
         + (f"-window{args.window}" if args.window != SEARCH_WINDOW else "")
         + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
+        + (f"-unitweight{args.unit_weight:g}" if args.unit_weight != 1.0 else "")
+        + (f"-warmup{args.warmup}" if args.warmup != 1 else "")
         + (f"-seeds{args.seeds.replace(',', '')}" if seeds != [0] else "")
     )
     stats = record_trajectories(
@@ -116,7 +123,7 @@ def main() -> None:
     out = Path(args.out)
     results = []
     for method in methods:
-        config = SearchConfig(max(speedups), **METHODS[method])
+        config = SearchConfig(max(speedups), unit_weight=args.unit_weight, warmup_steps=args.warmup, **METHODS[method])
         found_plans = verified_plans(
             pipe, stats, flops, speedups, config, cases, call_kwargs, refine=args.refine, step_reuse=args.step_reuse
         )
@@ -161,6 +168,8 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
     steps = f" --steps {args.steps}" if args.steps else ""
     extra = f"--step-reuse {args.step_reuse} " if args.step_reuse != "state" else ""
     extra += f"--seeds {args.seeds} " if args.seeds != "0" else ""
+    extra += f"--unit-weight {args.unit_weight:g} " if args.unit_weight != 1.0 else ""
+    extra += f"--warmup {args.warmup} " if args.warmup != 1 else ""
     lines = [
         f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
