@@ -39,6 +39,8 @@ LTX-Video's (``ltx.scheduler``: the same settings are assumed for LTX-2, not che
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from diffusers import LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import AudioVisualModelOutput, LTX2VideoTransformerBlock
@@ -46,8 +48,8 @@ from diffusers.models.transformers.transformer_ltx2 import AudioVisualModelOutpu
 from ..seeding import seeded
 from ..toy_components import tiny_gemma3
 from .calibration_spec import FamilyCalibration
+from .ltx import LTX, call_timestep, embedded_timestep, modulated_head, scheduler, text_mask, toy_prompts
 from .ltx import call_shape as ltx_call_shape
-from .ltx import call_timestep, embedded_timestep, modulated_head, scheduler, size_rules, text_mask, toy_prompts
 from .model_config import ModelConfig, video_fields, video_latent_shape, video_pipeline_size
 from .spec import (
     BlockListSpec,
@@ -55,7 +57,6 @@ from .spec import (
     ConfigSpec,
     FamilySpec,
     HeadStreams,
-    PipelineSpec,
     ReuseUnit,
     describe_block_outputs,
 )
@@ -393,17 +394,10 @@ LTX2 = register_family(
         # No official code: the generic official behaviour (DiT/Wan), every branch of the batched call recorded.
         calibration=FamilyCalibration(correct_step=True, provisional_module_warmup=True),
         dicache_preset="flux",  # no official DiCache setting for LTX-2: FLUX's rules
-        pipeline=PipelineSpec(
-            input_kind="prompt",
-            output_type="pt",
-            video=True,
-            scheduler=scheduler,  # LTX-Video's sampler settings (LTX2Pipeline computes the same shift, mu)
-            calibration_kwargs={"output_type": "latent"},
-            batched_cfg=True,
-            build_toy=_build_toy,
-            call_shape=call_shape,
-            size_rules=size_rules,
-            toy_call_kwargs=_toy_call_kwargs,
+        # LTX-Video's pipeline facts (sampler settings: LTX2Pipeline computes the same shift, mu; size rules; batched
+        # CFG; latent calibration output) with LTX-2's toy and call shape.
+        pipeline=dataclasses.replace(
+            LTX.pipeline, build_toy=_build_toy, call_shape=call_shape, toy_call_kwargs=_toy_call_kwargs
         ),
         configs=ConfigSpec(
             example_call=_example_call,
