@@ -15,7 +15,9 @@ Methods (``--methods``, :data:`METHODS`): the search, ``+extrap`` (steps and uni
 (steps only) and ``+stepfit`` (steps only, fitted up to H's scale). ``--seeds 0,1,2`` evaluates on the examples with
 more seeds (a larger held-out set; PSNR also per seed); ``--step-reuse residual`` samples the candidates and evaluates
 the plans with residual step reuse (``PlanConfig.step_reuse``); ``--unit-weight W`` / ``--warmup N`` search with
-``SearchConfig(unit_weight=W, warmup_steps=N)``.
+``SearchConfig(unit_weight=W, warmup_steps=N)``; ``--calibration-seeds K`` calibrates on every calibration input
+with K noise seeds (K times the sweep's calibration runs: more inputs to rank the candidates on);
+``--calibration-inputs examples`` calibrates on the evaluated examples with other noise (seeds from 1000) instead.
 
 ``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
 the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
@@ -37,7 +39,7 @@ import torch
 from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs
 from invardiff.bench.points import plan_point
 from invardiff.bench.sweep import count_flops, run_point
-from invardiff.bench.targets import bundled_target
+from invardiff.bench.targets import CALIBRATION_SEED, bundled_target
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.budget import _unit_setting, verified_plans
 from invardiff.calibration.run import sampling_defaults
@@ -85,6 +87,19 @@ def main() -> None:
         "--unit-weight", type=float, default=1.0, help="SearchConfig.unit_weight: a unit's error against a step's"
     )
     parser.add_argument("--warmup", type=int, default=1, help="SearchConfig.warmup_steps: leading steps computed")
+    parser.add_argument(
+        "--calibration-inputs",
+        default="calibration",
+        choices=["calibration", "examples"],
+        help="what the search calibrates on: the model's calibration inputs (the sweep's), or its evaluated examples "
+        f"with other noise (seeds from {CALIBRATION_SEED}, the held-out rule of your own pipelines)",
+    )
+    parser.add_argument(
+        "--calibration-seeds",
+        type=int,
+        default=1,
+        help="noise seeds per calibration input (1: the sweep's calibration runs; K: K runs of each, new seeds)",
+    )
     parser.add_argument("--out", default="benchmarks/results/frontier")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -102,7 +117,11 @@ def main() -> None:
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
-    cases = target.calibration_runs()
+    cases = _calibration_cases(target, args.calibration_inputs, args.calibration_seeds)
+    inputs = sweep_inputs(target, seeds)
+    leaked = [case for case in inputs.cases if (case["input"], case["seed"]) in set(cases)]
+    if leaked:  # the held-out rule (bench/targets.py) for the added calibration runs
+        parser.error(f"calibration runs {leaked[:4]} are evaluated too: choose other --seeds or --calibration-seeds")
     started = time.perf_counter()
     suffix = (
         (f"-refine{args.refine}" if args.refine else "")
@@ -110,6 +129,8 @@ def main() -> None:
         + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
         + (f"-unitweight{args.unit_weight:g}" if args.unit_weight != 1.0 else "")
         + (f"-warmup{args.warmup}" if args.warmup != 1 else "")
+        + ("-calexamples" if args.calibration_inputs == "examples" else "")
+        + (f"-calseeds{args.calibration_seeds}" if args.calibration_seeds != 1 else "")
         + (f"-seeds{args.seeds.replace(',', '')}" if seeds != [0] else "")
     )
     stats = record_trajectories(
@@ -117,7 +138,6 @@ def main() -> None:
     )
     call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
-    inputs = sweep_inputs(target, seeds)
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     full = {"images": reference, "flops": full_flops}
     out = Path(args.out)
@@ -163,6 +183,23 @@ def main() -> None:
     write_text(out / f"frontier-{model}{suffix}.md", _report(args, model, results, sweep, minutes))
 
 
+def _calibration_cases(target, inputs: str, seeds_per_input: int) -> list[tuple]:
+    """The target's calibration runs (``inputs="examples"``: its evaluated examples, seeds from
+    :data:`CALIBRATION_SEED`), each input repeated with ``seeds_per_input - 1`` more noise seeds after the last one
+    it uses."""
+    if inputs == "examples":
+        runs = [(item, CALIBRATION_SEED + index) for index, item in enumerate(target.entry.examples)]
+    else:
+        runs = target.calibration_runs()
+    last = max(seed for _, seed in runs)
+    cases = runs + [
+        (item, last + 1 + k * len(runs) + index)
+        for k in range(seeds_per_input - 1)
+        for index, (item, _) in enumerate(runs)
+    ]
+    return cases
+
+
 def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: float) -> str:
     video = any("clip_psnr" in r for r in results)
     steps = f" --steps {args.steps}" if args.steps else ""
@@ -170,6 +207,8 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
     extra += f"--seeds {args.seeds} " if args.seeds != "0" else ""
     extra += f"--unit-weight {args.unit_weight:g} " if args.unit_weight != 1.0 else ""
     extra += f"--warmup {args.warmup} " if args.warmup != 1 else ""
+    extra += f"--calibration-inputs {args.calibration_inputs} " if args.calibration_inputs != "calibration" else ""
+    extra += f"--calibration-seeds {args.calibration_seeds} " if args.calibration_seeds != 1 else ""
     lines = [
         f"# {model}: verified budgeted plans at high FLOP-ideal speedups (held out)",
         "",
