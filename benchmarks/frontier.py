@@ -17,7 +17,8 @@ more seeds (a larger held-out set; PSNR also per seed); ``--step-reuse residual`
 the plans with residual step reuse (``PlanConfig.step_reuse``); ``--unit-weight W`` / ``--warmup N`` search with
 ``SearchConfig(unit_weight=W, warmup_steps=N)``; ``--calibration-seeds K`` calibrates on every calibration input
 with K noise seeds (K times the sweep's calibration runs: more inputs to rank the candidates on);
-``--calibration-inputs examples`` calibrates on the evaluated examples with other noise (seeds from 1000) instead.
+``--calibration-inputs examples`` calibrates on the evaluated examples with other noise (seeds from 1000) instead,
+``both`` on the two sets.
 
 ``--steps N`` runs the model at N sampling steps instead of its own (a few-step frontier: full compute at N steps is
 the reference, the plans are searched at N steps; files ``frontier-<model>-N-steps*``, peers from the few-step
@@ -90,9 +91,9 @@ def main() -> None:
     parser.add_argument(
         "--calibration-inputs",
         default="calibration",
-        choices=["calibration", "examples"],
-        help="what the search calibrates on: the model's calibration inputs (the sweep's), or its evaluated examples "
-        f"with other noise (seeds from {CALIBRATION_SEED}, the held-out rule of your own pipelines)",
+        choices=["calibration", "examples", "both"],
+        help="what the search calibrates on: the model's calibration inputs (the sweep's), its evaluated examples "
+        f"with other noise (seeds from {CALIBRATION_SEED}, the held-out rule of your own pipelines), or both",
     )
     parser.add_argument(
         "--calibration-seeds",
@@ -129,7 +130,7 @@ def main() -> None:
         + (f"-{args.step_reuse}" if args.step_reuse != "state" else "")
         + (f"-unitweight{args.unit_weight:g}" if args.unit_weight != 1.0 else "")
         + (f"-warmup{args.warmup}" if args.warmup != 1 else "")
-        + ("-calexamples" if args.calibration_inputs == "examples" else "")
+        + (f"-cal{args.calibration_inputs}" if args.calibration_inputs != "calibration" else "")
         + (f"-calseeds{args.calibration_seeds}" if args.calibration_seeds != 1 else "")
         + (f"-seeds{args.seeds.replace(',', '')}" if seeds != [0] else "")
     )
@@ -185,12 +186,11 @@ def main() -> None:
 
 def _calibration_cases(target, inputs: str, seeds_per_input: int) -> list[tuple]:
     """The target's calibration runs (``inputs="examples"``: its evaluated examples, seeds from
-    :data:`CALIBRATION_SEED`), each input repeated with ``seeds_per_input - 1`` more noise seeds after the last one
-    it uses."""
-    if inputs == "examples":
-        runs = [(item, CALIBRATION_SEED + index) for index, item in enumerate(target.entry.examples)]
-    else:
-        runs = target.calibration_runs()
+    :data:`CALIBRATION_SEED`, instead; ``"both"``: those after the calibration runs), each input repeated with
+    ``seeds_per_input - 1`` more noise seeds after the last one it uses."""
+    runs = target.calibration_runs() if inputs != "examples" else []
+    if inputs != "calibration":
+        runs += [(item, CALIBRATION_SEED + index) for index, item in enumerate(target.entry.examples)]
     last = max(seed for _, seed in runs)
     cases = runs + [
         (item, last + 1 + k * len(runs) + index)

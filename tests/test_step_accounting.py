@@ -97,6 +97,24 @@ def test_a_reversed_timestep_is_mapped_back_onto_the_schedule(check_path):
         _finish(check)
 
 
+def test_the_nearest_entry_is_found_in_any_order_of_the_schedule(check_path):
+    # The host path finds the nearest entry by bisecting the sorted schedule: an unsorted one (no scheduler makes
+    # one; the check must not rely on order) gives the same verdicts as the device path's full scan.
+    timesteps = _flux_schedule(28)[torch.randperm(28, generator=torch.Generator().manual_seed(0))]
+    check = TimestepCheck(timesteps, scale=1000.0)
+    for step, t in enumerate(timesteps):
+        check.add(t.expand(1) / 1000, step, "cond")
+    _finish(check)
+    check = TimestepCheck(timesteps, scale=1000.0)
+    with pytest.raises(EngineError, match="scheduler's schedule says step 0"):
+        check.add(timesteps[1].expand(1) / 1000, 0, "cond")  # step 0 sent step 1's timestep
+        _finish(check)
+    check = TimestepCheck(timesteps, scale=1000.0)
+    with pytest.raises(EngineError, match="scheduler's schedule says step 3"):
+        check.add(torch.tensor([2000.0]) / 1000, 3, "cond")  # beyond the last entry: nearest is the largest
+        _finish(check)
+
+
 @pytest.mark.slow  # bf16 matmuls are slow on the CPU: about 2 minutes
 def test_bf16_flux_pipeline_at_100_steps_runs_a_plan():
     config = dataclasses.replace(MODEL_CONFIGS["flux-tiny"], dtype="bfloat16")

@@ -28,6 +28,7 @@ as separate calls without a context (``ChromaPipeline``) has its calls named by 
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import logging
 
@@ -85,6 +86,7 @@ class TimestepCheck:
         self.values = timesteps.detach().float()  # on the scheduler's device; never read on the host per call
         self.scale, self.offset = scale, offset  # schedule entry = offset + scale * the call's timestep
         self.host_values = self.values.tolist() if host_reads_are_free(self.values.device) else None
+        self.host_sorted = sorted(self.host_values) if self.host_values is not None else None  # nearest by bisection
         self.first_bad: torch.Tensor | None = None  # (3,): [bad, step, timestep] of the first bad call
         self.pending = False
 
@@ -109,10 +111,15 @@ class TimestepCheck:
         # The device path's test in double precision on the call's exact values (one read, no tensor op: five small
         # ops cost ~40 us a call): the two differ by float32 rounding (~6e-8 relative), far inside the tolerance (at
         # least 1e-6 relative).
-        t = [value * self.scale + self.offset for value in timestep.reshape(-1).tolist()]
+        values = timestep.tolist() if timestep.ndim == 1 else timestep.reshape(-1).tolist()
+        t = [value * self.scale + self.offset for value in values]
         first = t[0]
-        distances = [abs(value - first) for value in self.host_values]
-        if distances[step] > min(distances) + precision * max(abs(first), 1.0) or any(x != first for x in t):
+        entries = self.host_sorted  # the nearest entry's distance: one of the two sorted entries around first
+        index = bisect.bisect_left(entries, first)
+        below, above = entries[max(index - 1, 0)], entries[min(index, len(entries) - 1)]
+        nearest = min(abs(below - first), abs(above - first))
+        own = abs(self.host_values[step] - first)
+        if own > nearest + precision * max(abs(first), 1.0) or any(x != first for x in t):
             self._abort(branch, step, first)
 
     def verify(self, branch: str) -> None:
@@ -241,7 +248,8 @@ class CacheEngine:
             state.end_call()
             self._abort(state)  # the policy refused this call: the run cannot go on from here
             raise
-        self._set_modes(state)
+        if state.action != StepAction.REUSE:  # a reused step runs no block: its units and blocks stay INACTIVE
+            self._set_modes(state)
         self.active = state
         return state
 
@@ -315,7 +323,8 @@ class CacheEngine:
 
     def end_call(self, state: BranchState, failed: bool) -> None:
         self.active = None
-        self._set_modes(None)
+        if state.action != StepAction.REUSE:
+            self._set_modes(None)
         if failed:
             state.end_call()
             self._abort(state)
