@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from invardiff import api
-from invardiff.bench.bundled import _calibrate, sweep_inputs
+from invardiff.bench.bundled import calibrate_thresholds, sweep_inputs
 from invardiff.bench.memory_points import FLUX1_DEV_BOUND, bound_fraction, scaled_bound
 from invardiff.bench.targets import bundled_target
 from invardiff.cache_footprint import measure_footprint, peak_cache_bytes
@@ -92,7 +92,7 @@ def flux_shapes_part(seeds: list[int], budgets: list[float]) -> dict:
         print(json.dumps(row))
         return row
 
-    fast = _calibrate(target, "fast")
+    fast = calibrate_thresholds(target, "fast")
     rows = [measure("fast preset (unbounded)", fast)]
     fitted = {}
     for dtype in (None, "bfloat16", "float8_e4m3fn"):

@@ -29,7 +29,7 @@ import invardiff
 from invardiff.bench.targets import CALIBRATION
 from invardiff.bench.timing import Variant, measure_rounds, timed
 from invardiff.calibration import calibrate
-from invardiff.demo import _generate
+from invardiff.demo import generate_cases
 from invardiff.engine.install import attached_engine
 from invardiff.families import INPUT_KINDS
 from invardiff.files import write_text
@@ -79,7 +79,7 @@ def main() -> None:
             recorded.append({"full": list(calls["full"]), "cached": list(calls["cached"]), "bookkeeping": bookkeeping})
 
     def generate(pipe):
-        return lambda index: timed(lambda: _generate(pipe, entry, [cases[index]]), "cpu")[0]
+        return lambda index: timed(lambda: generate_cases(pipe, entry, [cases[index]]), "cpu")[0]
 
     times = measure_rounds(
         [Variant("full", generate(full_pipe)), Variant("cached", generate(cached_pipe))],

@@ -28,7 +28,7 @@ import argparse
 import torch
 
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.run import _call, sampling_defaults
+from invardiff.calibration.run import call_pipeline, sampling_defaults
 
 
 def record_branches(pipe, family: str, cases: list[tuple], call_kwargs: dict, steps: int):
@@ -39,7 +39,7 @@ def record_branches(pipe, family: str, cases: list[tuple], call_kwargs: dict, st
         runs = []
         for case in cases:
             outputs.clear()
-            _call(pipe, family, [case], call_kwargs)
+            call_pipeline(pipe, family, [case], call_kwargs)
             if len(outputs) != 2 * steps:
                 raise RuntimeError(
                     f"expected 2 transformer calls per step (cond, uncond) over {steps} steps, got {len(outputs)}; "

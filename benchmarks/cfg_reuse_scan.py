@@ -37,7 +37,7 @@ import torch
 
 from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.budget import _outputs
+from invardiff.calibration.budget import sample_outputs
 from invardiff.calibration.run import sampling_defaults
 from invardiff.files import write_text
 from invardiff.metrics.video import output_fidelity
@@ -106,14 +106,14 @@ def main() -> None:
         "guidance_scale": entry.guidance_scale,
     }
     inputs = sweep_inputs(target, [0])
-    calibration_reference = _outputs(pipe, target.family, cases, call_kwargs, 1)
+    calibration_reference = sample_outputs(pipe, target.family, cases, call_kwargs, 1)
     reference = inputs.generate(pipe)
 
     def evaluate(skips: tuple[int, ...], order: int) -> dict:
         hook = UncondReuse(T, set(skips), order)
         handle = pipe.transformer.register_forward_hook(hook)
         try:
-            sampled = _outputs(pipe, target.family, cases, call_kwargs, 1)
+            sampled = sample_outputs(pipe, target.family, cases, call_kwargs, 1)
             videos = inputs.generate(pipe)
         finally:
             handle.remove()

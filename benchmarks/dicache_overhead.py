@@ -13,7 +13,7 @@ import torch
 import invardiff
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.timing import Variant, measure_rounds, whole_run
-from invardiff.demo import _generate
+from invardiff.demo import generate_cases
 from invardiff.models import registry
 
 
@@ -26,7 +26,7 @@ def main() -> None:
         cases = [(item, 0) for item in entry.examples]
 
         def run(pipe=pipe, entry=entry, cases=cases):
-            return _generate(pipe, entry, cases)
+            return generate_cases(pipe, entry, cases)
 
         full_flops, _ = count_flops(run)
         for threshold in (0.0, 1e6):

@@ -30,7 +30,7 @@ from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.budget import _outputs
+from invardiff.calibration.budget import sample_outputs
 from invardiff.calibration.run import sampling_defaults
 from invardiff.calibration.search import SearchConfig, schedule_plan
 from invardiff.calibration.trajectory import record_trajectories
@@ -67,13 +67,13 @@ def main() -> None:
     stats = record_trajectories(pipe, num_inference_steps=steps, cases=cases, window=steps - 1, pipeline_kwargs=kwargs)
     call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
-    calibration_reference = _outputs(pipe, target.family, cases, call_kwargs, len(cases))
+    calibration_reference = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
     inputs = sweep_inputs(target, [0])
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
 
     def _evaluate(found, speedup, computed, extrapolate, units) -> dict:
         with api.enabled(pipe, found.plan):
-            sampled = _outputs(pipe, target.family, cases, call_kwargs, len(cases))
+            sampled = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
             images = inputs.generate(pipe)
         return {
             "target": speedup,

@@ -42,7 +42,7 @@ from invardiff.bench.points import plan_point
 from invardiff.bench.sweep import count_flops, run_point
 from invardiff.bench.targets import CALIBRATION_SEED, bundled_target
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.budget import _unit_setting, verified_plans
+from invardiff.calibration.budget import unit_setting, verified_plans
 from invardiff.calibration.run import sampling_defaults
 from invardiff.calibration.search import SearchConfig
 from invardiff.calibration.trajectory import record_trajectories
@@ -230,7 +230,7 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
     for r in results:
         s = r["settings"]
         measured = f"{r['measured_speedup']:.2f}x" if "measured_speedup" in r else "—"
-        kept = f"max_run {s['max_run']}, units {_unit_setting(s)}"
+        kept = f"max_run {s['max_run']}, units {unit_setting(s)}"
         if "refine_moves" in r:
             kept += f", {r['refine_moves']} refining moves"
         lines.append(

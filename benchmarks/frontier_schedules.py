@@ -26,7 +26,7 @@ from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.budget import _outputs
+from invardiff.calibration.budget import sample_outputs
 from invardiff.calibration.run import check_cases, sampling_defaults
 from invardiff.calibration.search import SearchConfig, schedule_plan
 from invardiff.calibration.trajectory import STEP_STREAM, record_trajectories
@@ -63,7 +63,7 @@ def main() -> None:
     seeds = [int(seed) for seed in args.seeds.split(",")]
     inputs = sweep_inputs(target, seeds)
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
-    calibration = _outputs(pipe, target.family, cases, call_kwargs, len(cases))
+    calibration = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
     config = SearchConfig(args.speedup, reuse_units=not args.no_units, extrapolate_steps=args.extrapolate_steps)
     for schedule in schedules:
         result = schedule_plan(stats, flops, config, schedule)
@@ -71,7 +71,7 @@ def main() -> None:
             print(json.dumps({"schedule": schedule, "feasible": False}))
             continue
         with invardiff.enabled(pipe, result.plan):
-            sampled = _outputs(pipe, target.family, cases, call_kwargs, len(cases))
+            sampled = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
             point_flops, images = count_flops(lambda: inputs.generate(pipe))
         fidelity = output_fidelity(images, reference)
         row = {

@@ -36,7 +36,7 @@ import invardiff
 from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.run import _call, check_cases, sampling_defaults
+from invardiff.calibration.run import call_pipeline, check_cases, sampling_defaults
 from invardiff.engine.policy import register_policy
 from invardiff.files import write_text
 from invardiff.metrics import output_fidelity
@@ -159,7 +159,7 @@ def main() -> None:
     trajectories = {}
     full_compute = CachePlan.reuse_nothing(plan.model, plan.num_inference_steps)
     with invardiff.enabled(pipe, PredictorConfig(full_compute, None, {}, trajectories)):
-        _call(pipe, target.family, cases, call_kwargs)
+        call_pipeline(pipe, target.family, cases, call_kwargs)
     computed = [int(t) for t in np.flatnonzero(~plan.step_cache)]
     inputs = sweep_inputs(target, [int(seed) for seed in args.seeds.split(",")])
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 import invardiff
-from invardiff.bench.bundled import _calibrate
+from invardiff.bench.bundled import calibrate_thresholds
 from invardiff.bench.lora import random_lora, save_lora
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
-from invardiff.demo import _generate
+from invardiff.demo import generate_cases
 from invardiff.metrics import output_fidelity
 
 
@@ -64,10 +64,10 @@ def _measure(name: str, args) -> dict:
     cases = [(item, 0) for item in entry.examples[: args.inputs]]  # held out: calibration uses other inputs
 
     def generate():
-        return count_flops(lambda: _generate(pipe, entry, cases))
+        return count_flops(lambda: generate_cases(pipe, entry, cases))
 
     base_flops, base_full = generate()
-    base_plan = _calibrate(target, preset)
+    base_plan = calibrate_thresholds(target, preset)
     with invardiff.enabled(pipe, base_plan):
         base_plan_flops, base_plan_on_base = generate()
     with tempfile.TemporaryDirectory() as directory:
@@ -75,7 +75,7 @@ def _measure(name: str, args) -> dict:
         save_lora(lora, Path(directory) / "lora.safetensors")
         pipe.load_lora_weights(directory, weight_name="lora.safetensors", adapter_name="random")
     lora_flops, lora_full = generate()
-    lora_plan = _calibrate(target, preset)  # same preset, inputs and seeds, now on the LoRA model
+    lora_plan = calibrate_thresholds(target, preset)  # same preset, inputs and seeds, now on the LoRA model
     results = {}
     for label, plan in (("base plan", base_plan), ("recalibrated plan", lora_plan)):
         with invardiff.enabled(pipe, plan):

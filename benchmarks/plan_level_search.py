@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import invardiff
-from invardiff.bench.bundled import _calibrate, sweep_inputs
+from invardiff.bench.bundled import calibrate_thresholds, sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.thresholds import PRESETS
@@ -31,7 +31,7 @@ def main() -> None:
     kinds = PRESETS["flux"]["fast"].modules
     grid = itertools.product((0.1, 0.2), (0.55, 0.6, 0.65), (0.4, 0.68), (0.0, 0.68), (0.4, 0.68))
     for nonskip, step, attn, ff, single in grid:
-        plan = _calibrate(target, InvarDiffThresholds(nonskip, step, _levels(kinds, attn, ff, single)))
+        plan = calibrate_thresholds(target, InvarDiffThresholds(nonskip, step, _levels(kinds, attn, ff, single)))
         with invardiff.enabled(pipe, plan):
             flops, images = count_flops(lambda: inputs.generate(pipe))
         print(

@@ -21,7 +21,7 @@ from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration import calibrate
 from invardiff.calibration.budget import calibrate_budget
-from invardiff.demo import _generate
+from invardiff.demo import generate_cases
 from invardiff.files import write_text
 from invardiff.metrics import lpips, psnr
 from invardiff.plan_transforms import resample_plan
@@ -97,10 +97,10 @@ def _evaluate(pipe, entry, plan, steps: int) -> dict:
     cases = [(item, 0) for item in entry.examples]
     stepped = dataclasses.replace(entry, num_inference_steps=steps)
     if steps not in _REFERENCES:
-        _REFERENCES[steps] = count_flops(lambda: _generate(pipe, stepped, cases))
+        _REFERENCES[steps] = count_flops(lambda: generate_cases(pipe, stepped, cases))
     full_flops, reference = _REFERENCES[steps]
     with invardiff.enabled(pipe, plan):
-        flops, images = count_flops(lambda: _generate(pipe, stepped, cases))
+        flops, images = count_flops(lambda: generate_cases(pipe, stepped, cases))
     return {
         "ideal_speedup": full_flops / flops,
         "steps_reused": int(plan.step_cache.sum()),

@@ -25,7 +25,7 @@ from invardiff.bench.sweep_report import at_speedup
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.budget import verified_plans
-from invardiff.calibration.run import _default_kwargs
+from invardiff.calibration.run import family_calibration_kwargs
 from invardiff.calibration.search import SearchConfig, pareto_plans
 from invardiff.calibration.trajectory import TrajectoryStats, record_trajectories
 from invardiff.files import write_text
@@ -65,7 +65,7 @@ def main() -> None:
     speedups = [float(s) for s in args.speedups.split(",")]
     results = []
     calibration = [(item, CALIBRATION_SEED) for item in target.calibration]
-    call_kwargs = {"num_inference_steps": steps, **_default_kwargs(family), **guidance}
+    call_kwargs = {"num_inference_steps": steps, **family_calibration_kwargs(family), **guidance}
     for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
         config = SearchConfig(max(speedups), extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
         found_plans = [(method, found) for found in pareto_plans(stats, flops, speedups, config)]

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 import invardiff
-from invardiff.bench.bundled import GRID_MODULE_LEVELS, GRID_STEP_LEVELS, _calibrate, _grid_point, sweep_inputs
+from invardiff.bench.bundled import (
+    GRID_MODULE_LEVELS,
+    GRID_STEP_LEVELS,
+    calibrate_thresholds,
+    grid_point,
+    sweep_inputs,
+)
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.files import write_text
@@ -25,9 +31,9 @@ def main(name: str) -> None:
     pipe = target.load()
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     rows = []
-    grid = [_grid_point(target.family, step, level) for step in GRID_STEP_LEVELS for level in GRID_MODULE_LEVELS]
+    grid = [grid_point(target.family, step, level) for step in GRID_STEP_LEVELS for level in GRID_MODULE_LEVELS]
     for label, thresholds in grid:
-        plan = _calibrate(target, thresholds)
+        plan = calibrate_thresholds(target, thresholds)
         for mode in ("state", "residual"):
             invardiff.enable(pipe, invardiff.PlanConfig(plan, step_reuse=mode))
             flops, images = count_flops(lambda: inputs.generate(pipe))

@@ -10,7 +10,7 @@ import torch
 
 from invardiff.bench import peers
 from invardiff.bench.points import _peer_point
-from invardiff.demo import _generate
+from invardiff.demo import generate_cases
 from invardiff.flops import flop_counter
 from invardiff.models import registry
 
@@ -34,7 +34,7 @@ def test_every_peer_has_settings_for_both_kinds_of_target():
 def flux_shapes():
     entry, pipe = registry.get("flux-shapes"), registry.load("flux-shapes")
     cases = [(entry.examples[0], 0)]
-    return pipe, (lambda: _generate(pipe, entry, cases)), _generate(pipe, entry, cases)
+    return pipe, (lambda: generate_cases(pipe, entry, cases)), generate_cases(pipe, entry, cases)
 
 
 @pytest.mark.parametrize(

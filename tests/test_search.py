@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from invardiff.calibration.budget import (
-    _unit_setting,
     _verified,
     descend,
     refined_best,
     refined_plan,
     sampled_last_step_fill,
+    unit_setting,
 )
 from invardiff.calibration.search import BudgetError, SearchConfig, parse_budget, schedule_plan, search_plan
 from invardiff.calibration.trajectory import TrajectoryRecorder, TrajectoryStats
@@ -431,7 +431,7 @@ def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_l
 
     config = SearchConfig(2.2)
     starts = _verified(stats, flops, config, measure)
-    settings = [_unit_setting(start.plan.provenance["search"]) for start in starts]
+    settings = [unit_setting(start.plan.provenance["search"]) for start in starts]
     assert len(set(settings)) == len(settings) >= 2 and "last" in settings  # off may equal a plan with units
     errors = [start.plan.provenance["search"]["verified"]["output_mse"] for start in starts]
     assert errors == sorted(errors)
@@ -439,9 +439,7 @@ def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_l
     ends = {}
     for setting in settings:  # each descent alone, from a fresh selection
         alone = next(
-            s
-            for s in _verified(stats, flops, config, measure)
-            if _unit_setting(s.plan.provenance["search"]) == setting
+            s for s in _verified(stats, flops, config, measure) if unit_setting(s.plan.provenance["search"]) == setting
         )
         fill = None
         if setting == "last":  # its fill is chosen on sampled error first, then kept while the steps move
@@ -451,7 +449,7 @@ def test_refine_descends_from_the_best_plan_of_each_unit_setting_and_keeps_the_l
     recorded = {entry["units"]: entry["end_mse"] for entry in chosen.plan.provenance["search"]["refined"]["starts"]}
     assert recorded == ends
     assert measure(chosen.plan) == min(ends.values())
-    assert _unit_setting(chosen.plan.provenance["search"]) == min(ends, key=ends.get)
+    assert unit_setting(chosen.plan.provenance["search"]) == min(ends, key=ends.get)
 
 
 def test_descent_leaves_a_local_minimum_of_single_shifts_by_a_shift_of_two():

@@ -64,7 +64,7 @@ def run_demo(
     def generate(variant: str, target) -> Callable[[int], float]:
         # The images of the last timed round are the ones evaluated (the runs are deterministic).
         def step(index: int) -> float:
-            seconds, images = timed(lambda: _generate(target, entry, cases[index : index + 1]), device)
+            seconds, images = timed(lambda: generate_cases(target, entry, cases[index : index + 1]), device)
             outputs[variant][index] = images
             return seconds
 
@@ -118,7 +118,7 @@ def _call_config(pipe, entry):
     return pipeline_call_config(pipe, entry.family, kwargs)
 
 
-def _generate(pipe, entry, cases, batch: int = 1) -> torch.Tensor:
+def generate_cases(pipe, entry, cases, batch: int = 1) -> torch.Tensor:
     """The images of ``cases`` ((input, seed) pairs), ``batch`` of them per pipeline call, each from its own
     seeded generator: (N, C, H, W) in [0, 1]."""
     images = []

@@ -10,7 +10,7 @@ import torch
 
 from ..calibration import calibrate
 from ..calibration.thresholds import PRESETS, uniform_thresholds
-from ..demo import _generate
+from ..demo import generate_cases
 from ..families import get_family, is_video
 from ..families.calibration_spec import InvarDiffThresholds
 from ..plan_transforms import cap_step_runs
@@ -143,13 +143,14 @@ def sweep_inputs(
     return SweepInputs(
         model=target.name,
         load_pipeline=target.load,
-        generate=lambda pipe: _generate(pipe, entry, cases, batch),
+        generate=lambda pipe: generate_cases(pipe, entry, cases, batch),
         cases=[{"input": item, "seed": seed} for item, seed in cases],
         device=torch.device(device),
     )
 
 
-def _calibrate(target: SweepTarget, thresholds):
+def calibrate_thresholds(target: SweepTarget, thresholds):
+    """A threshold plan (a preset name or :class:`InvarDiffThresholds`) calibrated on ``target``'s calibration runs."""
     plan, _ = calibrate(
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
@@ -194,7 +195,8 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
     ]
 
 
-def _grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffThresholds]:
+def grid_point(family: str, step: float, level: float) -> tuple[str, InvarDiffThresholds]:
+    """The label and thresholds of the invardiff-grid point at step quantile ``step`` and module quantile ``level``."""
     return f"grid step={step:g} modules={level:g}", uniform_thresholds(family, step, level)
 
 
@@ -215,7 +217,7 @@ def sweep_points(
     if {"invardiff", "plan+probe"} & set(methods):
         for preset in PRESETS[family]:
             note(f"calibrating {preset}")
-            plans[preset] = _calibrate(target, preset)
+            plans[preset] = calibrate_thresholds(target, preset)
     if "invardiff" in methods:
         points += [plan_point(f"invardiff {p}", plan, {"preset": p}) for p, plan in plans.items()]
     grid_plans: dict[tuple[float, float], object] = {}
@@ -223,9 +225,9 @@ def sweep_points(
     def grid_plan(step: float, level: float):
         # Calibration is deterministic, so the grid, the capped plans and plan+probe share one per level pair.
         if (step, level) not in grid_plans:
-            label, thresholds = _grid_point(family, step, level)
+            label, thresholds = grid_point(family, step, level)
             note(f"calibrating {label}")
-            grid_plans[step, level] = _calibrate(target, thresholds)
+            grid_plans[step, level] = calibrate_thresholds(target, thresholds)
         return grid_plans[step, level]
 
     if "invardiff-grid" in methods:
@@ -233,7 +235,7 @@ def sweep_points(
             for level in grid.module_levels:
                 if step == level == 0:  # reuses nothing: full compute
                     continue
-                label, thresholds = _grid_point(family, step, level)
+                label, thresholds = grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
     for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
         if method in methods:
@@ -245,13 +247,13 @@ def sweep_points(
         preset = "fast" if "fast" in PRESETS[family] else next(iter(PRESETS[family]))
         if preset not in plans:
             note(f"calibrating {preset}")
-            plans[preset] = _calibrate(target, preset)
+            plans[preset] = calibrate_thresholds(target, preset)
         note("fitting invardiff-memory")
         points += memory_points(target, plans[preset])
     if "invardiff-capped" in methods:
         for max_run, levels in grid.capped.items():
             for step, level in levels:
-                label, thresholds = _grid_point(family, step, level)
+                label, thresholds = grid_point(family, step, level)
                 plan = cap_step_runs(grid_plan(step, level), max_run)
                 settings = {**thresholds.to_dict(), "max_step_run": max_run}
                 points.append(plan_point(f"invardiff {label} max-run={max_run}", plan, settings))
@@ -268,7 +270,7 @@ def sweep_points(
             if isinstance(plan_key, str):
                 plan_label, plan = plan_key, plans[plan_key]
             else:
-                plan_label, plan = _grid_point(family, *plan_key)[0], grid_plan(*plan_key)
+                plan_label, plan = grid_point(family, *plan_key)[0], grid_plan(*plan_key)
             points += [
                 plan_probe_point(plan_label, plan, delta, per_sample) for per_sample in modes for delta in deltas
             ]

@@ -30,7 +30,7 @@ from ..families import resolve_family
 from ..flops import profile_flops
 from ..policies.plan import STEP_REUSE, PlanConfig
 from .batching import pipeline_call_config
-from .run import _call, check_cases, output_tensor, sampling_defaults
+from .run import call_pipeline, check_cases, output_tensor, sampling_defaults
 from .search import (
     BudgetError,
     SearchConfig,
@@ -164,7 +164,7 @@ def verified_plans(
     cases = check_cases(cases)
 
     def sample() -> torch.Tensor:
-        return _outputs(pipe, family, cases, call_kwargs, batch_size or len(cases))
+        return sample_outputs(pipe, family, cases, call_kwargs, batch_size or len(cases))
 
     reference = sample()
 
@@ -201,7 +201,7 @@ def refined_best(stats, flops, starts: list[SearchResult], measure, rounds: int)
     moves = [result.plan.provenance["search"]["refined"]["moves"] for result in refined]
     chosen = refined[int(np.argmin([steps[-1][1] for steps in moves]))]
     chosen.plan.provenance["search"]["refined"]["starts"] = [
-        {"units": _unit_setting(result.plan.provenance["search"]), "start_mse": steps[0][1], "end_mse": steps[-1][1]}
+        {"units": unit_setting(result.plan.provenance["search"]), "start_mse": steps[0][1], "end_mse": steps[-1][1]}
         for result, steps in zip(refined, moves, strict=True)
     ]
     return chosen
@@ -346,14 +346,14 @@ def descend(
     return current, history
 
 
-def _unit_setting(search: dict) -> str:
+def unit_setting(search: dict) -> str:
     """How a searched plan reuses units: ``"computed"`` steps, the ``"last"`` step only, or ``"off"``."""
     return "last" if search.get("last_step_units") else "computed" if search["reuse_units"] else "off"
 
 
 def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]:
     """The candidates of least output error (``measure(plan)``) at ``config.speedup``, one per unit setting
-    (:func:`_unit_setting`), the best first; each plan's provenance records every candidate's error. Empty (with a
+    (:func:`unit_setting`), the best first; each plan's provenance records every candidate's error. Empty (with a
     warning) when no cap reaches the target."""
     candidates, errors = [], []
     for max_run, units, last in verify_grid(config):
@@ -383,7 +383,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
     ]
     starts, settings = [], set()
     for index in np.argsort(errors, kind="stable"):
-        setting = _unit_setting(candidates[index].plan.provenance["search"])
+        setting = unit_setting(candidates[index].plan.provenance["search"])
         if setting in settings:
             continue
         settings.add(setting)
@@ -394,7 +394,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
         "%.3gx: kept the plan with runs of at most %d, unit reuse %s",
         config.speedup,
         search["max_run"],
-        _unit_setting(search),
+        unit_setting(search),
     )
     return starts
 
@@ -411,10 +411,11 @@ def _same_plan(a, b) -> bool:
     return all(first[key] == second[key] for key in ("step_cache", "module_reuse"))
 
 
-def _outputs(pipe, family: str, cases: list[tuple], call_kwargs: dict, batch_size: int) -> torch.Tensor:
-    """The pipeline's outputs for ``cases`` (every output as float32, concatenated over the batches)."""
+def sample_outputs(pipe, family: str, cases: list[tuple], call_kwargs: dict, batch_size: int) -> torch.Tensor:
+    """The pipeline's outputs for ``cases`` ((input, seed or noise) pairs, ``batch_size`` per call; every output as
+    float32 on the CPU, concatenated over the batches): what the verified selection samples a candidate plan with."""
     outputs = [
-        output_tensor(_call(pipe, family, cases[start : start + batch_size], call_kwargs)).float().cpu()
+        output_tensor(call_pipeline(pipe, family, cases[start : start + batch_size], call_kwargs)).float().cpu()
         for start in range(0, len(cases), batch_size)
     ]
     return torch.cat(outputs)

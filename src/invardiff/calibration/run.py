@@ -99,7 +99,7 @@ def calibrate(
     check_inputs(pipe, family.name, [item for item, _ in samples])
     call_kwargs = {
         "num_inference_steps": num_inference_steps,
-        **_default_kwargs(family.name),
+        **family_calibration_kwargs(family.name),
         **(pipeline_kwargs or {}),
     }
     check_call_size(pipe, family.name, call_kwargs)
@@ -197,7 +197,7 @@ def record_batches(pipe, setup: PassSetup, batches: list[list[tuple]], provision
     options = (setup.epsilon, setup.offload, setup.branches)
     with recording_parts(pipe, setup.parts, provisional or {}, *options) as recorders:
         for index, batch in enumerate(batches):
-            _call(pipe, setup.family, batch, setup.call_kwargs)
+            call_pipeline(pipe, setup.family, batch, setup.call_kwargs)
             if progress is not None:
                 progress(index)
     return {name: recorder.rates() for name, recorder in recorders.items()}
@@ -292,7 +292,8 @@ def check_call_size(pipe, family: str, call_kwargs: dict) -> None:
         rules[name].check(name, value, type(pipe).__name__)
 
 
-def _default_kwargs(family: str) -> dict:
+def family_calibration_kwargs(family: str) -> dict:
+    """The pipeline arguments ``family``'s official calibration fixes (DiT: ``guidance_scale=1``)."""
     return dict(_pipeline(family).calibration_kwargs)
 
 
@@ -302,12 +303,12 @@ def sampling_defaults(pipe, family: str) -> dict:
     will run, both CFG halves where the pipeline batches them), not the official threshold calibration's (DiT: 1)."""
     from ..models.sources import pipeline_default
 
-    kwargs = {k: v for k, v in _default_kwargs(family).items() if k != "guidance_scale"}
+    kwargs = {k: v for k, v in family_calibration_kwargs(family).items() if k != "guidance_scale"}
     guidance = pipeline_default(pipe, "guidance_scale")
     return kwargs if guidance is None else {"guidance_scale": guidance, **kwargs}
 
 
-def _call(pipe, family: str, batch: list[tuple], call_kwargs: dict):
+def call_pipeline(pipe, family: str, batch: list[tuple], call_kwargs: dict):
     """One pipeline call on ``batch`` ((input, noise) pairs: each seed its own generator, or the latents stacked
     into the call's ``latents``); the pipeline's output."""
     spec = _pipeline(family)

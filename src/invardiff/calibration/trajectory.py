@@ -297,7 +297,7 @@ def record_trajectories(
     from ..families import resolve_family
     from ..plan import CachePlan
     from .record_policy import RecordConfig
-    from .run import _call, check_call_size, check_cases, noise_record, sampling_defaults
+    from .run import call_pipeline, check_call_size, check_cases, noise_record, sampling_defaults
 
     refuse_experts(pipe)
     cases = check_cases(cases)
@@ -314,7 +314,7 @@ def record_trajectories(
     api.enable(pipe, RecordConfig(CachePlan.reuse_nothing(facts, num_inference_steps), recorder))
     try:
         for start in range(0, len(cases), batch_size):
-            _call(pipe, family.name, cases[start : start + batch_size], call_kwargs)
+            call_pipeline(pipe, family.name, cases[start : start + batch_size], call_kwargs)
     finally:
         api.disable(pipe)
         recorder.release()
