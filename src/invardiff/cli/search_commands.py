@@ -42,7 +42,15 @@ def add_search_arguments(p) -> None:
         choices=CACHE_DTYPES,
         help="store cached values in this dtype (plan format version 3; fp8 with a per-tensor scale)",
     )
-    group.add_argument("--window", type=int, default=6, help="longest reuse run the trajectories support (default 6)")
+    group.add_argument(
+        "--window",
+        type=int,
+        default=6,
+        help="longest reuse run the trajectories support (default 6); at 4x and above, with --extrapolate steps, a "
+        "window of twice the gap between computed steps lets every reused step extrapolate (flux-shapes 4x at 28 "
+        "steps: --window 12 --verify --refine 8, 35.1 dB against 33.5 without extrapolation; the recording grows "
+        "with it)",
+    )
     group.add_argument("--max-run", type=int, help="at most this many consecutive reused steps (default: --window)")
     group.add_argument("--warmup-steps", type=int, default=1, help="leading steps that compute everything")
     group.add_argument(
