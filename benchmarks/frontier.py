@@ -120,7 +120,8 @@ def main() -> None:
     kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
     cases = _calibration_cases(target, args.calibration_inputs, args.calibration_seeds)
     inputs = sweep_inputs(target, seeds)
-    leaked = [case for case in inputs.cases if (case["input"], case["seed"]) in set(cases)]
+    calibrated = set(cases)
+    leaked = [case for case in inputs.cases if (case["input"], case["seed"]) in calibrated]
     if leaked:  # the held-out rule (bench/targets.py) for the added calibration runs
         parser.error(f"calibration runs {leaked[:4]} are evaluated too: choose other --seeds or --calibration-seeds")
     started = time.perf_counter()
