@@ -175,7 +175,7 @@ class CacheEngine:
         # slice of the schedule this transformer runs.
         self.expert = expert
         self._steps = None  # the part of the current schedule this transformer runs
-        self.signature = CallBinder(inspect.signature(transformer.forward))  # bound on every call
+        self.binder = CallBinder(inspect.signature(transformer.forward))  # binds every call
         self.branches: dict[str, BranchState] = {}
         self.active: BranchState | None = None
         self._contexts: list = []  # invardiff.cache_context, innermost last
@@ -212,7 +212,7 @@ class CacheEngine:
 
     # ----- call lifecycle (called by the step hook) -----
     def begin_call(self, args: tuple, kwargs: dict) -> BranchState:
-        call = TransformerCall(self.signature, args, kwargs, self.family.latent_arg)
+        call = TransformerCall(self.binder, args, kwargs, self.family.latent_arg)
         context = self._contexts[-1] if self._contexts else self._pipeline_context
         # A pipeline's own step_index (WanPipeline passes one) counts the whole schedule; with the pipeline at hand
         # the schedule gives the step, checks the timestep, and knows which part of it this transformer runs.
