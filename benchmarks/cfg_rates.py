@@ -28,7 +28,7 @@ import argparse
 import torch
 
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.run import call_pipeline, sampling_defaults
+from invardiff.calibration.run import call_pipeline
 
 
 def record_branches(pipe, family: str, cases: list[tuple], call_kwargs: dict, steps: int):
@@ -84,12 +84,7 @@ def main() -> None:
     target = bundled_target(args.model, num_inference_steps=args.steps)
     entry, pipe = target.entry, target.load()
     g = entry.guidance_scale
-    call_kwargs = {
-        "num_inference_steps": args.steps,
-        **sampling_defaults(pipe, target.family),
-        **entry.pipeline_kwargs,
-        "guidance_scale": g,
-    }
+    call_kwargs = target.sampling_kwargs(pipe)
     with torch.no_grad():
         cond, uncond = record_branches(pipe, target.family, target.calibration_runs(), call_kwargs, args.steps)
     guided = uncond + g * (cond - uncond)

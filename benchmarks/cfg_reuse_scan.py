@@ -38,7 +38,6 @@ import torch
 from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.budget import sample_outputs
-from invardiff.calibration.run import sampling_defaults
 from invardiff.files import write_text
 from invardiff.metrics.video import output_fidelity
 
@@ -97,14 +96,9 @@ def main() -> None:
     started = time.perf_counter()
     T = args.steps
     target = bundled_target(args.model, num_inference_steps=T)
-    entry, pipe = target.entry, target.load()
+    pipe = target.load()
     cases = target.calibration_runs()
-    call_kwargs = {
-        "num_inference_steps": T,
-        **sampling_defaults(pipe, target.family),
-        **entry.pipeline_kwargs,
-        "guidance_scale": entry.guidance_scale,
-    }
+    call_kwargs = target.sampling_kwargs(pipe)
     inputs = sweep_inputs(target, [0])
     calibration_reference = sample_outputs(pipe, target.family, cases, call_kwargs, 1)
     reference = inputs.generate(pipe)

@@ -17,7 +17,6 @@ import torch
 
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
-from invardiff.calibration.run import sampling_defaults
 from invardiff.calibration.trajectory import STEP_STREAM, record_trajectories
 from invardiff.flops import profile_flops
 
@@ -30,12 +29,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     target = bundled_target(args.model, num_inference_steps=args.steps)
-    entry, pipe = target.entry, target.load()
-    kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
+    pipe = target.load()
+    kwargs = target.sampling_settings()
     stats = record_trajectories(
         pipe, num_inference_steps=args.steps, cases=target.calibration_runs(), window=2, pipeline_kwargs=kwargs
     )
-    call_kwargs = {"num_inference_steps": args.steps, **sampling_defaults(pipe, target.family), **kwargs}
+    call_kwargs = target.sampling_kwargs(pipe)
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
     print(f"# {args.model} at {args.steps} steps: unit FLOPs (share of a step, all layers) and relative moves\n")
     for block_list, units in flops.units.items():

@@ -31,7 +31,6 @@ from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.budget import sample_outputs
-from invardiff.calibration.run import sampling_defaults
 from invardiff.calibration.search import SearchConfig, schedule_plan
 from invardiff.calibration.trajectory import record_trajectories
 from invardiff.files import write_text
@@ -61,11 +60,11 @@ def main() -> None:
     started = time.perf_counter()
     steps = args.steps
     target = bundled_target(args.model, num_inference_steps=steps)
-    entry, pipe = target.entry, target.load()
-    kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
+    pipe = target.load()
+    kwargs = target.sampling_settings()
     cases = target.calibration_runs()
     stats = record_trajectories(pipe, num_inference_steps=steps, cases=cases, window=steps - 1, pipeline_kwargs=kwargs)
-    call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
+    call_kwargs = target.sampling_kwargs(pipe)
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
     calibration_reference = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
     inputs = sweep_inputs(target, [0])

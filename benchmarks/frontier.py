@@ -43,7 +43,6 @@ from invardiff.bench.sweep import count_flops, run_point
 from invardiff.bench.targets import CALIBRATION_SEED, bundled_target
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.budget import unit_setting, verified_plans
-from invardiff.calibration.run import sampling_defaults
 from invardiff.calibration.search import SearchConfig
 from invardiff.calibration.trajectory import record_trajectories
 from invardiff.files import write_text
@@ -117,7 +116,7 @@ def main() -> None:
     sweep_dir = Path(args.sweep or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps
-    kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
+    kwargs = target.sampling_settings()
     cases = _calibration_cases(target, args.calibration_inputs, args.calibration_seeds)
     inputs = sweep_inputs(target, seeds)
     calibrated = set(cases)
@@ -138,7 +137,7 @@ def main() -> None:
     stats = record_trajectories(
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )
-    call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
+    call_kwargs = target.sampling_kwargs(pipe)
     flops = profile_flops(pipeline_call_config(pipe, target.family, call_kwargs))
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
     full = {"images": reference, "flops": full_flops}

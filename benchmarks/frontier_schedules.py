@@ -27,7 +27,7 @@ from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.calibration.budget import sample_outputs
-from invardiff.calibration.run import check_cases, sampling_defaults
+from invardiff.calibration.run import check_cases
 from invardiff.calibration.search import SearchConfig, schedule_plan
 from invardiff.calibration.trajectory import STEP_STREAM, record_trajectories
 from invardiff.flops import profile_flops
@@ -52,10 +52,10 @@ def main() -> None:
     schedules = [[int(s) for s in text.split(",")] for text in args.schedules.split()]
     target = bundled_target(args.model)
     entry, pipe = target.entry, target.load()
-    kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
+    kwargs = target.sampling_settings()
     cases = check_cases(target.calibration_runs())
     steps = entry.num_inference_steps
-    call_kwargs = {"num_inference_steps": steps, **sampling_defaults(pipe, target.family), **kwargs}
+    call_kwargs = target.sampling_kwargs(pipe)
     stats = record_trajectories(
         pipe, num_inference_steps=steps, cases=cases, window=args.window, pipeline_kwargs=kwargs
     )

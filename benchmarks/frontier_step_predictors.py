@@ -36,7 +36,7 @@ import invardiff
 from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
-from invardiff.calibration.run import call_pipeline, check_cases, sampling_defaults
+from invardiff.calibration.run import call_pipeline, check_cases
 from invardiff.engine.policy import register_policy
 from invardiff.files import write_text
 from invardiff.metrics import output_fidelity
@@ -152,9 +152,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plan = dataclasses.replace(CachePlan.load(args.plan), step_extrapolation=None, unit_extrapolation=None)
     target = bundled_target(args.model)
-    entry, pipe = target.entry, target.load()
-    kwargs = {**entry.pipeline_kwargs, "guidance_scale": entry.guidance_scale}
-    call_kwargs = {"num_inference_steps": plan.num_inference_steps, **sampling_defaults(pipe, target.family), **kwargs}
+    pipe = target.load()
+    call_kwargs = {**target.sampling_kwargs(pipe), "num_inference_steps": plan.num_inference_steps}
     cases = check_cases(target.calibration_runs())
     trajectories = {}
     full_compute = CachePlan.reuse_nothing(plan.model, plan.num_inference_steps)

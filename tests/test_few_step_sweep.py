@@ -18,6 +18,30 @@ from invardiff.models.sources import ModelSource
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def test_a_targets_sampling_kwargs_are_its_step_count_defaults_settings_and_guidance():
+    from invardiff.bench.targets import source_target
+
+    target = source_target(ModelSource("wan-motion"), num_inference_steps=8)
+    kwargs = target.sampling_kwargs(target.load())
+    # wan-motion's clip settings, its guidance 5 over the pipeline's default, the step count it was given, latents out.
+    assert kwargs == {
+        "num_inference_steps": 8,
+        "guidance_scale": 5.0,
+        "output_type": "latent",
+        "height": 32,
+        "width": 32,
+        "num_frames": 8,
+        "max_sequence_length": 8,
+    }
+    assert target.sampling_settings() == {
+        "height": 32,
+        "width": 32,
+        "num_frames": 8,
+        "max_sequence_length": 8,
+        "guidance_scale": 5.0,
+    }
+
+
 def test_a_bundled_target_samples_at_the_given_step_count():
     from invardiff.bench.targets import source_target
 

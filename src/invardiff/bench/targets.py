@@ -66,6 +66,21 @@ class SweepTarget:
         base = CALIBRATION_SEED if set(self.calibration) & set(self.entry.examples) else 0
         return [(item, base + index) for index, item in enumerate(self.calibration)]
 
+    def sampling_settings(self) -> dict:
+        """The pipeline arguments the target samples with: the model's settings (a video model's clip size) and its
+        guidance scale (``None``: the pipeline's own default, left out)."""
+        guidance = self.entry.guidance_scale
+        return {**self.entry.pipeline_kwargs, **({} if guidance is None else {"guidance_scale": guidance})}
+
+    def sampling_kwargs(self, pipe) -> dict:
+        """Every argument of the target's sampling calls but the inputs: its step count, the family's sampling
+        defaults (``calibration.run.sampling_defaults``) and :meth:`sampling_settings`; what a search on the target
+        records, profiles and samples with."""
+        from ..calibration.run import sampling_defaults
+
+        steps = {"num_inference_steps": self.entry.num_inference_steps}
+        return {**steps, **sampling_defaults(pipe, self.family), **self.sampling_settings()}
+
     def calibration_kwargs(self) -> dict:
         """Pipeline arguments of a threshold calibration: the sampling settings (a video model's clip size), at the
         sampling guidance scale unless the family's official calibration fixes one (DiT calibrates without
