@@ -74,7 +74,7 @@ def test_a_resumed_sweep_reports_the_kept_points_too(tmp_path, monkeypatch):
     kept = [json.loads(line) for line in committed.read_text().splitlines()[:3]]
     (tmp_path / "sweep-dit-digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept[:2]))
 
-    def run_one_point(args, target, inputs, jsonl):  # the run measures only the point it was asked for
+    def run_one_point(args, target, inputs, jsonl, run):  # the run measures only the point it was asked for
         with open(jsonl, "a") as handle:
             handle.write(json.dumps(kept[2]) + "\n")
         return [kept[2]]
@@ -83,3 +83,47 @@ def test_a_resumed_sweep_reports_the_kept_points_too(tmp_path, monkeypatch):
     assert main(["bench", "--model", "dit-digits", "--resume", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "sweep-dit-digits.md").read_text()
     assert all(f"| {r['label']} |" in report for r in kept)
+
+
+def test_points_from_several_runs_say_which_run_measured_them():
+    first = {
+        "date": "2026-11-30",
+        "torch": "t",
+        "device": "cpu",
+        "threads": 2,
+        "rounds": 3,
+        "command": "invardiff bench",
+    }
+    second = {**first, "date": "2026-12-06", "threads": 1, "command": "invardiff bench --resume"}
+    points = [{**_p(2.0, 0.01, 35.0), "run": first}, {**_p(3.0, 0.02, 30.0), "run": second}, _p(4.0, 0.03, 28.0)]
+    meta = {"date": "now", "torch": "t", "device": "cpu", "threads": 2, "images": 8, "rounds": 3}
+    table = markdown_table("model", points, meta)
+    assert "The points come from 3 runs (column run): 1: 2026-11-30, torch t, cpu, 2 threads, 3 rounds, " in table
+    assert "2: 2026-12-06, torch t, cpu, 1 threads, 3 rounds, `invardiff bench --resume`; 3: not recorded" in table
+    assert "| m | 2.0 | 2.00x | n/a | 2.00x |" in table and table.count("| 1 |") == 1
+    assert "| m | 3.0 | 3.00x |" in table and table.split("| m | 3.0 |")[1].split("\n")[0].endswith("| 2 |")
+    assert table.split("| m | 4.0 |")[1].split("\n")[0].endswith("| 3 |")
+    # One run: its own facts in the header (not the report's), no run column.
+    single = markdown_table("model", points[:1], meta)
+    assert "2026-11-30, torch t, cpu, 2 threads; 8 images per run; speedups are medians of 3 rounds" in single
+    assert "Command: `invardiff bench`." in single and "| run |" not in single
+
+
+def test_a_new_sweep_point_records_the_run_and_command(tmp_path, monkeypatch):
+    import json
+
+    from invardiff.bench import bundled, sweep
+    from invardiff.cli.main import main
+
+    def measure_one_point(inputs, points, rounds, on_result, done):  # the sweep's loop, without the sampling
+        result = {**_p(2.0, 0.01, 35.0), "settings": {}}
+        on_result(result)
+        return [result]
+
+    monkeypatch.setattr(bundled, "sweep_points", lambda *args: [])
+    monkeypatch.setattr(sweep, "run_sweep", measure_one_point)
+    argv = ["bench", "--model", "dit-digits", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "sweep-dit-digits.jsonl").read_text())["run"]
+    assert run["command"] == "invardiff " + " ".join(argv) and (run["threads"], run["rounds"]) == (1, 2)
+    assert f"Command: `{run['command']}`." in (tmp_path / "sweep-dit-digits.md").read_text()

@@ -15,29 +15,79 @@ def append_jsonl(result: dict, path: Path) -> None:
 
 
 def markdown_table(model: str, results: list[dict], meta: dict) -> str:
-    lines = [
-        f"# Speed-quality sweep: {model}",
-        "",
-        f"{meta['date']}, torch {meta['torch']}, {meta['device']}, {meta['threads']} threads; {meta['images']} images "
-        f"per run; speedups are medians of {meta['rounds']} rounds alternating with full compute after a warm-up; "
-        f"ideal = FLOPs of full compute / FLOPs of the point (torch FlopCounterMode). Metrics against full compute: "
-        f"mean (worst).",
-        "",
-        "| method | point | measured speedup | round spread | ideal speedup | PSNR dB | SSIM | LPIPS | computed |",
-        "|---|---|---|---|---|---|---|---|---|",
+    """The sweep's points as a markdown table. Each point carries the run that measured it (``run``: date, torch,
+    device, threads, rounds, command; :func:`run_record`), so a file resumed across runs says which point came from
+    which (a ``run`` column); points from before runs were recorded fall back to ``meta`` (this report's facts)."""
+    runs = _distinct_runs(results)
+    several = len(runs) > 1
+    lines = [f"# Speed-quality sweep: {model}", "", _header(runs, meta), ""]
+    lines += [
+        "| method | point | measured speedup | round spread | ideal speedup | PSNR dB | SSIM | LPIPS | computed |"
+        + (" run |" if several else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     for r in results:
+        run = f" {_run_number(runs, r)} |" if several else ""
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['label']} | cannot run: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | {r['label']} | cannot run: {r['error']} | | | | | | |{run}")
             continue
         steps = _executed_text(r.get("executed"))
         lines.append(
             f"| {r['method']} | {r['label']} | {r['measured_speedup']:.2f}x | {_spread_text(r)} "
             f"| {r['ideal_speedup']:.2f}x "
             f"| {r['psnr']:.2f} ({r['worst']['psnr']:.2f}) | {r['ssim']:.4f} ({r['worst']['ssim']:.4f}) "
-            f"| {r['lpips']:.4f} ({r['worst']['lpips']:.4f}) | {steps} |"
+            f"| {r['lpips']:.4f} ({r['worst']['lpips']:.4f}) | {steps} |{run}"
         )
     return "\n".join(lines + timing_warnings(results)) + "\n"
+
+
+def run_record(meta: dict, command: str) -> dict:
+    """What a sweep point records about the run that measured it: ``meta``'s date, torch, device, threads and
+    rounds, and the command line."""
+    return {key: meta[key] for key in ("date", "torch", "device", "threads", "rounds")} | {"command": command}
+
+
+_MEASURE = (
+    "speedups are medians of the rounds alternating with full compute after a warm-up; ideal = FLOPs of full "
+    "compute / FLOPs of the point (torch FlopCounterMode). Metrics against full compute: mean (worst)."
+)
+
+
+def _header(runs: list[dict | None], meta: dict) -> str:
+    if len(runs) <= 1:
+        run = (runs and runs[0]) or meta
+        command = f" Command: `{run['command']}`." if run.get("command") else ""
+        measure = _MEASURE.replace("the rounds", f"{run['rounds']} rounds")
+        return (
+            f"{run['date']}, torch {run['torch']}, {run['device']}, {run['threads']} threads; {meta['images']} "
+            f"images per run; {measure}{command}"
+        )
+    described = [
+        f"{number}: {_run_text(run)}" if run else f"{number}: not recorded (points measured before runs were)"
+        for number, run in enumerate(runs, start=1)
+    ]
+    return f"{meta['images']} images per run; {_MEASURE} The points come from {len(runs)} runs (column run): " + (
+        "; ".join(described) + "."
+    )
+
+
+def _run_text(run: dict) -> str:
+    command = f", `{run['command']}`" if run.get("command") else ""
+    machine = f"{run['date']}, torch {run['torch']}, {run['device']}, {run['threads']} threads"
+    return f"{machine}, {run['rounds']} rounds{command}"
+
+
+def _distinct_runs(results: list[dict]) -> list[dict | None]:
+    """The runs of ``results`` in order of first appearance (``None``: points without a run record)."""
+    runs = []
+    for result in results:
+        if result.get("run") not in runs:
+            runs.append(result.get("run"))
+    return runs
+
+
+def _run_number(runs: list, result: dict) -> int:
+    return runs.index(result.get("run")) + 1
 
 
 def _spread_text(result: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -793,7 +794,7 @@ def bench(args) -> int:
     from datetime import datetime, timezone
 
     from ..bench.bundled import comparison_speedups, sweep_inputs
-    from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto
+    from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto, run_record
     from ..bench.targets import source_target
     from ..models.sources import ModelSource
 
@@ -822,10 +823,6 @@ def bench(args) -> int:
         model = f"{target.name}-{args.steps}-steps" if few_step else target.name
         jsonl = out / f"sweep-{model}.jsonl"
         inputs = sweep_inputs(target, seeds, device, cases, args.batch)
-        if not args.report_only:
-            results = _run_bench(args, target, inputs, jsonl)
-        if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
-            results = read_json_lines(jsonl)
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
@@ -834,6 +831,10 @@ def bench(args) -> int:
             "images": len(inputs.cases),
             "rounds": args.rounds,
         }
+        if not args.report_only:  # each new point records this run: a resumed file says which run measured what
+            results = _run_bench(args, target, inputs, jsonl, run_record(meta, shlex.join(["invardiff", *args.argv])))
+        if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
+            results = read_json_lines(jsonl)
         speedups = comparison_speedups(target.entry.num_inference_steps)
         table = "\n".join(
             [
@@ -865,7 +866,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})"
 
 
-def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
+def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     from ..bench.bundled import METHODS, sweep_points
     from ..bench.points import peer_points
     from ..bench.sweep import run_sweep
@@ -883,6 +884,7 @@ def _run_bench(args, target, inputs, jsonl: Path) -> list[dict]:
         bar.update(len(done))
 
         def on_result(result):
+            result["run"] = run
             append_jsonl(result, jsonl)
             bar.set_postfix_str(result["label"])
             bar.update(1)

@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a result file records as its command line
     # The library only logs; the CLI shows warnings always and, with -v, what each step decided.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="invardiff: %(message)s")
     try:
