@@ -2,10 +2,10 @@
 
 The bound is FLUX.1-dev's target scaled to the model: 1.5 GB (10^9 bytes) on FLUX.1-dev at 1024x1024 in bf16 is
 23% of what keeping every unit output and H of one step takes there; each bundled model gets the same fraction of
-its own (at its sampling call's shapes and dtype). Points: the fast preset's plan fitted to the bound
-(:func:`invardiff.memory_fit.fit_memory`), the same with the cache stored one size narrower (bf16 for a float32
-model, fp8 e4m3 for a bf16 or fp16 one), and the budgeted search at 2.5x under the bound. Every plan is calibrated
-on the target's calibration runs only (the held-out rule, ``targets.py``).
+its own (at its sampling call's shapes and dtype). Points: the fast preset's plan (a family without one: its first
+preset) fitted to the bound (:func:`invardiff.memory_fit.fit_memory`), the same with the cache stored one size
+narrower (bf16 for a float32 model, fp8 e4m3 for a bf16 or fp16 one), and the budgeted, verified search at 2.5x
+under the bound. Every plan is calibrated on the target's calibration runs only (the held-out rule, ``targets.py``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def scaled_bound(footprint: CacheFootprint) -> int:
     return int(bound_fraction() * every_output_bytes(footprint))
 
 
-def memory_points(target, preset_plan) -> list:
+def memory_points(target, preset: str, preset_plan) -> list:
     """The ``invardiff-memory`` operating points of ``target`` (a :class:`~.targets.SweepTarget`), from its
-    calibrated ``preset_plan`` (the fast preset)."""
+    calibrated ``preset_plan`` (the preset named ``preset``: ``fast`` where the family has one)."""
     from ..calibration.budget import calibrate_budget
     from ..calibration.search import SearchConfig
     from ..flops import profile_flops
@@ -54,7 +54,7 @@ def memory_points(target, preset_plan) -> list:
     points = []
     for dtype in (None, NARROWER[config.dtype]):
         plan = fit_memory(preset_plan, footprint, flops, bound, dtype, FIT_SECONDS)
-        label = "invardiff-memory fast fit" + (f" {dtype}" if dtype else "")
+        label = f"invardiff-memory {preset} fit" + (f" {dtype}" if dtype else "")
         points.append(plan_point(label, plan, {**settings, "cache_dtype": dtype}, method="invardiff-memory"))
     results, _ = calibrate_budget(
         target.load(),
@@ -64,6 +64,7 @@ def memory_points(target, preset_plan) -> list:
         search=SearchConfig(SEARCH_SPEEDUP),
         pipeline_kwargs={**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale},
         max_cache_bytes=bound,
+        verify=True,  # chosen as the unbounded invardiff-search's plans are, so the two compare like with like
     )
     for result in results:
         label = f"invardiff-memory search {SEARCH_SPEEDUP:g}x"
