@@ -139,5 +139,5 @@ def test_budget_calibration_guidance_is_the_same_in_the_cli_the_library_and_the_
     source = ModelSource(pipeline=str(saved_tiny_dit))
     calibrate_budget(source.load(), num_inference_steps=8, cases=[(1, 0)], speedups=[1.5])
     where["now"] = "sweep"
-    _search_points(source_target(source, [1, 2], 8), "invardiff-search", False)
+    _search_points(source_target(source, [1, 2], 8), "invardiff-search")
     assert guidance == {"cli": {4.0}, "library": {4.0}, "sweep": {4.0}}

@@ -27,11 +27,16 @@ METHODS = (
     "invardiff-capped",
     "invardiff-search",
     "invardiff-search+extrap",
+    "invardiff-frontier",
     "invardiff-memory",
     "dicache",
     "plan+probe",
     "peers",
 )
+# What `invardiff bench` runs without --methods: all but invardiff-frontier, whose descent on sampled error adds
+# minutes per target (on this 2-core CPU, one thread: ~3 min for flux-shapes' three targets, ~9 min for
+# dit-digits' 4x and 5x); ask for it by name.
+DEFAULT_METHODS = tuple(method for method in METHODS if method != "invardiff-frontier")
 # DiCache thresholds besides the official 0.4 (SPEC.md B.5), chosen to span slow to fast on the bundled models
 # (1.5 was measured too: it collapses, 22.9 dB on flux-shapes and 10.2 dB on dit-digits). The same for every family.
 DICACHE_THRESHOLDS = (0.1, 0.2, 0.8)
@@ -65,6 +70,13 @@ CAPPED = {2: ((0.7, 0.4), (0.7, 0.68), (0.8, 0.4), (0.8, 0.68)), 3: ((0.8, 0.4),
 # 4x-5x are the sweep's high targets (issue 27): out of reach on a model, the search skips them with a warning.
 SEARCH_SPEEDUPS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 SEARCH_WINDOW = 6
+# invardiff-frontier: the 4-5x recipe (benchmarks/results/frontier/README.md) at the search targets from 4x up:
+# reused steps extrapolated (units reused plainly), a 12-step recording window (longer reuse runs and anchor gaps),
+# and 8 rounds of descent on sampled error (calibrate --budget 4 --extrapolate steps --window 12 --verify
+# --refine 8). At 4x: 35.13 dB on flux-shapes (the search's own settings: 32.29), 37.06 on dit-digits (34.40).
+FRONTIER_FROM = 4.0
+FRONTIER_WINDOW = 12
+FRONTIER_REFINE = 8
 
 
 @dataclass(frozen=True)
@@ -161,24 +173,32 @@ def calibrate_thresholds(target: SweepTarget, thresholds):
     return plan
 
 
-def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[OperatingPoint]:
+def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
     # The trajectories are recorded at the sampling guidance (the calls the plan will run, both CFG halves when
     # the pipeline batches them), on the target's calibration runs (the held-out rule, targets.py).
     from ..calibration.budget import calibrate_budget
     from ..calibration.search import SearchConfig
 
-    cases = target.calibration_runs()
     speedups = sweep_grid(target.family, target.entry.num_inference_steps).search_speedups
-    config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    settings = {"window": SEARCH_WINDOW, "refine": 0}
+    if method == "invardiff-frontier":
+        speedups = tuple(s for s in speedups if s >= FRONTIER_FROM)
+        config = SearchConfig(speedups[-1], extrapolate_steps=True) if speedups else None
+        settings = {"window": FRONTIER_WINDOW, "refine": FRONTIER_REFINE}
+    else:
+        extrapolate = method == "invardiff-search+extrap"
+        config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
+    if not speedups:  # a few-step sweep's targets stop below 4x
+        return []
     results, _ = calibrate_budget(
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
-        cases=cases,
+        cases=target.calibration_runs(),
         speedups=list(speedups),
         search=config,
-        window=SEARCH_WINDOW,
         pipeline_kwargs={**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale},
         verify=True,  # each target's plan chosen among caps of 2, 3, 6 reused steps by its sampled error
+        **settings,
     )
     return [
         plan_point(
@@ -186,6 +206,7 @@ def _search_points(target: SweepTarget, method: str, extrapolate: bool) -> list[
             result.plan,
             {
                 **result.plan.provenance["search"],
+                **settings,
                 "calibration_error": result.error,
                 "extrapolated_entries": extrapolation_work(result.plan),  # reported beside their measured cost
             },
@@ -237,10 +258,10 @@ def sweep_points(
                     continue
                 label, thresholds = grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
-    for method, extrapolate in (("invardiff-search", False), ("invardiff-search+extrap", True)):
+    for method in ("invardiff-search", "invardiff-search+extrap", "invardiff-frontier"):
         if method in methods:
             note(f"searching {method}")
-            points += _search_points(target, method, extrapolate)
+            points += _search_points(target, method)
     if "invardiff-memory" in methods:  # plans held to a cache-memory bound (memory_points.py)
         from .memory_points import memory_points
 
@@ -249,7 +270,7 @@ def sweep_points(
             note(f"calibrating {preset}")
             plans[preset] = calibrate_thresholds(target, preset)
         note("fitting invardiff-memory")
-        points += memory_points(target, plans[preset])
+        points += memory_points(target, preset, plans[preset])
     if "invardiff-capped" in methods:
         for max_run, levels in grid.capped.items():
             for step, level in levels:

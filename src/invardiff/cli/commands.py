@@ -867,7 +867,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
-    from ..bench.bundled import METHODS, sweep_points
+    from ..bench.bundled import DEFAULT_METHODS, sweep_points
     from ..bench.points import peer_points
     from ..bench.sweep import run_sweep
     from ..bench.sweep_report import append_jsonl
@@ -878,7 +878,7 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     else:
         jsonl.unlink(missing_ok=True)
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
-        methods = tuple(args.methods or METHODS)
+        methods = tuple(args.methods or DEFAULT_METHODS)
         points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
         bar.update(len(done))
