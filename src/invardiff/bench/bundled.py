@@ -183,13 +183,13 @@ def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
     settings = {"window": SEARCH_WINDOW, "refine": 0}
     if method == "invardiff-frontier":
         speedups = tuple(s for s in speedups if s >= FRONTIER_FROM)
-        config = SearchConfig(speedups[-1], extrapolate_steps=True) if speedups else None
+        if not speedups:  # a few-step sweep's targets stop below 4x
+            return []
+        config = SearchConfig(speedups[-1], extrapolate_steps=True)
         settings = {"window": FRONTIER_WINDOW, "refine": FRONTIER_REFINE}
     else:
         extrapolate = method == "invardiff-search+extrap"
         config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)
-    if not speedups:  # a few-step sweep's targets stop below 4x
-        return []
     results, _ = calibrate_budget(
         target.load(),
         num_inference_steps=target.entry.num_inference_steps,
