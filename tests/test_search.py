@@ -387,6 +387,32 @@ def test_verified_selection_samples_the_caps_of_4_and_5_at_targets_a_cap_of_3_ca
     assert chosen.plan.provenance["search"]["verified"]["output_mse"] == 4.0 == min(errors)
 
 
+@pytest.mark.parametrize("extrapolation_samples_better", [True, False])
+def test_verified_selection_samples_an_extrapolating_search_without_extrapolation_too(extrapolation_samples_better):
+    # T = 16 at 2.5x, units off, reused steps extrapolated: every cap is searched with and without extrapolation and
+    # each distinct plan sampled; a toy sampled error that charges plans with (or without) coefficients keeps the
+    # other kind, whatever the additive model's own errors say. The candidates are the two kinds of the same caps.
+    stats = stats_from(random_trajectories(16, seed=3), window=6)
+    config = SearchConfig(2.5, reuse_units=False, extrapolate_steps=True)
+
+    def measure(plan) -> float:
+        charged = not plan.extrapolates if extrapolation_samples_better else plan.extrapolates
+        return float(longest_reused_run(plan)) + (100.0 if charged else 0.0)
+
+    chosen = _verified(stats, toy_flops(), config, measure)[0]
+    assert chosen.plan.extrapolates is extrapolation_samples_better
+    assert (chosen.plan.step_extrapolation is not None) is extrapolation_samples_better
+    candidates = chosen.plan.provenance["search"]["verified"]["candidates"]
+    kinds = {(c["max_run"], c["extrapolates"]) for c in candidates}
+    assert {e for _, e in kinds} == {True, False} and len(kinds) == len(candidates)
+    caps = {cap for cap, _ in kinds}
+    assert kinds == {(cap, e) for cap in caps for e in (True, False)}  # both kinds of every cap that reaches 2.5x
+    assert chosen.plan.provenance["search"]["verified"]["output_mse"] == min(c["output_mse"] for c in candidates)
+    # A search that does not extrapolate is not tried with extrapolation.
+    plain = _verified(stats, toy_flops(), SearchConfig(2.5, reuse_units=False), measure)[0]
+    assert not any(c["extrapolates"] for c in plain.plan.provenance["search"]["verified"]["candidates"])
+
+
 def test_refined_plan_moves_steps_into_runs_longer_than_the_kept_cap():
     # The kept plan was searched under a cap of 2 (2x, T = 16, units off: 7 computed steps); the toy sampled error
     # is the squared distance of the computed steps to a schedule with a run of 5 reused steps (10-14), inside the

@@ -50,7 +50,7 @@ def test_verified_search_keeps_the_candidate_of_least_output_error():
         settings = {(c["max_run"], c["reuse_units"], c["last_step_units"]) for c in verified["candidates"]}
         seen = []
         speedup = result.plan.provenance["search"]["speedup"]
-        for max_run, units, last in verify_grid(SearchConfig(speedup)):
+        for max_run, units, last, _ in verify_grid(SearchConfig(speedup)):  # no extrapolation asked: none tried
             config = SearchConfig(speedup, max_run=max_run, reuse_units=units, last_step_units=last)
             try:
                 plan = search_plan(stats, flops, config).plan
