@@ -109,21 +109,30 @@ def test_points_from_several_runs_say_which_run_measured_them():
     assert "Command: `invardiff bench`." in single and "| run |" not in single
 
 
-def test_a_new_sweep_point_records_the_run_and_command(tmp_path, monkeypatch):
+def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp_path, monkeypatch):
     import json
 
     from invardiff.bench import bundled, sweep
+    from invardiff.bench.points import plan_point
     from invardiff.cli.main import main
+    from invardiff.plan import CachePlan, ModelFacts
 
-    def measure_one_point(inputs, points, rounds, on_result, done):  # the sweep's loop, without the sampling
-        result = {**_p(2.0, 0.01, 35.0), "settings": {}}
+    plan = CachePlan.reuse_nothing(ModelFacts.for_family("dit", {"transformer_blocks": 2}), 4)
+    point = plan_point("invardiff-frontier 4.5x", plan, {}, method="invardiff-frontier")
+
+    def measure_the_point(inputs, points, rounds, on_result, done):  # the sweep's loop, without the sampling
+        assert points == [point]
+        result = {**_p(2.0, 0.01, 35.0), "label": point.label, "settings": {}}
         on_result(result)
         return [result]
 
-    monkeypatch.setattr(bundled, "sweep_points", lambda *args: [])
-    monkeypatch.setattr(sweep, "run_sweep", measure_one_point)
+    monkeypatch.setattr(bundled, "sweep_points", lambda *args: [point])
+    monkeypatch.setattr(sweep, "run_sweep", measure_the_point)
     argv = ["bench", "--model", "dit-digits", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
-    run = json.loads((tmp_path / "sweep-dit-digits.jsonl").read_text())["run"]
+    result = json.loads((tmp_path / "sweep-dit-digits.jsonl").read_text())
+    run = result["run"]
     assert run["command"] == "invardiff " + " ".join(argv) and (run["threads"], run["rounds"]) == (1, 2)
     assert f"Command: `{run['command']}`." in (tmp_path / "sweep-dit-digits.md").read_text()
+    assert result["plan_file"] == "plans/sweep-dit-digits/invardiff-frontier-4.5x.json"
+    assert CachePlan.load(tmp_path / result["plan_file"]) == plan

@@ -131,8 +131,8 @@ FEW_STEP_SWEEP = SweepGrid(
 
 def comparison_speedups(num_steps: int) -> tuple[float, ...]:
     """The speedups the sweep's equal-speed tables compare methods at: lower at a few steps, where 2x is already
-    far (a step in two reused)."""
-    return (1.3, 1.5, 2.0) if num_steps <= FEW_STEPS else (2.0, 2.5, 3.0)
+    far (a step in two reused); up to the search's 4x and 5x targets otherwise."""
+    return (1.3, 1.5, 2.0) if num_steps <= FEW_STEPS else (2.0, 2.5, 3.0, 4.0, 5.0)
 
 
 def sweep_grid(family: str, num_steps: int | None = None) -> SweepGrid:

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from .. import api
 from ..dicache import DiCacheConfig, PlanProbeConfig
 from ..families import get_family
@@ -24,17 +27,26 @@ def _executed(pipe) -> dict:
     }
 
 
-def _point(method: str, label: str, config, settings: dict) -> OperatingPoint:
+def _point(method: str, label: str, config, settings: dict, plan: CachePlan | None = None) -> OperatingPoint:
     def attach(pipe):
         api.enable(pipe, config)
         return lambda: api.disable(pipe)
 
-    return OperatingPoint(method, label, attach, settings, executed=_executed)
+    return OperatingPoint(method, label, attach, settings, executed=_executed, plan=plan)
 
 
 def plan_point(label: str, plan: CachePlan, settings: dict, method: str | None = None) -> OperatingPoint:
     method = method or ("invardiff-capped" if "max_step_run" in settings else "invardiff")
-    return _point(method, label, plan, settings)
+    return _point(method, label, plan, settings, plan)
+
+
+def save_point_plan(plan: CachePlan, directory: Path, label: str) -> Path:
+    """Write a sweep point's plan as ``directory/LABEL.json`` (the label with every run of characters other than
+    letters, digits, ``.``, ``+``, ``=`` and ``-`` made one ``-``), atomically, and return the path."""
+    path = directory / (re.sub(r"[^A-Za-z0-9.+=-]+", "-", label).strip("-") + ".json")
+    directory.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return path
 
 
 def dicache_point(family: str, threshold: float | None = None, **overrides) -> OperatingPoint:

@@ -38,7 +38,8 @@ class OperatingPoint:
 
     ``settings`` is recorded as is; ``executed(pipe)`` (optional, called while attached) reports the method's own
     record of what it computed in the last run (per-step decisions); the sweep adds the fraction of attention
-    computations for every point.
+    computations for every point. ``plan``: the :class:`~invardiff.plan.CachePlan` a plan point runs (``invardiff
+    bench`` saves it beside the results), else ``None``.
     """
 
     method: str
@@ -46,6 +47,7 @@ class OperatingPoint:
     attach: Callable
     settings: dict = field(default_factory=dict)
     executed: Callable | None = None
+    plan: object | None = None
 
 
 @dataclass

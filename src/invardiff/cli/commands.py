@@ -868,7 +868,7 @@ def _device_name(device: torch.device) -> str:
 
 def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     from ..bench.bundled import DEFAULT_METHODS, sweep_points
-    from ..bench.points import peer_points
+    from ..bench.points import peer_points, save_point_plan
     from ..bench.sweep import run_sweep
     from ..bench.sweep_report import append_jsonl
 
@@ -880,11 +880,15 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
         methods = tuple(args.methods or DEFAULT_METHODS)
         points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
+    plans = {point.label: point.plan for point in points if point.plan is not None}
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
         bar.update(len(done))
 
         def on_result(result):
             result["run"] = run
+            if result["label"] in plans:  # the plan beside the results: PLANS_DIR/sweep-MODEL/LABEL.json
+                path = save_point_plan(plans[result["label"]], jsonl.parent / "plans" / jsonl.stem, result["label"])
+                result["plan_file"] = path.relative_to(jsonl.parent).as_posix()
             append_jsonl(result, jsonl)
             bar.set_postfix_str(result["label"])
             bar.update(1)
