@@ -882,7 +882,7 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
         points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
     plans = {point.label: point.plan for point in points if point.plan is not None}
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
-        bar.update(len(done))
+        bar.update(sum(point.label in done for point in points))  # the kept points of this run's methods
 
         def on_result(result):
             result["run"] = run
