@@ -134,5 +134,40 @@ def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp
     run = result["run"]
     assert run["command"] == "invardiff " + " ".join(argv) and (run["threads"], run["rounds"]) == (1, 2)
     assert f"Command: `{run['command']}`." in (tmp_path / "sweep-dit-digits.md").read_text()
+    evaluation = run["evaluation"]
+    assert (evaluation["steps"], evaluation["batch"], len(evaluation["cases"])) == (50, 1, 4)
+    assert evaluation["calibration"] == [[1, 0], [2, 1], [4, 2], [6, 3], [7, 4], [9, 5]]
     assert result["plan_file"] == "plans/sweep-dit-digits/invardiff-frontier-4.5x.json"
     assert CachePlan.load(tmp_path / result["plan_file"]) == plan
+
+
+def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, monkeypatch, capsys):
+    """--resume keeps a point only when it was evaluated on the same cases, batch, steps, sampling arguments and
+    calibration runs (recorded in its run); the refusal names the setting and comes before any calibration."""
+    import json
+
+    from invardiff.bench import bundled, sweep
+    from invardiff.bench.targets import bundled_target
+    from invardiff.cli.main import main
+
+    calibrated = []
+    monkeypatch.setattr(bundled, "sweep_points", lambda *args: calibrated.append(1) or [])
+    monkeypatch.setattr(sweep, "run_sweep", lambda inputs, points, rounds, on_result, done: [])
+    argv = ["bench", "--model", "dit-digits", "--threads", "1", "--out", str(tmp_path), "--resume"]
+
+    def kept_point(seeds: list[int]) -> dict:
+        target = bundled_target("dit-digits")
+        evaluation = bundled.sweep_evaluation(target, bundled.sweep_inputs(target, seeds))
+        run = {"date": "d", "torch": "t", "device": "cpu", "threads": 1, "rounds": 3, "command": "invardiff bench"}
+        run["evaluation"] = json.loads(json.dumps(evaluation))  # as the file holds it
+        return {**_p(2.0, 0.01, 35.0), "settings": {}, "run": run}
+
+    jsonl = tmp_path / "sweep-dit-digits.jsonl"
+    jsonl.write_text(json.dumps(kept_point([0, 1])) + "\n")
+    assert main(argv) == 2  # this run evaluates seed 0 only (the default --seeds)
+    error = capsys.readouterr().err
+    assert "holds '2.0', evaluated with cases = " in error and "--resume keeps points only under the same" in error
+    assert calibrated == []
+    assert main([*argv, "--seeds", "0,1"]) == 0 and calibrated == [1]  # the same settings: resumed
+    jsonl.write_text(json.dumps({**_p(2.0, 0.01, 35.0), "settings": {}}) + "\n")  # no run record: kept unchecked
+    assert main(argv) == 0 and calibrated == [1, 1]

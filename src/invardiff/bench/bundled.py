@@ -161,6 +161,20 @@ def sweep_inputs(
     )
 
 
+def sweep_evaluation(target: SweepTarget, inputs: SweepInputs, batch: int = 1) -> dict:
+    """What a sweep point's quality figures depend on besides its own settings (its label): the evaluated cases, the
+    images per call, the step count, the sampling arguments and the calibration runs every method calibrated on.
+    A resumed sweep keeps a point only when these match (``sweep_report.check_resumable``)."""
+    sampling = {k: v for k, v in target.sampling_settings().items() if isinstance(v, (int, float, str, bool))}
+    return {
+        "cases": inputs.cases,
+        "batch": batch,
+        "steps": target.entry.num_inference_steps,
+        "sampling": sampling,
+        "calibration": [list(run) for run in target.calibration_runs()],
+    }
+
+
 def calibrate_thresholds(target: SweepTarget, thresholds):
     """A threshold plan (a preset name or :class:`InvarDiffThresholds`) calibrated on ``target``'s calibration runs."""
     plan, _ = calibrate(

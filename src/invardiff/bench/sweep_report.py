@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,33 @@ def markdown_table(model: str, results: list[dict], meta: dict) -> str:
     return "\n".join(lines + timing_warnings(results)) + "\n"
 
 
-def run_record(meta: dict, command: str) -> dict:
+def run_record(meta: dict, command: str, evaluation: dict) -> dict:
     """What a sweep point records about the run that measured it: ``meta``'s date, torch, device, threads and
-    rounds, and the command line."""
-    return {key: meta[key] for key in ("date", "torch", "device", "threads", "rounds")} | {"command": command}
+    rounds, the command line, and ``evaluation`` (:func:`invardiff.bench.bundled.sweep_evaluation`: what its
+    quality figures depend on, which a resume must match)."""
+    facts = {key: meta[key] for key in ("date", "torch", "device", "threads", "rounds")}
+    return facts | {"command": command, "evaluation": evaluation}
+
+
+def check_resumable(kept: list[dict], evaluation: dict, path: Path) -> None:
+    """Refuse to resume ``path`` when a kept point was evaluated otherwise than ``evaluation`` (its run's record;
+    points from before runs recorded it cannot be checked and are kept): its figures would not compare with the new
+    points'. Raises ``ValueError`` naming the first setting that differs."""
+    for result in kept:
+        recorded = (result.get("run") or {}).get("evaluation")
+        if recorded is None or recorded == evaluation:
+            continue
+        key = next(k for k in sorted(set(recorded) | set(evaluation)) if recorded.get(k) != evaluation.get(k))
+        raise ValueError(
+            f"{path} holds {result['label']!r}, evaluated with {key} = {_short(recorded.get(key))}; this run's {key} "
+            f"is {_short(evaluation.get(key))}. --resume keeps points only under the same evaluation settings: rerun "
+            f"with the settings of that file, or give another --out (or leave out --resume to start the file anew)."
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 _MEASURE = (

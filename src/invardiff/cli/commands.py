@@ -793,7 +793,7 @@ def bench(args) -> int:
     _quiet_cache_dit()
     from datetime import datetime, timezone
 
-    from ..bench.bundled import comparison_speedups, sweep_inputs
+    from ..bench.bundled import comparison_speedups, sweep_evaluation, sweep_inputs
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto, run_record
     from ..bench.targets import source_target
     from ..models.sources import ModelSource
@@ -832,7 +832,9 @@ def bench(args) -> int:
             "rounds": args.rounds,
         }
         if not args.report_only:  # each new point records this run: a resumed file says which run measured what
-            results = _run_bench(args, target, inputs, jsonl, run_record(meta, shlex.join(["invardiff", *args.argv])))
+            command = shlex.join(["invardiff", *args.argv])
+            run = run_record(meta, command, sweep_evaluation(target, inputs, args.batch))
+            results = _run_bench(args, target, inputs, jsonl, run)
         if args.report_only or args.resume:  # the report covers every point of the file, kept ones included
             results = read_json_lines(jsonl)
         speedups = comparison_speedups(target.entry.num_inference_steps)
@@ -870,11 +872,12 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     from ..bench.bundled import DEFAULT_METHODS, sweep_points
     from ..bench.points import peer_points, save_point_plan
     from ..bench.sweep import run_sweep
-    from ..bench.sweep_report import append_jsonl
+    from ..bench.sweep_report import append_jsonl, check_resumable
 
     done = {}
     if args.resume and jsonl.exists():
         done = {r["label"]: r for r in read_json_lines(jsonl)}
+        check_resumable(list(done.values()), run["evaluation"], jsonl)  # before any calibration
     else:
         jsonl.unlink(missing_ok=True)
     with tqdm(desc=f"{target.name}: calibrating", total=None) as bar:
