@@ -358,15 +358,15 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
     (:func:`unit_setting`), the best first; each plan's provenance records every candidate's error. Empty (with a
     warning) when no cap reaches the target."""
     candidates, errors = [], []
-    for max_run, units, last, (steps, unit_values) in verify_grid(config):
+    for max_run, units, last, (extrapolate_steps, extrapolate_units) in verify_grid(config):
         try:
             setting = replace(
                 config,
                 max_run=max_run,
                 reuse_units=units,
                 last_step_units=last,
-                extrapolate_steps=steps,
-                extrapolate_units=unit_values,
+                extrapolate_steps=extrapolate_steps,
+                extrapolate_units=extrapolate_units,
             )
             result = search_plan(stats, flops, setting)
         except BudgetError as error:

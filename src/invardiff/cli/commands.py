@@ -889,7 +889,7 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
 
         def on_result(result):
             result["run"] = run
-            if result["label"] in plans:  # the plan beside the results: PLANS_DIR/sweep-MODEL/LABEL.json
+            if result["label"] in plans:  # the plan beside the results: OUT/plans/sweep-MODEL/LABEL.json
                 path = save_point_plan(plans[result["label"]], jsonl.parent / "plans" / jsonl.stem, result["label"])
                 result["plan_file"] = path.relative_to(jsonl.parent).as_posix()
             append_jsonl(result, jsonl)
