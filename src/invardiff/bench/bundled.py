@@ -210,7 +210,7 @@ def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
         cases=target.calibration_runs(),
         speedups=list(speedups),
         search=config,
-        pipeline_kwargs={**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale},
+        pipeline_kwargs=target.sampling_settings(),
         verify=True,  # each target's plan chosen among caps of 2, 3, 6 reused steps by its sampled error
         **settings,
     )

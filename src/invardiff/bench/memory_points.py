@@ -62,7 +62,7 @@ def memory_points(target, preset: str, preset_plan) -> list:
         cases=target.calibration_runs(),
         speedups=[SEARCH_SPEEDUP],
         search=SearchConfig(SEARCH_SPEEDUP),
-        pipeline_kwargs={**target.entry.pipeline_kwargs, "guidance_scale": target.entry.guidance_scale},
+        pipeline_kwargs=target.sampling_settings(),
         max_cache_bytes=bound,
         verify=True,  # chosen as the unbounded invardiff-search's plans are, so the two compare like with like
     )

@@ -82,10 +82,7 @@ def _header(runs: list[dict | None], meta: dict) -> str:
         run = (runs and runs[0]) or meta
         command = f" Command: `{run['command']}`." if run.get("command") else ""
         measure = _MEASURE.replace("the rounds", f"{run['rounds']} rounds")
-        return (
-            f"{run['date']}, torch {run['torch']}, {run['device']}, {run['threads']} threads; {meta['images']} "
-            f"images per run; {measure}{command}"
-        )
+        return f"{_machine(run)}; {meta['images']} images per run; {measure}{command}"
     described = [
         f"{number}: {_run_text(run)}" if run else f"{number}: not recorded (points measured before runs were)"
         for number, run in enumerate(runs, start=1)
@@ -97,8 +94,11 @@ def _header(runs: list[dict | None], meta: dict) -> str:
 
 def _run_text(run: dict) -> str:
     command = f", `{run['command']}`" if run.get("command") else ""
-    machine = f"{run['date']}, torch {run['torch']}, {run['device']}, {run['threads']} threads"
-    return f"{machine}, {run['rounds']} rounds{command}"
+    return f"{_machine(run)}, {run['rounds']} rounds{command}"
+
+
+def _machine(run: dict) -> str:
+    return f"{run['date']}, torch {run['torch']}, {run['device']}, {run['threads']} threads"
 
 
 def _distinct_runs(results: list[dict]) -> list[dict | None]:

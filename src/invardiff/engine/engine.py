@@ -59,10 +59,12 @@ def host_reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-# The relative precision of a call's timestep in the usual floating dtypes (at least 1e-6), TimestepCheck's ties.
-_PRECISION = {
-    dtype: max(torch.finfo(dtype).eps, 1e-6) for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-}
+def _precision(dtype: torch.dtype) -> float:
+    """The relative precision of a timestep of ``dtype`` (at least 1e-6; integers: 1e-6), TimestepCheck's ties."""
+    return max(torch.finfo(dtype).eps, 1e-6) if dtype.is_floating_point else 1e-6
+
+
+_PRECISION = {dtype: _precision(dtype) for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 
 
 class TimestepCheck:
@@ -93,9 +95,7 @@ class TimestepCheck:
     def add(self, timestep, step: int, branch: str) -> None:
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([float(timestep)], dtype=torch.float64)
-        precision = _PRECISION.get(timestep.dtype)
-        if precision is None:  # another dtype (an integer timestep: 1e-6)
-            precision = max(torch.finfo(timestep.dtype).eps, 1e-6) if timestep.is_floating_point() else 1e-6
+        precision = _PRECISION.get(timestep.dtype) or _precision(timestep.dtype)  # the table: no finfo per call
         if self.host_values is not None and host_reads_are_free(timestep.device):
             self._check_on_host(timestep, step, precision, branch)
             return
