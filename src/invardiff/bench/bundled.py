@@ -73,7 +73,8 @@ SEARCH_WINDOW = 6
 # invardiff-frontier: the 4-5x recipe (benchmarks/results/frontier/README.md) at the search targets from 4x up:
 # reused steps extrapolated (units reused plainly), a 12-step recording window (longer reuse runs and anchor gaps),
 # and 8 rounds of descent on sampled error (calibrate --budget 4 --extrapolate steps --window 12 --verify
-# --refine 8). At 4x: 35.13 dB on flux-shapes (the search's own settings: 32.29), 37.06 on dit-digits (34.40).
+# --refine 8). At 4x on the sweep's images: 35.13 dB on flux-shapes (the search's own settings: 32.29), 36.90 on
+# dit-digits (34.40).
 FRONTIER_FROM = 4.0
 FRONTIER_WINDOW = 12
 FRONTIER_REFINE = 8
