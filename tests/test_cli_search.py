@@ -60,3 +60,16 @@ def test_refine_needs_verify_and_a_round_count(tmp_path, capsys, extra):
     assert main([*argv, *extra, "-o", str(tmp_path / "p.json")]) == 2
     assert "--refine takes a number of rounds >= 0 and needs --verify" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_step_order_2_writes_a_second_order_plan_and_needs_extrapolated_steps(tmp_path, capsys):
+    argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1,2", "--steps", "10", "--window", "6"]
+    assert main([*argv, "--budget", "2x", "--step-order", "2", "-o", str(tmp_path / "p.json")]) == 2
+    assert "add --extrapolate steps" in capsys.readouterr().err
+    written = tmp_path / "second.json"
+    assert main([*argv, "--budget", "2x", "--extrapolate", "steps", "--step-order", "2", "-o", str(written)]) == 0
+    plan = CachePlan.load(written)
+    assert plan.to_dict()["format_version"] == 4 and plan.provenance["search"]["step_order"] == 2
+    assert (plan.step_extrapolation2 != 0).any()
+    assert main(["inspect", str(written), "--model-config", "dit-tiny"]) == 0
+    assert "at second order, two lerps each" in capsys.readouterr().out

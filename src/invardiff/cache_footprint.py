@@ -112,7 +112,7 @@ class ReuseLayout:
     """A plan's decisions as the memory model sees them.
 
     ``reuse``: ``(T, U)`` effective unit reuse at executed steps (engine unit order); ``executed``: ``(T,)``;
-    ``hidden_after``: ``(T,)`` bytes of H (or of an extrapolation pair of H) kept after each step."""
+    ``hidden_after``: ``(T,)`` bytes of H (or of the two or three H an extrapolation needs) kept after each step."""
 
     reuse: np.ndarray
     executed: np.ndarray
@@ -132,8 +132,8 @@ def reuse_layout(plan: CachePlan, footprint: CacheFootprint, cache_dtype: str | 
     hidden_after = np.zeros(plan.num_inference_steps, dtype=np.int64)
     for t in range(plan.num_inference_steps):
         if steps.keep_after[t]:
-            # A computed step keeps H (two of them as an extrapolation pair); a step-cached step carries it on.
-            hidden_after[t] = hidden_after[t - 1] if plan.step_cache[t] else size * (2 if steps.pair_after[t] else 1)
+            # A computed step keeps H (two or three of them to extrapolate from); a step-cached step carries it on.
+            hidden_after[t] = hidden_after[t - 1] if plan.step_cache[t] else size * max(1, steps.history_after[t])
     return ReuseLayout(reuse, executed, hidden_after)
 
 

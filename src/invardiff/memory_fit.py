@@ -158,7 +158,7 @@ def _fit_with_step_reuse(
 
     if not 0 < min_fraction <= 1:
         raise ValueError(f"step_reuse must be a fraction in (0, 1] of a step's unit FLOPs, got {min_fraction!r}.")
-    if plan.step_extrapolation is not None and (plan.step_extrapolation != 0).any():
+    if plan.step_extrapolation_order().any():
         raise NotImplementedError(
             "fit-memory with step reuse does not convert steps of plans that extrapolate the step cache (their "
             "extrapolation pairs depend on which steps compute); fit without step reuse."
@@ -413,6 +413,7 @@ def _with(plan: CachePlan, module_reuse, provenance, cache_dtype) -> CachePlan:
         plan.step_extrapolation,
         plan.unit_extrapolation,
         cache_dtype,
+        plan.step_extrapolation2,
     )
 
 

@@ -26,6 +26,10 @@ Format version 2 adds two optional fields, the extrapolation coefficients of reu
 {block_list: {unit: [[c per layer], ...one row per step]}}``. A plan without them is still written as version 1,
 and version 1 files read as plans without extrapolation.
 
+Format version 4 adds the optional second-order coefficients of reused steps (``"step_extrapolation2": [c2_0, ...]``
+beside ``step_extrapolation``; ``plan_extrapolation.py``). Only plans that have them are written as version 4, so that
+an older invardiff refuses them instead of running them as first-order plans.
+
 Format version 3 adds the optional cache storage dtype (``"cache_dtype": "float8_e4m3fn"``, ``engine/storage.py``):
 the engine keeps reused values in that dtype. Only plans that set it are written as version 3, so that an older
 invardiff refuses them instead of running them at full cache memory.
@@ -44,14 +48,19 @@ import numpy as np
 from ._version import __version__
 from .families import get_family
 from .files import write_text
-from .plan_extrapolation import extrapolation_from_dict, extrapolation_to_dict, validate_extrapolation
+from .plan_extrapolation import (
+    SECOND_ORDER_VERSION,
+    extrapolation_from_dict,
+    extrapolation_to_dict,
+    validate_extrapolation,
+)
 from .plan_file import PlanError, parse_json, read_json
 
 
 PLAN_FORMAT = "invardiff-cache-plan"
 PLAN_FORMAT_VERSION = 2  # written only by plans with extrapolation coefficients; the others stay version 1
 CACHE_DTYPE_VERSION = 3  # written only by plans with a cache storage dtype
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, SECOND_ORDER_VERSION)
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,10 @@ class CachePlan:
         cache_dtype: the dtype the engine stores reused values in (format version 3; ``engine/storage.py``:
             ``float32``, ``bfloat16``, ``float16``, ``float8_e4m3fn`` with a per-tensor scale), or ``None``: the
             model's dtype. Not with extrapolation coefficients.
+        step_extrapolation2: ``(T,)`` float second-order coefficients (format version 4, with
+            ``step_extrapolation``), or ``None``: a reused step ``t`` adds ``c2_t (H_a - 2 H_p + H_q)`` from the last
+            three computed states. Nonzero only at step-cached steps with three computed steps before them. The
+            anchor of such a run keeps three states instead of two.
 
     Trade-off: a plan that reuses more runs faster and drifts further from full compute; see ``invardiff inspect``
     for the compute a plan removes before running it.
@@ -128,6 +141,7 @@ class CachePlan:
     step_extrapolation: np.ndarray | None = None
     unit_extrapolation: dict[str, dict[str, np.ndarray]] | None = None
     cache_dtype: str | None = None
+    step_extrapolation2: np.ndarray | None = None
 
     def __post_init__(self):
         self.step_cache = np.asarray(self.step_cache, dtype=bool)
@@ -137,6 +151,8 @@ class CachePlan:
         }
         if self.step_extrapolation is not None:
             self.step_extrapolation = np.asarray(self.step_extrapolation, dtype=np.float64)
+        if self.step_extrapolation2 is not None:
+            self.step_extrapolation2 = np.asarray(self.step_extrapolation2, dtype=np.float64)
         if self.unit_extrapolation is not None:
             self.unit_extrapolation = {
                 name: {unit: np.asarray(matrix, dtype=np.float64) for unit, matrix in units.items()}
@@ -148,8 +164,17 @@ class CachePlan:
 
     @property
     def extrapolates(self) -> bool:
-        """The plan carries extrapolation coefficients (format version 2)."""
+        """The plan carries extrapolation coefficients (format version 2 or 4)."""
         return self.step_extrapolation is not None or self.unit_extrapolation is not None
+
+    def step_extrapolation_order(self) -> np.ndarray:
+        """``(T,)`` int: the order each step is extrapolated with (0: computed, or reused plainly; 1; 2)."""
+        order = np.zeros(self.num_inference_steps, dtype=int)
+        if self.step_extrapolation is not None:
+            order[self.step_extrapolation != 0] = 1
+        if self.step_extrapolation2 is not None:
+            order[self.step_extrapolation2 != 0] = 2
+        return order
 
     # ----- construction -----
     @classmethod
@@ -170,7 +195,13 @@ class CachePlan:
 
     # ----- serialisation -----
     def to_dict(self) -> dict[str, Any]:
-        version = CACHE_DTYPE_VERSION if self.cache_dtype else PLAN_FORMAT_VERSION if self.extrapolates else 1
+        version = 1
+        if self.cache_dtype:
+            version = CACHE_DTYPE_VERSION
+        elif self.step_extrapolation2 is not None:
+            version = SECOND_ORDER_VERSION
+        elif self.extrapolates:
+            version = PLAN_FORMAT_VERSION
         return {
             "format": PLAN_FORMAT,
             "format_version": version,
@@ -332,13 +363,15 @@ def _plan_from_dict(data: Any) -> CachePlan:
         raise PlanError(f"plan.written_by must be an object, got {type(written_by).__name__}.")
     step_cache = _str_to_bits(data.get("step_cache"), T, "plan.step_cache")
     module_reuse = _module_reuse_from_dict(_require(data, "module_reuse", dict, "plan"), model, T)
-    steps, units = extrapolation_from_dict(data, version, model, T)
+    steps, units, second = extrapolation_from_dict(data, version, model, T)
     cache_dtype = data.get("cache_dtype")
     if cache_dtype is not None and version < CACHE_DTYPE_VERSION:
         raise PlanError(f"plan.cache_dtype needs format_version {CACHE_DTYPE_VERSION}, but the file says {version}.")
     if version == CACHE_DTYPE_VERSION and cache_dtype is None:
         raise PlanError(f"format_version {CACHE_DTYPE_VERSION} is for plans with a cache_dtype; this one has none.")
-    plan = CachePlan(model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units, cache_dtype)
+    plan = CachePlan(
+        model, T, step_cache, module_reuse, scheduler, provenance, written_by, steps, units, cache_dtype, second
+    )
     return plan
 
 

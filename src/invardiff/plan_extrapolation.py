@@ -1,8 +1,12 @@
-"""The extrapolation coefficients of a plan (format version 2): checks and JSON fields.
+"""The extrapolation coefficients of a plan (format versions 2 and 4): checks and JSON fields.
 
 A coefficient ``c`` at a reused step (or a reused unit at an executed step) says that the reused value is
 ``v_a + c (v_a - v_p)`` instead of ``v_a``, where ``v_a`` and ``v_p`` are the last two computed values. Coefficients
 are only meaningful where something is reused, so a nonzero coefficient anywhere else is an error.
+
+Second order (format version 4, reused steps only): a coefficient ``c2`` in ``step_extrapolation2`` adds
+``c2 (v_a - 2 v_p + v_q)``, the second difference of the last three computed values (``v_q`` the one before ``v_p``),
+so the reused step is ``v_a + c (v_a - v_p) + c2 (v_a - 2 v_p + v_q)``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from .plan_file import PlanError
 # (calibration/trajectory.py) clips to this range. Beyond it the reused value is dominated by the difference of two
 # nearly equal tensors, rounding included, and a coefficient of 1e300 overflowed torch.lerp's weight mid-run.
 MAX_COEFFICIENT = 1000.0
+SECOND_ORDER_VERSION = 4  # the plan format version of plans with second-order step coefficients
 
 
 def validate_extrapolation(plan) -> None:
@@ -33,12 +38,20 @@ def validate_extrapolation(plan) -> None:
                 f"step_extrapolation must have shape ({T},) (one coefficient per step), got {steps.shape}."
             )
         _check_finite(steps, "step_extrapolation")
-        misplaced = np.flatnonzero((steps != 0) & ~plan.step_cache)
-        if misplaced.size:
+        _check_on_cached_steps(plan, steps, "step_extrapolation")
+    second = plan.step_extrapolation2
+    if second is not None:
+        if steps is None:
             raise PlanError(
-                f"step_extrapolation has a nonzero coefficient at computed step {misplaced[0]}; coefficients apply "
-                f"only to step-cached steps. Set it to 0."
+                "step_extrapolation2 (second-order coefficients) needs step_extrapolation (the first-order ones, "
+                "zeros allowed) beside it."
             )
+        if second.shape != (T,):
+            raise PlanError(
+                f"step_extrapolation2 must have shape ({T},) (one coefficient per step), got {second.shape}."
+            )
+        _check_finite(second, "step_extrapolation2")
+        _check_on_cached_steps(plan, second, "step_extrapolation2")
     if plan.unit_extrapolation is None:
         return
     family = get_family(plan.model.family)
@@ -70,6 +83,15 @@ def validate_extrapolation(plan) -> None:
                 )
 
 
+def _check_on_cached_steps(plan, coefficients: np.ndarray, where: str) -> None:
+    misplaced = np.flatnonzero((coefficients != 0) & ~plan.step_cache)
+    if misplaced.size:
+        raise PlanError(
+            f"{where} has a nonzero coefficient at computed step {misplaced[0]}; coefficients apply only to "
+            f"step-cached steps. Set it to 0."
+        )
+
+
 def _check_finite(values: np.ndarray, where: str) -> None:
     """Finite coefficients within [-MAX_COEFFICIENT, MAX_COEFFICIENT]."""
     if not np.isfinite(values).all():
@@ -86,6 +108,8 @@ def extrapolation_to_dict(plan) -> dict[str, Any]:
     fields = {}
     if plan.step_extrapolation is not None:
         fields["step_extrapolation"] = [float(c) for c in plan.step_extrapolation]
+    if plan.step_extrapolation2 is not None:
+        fields["step_extrapolation2"] = [float(c) for c in plan.step_extrapolation2]
     if plan.unit_extrapolation is not None:
         fields["unit_extrapolation"] = {
             name: {unit: matrix.tolist() for unit, matrix in units.items()}
@@ -95,12 +119,23 @@ def extrapolation_to_dict(plan) -> dict[str, Any]:
 
 
 def extrapolation_from_dict(data: dict, version: int, model, T: int):
-    """``(step_extrapolation, unit_extrapolation)`` of a plan dict; version 1 has neither."""
+    """``(step_extrapolation, unit_extrapolation, step_extrapolation2)`` of a plan dict; version 1 has none, only
+    version 4 has the second-order coefficients (and must: an older invardiff refuses version 4 rather than run the
+    plan without them)."""
     present = [key for key in ("step_extrapolation", "unit_extrapolation") if key in data]
     if version == 1:
         if present:
             raise PlanError(f"plan.{present[0]} needs format_version 2, but the file says version 1.")
-        return None, None
+        return None, None, None
+    second = data.get("step_extrapolation2")
+    if (second is not None) != (version == SECOND_ORDER_VERSION):
+        raise PlanError(
+            f"plan.step_extrapolation2 (second-order coefficients) goes with format_version {SECOND_ORDER_VERSION} "
+            f"and only with it; the file says version {version} and "
+            f"{'has' if second is not None else 'has no'} step_extrapolation2."
+        )
+    if second is not None:
+        second = _numbers(second, (T,), "plan.step_extrapolation2")
     steps = data.get("step_extrapolation")
     if steps is not None:
         steps = _numbers(steps, (T,), "plan.step_extrapolation")
@@ -116,7 +151,7 @@ def extrapolation_from_dict(data: dict, version: int, model, T: int):
             }
             for name, per_unit in units.items()
         }
-    return steps, units
+    return steps, units, second
 
 
 def _numbers(value, shape: tuple, where: str) -> np.ndarray:

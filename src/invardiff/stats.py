@@ -89,11 +89,14 @@ def plan_flops(plan: CachePlan, flops) -> float:
 def extrapolation_work(plan: CachePlan, flops=None) -> dict:
     """What a plan's extrapolation adds to a run: how many reused entries extrapolate (step-cached steps, and unit
     reuses at executed steps, with a nonzero coefficient) and, with a :class:`FlopProfile` that records the stream
-    sizes, their FLOPs (one lerp each, :data:`invardiff.flops.LERP_FLOPS` per element)."""
-    steps = plan.step_cache & (plan.step_extrapolation != 0) if plan.step_extrapolation is not None else None
-    work = {"steps": int(steps.sum()) if steps is not None else 0, "units": 0, "flops": 0.0}
-    if flops is not None and steps is not None:
-        work["flops"] += work["steps"] * flops.extrapolation_flops(flops.step_elements)
+    sizes, their FLOPs (one lerp each, two for a second-order step; :data:`invardiff.flops.LERP_FLOPS` per
+    element and lerp)."""
+    orders = plan.step_extrapolation_order() * plan.step_cache  # a second-order reuse is two lerps
+    work = {"steps": int((orders > 0).sum()), "units": 0, "flops": 0.0}
+    if (orders == 2).any():
+        work["second_order_steps"] = int((orders == 2).sum())
+    if flops is not None:
+        work["flops"] += int(orders.sum()) * flops.extrapolation_flops(flops.step_elements)
     if plan.unit_extrapolation is None:
         return work
     executed = ~plan.step_cache

@@ -270,6 +270,7 @@ def _settings_config(settings: dict) -> SearchConfig:
         unit_weight=settings["unit_weight"],
         last_step_units=settings.get("last_step_units", False),  # absent before it existed
         step_fit=settings.get("step_fit", "direct"),  # absent in plans of the direct fit
+        step_order=settings.get("step_order", 1),  # absent at first order
     )
 
 
@@ -358,7 +359,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
     (:func:`unit_setting`), the best first; each plan's provenance records every candidate's error. Empty (with a
     warning) when no cap reaches the target."""
     candidates, errors = [], []
-    for max_run, units, last, (extrapolate_steps, extrapolate_units) in verify_grid(config):
+    for max_run, units, last, (extrapolate_steps, extrapolate_units, step_order) in verify_grid(config):
         try:
             setting = replace(
                 config,
@@ -367,6 +368,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
                 last_step_units=last,
                 extrapolate_steps=extrapolate_steps,
                 extrapolate_units=extrapolate_units,
+                step_order=step_order,
             )
             result = search_plan(stats, flops, setting)
         except BudgetError as error:
@@ -386,6 +388,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
             "reuse_units": c.plan.provenance["search"]["reuse_units"],
             "last_step_units": c.plan.provenance["search"].get("last_step_units", False),
             "extrapolates": c.plan.extrapolates,
+            **({"second_order": True} if c.plan.step_extrapolation2 is not None else {}),
             "output_mse": e,
             "model_error": c.error,
         }
@@ -411,22 +414,25 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
 
 
 def verify_grid(config: SearchConfig) -> list[tuple]:
-    """The (max_run, reuse_units, last_step_units, (extrapolate_steps, extrapolate_units)) settings whose searched
-    plans the verified selection samples. A config that extrapolates is tried without extrapolation too: fitted
-    coefficients lower the calibration trajectories' error, but where a model's reused steps drift in ways two
+    """The (max_run, reuse_units, last_step_units, (extrapolate_steps, extrapolate_units, step_order)) settings whose
+    searched plans the verified selection samples. A config that extrapolates is tried without extrapolation too:
+    fitted coefficients lower the calibration trajectories' error, but where a model's reused steps drift in ways two
     computed values do not predict they can sample worse than plain reuse (wan-motion at 4x: 34.3 dB with reused
-    steps extrapolated, 38.0 without), and sampling decides that as it decides the cap."""
+    steps extrapolated, 38.0 without), and sampling decides that as it decides the cap; a second-order config
+    (``step_order=2``) is tried at first order too, for the same reason."""
     units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u[0]]
-    asked = (config.extrapolate_steps, config.extrapolate_units)
-    extrapolation = [asked, (False, False)] if any(asked) else [asked]
+    asked = (config.extrapolate_steps, config.extrapolate_units, config.step_order)
+    extrapolation = [asked] + ([(*asked[:2], 1)] if config.step_order == 2 else [])
+    extrapolation += [(False, False, 1)] if any(asked[:2]) else []
     return [(max_run, *reuse, e) for e in extrapolation for reuse in units for max_run in VERIFY_MAX_RUNS]
 
 
 def _same_plan(a, b) -> bool:
-    """Same decisions, both with or both without extrapolation (the coefficients follow from the decisions)."""
+    """Same decisions, both with or both without extrapolation, at the same orders (the coefficients follow)."""
     first, second = a.to_dict(), b.to_dict()
     same_reuse = all(first[key] == second[key] for key in ("step_cache", "module_reuse"))
-    return same_reuse and a.extrapolates == b.extrapolates
+    same_orders = (a.step_extrapolation_order() == b.step_extrapolation_order()).all()
+    return same_reuse and a.extrapolates == b.extrapolates and bool(same_orders)
 
 
 def sample_outputs(pipe, family: str, cases: list[tuple], call_kwargs: dict, batch_size: int) -> torch.Tensor:

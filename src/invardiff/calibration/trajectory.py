@@ -10,7 +10,9 @@ reuse runs and anchor gaps stay inside the window:
 
 * reuse error of anchor ``a`` at step ``t``: ``|f_t - f_a|^2``;
 * least-squares extrapolation from the last two computed values ``f_p, f_a``: ``c = <f_t - f_a, f_a - f_p> /
-  |f_a - f_p|^2`` (pooled over samples), residual ``|f_t - f_a|^2 - c <f_t - f_a, f_a - f_p>``.
+  |f_a - f_p|^2`` (pooled over samples), residual ``|f_t - f_a|^2 - c <f_t - f_a, f_a - f_p>``;
+* at second order from the last three ``f_q, f_p, f_a``: ``f_t - f_a ~ c1 d1 + c2 d2`` with ``d1 = f_a - f_p``,
+  ``d2 = f_a - 2 f_p + f_q``, solved from the 2 x 2 Gram matrix of ``d1, d2``.
 
 So the statistics are ``T x (window + 1)`` float64 numbers per stream, whatever the model size; the recorder holds
 ``window + 1`` features per stream while a run is in progress (that is the memory bound), in the model's dtype.
@@ -108,6 +110,35 @@ class TrajectoryStats:
             return coefficient, max(plain - coefficient * cross, 0.0)
         coefficient = math.copysign(MAX_COEFFICIENT, coefficient)
         return coefficient, max(plain - 2 * coefficient * cross + coefficient**2 * delta, 0.0)
+
+    def fit_second_order(self, stream: str, earlier: int, previous: int, anchor: int, t: int) -> tuple[float, ...]:
+        """Least-squares ``(c1, c2)`` of ``f_t ~ f_a + c1 (f_a - f_p) + c2 (f_a - 2 f_p + f_q)`` pooled over samples
+        (``f_q, f_p, f_a`` the values at ``earlier < previous < anchor``), and the squared residual:
+        ``(c1, c2, squared)``. Where the two differences are parallel (their Gram determinant below
+        :data:`PARALLEL_TOLERANCE` of the product of their squared norms) or a coefficient falls outside the range a
+        plan may hold, the first-order fit (:meth:`fit`) with ``c2 = 0``: never worse than it on these samples."""
+        if not earlier < previous < anchor < t:
+            raise ValueError(
+                f"Second-order extrapolation needs earlier < previous < anchor < t, got {earlier}, {previous}, "
+                f"{anchor}, {t}."
+            )
+        vectors = {"d1": {anchor: 1.0, previous: -1.0}, "d2": {anchor: 1.0, previous: -2.0, earlier: 1.0}}
+        vectors["r"] = {t: 1.0, anchor: -1.0}
+
+        def dot(x: str, y: str) -> float:
+            return sum(a * b * self.inner(stream, s, u) for s, a in vectors[x].items() for u, b in vectors[y].items())
+
+        gram = np.array([[dot("d1", "d1"), dot("d1", "d2")], [dot("d1", "d2"), dot("d2", "d2")]])
+        right = np.array([dot("d1", "r"), dot("d2", "r")])
+        first, squared = self.fit(stream, previous, anchor, t)
+        determinant = gram[0, 0] * gram[1, 1] - gram[0, 1] ** 2
+        if determinant <= PARALLEL_TOLERANCE * gram[0, 0] * gram[1, 1]:
+            return first, 0.0, squared
+        c1, c2 = np.linalg.solve(gram, right)
+        second = max(dot("r", "r") - float(right @ (c1, c2)), 0.0)
+        if max(abs(c1), abs(c2)) > MAX_COEFFICIENT or second >= squared:  # the latter: rounding only
+            return first, 0.0, squared
+        return float(c1), float(c2), second
 
     def scale_free_error(self, stream: str, anchor: int, t: int) -> float:
         """``min over g >= 0 of sum |f_t - g f_anchor|^2`` (pooled over samples): the reuse error up to the scale of

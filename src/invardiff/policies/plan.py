@@ -13,7 +13,7 @@ from ..engine.storage import CacheCodec
 from ..families import FamilySpec
 from ..plan import CachePlan, PlanError
 from ..stats import unit_reuse
-from .extrapolation import Pair, StepExtrapolation, anchor_of, extrapolate, pair_after, unit_coefficients
+from .extrapolation import StepExtrapolation, extrapolate, history, history_after, unit_coefficients
 
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ class PlanConfig:
     def __post_init__(self):
         if self.step_reuse not in STEP_REUSE:
             raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {self.step_reuse!r}.")
-        steps = getattr(self.plan, "step_extrapolation", None)
-        if self.step_reuse == "residual" and steps is not None and steps.any():
+        extrapolated = isinstance(self.plan, CachePlan) and self.plan.step_extrapolation_order().any()
+        if self.step_reuse == "residual" and extrapolated:
             raise ValueError(
                 "The plan extrapolates reused steps (step_extrapolation, fitted on H) but step_reuse='residual' "
                 "reuses H - x; use step_reuse='state' with this plan."
@@ -61,7 +61,8 @@ class PlanPolicy(CachePolicy):
 
     Extrapolation (plan format version 2, see ``extrapolation.py``): where a reuse run has a nonzero coefficient,
     its anchor keeps the pair of the last two computed values and the reuse returns one ``torch.lerp`` of them; a
-    zero coefficient returns the anchor itself, so a plan without coefficients runs exactly as before.
+    zero coefficient returns the anchor itself, so a plan without coefficients runs exactly as before. A
+    second-order step coefficient (version 4) keeps the last three computed H and rebuilds with two lerps.
 
     Cache storage dtype (plan format version 3, ``engine/storage.py``): kept values are encoded as they are kept and
     decoded as they are reused; a plan without one keeps the outputs themselves.
@@ -87,19 +88,20 @@ class PlanPolicy(CachePolicy):
         # H is kept only while the next step is step-cached (SPEC.md A.4: state reuse of the last computed H), or
         # as the earlier value of an extrapolation pair.
         steps = StepExtrapolation(plan)
-        self.step_coefficient, self.hidden_pair = steps.coefficient, steps.pair_after
-        self.keep_hidden_after = steps.keep_after
+        self.step_coefficient, self.step_second = steps.coefficient, steps.second
+        self.hidden_history, self.keep_hidden_after = steps.history_after, steps.keep_after
         effective = {facts.name: unit_reuse(plan, facts.name) for facts in plan.model.block_lists}
         coefficients = unit_coefficients(plan, units)  # (T, U)
         reuse = np.zeros((self.num_steps, len(units)), dtype=bool)
         keep = np.zeros_like(reuse)
-        pair = np.zeros_like(reuse)
+        length = np.zeros(reuse.shape, dtype=int)
         for index, unit in enumerate(units):
             reuse[:, index] = effective[unit.block_list][unit.name][:, unit.layer] & executed
-            pair[:, index] = pair_after(reuse[:, index], executed, coefficients[:, index])
-            keep[:, index] = _keep_after(reuse[:, index] | pair[:, index], executed)
+            orders = (coefficients[:, index] != 0).astype(int)  # units extrapolate at first order only
+            length[:, index] = history_after(reuse[:, index], executed, orders)
+            keep[:, index] = _keep_after(reuse[:, index] | (length[:, index] >= 2), executed)
         self.unit_reuse, self.unit_keep = reuse.tolist(), keep.tolist()
-        self.unit_coefficient, self.unit_pair = coefficients.tolist(), pair.tolist()
+        self.unit_coefficient, self.unit_history = coefficients.tolist(), length.tolist()
 
     def start_run(self, num_steps: int) -> None:
         if self.original_plan is not None and num_steps != self.num_steps:
@@ -135,11 +137,12 @@ class PlanPolicy(CachePolicy):
         hidden = self.codec.decode(state.hidden) if self.codec is not None else state.hidden
         if self.step_reuse == "residual":  # the kept value is the residual H - x
             return self.embed_input(state.call) + hidden
-        return extrapolate(hidden, self.step_coefficient[state.step])
+        return extrapolate(hidden, self.step_coefficient[state.step], self.step_second[state.step])
 
     def unit_to_keep(self, state, unit: int, output):
-        if self.unit_pair[state.step][unit]:  # a later reuse extrapolates from (previous output, this output)
-            return Pair(anchor_of(state.units[unit]), output)
+        length = self.unit_history[state.step][unit]
+        if length >= 2:  # a later reuse extrapolates from (previous output, this output)
+            return history(state.units[unit], output, length)
         kept = super().unit_to_keep(state, unit, output)
         return self.codec.encode(kept) if self.codec is not None else kept
 
@@ -157,8 +160,9 @@ class PlanPolicy(CachePolicy):
         if self.step_cached[state.step]:
             return state.hidden  # a reused step: the kept value (H, R or an extrapolation pair) carries on
         value = hidden if self.step_reuse == "state" else hidden - self.embed_input(state.call)  # R = H - x
-        if self.hidden_pair[state.step]:
-            return Pair(anchor_of(state.hidden), value)
+        length = self.hidden_history[state.step]
+        if length >= 2:  # a later reuse extrapolates from this H and the one (or two) before it
+            return history(state.hidden, value, length)
         return self.codec.encode(value) if self.codec is not None else value
 
     def describe(self) -> dict:
