@@ -73,3 +73,15 @@ def test_step_order_2_writes_a_second_order_plan_and_needs_extrapolated_steps(tm
     assert (plan.step_extrapolation2 != 0).any()
     assert main(["inspect", str(written), "--model-config", "dit-tiny"]) == 0
     assert "at second order, two lerps each" in capsys.readouterr().out
+
+
+def test_refine_reports_the_sampled_error_of_the_plan_it_wrote(tmp_path, capsys):
+    argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1,2", "--steps", "10", "--window", "6"]
+    written = tmp_path / "refined.json"
+    assert (
+        main([*argv, "--budget", "2x", "--extrapolate", "steps", "--verify", "--refine", "2", "-o", str(written)]) == 0
+    )
+    search = CachePlan.load(written).provenance["search"]
+    final = search["refined"]["moves"][-1][1]  # not the verified start's error, which the descent lowered
+    assert final < search["verified"]["output_mse"]
+    assert f"sampled output MSE {final:.3g})" in capsys.readouterr().out

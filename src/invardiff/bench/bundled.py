@@ -28,15 +28,17 @@ METHODS = (
     "invardiff-search",
     "invardiff-search+extrap",
     "invardiff-frontier",
+    "invardiff-frontier2",
     "invardiff-memory",
     "dicache",
     "plan+probe",
     "peers",
 )
-# What `invardiff bench` runs without --methods: all but invardiff-frontier, whose descent on sampled error adds
-# minutes per target (on this 2-core CPU, one thread: ~3 min for flux-shapes' three targets, ~9 min for
-# dit-digits' 4x and 5x); ask for it by name.
-DEFAULT_METHODS = tuple(method for method in METHODS if method != "invardiff-frontier")
+# What `invardiff bench` runs without --methods: all but the invardiff-frontier methods, whose descent on sampled error
+# adds minutes per target (on this 2-core CPU, one thread: ~3 min for flux-shapes' three targets, ~9 min for
+# dit-digits' 4x and 5x); ask for them by name.
+FRONTIER_METHODS = ("invardiff-frontier", "invardiff-frontier2")
+DEFAULT_METHODS = tuple(method for method in METHODS if method not in FRONTIER_METHODS)
 # DiCache thresholds besides the official 0.4 (SPEC.md B.5), chosen to span slow to fast on the bundled models
 # (1.5 was measured too: it collapses, 22.9 dB on flux-shapes and 10.2 dB on dit-digits). The same for every family.
 DICACHE_THRESHOLDS = (0.1, 0.2, 0.8)
@@ -78,6 +80,8 @@ SEARCH_WINDOW = 6
 FRONTIER_FROM = 4.0
 FRONTIER_WINDOW = 12
 FRONTIER_REFINE = 8
+# invardiff-frontier2: the same recipe with reused steps extrapolated at second order where the window holds three
+# computed steps (--step-order 2; the verified selection samples first order and plain reuse too).
 
 
 @dataclass(frozen=True)
@@ -196,11 +200,12 @@ def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
 
     speedups = sweep_grid(target.family, target.entry.num_inference_steps).search_speedups
     settings = {"window": SEARCH_WINDOW, "refine": 0}
-    if method == "invardiff-frontier":
+    if method in FRONTIER_METHODS:
         speedups = tuple(s for s in speedups if s >= FRONTIER_FROM)
         if not speedups:  # a few-step sweep's targets stop below 4x
             return []
-        config = SearchConfig(speedups[-1], extrapolate_steps=True)
+        order = 2 if method == "invardiff-frontier2" else 1
+        config = SearchConfig(speedups[-1], extrapolate_steps=True, step_order=order)
         settings = {"window": FRONTIER_WINDOW, "refine": FRONTIER_REFINE}
     else:
         extrapolate = method == "invardiff-search+extrap"
@@ -273,7 +278,7 @@ def sweep_points(
                     continue
                 label, thresholds = grid_point(family, step, level)
                 points.append(plan_point(f"invardiff {label}", grid_plan(step, level), thresholds.to_dict()))
-    for method in ("invardiff-search", "invardiff-search+extrap", "invardiff-frontier"):
+    for method in ("invardiff-search", "invardiff-search+extrap", *FRONTIER_METHODS):
         if method in methods:
             note(f"searching {method}")
             points += _search_points(target, method)

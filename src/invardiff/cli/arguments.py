@@ -276,8 +276,9 @@ def bench(p) -> None:
         help="invardiff: the presets; invardiff-grid: step x module quantile grid; invardiff-capped: grid plans "
         "with capped step runs; invardiff-search(+extrap): plans searched at FLOP-ideal budgets; "
         "invardiff-frontier: the 4-5x recipe (step extrapolation, 12-step window, 8 rounds of descent; minutes "
-        "per target); invardiff-memory: plans held to a cache-memory bound (FLUX.1-dev's 1.5 GB, scaled); dicache; "
-        "plan+probe; peers (default: all but invardiff-frontier)",
+        "per target); invardiff-frontier2: the same at second order; invardiff-memory: plans held to a "
+        "cache-memory bound (FLUX.1-dev's 1.5 GB, scaled); dicache; plan+probe; peers (default: all but the "
+        "invardiff-frontier methods)",
     )
     p.add_argument("--seeds", default="0", help="comma-separated seeds for the model's fixed example inputs")
     p.add_argument("--rounds", type=at_least(1, "a round count"), default=3, help="timed rounds per point")

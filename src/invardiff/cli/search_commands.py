@@ -166,8 +166,11 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         path = output if args.budget else output.with_name(f"{output.stem}-{target:g}x{output.suffix}")
         result.plan.save(path)
         computed = int((~result.plan.step_cache).sum())
-        verified = result.plan.provenance["search"].get("verified")
-        checked = f", sampled output MSE {verified['output_mse']:.3g}" if verified else ""
+        search = result.plan.provenance["search"]
+        sampled = (
+            search["refined"]["moves"][-1][1] if "refined" in search else search.get("verified", {}).get("output_mse")
+        )
+        checked = f", sampled output MSE {sampled:.3g}" if sampled is not None else ""
         fit = result.plan.provenance.get("memory_fit")
         if fit is not None:
             checked += f", peak cache {fit['peak_cache_bytes']['after'] / 2**20:.1f} MiB after the memory fit"
