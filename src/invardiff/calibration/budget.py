@@ -8,8 +8,8 @@ additive model underrates how a reused unit's error grows through the later laye
 it spends the budget on unit reuse that sampling punishes), a search that extrapolates also without extrapolation
 (:func:`verify_grid`), and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come
 closest to full compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct
-candidate (at most fifteen per target, thirty with extrapolation) over the calibration inputs, on top of the
-recording pass.
+candidate (at most fifteen per target, thirty with extrapolation, forty-five at second order) over the calibration
+inputs, on top of the recording pass.
 
 The caps of 4 and 5 are there for the high targets (4.5x-5x): a cap of 3 cannot reach them, and the window alone
 (6) leaves runs of 6-7 reused steps that sampling punishes; at 5x on dit-digits (50 steps) the cap of 4 with
@@ -84,8 +84,8 @@ def calibrate_budget(
     ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS`, with and
     without unit reuse (and, when ``search`` extrapolates, with and without extrapolation), by the sampled outputs'
     error on the calibration inputs (see the module docstring; ``search.max_run`` is then ignored). Slower
-    calibration (up to 15 sampling passes per target, 30 with extrapolation), plans that hold up better at high
-    speedups.
+    calibration (up to 15 sampling passes per target, 30 with extrapolation, 45 at second order), plans that hold up
+    better at high speedups.
 
     ``refine`` (with ``verify``): then at most this many rounds of a descent on sampled error from each kept plan:
     every computed step moved one step earlier or later (units re-allocated on the new schedule), the first move
