@@ -27,15 +27,15 @@ def toy(dtype=torch.float32):
     return transformer.to(dtype)
 
 
-def calls(dtype):
+def calls(dtype, steps: int = T):
     generator = torch.Generator().manual_seed(0)
     return [
         {
             "hidden_states": torch.randn(2, 6, 4, generator=generator).to(dtype),
-            "timestep": torch.full((2,), 1.0 - step / T, dtype=dtype),
+            "timestep": torch.full((2,), 1.0 - step / steps, dtype=dtype),
             "return_dict": False,
         }
-        for step in range(T)
+        for step in range(steps)
     ]
 
 

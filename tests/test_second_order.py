@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from sync_counter import count_host_syncs
+from test_extrapolation import calls as extrapolation_calls
+from test_extrapolation import toy
 from test_search import random_trajectories, stats_from, toy_flops
 
 import invardiff
@@ -39,21 +41,8 @@ SECOND = np.array([0.0, 0.0, 0.0, 0.2, -0.3, 0.0])
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (3e-2, 3e-2), torch.float16: (5e-3, 5e-3)}
 
 
-def toy(dtype=torch.float32):
-    transformer = toy_family.ToyTransformer(in_channels=4, dim=16, num_layers=2).eval().requires_grad_(False)
-    return transformer.to(dtype)
-
-
 def calls(dtype):
-    generator = torch.Generator().manual_seed(0)
-    return [
-        {
-            "hidden_states": torch.randn(2, 6, 4, generator=generator).to(dtype),
-            "timestep": torch.full((2,), 1.0 - step / T, dtype=dtype),
-            "return_dict": False,
-        }
-        for step in range(T)
-    ]
+    return extrapolation_calls(dtype, T)
 
 
 def run(transformer, plan, inputs):
