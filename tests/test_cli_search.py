@@ -62,17 +62,22 @@ def test_refine_needs_verify_and_a_round_count(tmp_path, capsys, extra):
     assert not (tmp_path / "p.json").exists()
 
 
-def test_step_order_2_writes_a_second_order_plan_and_needs_extrapolated_steps(tmp_path, capsys):
+def test_step_order_2_refits_the_searched_plan_and_checks_its_options(tmp_path, capsys):
     argv = ["calibrate", "--model-config", "dit-tiny", "--classes", "1,2", "--steps", "10", "--window", "6"]
     assert main([*argv, "--budget", "2x", "--step-order", "2", "-o", str(tmp_path / "p.json")]) == 2
     assert "add --extrapolate steps" in capsys.readouterr().err
     written = tmp_path / "second.json"
     assert main([*argv, "--budget", "2x", "--extrapolate", "steps", "--step-order", "2", "-o", str(written)]) == 0
     plan = CachePlan.load(written)
-    assert plan.to_dict()["format_version"] == 4 and plan.provenance["search"]["step_order"] == 2
+    assert plan.to_dict()["format_version"] == 4 and plan.provenance["search"]["second_order"]["steps"] > 0
     assert (plan.step_extrapolation2 != 0).any()
     assert main(["inspect", str(written), "--model-config", "dit-tiny"]) == 0
     assert "at second order, two lerps each" in capsys.readouterr().out
+    assert main([*argv, "--budget", "2x", "--fit-window", "8", "-o", str(tmp_path / "p.json")]) == 2
+    assert "needs --step-order 2" in capsys.readouterr().err
+    second = ["--budget", "2x", "--extrapolate", "steps", "--step-order", "2"]
+    assert main([*argv, *second, "--fit-window", "4", "-o", str(tmp_path / "p.json")]) == 2
+    assert "at least window (6)" in capsys.readouterr().err
 
 
 def test_refine_reports_the_sampled_error_of_the_plan_it_wrote(tmp_path, capsys):

@@ -146,23 +146,21 @@ def test_the_search_targets_reach_5x_and_few_steps_search_low(model, steps, expe
     assert asked == {"steps": steps or target.entry.num_inference_steps, "speedups": expected}
 
 
-@pytest.mark.parametrize(
-    ("method", "order", "window"), [("invardiff-frontier", 1, 12), ("invardiff-frontier2", 2, 16)]
-)
+@pytest.mark.parametrize(("method", "order", "fit"), [("invardiff-frontier", 1, None), ("invardiff-frontier2", 2, 20)])
 @pytest.mark.parametrize(("steps", "expected"), [(None, [4.0, 4.5, 5.0]), (8, None)])
-def test_the_frontier_method_searches_from_4x_with_the_4x_recipe(steps, expected, method, order, window, monkeypatch):
+def test_the_frontier_method_searches_from_4x_with_the_4x_recipe(steps, expected, method, order, fit, monkeypatch):
     """invardiff-frontier: the targets from 4x up, reused steps extrapolated (units plain), a 12-step window and 8
-    rounds of descent; invardiff-frontier2 the same at second order in a 16-step window; a few-step sweep (targets
-    below 4x) has no such point and searches nothing."""
+    rounds of descent; invardiff-frontier2 the same, refitted at second order from a 20-step recording; a few-step
+    sweep (targets below 4x) has no such point and searches nothing."""
     import invardiff.bench.bundled as bundled
     import invardiff.calibration.budget as budget
     from invardiff.bench.targets import source_target
 
     asked = {}
 
-    def searched(pipe, *, speedups, search, window, refine, verify, **kwargs):
+    def searched(pipe, *, speedups, search, window, refine, verify, fit_window=None, **kwargs):
         flags = (search.extrapolate_steps, search.extrapolate_units, search.step_order)
-        asked.update(speedups=speedups, flags=flags, window=window, refine=refine, verify=verify)
+        asked.update(speedups=speedups, flags=flags, window=window, refine=refine, verify=verify, fit=fit_window)
         return [], None
 
     monkeypatch.setattr(budget, "calibrate_budget", searched)
@@ -173,7 +171,7 @@ def test_the_frontier_method_searches_from_4x_with_the_4x_recipe(steps, expected
         assert asked == {}
     else:
         flags = (True, False, order)
-        assert asked == {"speedups": expected, "flags": flags, "window": window, "refine": 8, "verify": True}
+        assert asked == {"speedups": expected, "flags": flags, "window": 12, "refine": 8, "verify": True, "fit": fit}
 
 
 def test_few_step_peers_scale_their_warm_ups_and_reach_further_at_the_pipeline_kind():

@@ -1,6 +1,7 @@
 """Second-order extrapolation of reused steps (plan format version 4): ``H_a + c1 (H_a - H_p) + c2 (H_a - 2 H_p +
-H_q)`` at run time (two nested lerps, counted as two), the least-squares fit on hand-made trajectories, the search
-that rates a schedule at second order, the history of H the engine keeps, and the file format's refusals."""
+H_q)`` at run time (two nested lerps, counted as two), the least-squares fit on hand-made trajectories, the refit of
+a searched plan (within its FLOP budget, kept where it samples closer), the history of H the engine keeps, and the
+file format's refusals."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from test_search import random_trajectories, stats_from, toy_flops
 
 import invardiff
 from invardiff.cache_footprint import measure_footprint, peak_cache_bytes
-from invardiff.calibration.budget import _same_plan, _settings_config, verify_grid
-from invardiff.calibration.search import SearchConfig, schedule_plan, search_plan
+from invardiff.calibration.budget import _second_order_kept, calibrate_budget
+from invardiff.calibration.search import SearchConfig, search_plan
+from invardiff.calibration.second_order import second_order_refit
 from invardiff.calibration.trajectory import STEP_STREAM
 from invardiff.families import get_family
 from invardiff.flops import flop_counter
@@ -27,7 +29,7 @@ from invardiff.memory import cache_memory
 from invardiff.model_configs import MODEL_CONFIGS
 from invardiff.plan import CachePlan, ModelFacts, PlanError
 from invardiff.policies.extrapolation import StepExtrapolation, Triple, extrapolate, second_order_weights
-from invardiff.stats import extrapolation_work
+from invardiff.stats import extrapolation_work, ideal_speedup, plan_flops
 
 import toy_family  # noqa: F401  (registers the "toy" family)
 from helpers import facts_for, plan_from_bits
@@ -204,50 +206,100 @@ def test_second_order_fit_of_parallel_differences_is_the_first_order_fit():
     assert stats.fit_second_order(STEP_STREAM, 0, 1, 2, 3) == (c1, 0.0, squared)
 
 
-def test_the_search_rates_its_schedule_at_second_order():
-    features = random_trajectories(12, seed=3, samples=3)
-    stats = stats_from(features, window=6)
-    config = SearchConfig(2.0, extrapolate_steps=True, step_order=2, reuse_units=False)
-    result = search_plan(stats, toy_flops(), config)
-    plan = result.plan
+def _first_order_search(window=6):
+    features = random_trajectories(16, seed=3, samples=3)  # computes steps 0, 1, 3, 5, 9, 13, 15 at 2x
+    stats = stats_from(features, window=window)
+    result = search_plan(stats, toy_flops(), SearchConfig(2.0, extrapolate_steps=True, reuse_units=False))
+    return features, stats, result
+
+
+def _least_squares(h, computed, t, window):
+    """(c1, c2, squared residual, first-order squared residual) of reused step t from the features themselves, or
+    None when the window does not hold its three last computed steps."""
+    a, p, q = [s for s in computed if s < t][::-1][:3] + [None] * max(0, 3 - len([s for s in computed if s < t]))
+    if q is None or t - q > window:
+        return None
+    target = (h[:, t] - h[:, a]).reshape(-1)
+    d1, d2 = (h[:, a] - h[:, p]).reshape(-1), (h[:, a] - 2 * h[:, p] + h[:, q]).reshape(-1)
+    (c1, c2), *_ = np.linalg.lstsq(np.stack([d1, d2], axis=1), target, rcond=None)
+    first = target @ d1 / (d1 @ d1)
+    return c1, c2, float(np.sum((target - c1 * d1 - c2 * d2) ** 2)), float(np.sum((target - first * d1) ** 2))
+
+
+def test_the_refit_fits_every_reused_step_the_window_reaches_by_least_squares():
+    features, stats, first = _first_order_search()
+    result = second_order_refit(stats, toy_flops(), first, 2.0)  # the toy profile counts no lerp FLOPs
+    plan, h = result.plan, features[STEP_STREAM]
     computed = np.flatnonzero(~plan.step_cache).tolist()
-    h = features[STEP_STREAM]
-    error, second_order = 0.0, 0
+    np.testing.assert_array_equal(plan.step_cache, first.plan.step_cache)
+    change, refitted = 0.0, 0
     for t in np.flatnonzero(plan.step_cache):
-        earlier = [s for s in computed if s < t][::-1]
-        a, p = earlier[0], earlier[1]
-        target = (h[:, t] - h[:, a]).reshape(-1)
-        columns = [(h[:, a] - h[:, p]).reshape(-1)]
-        if len(earlier) >= 3 and t - earlier[2] <= 6:
-            columns.append((h[:, a] - 2 * h[:, p] + h[:, earlier[2]]).reshape(-1))
-            second_order += 1
-        solution, *_ = np.linalg.lstsq(np.stack(columns, axis=1), target, rcond=None)
-        assert plan.step_extrapolation[t] == pytest.approx(solution[0], rel=1e-8, abs=1e-10)
-        c2 = solution[1] if len(solution) == 2 else 0.0
-        assert plan.step_extrapolation2[t] == pytest.approx(c2, rel=1e-8, abs=1e-10)
-        residual = target - np.stack(columns, axis=1) @ solution
-        error += math.sqrt(np.mean(residual**2) / np.mean(h[:, t] ** 2))
-    assert second_order > 0 and result.plan.to_dict()["format_version"] == 4
-    assert result.step_error == pytest.approx(error, rel=1e-9)
-    first = search_plan(stats, toy_flops(), dataclasses.replace(config, step_order=1))
-    same = schedule_plan(stats, toy_flops(), dataclasses.replace(config, step_order=1), computed)
-    assert result.step_error <= same.step_error  # the same schedule at first order errs no less
-    assert first.plan.step_extrapolation2 is None and "step_order" not in first.plan.provenance["search"]
-    assert _settings_config(plan.provenance["search"]).step_order == 2  # what --refine searches with
+        fit = _least_squares(h, computed, t, 6)
+        if fit is None:
+            assert plan.step_extrapolation2[t] == 0 and plan.step_extrapolation[t] == first.plan.step_extrapolation[t]
+            continue
+        c1, c2, squared, before = fit
+        assert (plan.step_extrapolation[t], plan.step_extrapolation2[t]) == pytest.approx((c1, c2), rel=1e-8)
+        scale = np.sum(h[:, t] ** 2)  # relative errors: RMS over H's RMS, pooled over the samples
+        change += math.sqrt(squared / scale) - math.sqrt(before / scale)
+        refitted += 1
+    assert refitted > 0 and plan.provenance["search"]["second_order"] == {"steps": refitted, "window": 6}
+    assert result.step_error == pytest.approx(first.step_error + change, rel=1e-9)
+    assert result.step_error < first.step_error
+    assert "second_order" not in first.plan.provenance["search"]  # the first-order plan is not touched
 
 
-def test_the_verified_selection_tries_second_order_first_order_and_plain_reuse():
-    config = SearchConfig(3.0, extrapolate_steps=True, step_order=2)
-    orders = {setting[-1] for setting in verify_grid(config)}
-    assert orders == {(True, False, 2), (True, False, 1), (False, False, 1)}
-    assert {setting[-1] for setting in verify_grid(dataclasses.replace(config, step_order=1))} == {
-        (True, False, 1),
-        (False, False, 1),
-    }
-    transformer = toy()
-    second = second_order_plan(transformer)
-    assert not _same_plan(second, dataclasses.replace(second, step_extrapolation2=None))
-    assert _same_plan(second, dataclasses.replace(second, step_extrapolation2=SECOND * 2))
+def test_the_refit_spends_only_the_budget_left_on_the_steps_of_largest_gain():
+    features, stats, first = _first_order_search()
+    profile = dataclasses.replace(toy_flops(), step_elements=10.0)  # a lerp: 30 FLOPs
+    # Room for exactly one more lerp than the first-order plan runs: one step gets second order, the one whose
+    # squared error drops most (every reused step already extrapolates at first order, so each adds one lerp).
+    speedup = 16 * profile.full_step / (plan_flops(first.plan, profile) + 1.5 * 30)
+    plan = second_order_refit(stats, profile, first, speedup).plan
+    h, computed = features[STEP_STREAM], np.flatnonzero(~first.plan.step_cache).tolist()
+    gains = {}
+    for t in np.flatnonzero(first.plan.step_cache):
+        fit = _least_squares(h, computed, t, 6)
+        if fit is not None:
+            gains[int(t)] = fit[3] - fit[2]
+    assert len(gains) > 1 and (first.plan.step_extrapolation[list(gains)] != 0).all()
+    assert np.flatnonzero(plan.step_extrapolation2).tolist() == [max(gains, key=gains.get)]
+    assert ideal_speedup(plan, profile) >= speedup
+    no_room = 16 * profile.full_step / (plan_flops(first.plan, profile) + 0.5 * 30)
+    assert second_order_refit(stats, profile, first, no_room) is None
+
+
+def test_search_plan_at_second_order_is_the_first_order_search_refitted():
+    _, stats, first = _first_order_search()
+    config = SearchConfig(2.0, extrapolate_steps=True, reuse_units=False, step_order=2)
+    assert search_plan(stats, toy_flops(), config).plan == second_order_refit(stats, toy_flops(), first, 2.0).plan
+
+
+def test_the_verified_selection_keeps_the_refit_only_where_it_samples_closer():
+    _, stats, first = _first_order_search()
+    for refit_mse, kept in ((0.5, True), (2.0, False)):
+        chosen = dataclasses.replace(first, plan=dataclasses.replace(first.plan))
+        chosen.plan.provenance = {**first.plan.provenance, "search": dict(first.plan.provenance["search"])}
+
+        def measure(plan, refit_mse=refit_mse):
+            return refit_mse if plan.step_extrapolation2 is not None else 1.0
+
+        result = _second_order_kept(stats, toy_flops(), chosen, measure)
+        assert (result.plan.step_extrapolation2 is not None) == kept
+        record = result.plan.provenance["search"]["second_order"]
+        assert (record["kept"], record["output_mse"], record["first_order_mse"]) == (kept, refit_mse, 1.0)
+
+
+def test_a_short_window_for_the_search_sees_the_same_statistics_as_a_short_recording():
+    features = random_trajectories(10, seed=2)
+    long, short = stats_from(features, window=7), stats_from(features, window=3)
+    within = long.within(3)
+    assert within.window == 3 and within.gram.keys() == short.gram.keys()
+    for name in short.gram:
+        np.testing.assert_array_equal(within.gram[name], short.gram[name])
+    assert long.window == 7  # the recording itself is kept whole
+    with pytest.raises(ValueError, match="from 1 to the recorded 7"):
+        long.within(8)
 
 
 def test_second_order_settings_are_checked():
@@ -257,3 +309,7 @@ def test_second_order_settings_are_checked():
         SearchConfig(2.0, step_order=2)
     with pytest.raises(NotImplementedError, match="direct fit only"):
         SearchConfig(2.0, extrapolate_steps=True, step_order=2, step_fit="scale_free")
+    with pytest.raises(NotImplementedError, match="a memory bound"):
+        SearchConfig(2.0, extrapolate_steps=True, step_order=2, memory=object())
+    with pytest.raises(ValueError, match=r"fit_window \(4\) is how far back the refit reads: at least window \(6\)"):
+        calibrate_budget(None, num_inference_steps=10, cases=[], speedups=[2.0], window=6, fit_window=4)

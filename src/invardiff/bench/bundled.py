@@ -80,11 +80,10 @@ SEARCH_WINDOW = 6
 FRONTIER_FROM = 4.0
 FRONTIER_WINDOW = 12
 FRONTIER_REFINE = 8
-# invardiff-frontier2: the same recipe with reused steps extrapolated at second order where the window holds three
-# computed steps (--step-order 2; the verified selection samples first order and plain reuse too), in a 16-step
-# window: at 5x on dit-digits (gaps of 5 steps between computed steps, so up to 14 steps back to the third) the
-# 12-step window left second order out (34.2 dB held out), the 16-step one kept it (36.1; 12 images: 34.0 -> 36.9).
-FRONTIER2_WINDOW = 16
+# invardiff-frontier2: the same recipe, its plans then refitted at second order (--step-order 2, kept where they
+# sample closer) from a 20-step recording: the refit reads up to three gaps between computed steps back (dit-digits
+# at 5x: 10 of 50 steps computed), which the 12-step window the search keeps would leave out for most reused steps.
+FRONTIER_FIT_WINDOW = 20
 
 
 @dataclass(frozen=True)
@@ -207,9 +206,11 @@ def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
         speedups = tuple(s for s in speedups if s >= FRONTIER_FROM)
         if not speedups:  # a few-step sweep's targets stop below 4x
             return []
-        second = method == "invardiff-frontier2"
-        config = SearchConfig(speedups[-1], extrapolate_steps=True, step_order=2 if second else 1)
-        settings = {"window": FRONTIER2_WINDOW if second else FRONTIER_WINDOW, "refine": FRONTIER_REFINE}
+        config = SearchConfig(speedups[-1], extrapolate_steps=True)
+        settings = {"window": FRONTIER_WINDOW, "refine": FRONTIER_REFINE}
+        if method == "invardiff-frontier2":
+            config = dataclasses.replace(config, step_order=2)
+            settings["fit_window"] = FRONTIER_FIT_WINDOW
     else:
         extrapolate = method == "invardiff-search+extrap"
         config = SearchConfig(speedups[-1], extrapolate_steps=extrapolate, extrapolate_units=extrapolate)

@@ -8,8 +8,8 @@ additive model underrates how a reused unit's error grows through the later laye
 it spends the budget on unit reuse that sampling punishes), a search that extrapolates also without extrapolation
 (:func:`verify_grid`), and every distinct candidate is sampled on the calibration inputs: the plan whose outputs come
 closest to full compute's (mean squared error) is kept. Cost: one full-compute pass plus one pass per distinct
-candidate (at most fifteen per target, thirty with extrapolation, forty-five at second order) over the calibration
-inputs, on top of the recording pass.
+candidate (at most fifteen per target, thirty with extrapolation) over the calibration inputs, on top of the
+recording pass.
 
 The caps of 4 and 5 are there for the high targets (4.5x-5x): a cap of 3 cannot reach them, and the window alone
 (6) leaves runs of 6-7 reused steps that sampling punishes; at 5x on dit-digits (50 steps) the cap of 4 with
@@ -42,6 +42,7 @@ from .search import (
     search_plan,
     unit_savings,
 )
+from .second_order import second_order_refit
 from .trajectory import TrajectoryStats, record_trajectories
 
 
@@ -70,6 +71,7 @@ def calibrate_budget(
     max_cache_bytes: int | None = None,
     cache_dtype: str | None = None,
     refine: int = 0,
+    fit_window: int | None = None,
 ) -> tuple[list[SearchResult], TrajectoryStats]:
     """Plans of least calibration-set error at each FLOP-ideal speedup in ``speedups`` (one per target).
 
@@ -84,12 +86,17 @@ def calibrate_budget(
     ``verify``: choose each target's plan among the searches under the caps of :data:`VERIFY_MAX_RUNS`, with and
     without unit reuse (and, when ``search`` extrapolates, with and without extrapolation), by the sampled outputs'
     error on the calibration inputs (see the module docstring; ``search.max_run`` is then ignored). Slower
-    calibration (up to 15 sampling passes per target, 30 with extrapolation, 45 at second order), plans that hold up
-    better at high speedups.
+    calibration (up to 15 sampling passes per target, 30 with extrapolation), plans that hold up better at high
+    speedups.
 
     ``refine`` (with ``verify``): then at most this many rounds of a descent on sampled error from each kept plan:
     every computed step moved one step earlier or later (units re-allocated on the new schedule), the first move
     whose sampled error is lower kept (:func:`refined_best`). Up to ``4 * steps computed`` sampling passes a round.
+
+    ``fit_window`` (with ``search.step_order=2``): record this many steps back instead of ``window``; the search, the
+    selection and the descent still see ``window`` (:meth:`TrajectoryStats.within`), the second-order refit of their
+    plans the whole recording (its third computed step lies up to three gaps back: dit-digits at 4x, 50 steps, window
+    12: the refit of 20 of 38 reused steps at 12, of 31 at 20). Recording holds ``fit_window + 1`` features per stream.
 
     ``max_cache_bytes``: every plan keeps at most this many bytes of cache in a run at the sampling call's shapes
     (:class:`~invardiff.calibration.search.MemoryBound`, measured on the meta device), its values stored as
@@ -105,11 +112,13 @@ def calibrate_budget(
             f"refine={refine} moves computed steps without refitting the plan to max_cache_bytes / cache_dtype; "
             "search with one or the other, or fit the refined plan afterwards (invardiff fit-memory)."
         )
+    if fit_window is not None and fit_window < window:
+        raise ValueError(f"fit_window ({fit_window}) is how far back the refit reads: at least window ({window}).")
     stats = record_trajectories(
         pipe,
         num_inference_steps=num_inference_steps,
         cases=cases,
-        window=window,
+        window=fit_window or window,
         batch_size=batch_size,
         pipeline_kwargs=pipeline_kwargs,
     )
@@ -128,9 +137,17 @@ def calibrate_budget(
 
         bound = max_cache_bytes if max_cache_bytes is not None else 2**62  # a storage dtype alone: no bound
         config = replace(config, memory=MemoryBound(bound, measure_footprint(model_config), cache_dtype))
+    searched = stats.within(window)
     if not verify:
-        return pareto_plans(stats, flops, speedups, config), stats
-    return verified_plans(pipe, stats, flops, speedups, config, cases, call_kwargs, batch_size, refine), stats
+        results = pareto_plans(searched, flops, speedups, replace(config, step_order=1))
+        if config.step_order == 2:  # no sampling: the refit's lower modelled error decides
+            speedups_of = [r.plan.provenance["search"]["speedup"] for r in results]
+            results = [second_order_refit(stats, flops, r, s) or r for r, s in zip(results, speedups_of, strict=True)]
+        return results, stats
+    chosen = verified_plans(
+        pipe, searched, flops, speedups, config, cases, call_kwargs, batch_size, refine, refit_stats=stats
+    )
+    return chosen, stats
 
 
 def verified_plans(
@@ -144,6 +161,7 @@ def verified_plans(
     batch_size: int | None = None,
     refine: int = 0,
     step_reuse: str = "state",
+    refit_stats: TrajectoryStats | None = None,
 ) -> list[SearchResult]:
     """``calibrate_budget(verify=True)``'s selection on trajectories already recorded: per target in
     ``speedups``, the searched plan (one per setting of :func:`verify_grid`) whose outputs on ``cases`` sampled
@@ -154,7 +172,13 @@ def verified_plans(
     ``step_reuse``: the :class:`~invardiff.policies.plan.PlanConfig` step reuse every candidate is sampled with
     (``"residual"``: a reused step adds the last computed H - x to its own block-stack input), recorded in the
     plans' provenance (``search.step_reuse``) when not ``"state"``; run the plans with the same ``PlanConfig``. The
-    search's additive model still rates reused steps on H."""
+    search's additive model still rates reused steps on H.
+
+    ``config.step_order=2``: the selection and the descent at first order, then each kept plan's second-order refit
+    (:func:`~invardiff.calibration.second_order.second_order_refit` on ``refit_stats``, default ``stats``: a longer
+    recording reaches more steps) is sampled too and kept where it comes closer (``search.second_order`` in the
+    provenance records both errors). Selecting among second-order candidates fitted the few calibration runs and held
+    out worse (the module docstring of ``second_order.py``)."""
     if step_reuse not in STEP_REUSE:
         raise ValueError(f"step_reuse must be one of {STEP_REUSE}, got {step_reuse!r}.")
     if step_reuse == "residual" and config.extrapolate_steps:
@@ -178,14 +202,34 @@ def verified_plans(
 
     results = []
     for speedup in speedups:
-        starts = _verified(stats, flops, replace(config, speedup=float(speedup)), measure)
+        starts = _verified(stats, flops, replace(config, speedup=float(speedup), step_order=1), measure)
         if not starts:
             continue
         chosen = refined_best(stats, flops, starts, measure, refine) if refine else starts[0]
+        if config.step_order == 2:
+            chosen = _second_order_kept(refit_stats or stats, flops, chosen, measure)
         if step_reuse != "state":
             chosen.plan.provenance["search"]["step_reuse"] = step_reuse
         results.append(chosen)
     return results
+
+
+def _second_order_kept(stats, flops, chosen: SearchResult, measure) -> SearchResult:
+    """``chosen``'s second-order refit where it samples closer to full compute (``measure``), else ``chosen``; both
+    errors recorded in the kept plan's provenance (``search.second_order``)."""
+    speedup = chosen.plan.provenance["search"]["speedup"]
+    refit = second_order_refit(stats, flops, chosen, speedup)
+    if refit is None:
+        chosen.plan.provenance["search"]["second_order"] = {"kept": False, "steps": 0}
+        return chosen
+    first, second = measure(chosen.plan), measure(refit.plan)
+    kept = math.isfinite(second) and second < first
+    record = {**refit.plan.provenance["search"]["second_order"], "output_mse": second, "first_order_mse": first}
+    result = refit if kept else chosen
+    result.plan.provenance["search"]["second_order"] = {**record, "kept": kept}
+    logger.info("%.3gx: second order on %d steps %s (sampled MSE %.4g, first order %.4g)", speedup,
+                record["steps"], "kept" if kept else "dropped", second, first)  # fmt: skip
+    return result
 
 
 def refined_best(stats, flops, starts: list[SearchResult], measure, rounds: int) -> SearchResult:
@@ -270,7 +314,6 @@ def _settings_config(settings: dict) -> SearchConfig:
         unit_weight=settings["unit_weight"],
         last_step_units=settings.get("last_step_units", False),  # absent before it existed
         step_fit=settings.get("step_fit", "direct"),  # absent in plans of the direct fit
-        step_order=settings.get("step_order", 1),  # absent at first order
     )
 
 
@@ -359,7 +402,7 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
     (:func:`unit_setting`), the best first; each plan's provenance records every candidate's error. Empty (with a
     warning) when no cap reaches the target."""
     candidates, errors = [], []
-    for max_run, units, last, (extrapolate_steps, extrapolate_units, step_order) in verify_grid(config):
+    for max_run, units, last, (extrapolate_steps, extrapolate_units) in verify_grid(config):
         try:
             setting = replace(
                 config,
@@ -368,7 +411,6 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
                 last_step_units=last,
                 extrapolate_steps=extrapolate_steps,
                 extrapolate_units=extrapolate_units,
-                step_order=step_order,
             )
             result = search_plan(stats, flops, setting)
         except BudgetError as error:
@@ -388,7 +430,6 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
             "reuse_units": c.plan.provenance["search"]["reuse_units"],
             "last_step_units": c.plan.provenance["search"].get("last_step_units", False),
             "extrapolates": c.plan.extrapolates,
-            **({"second_order": True} if c.plan.step_extrapolation2 is not None else {}),
             "output_mse": e,
             "model_error": c.error,
         }
@@ -414,25 +455,22 @@ def _verified(stats, flops, config: SearchConfig, measure) -> list[SearchResult]
 
 
 def verify_grid(config: SearchConfig) -> list[tuple]:
-    """The (max_run, reuse_units, last_step_units, (extrapolate_steps, extrapolate_units, step_order)) settings whose
-    searched plans the verified selection samples. A config that extrapolates is tried without extrapolation too:
-    fitted coefficients lower the calibration trajectories' error, but where a model's reused steps drift in ways two
+    """The (max_run, reuse_units, last_step_units, (extrapolate_steps, extrapolate_units)) settings whose searched
+    plans the verified selection samples. A config that extrapolates is tried without extrapolation too: fitted
+    coefficients lower the calibration trajectories' error, but where a model's reused steps drift in ways two
     computed values do not predict they can sample worse than plain reuse (wan-motion at 4x: 34.3 dB with reused
-    steps extrapolated, 38.0 without), and sampling decides that as it decides the cap; a second-order config
-    (``step_order=2``) is tried at first order too, for the same reason."""
+    steps extrapolated, 38.0 without), and sampling decides that as it decides the cap."""
     units = [u for u in VERIFY_UNIT_REUSE if config.reuse_units or not u[0]]
-    asked = (config.extrapolate_steps, config.extrapolate_units, config.step_order)
-    extrapolation = [asked] + ([(*asked[:2], 1)] if config.step_order == 2 else [])
-    extrapolation += [(False, False, 1)] if any(asked[:2]) else []
+    asked = (config.extrapolate_steps, config.extrapolate_units)
+    extrapolation = [asked, (False, False)] if any(asked) else [asked]
     return [(max_run, *reuse, e) for e in extrapolation for reuse in units for max_run in VERIFY_MAX_RUNS]
 
 
 def _same_plan(a, b) -> bool:
-    """Same decisions, both with or both without extrapolation, at the same orders (the coefficients follow)."""
+    """Same decisions, both with or both without extrapolation (the coefficients follow from the decisions)."""
     first, second = a.to_dict(), b.to_dict()
     same_reuse = all(first[key] == second[key] for key in ("step_cache", "module_reuse"))
-    same_orders = (a.step_extrapolation_order() == b.step_extrapolation_order()).all()
-    return same_reuse and a.extrapolates == b.extrapolates and bool(same_orders)
+    return same_reuse and a.extrapolates == b.extrapolates
 
 
 def sample_outputs(pipe, family: str, cases: list[tuple], call_kwargs: dict, batch_size: int) -> torch.Tensor:

@@ -79,11 +79,12 @@ class SearchConfig:
             partly spends on H's shrinking norm. Stored coefficients keep plan format version 2. Held out on
             flux-shapes at 4x it is not better than the direct fit (``benchmarks/results/frontier/README.md``).
         memory (`MemoryBound`, optional): a bound on the plan's peak cache memory on a model config.
-        step_order (`int`, defaults to `1`): with ``extrapolate_steps``, 2 fits reused steps at second order where
-            three computed steps within the window precede them (``v_a + c1 (v_a - v_p) + c2 (v_a - 2 v_p + v_q)``,
-            :meth:`TrajectoryStats.fit_second_order`; plan format version 4). The step schedule is searched with the
-            first-order errors, then refitted and rated at second order. Costs a third kept H at those runs' anchors
-            and a second lerp per such reused step; never a larger calibration error than first order.
+        step_order (`int`, defaults to `1`): with ``extrapolate_steps``, 2 refits the searched plan's reused steps at
+            second order where the trajectories' window holds their three last computed steps (``v_a + c1 (v_a -
+            v_p) + c2 (v_a - 2 v_p + v_q)``, :mod:`invardiff.calibration.second_order`; plan format version 4), as
+            far as the budget leaves room for the second lerp. The schedule and units are searched at first order.
+            Costs a third kept H at those runs' anchors and a second lerp per such reused step; never a larger
+            modelled error than first order (with ``verify``, kept only where it samples closer).
     """
 
     speedup: float
@@ -107,6 +108,11 @@ class SearchConfig:
             raise ValueError("step_order=2 is the order reused steps are extrapolated with: set extrapolate_steps.")
         if self.step_order == 2 and self.step_fit != "direct":
             raise NotImplementedError("step_order=2 has a direct fit only; drop step_fit='scale_free'.")
+        if self.step_order == 2 and self.memory is not None:
+            raise NotImplementedError(
+                "step_order=2 with a memory bound: the refit keeps a third H that the bounded search does not count; "
+                "search with one or the other."
+            )
         if not isinstance(self.speedup, (int, float)) or not self.speedup >= 1.0:
             raise ValueError(f"speedup must be a FLOP-ideal speedup >= 1 (e.g. 2.5), got {self.speedup!r}.")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 1:
@@ -167,6 +173,13 @@ def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchRe
     ``flops`` is the :class:`invardiff.flops.FlopProfile` of the model at the sampling shapes. Raises
     :class:`BudgetError` when the target is out of reach (the message gives the fastest reachable speedup).
     """
+    if config.step_order == 2:
+        from dataclasses import replace
+
+        from .second_order import second_order_refit
+
+        result = search_plan(stats, flops, replace(config, step_order=1))
+        return second_order_refit(stats, flops, result, config.speedup) or result
     if config.memory is not None:
         return _memory_bounded(stats, flops, config)
     return _Search(stats, flops, config).run()
@@ -282,10 +295,10 @@ class _Search:
             return 0.0
         return self.flops.extrapolation_flops(float(elements[layer] if layer is not None else elements))
 
-    def schedule_flops(self, n: int, step_coefficients: dict[int, tuple[float, float]]) -> float:
+    def schedule_flops(self, n: int, step_coefficients: dict[int, float]) -> float:
         """FLOPs of a step schedule with ``n`` computed steps (before unit reuse): the extrapolated reused steps
-        rebuild H with one lerp each (two at second order), which the FLOP-ideal speedup counts too."""
-        extrapolated = sum(2 if c2 != 0 else 1 if c1 != 0 else 0 for c1, c2 in step_coefficients.values())
+        (nonzero coefficient) rebuild H with one lerp each, which the FLOP-ideal speedup counts too."""
+        extrapolated = sum(1 for c in step_coefficients.values() if c != 0)
         lerp = self._lerp_flops(self.flops.step_elements)
         return n * self.flops.full_step + (self.T - n) * self.flops.step_cached + extrapolated * lerp
 
@@ -293,18 +306,6 @@ class _Search:
     def _step_error(self, previous, anchor: int, t: int) -> tuple[float, float]:
         extrapolate, scale_free = self.config.extrapolate_steps, self.config.step_fit == "scale_free"
         return _reuse(self.stats, STEP_STREAM, previous, anchor, t, extrapolate, self.run_limit, scale_free)
-
-    def _reused_step(self, t: int, anchors: tuple) -> tuple[float, float, float]:
-        """(relative error, c1, c2) of reused step ``t`` from its ``(anchor, previous, earlier)`` computed steps:
-        second order where :attr:`SearchConfig.step_order` asks and the window holds all three, else first order."""
-        anchor, previous, earlier = anchors
-        if self.config.step_order == 2 and earlier is not None and t - earlier <= self.stats.window:
-            if t - anchor > self.run_limit:
-                return math.inf, 0.0, 0.0
-            c1, c2, squared = self.stats.fit_second_order(STEP_STREAM, earlier, previous, anchor, t)
-            return self.stats.relative(STEP_STREAM, squared, t), c1, c2
-        error, coefficient = self.step_error(previous, anchor, t)
-        return error, coefficient, 0.0
 
     def _unit_error(self, stream: str, previous, anchor: int, t: int) -> tuple[float, float]:
         return _reuse(self.stats, stream, previous, anchor, t, self.config.extrapolate_units, self.run_limit)
@@ -336,11 +337,7 @@ class _Search:
                     schedules[n] = (cost, self._computed(table, key, n))
         result = {}
         for n, (cost, computed) in schedules.items():
-            if self.config.step_order == 2:  # the schedule searched at first order, rated at second
-                cost, coefficients = self._schedule_cost(computed)
-            else:
-                coefficients = self._step_coefficients(computed)
-            result[n] = (cost, computed, coefficients)
+            result[n] = (cost, computed, self._step_coefficients(computed))
         return result
 
     def _computed(self, table, key, n) -> list[int]:
@@ -352,9 +349,10 @@ class _Search:
         steps = sorted(set(steps) | set(range(self.config.warmup_steps)))
         return steps
 
-    def _step_coefficients(self, computed: list[int]) -> dict[int, tuple[float, float]]:
-        """(c1, c2) per reused step of a schedule."""
-        return {t: self._reused_step(t, anchors)[1:] for t, anchors in self._anchors(computed).items()}
+    def _step_coefficients(self, computed: list[int]) -> dict[int, float]:
+        return {
+            t: self.step_error(previous, anchor, t)[1] for t, (anchor, previous) in self._anchors(computed).items()
+        }
 
     # ----- units -----
     def unit_curve(self, stream: str, computed: tuple[int, ...]) -> tuple[np.ndarray, list[list[int]]]:
@@ -422,19 +420,19 @@ class _Search:
             or computed[: self.config.warmup_steps] != list(range(self.config.warmup_steps))
         ):
             return None
-        step_cost, coefficients = 0.0, {}
-        for t, anchors in self._anchors(computed).items():
-            error, c1, c2 = self._reused_step(t, anchors)
-            step_cost, coefficients[t] = step_cost + error, (c1, c2)
+        coefficients = self._step_coefficients(computed)
+        step_cost = 0.0
+        for t, (anchor, previous) in self._anchors(computed).items():
+            step_cost += self.step_error(previous, anchor, t)[0]
         return (step_cost, coefficients) if math.isfinite(step_cost) else None
 
     def _anchors(self, computed: list[int]) -> dict[int, tuple]:
-        """Per reused step: (its last computed step, the one before, the one before that; None where missing)."""
+        """Per reused step: (its last computed step, the one before or None)."""
         anchors = {}
         for t in range(self.T):
             if t not in computed:
-                earlier = [s for s in computed if s < t][::-1] + [None, None]
-                anchors[t] = tuple(earlier[:3])
+                earlier = [s for s in computed if s < t]
+                anchors[t] = (earlier[-1], earlier[-2] if len(earlier) >= 2 else None)
         return anchors
 
     def _candidate(self, step_cost: float, computed: list[int], step_coefficients: dict, need: float):
@@ -483,7 +481,7 @@ class _Search:
         choices = {curves[i][0]: curves[i][3](count) for i, count in enumerate(counts) if count}
         return cost, choices
 
-    def _plan(self, computed: list[int], step_coefficients: dict[int, tuple], unit_choices: dict) -> CachePlan:
+    def _plan(self, computed: list[int], step_coefficients: dict[int, float], unit_choices: dict) -> CachePlan:
         T = self.T
         step_cache = np.ones(T, dtype=bool)
         step_cache[computed] = False
@@ -511,9 +509,9 @@ class _Search:
             }
             for facts in self.stats.model.block_lists
         }
-        steps, second = np.zeros(T), np.zeros(T)
-        for t, (c1, c2) in step_coefficients.items():
-            steps[t], second[t] = c1, c2
+        steps = np.zeros(T)
+        for t, coefficient in step_coefficients.items():
+            steps[t] = coefficient
         config = self.config
         provenance = {
             "policy": "invardiff-search",
@@ -527,7 +525,6 @@ class _Search:
                 "unit_weight": config.unit_weight,
                 **({"last_step_units": True} if config.last_step_units else {}),
                 **({"step_fit": config.step_fit} if config.step_fit != "direct" else {}),
-                **({"step_order": 2} if config.step_order == 2 else {}),
             },
             "calibration": dict(self.stats.provenance),
         }
@@ -540,7 +537,6 @@ class _Search:
             provenance,
             step_extrapolation=steps if config.extrapolate_steps else None,
             unit_extrapolation=unit_coefficients if config.extrapolate_units else None,
-            step_extrapolation2=second if second.any() else None,
         )
 
 

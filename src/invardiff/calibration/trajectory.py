@@ -22,6 +22,7 @@ small differences of large inner products. They stay on the device until the run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import deque
@@ -71,6 +72,14 @@ class TrajectoryStats:
                     f"Gram matrix of {name!r} must have shape ({self.num_steps}, {self.window + 1}), "
                     f"got {matrix.shape}."
                 )
+
+    def within(self, window: int) -> TrajectoryStats:
+        """The same statistics as if recorded with the smaller ``window`` (the first ``window + 1`` lags): what a
+        search whose runs stay within ``window`` sees, while a second-order refit reads further back."""
+        if not 1 <= window <= self.window:
+            raise ValueError(f"window must be from 1 to the recorded {self.window}, got {window}.")
+        gram = {name: matrix[:, : window + 1].copy() for name, matrix in self.gram.items()}
+        return dataclasses.replace(self, window=window, gram=gram)
 
     @property
     def unit_streams(self) -> list[str]:

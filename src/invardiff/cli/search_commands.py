@@ -35,10 +35,16 @@ def add_search_arguments(p) -> None:
         type=int,
         choices=(1, 2),
         default=1,
-        help="with --extrapolate steps (or both): 2 also fits a second-order term from the last three computed "
-        "steps where the window holds them (plan format version 4; with --verify, first order and plain reuse "
-        "are sampled too and the best kept). dit-digits 4x: 39.7 dB against 36.9 at first order on the same "
-        "schedule; flux-shapes 4x samples worse at second order, which --verify catches",
+        help="with --extrapolate steps (or both): 2 refits the searched plan's reused steps with a second-order "
+        "term from their last three computed steps where --fit-window holds them (plan format version 4; with "
+        "--verify, kept only where it samples closer than first order). dit-digits 4x: 39.7 dB against 36.9; "
+        "flux-shapes 4x samples worse at second order and keeps first",
+    )
+    group.add_argument(
+        "--fit-window",
+        type=int,
+        help="with --step-order 2: record this many steps back (default --window) for the second-order refit, "
+        "while the search keeps --window; about three gaps between computed steps (20 at 4-5x on 50 steps)",
     )
     group.add_argument(
         "--max-cache-memory",
@@ -145,6 +151,8 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         extrapolate_units=args.extrapolate in ("units", "both"),
         step_order=args.step_order,
     )
+    if args.fit_window is not None and args.step_order != 2:
+        raise ValueError("--fit-window is how far back the second-order refit reads: it needs --step-order 2.")
     results, stats = run(
         pipe,
         num_inference_steps=steps,
@@ -158,6 +166,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         max_cache_bytes=max_cache_bytes,
         cache_dtype=args.cache_dtype,
         refine=args.refine,
+        fit_window=args.fit_window,
     )
     if not results:
         raise ValueError(f"No target of {speedups} is reachable; see the warnings above.")
