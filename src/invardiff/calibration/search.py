@@ -46,6 +46,7 @@ import numpy as np
 from ..families import get_family
 from ..plan import CachePlan
 from ..stats import ideal_speedup
+from .result import SearchResult
 from .trajectory import STEP_STREAM, TrajectoryStats
 
 
@@ -141,15 +142,6 @@ class MemoryBound:
     max_cache_bytes: int
     footprint: object
     cache_dtype: str | None = None
-
-
-@dataclass
-class SearchResult:
-    plan: CachePlan
-    error: float  # the calibration-set error of the plan under the additive model
-    step_error: float
-    unit_error: float
-    ideal_speedup: float
 
 
 class BudgetError(ValueError):

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from ..stats import ideal_speedup, plan_flops
-from .search import SearchResult
+from .result import SearchResult
 from .trajectory import STEP_STREAM, TrajectoryStats
 
 
