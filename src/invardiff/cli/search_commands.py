@@ -75,8 +75,8 @@ def add_search_arguments(p) -> None:
         help="search each target under caps of 2, 3, 4, 5 and --window reused steps, each with unit reuse on the "
         "computed steps, at the last step only and without (with --extrapolate: each with and without "
         "extrapolation), sample every distinct plan on the calibration inputs and keep the one closest to full "
-        "compute (up to 15 more sampling runs per target, 30 with --extrapolate, 45 with --step-order 2; replaces "
-        "--max-run)",
+        "compute (up to 15 more sampling runs per target, 30 with --extrapolate, one more with --step-order 2; "
+        "replaces --max-run)",
     )
     group.add_argument(
         "--refine",
