@@ -19,7 +19,7 @@ from test_search import random_trajectories, stats_from, toy_flops
 
 import invardiff
 from invardiff.cache_footprint import measure_footprint, peak_cache_bytes
-from invardiff.calibration.budget import _second_order_kept, calibrate_budget
+from invardiff.calibration.budget import _second_order_kept, calibrate_budget, sampled_mse
 from invardiff.calibration.search import SearchConfig, search_plan
 from invardiff.calibration.second_order import second_order_refit
 from invardiff.calibration.trajectory import STEP_STREAM
@@ -313,3 +313,19 @@ def test_second_order_settings_are_checked():
         SearchConfig(2.0, extrapolate_steps=True, step_order=2, memory=object())
     with pytest.raises(ValueError, match=r"fit_window \(4\) is how far back the refit reads: at least window \(6\)"):
         calibrate_budget(None, num_inference_steps=10, cases=[], speedups=[2.0], window=6, fit_window=4)
+
+
+def test_the_sampled_error_of_a_plan_is_its_last_stage_s():
+    """What calibrate prints and the refit is compared with: the verified error, else the descent's last, else the
+    kept refit's; None for a plan nothing sampled."""
+    _, _, first = _first_order_search()
+    plan = first.plan
+    assert sampled_mse(plan) is None
+    plan.provenance["search"]["verified"] = {"output_mse": 3.0}
+    assert sampled_mse(plan) == 3.0
+    plan.provenance["search"]["refined"] = {"moves": [[[0, 1], 3.0], [[0, 2], 2.0]]}
+    assert sampled_mse(plan) == 2.0
+    plan.provenance["search"]["second_order"] = {"kept": False, "output_mse": 2.5}
+    assert sampled_mse(plan) == 2.0
+    plan.provenance["search"]["second_order"] = {"kept": True, "output_mse": 1.5}
+    assert sampled_mse(plan) == 1.5

@@ -95,8 +95,9 @@ def calibrate_budget(
 
     ``fit_window`` (with ``search.step_order=2``): record this many steps back instead of ``window``; the search, the
     selection and the descent still see ``window`` (:meth:`TrajectoryStats.within`), the second-order refit of their
-    plans the whole recording (its third computed step lies up to three gaps back: dit-digits at 4x, 50 steps, window
-    12: the refit of 20 of 38 reused steps at 12, of 31 at 20). Recording holds ``fit_window + 1`` features per stream.
+    plans the whole recording (its third computed step lies up to three gaps back: on dit-digits' 4x plan, 50 steps,
+    12 computed, a 20-step recording reaches 32 of its 38 reused steps). Recording holds ``fit_window + 1`` features
+    per stream.
 
     ``max_cache_bytes``: every plan keeps at most this many bytes of cache in a run at the sampling call's shapes
     (:class:`~invardiff.calibration.search.MemoryBound`, measured on the meta device), its values stored as
@@ -222,14 +223,27 @@ def _second_order_kept(stats, flops, chosen: SearchResult, measure) -> SearchRes
     if refit is None:
         chosen.plan.provenance["search"]["second_order"] = {"kept": False, "steps": 0}
         return chosen
-    first, second = measure(chosen.plan), measure(refit.plan)
+    first = sampled_mse(chosen.plan)
+    first, second = measure(chosen.plan) if first is None else first, measure(refit.plan)
     kept = math.isfinite(second) and second < first
+    # first_order_mse: the searched plan's (first order, or plain reuse where the selection kept that).
     record = {**refit.plan.provenance["search"]["second_order"], "output_mse": second, "first_order_mse": first}
     result = refit if kept else chosen
     result.plan.provenance["search"]["second_order"] = {**record, "kept": kept}
     logger.info("%.3gx: second order on %d steps %s (sampled MSE %.4g, first order %.4g)", speedup,
                 record["steps"], "kept" if kept else "dropped", second, first)  # fmt: skip
     return result
+
+
+def sampled_mse(plan) -> float | None:
+    """The calibration runs' sampled MSE of a verified plan as its provenance records it (after the descent when it
+    was refined, of the second-order refit when that was kept), or None for a plan the selection did not sample."""
+    search = plan.provenance.get("search", {})
+    if search.get("second_order", {}).get("kept"):
+        return search["second_order"]["output_mse"]
+    if "refined" in search:
+        return search["refined"]["moves"][-1][1]
+    return search.get("verified", {}).get("output_mse")
 
 
 def refined_best(stats, flops, starts: list[SearchResult], measure, rounds: int) -> SearchResult:

@@ -116,6 +116,7 @@ def refuse_memory_options(args) -> None:
 
 def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     from ..calibration.budget import calibrate_budget as run
+    from ..calibration.budget import sampled_mse
     from ..calibration.search import SearchConfig, parse_budget
     from ..calibration.trajectory import refuse_experts
 
@@ -176,10 +177,7 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         path = output if args.budget else output.with_name(f"{output.stem}-{target:g}x{output.suffix}")
         result.plan.save(path)
         computed = int((~result.plan.step_cache).sum())
-        search = result.plan.provenance["search"]
-        sampled = (
-            search["refined"]["moves"][-1][1] if "refined" in search else search.get("verified", {}).get("output_mse")
-        )
+        sampled = sampled_mse(result.plan)
         checked = f", sampled output MSE {sampled:.3g}" if sampled is not None else ""
         fit = result.plan.provenance.get("memory_fit")
         if fit is not None:
