@@ -17,17 +17,11 @@ import argparse
 import dataclasses
 import json
 
-import numpy as np
 import torch
+from plan_scores import PlanScores
 
-import invardiff
-from invardiff.bench.bundled import sweep_inputs
-from invardiff.bench.targets import bundled_target
-from invardiff.calibration.budget import sample_outputs
 from invardiff.files import write_text
-from invardiff.metrics import output_fidelity
 from invardiff.plan import CachePlan
-from invardiff.policies.plan import PlanConfig
 
 
 # A move is kept when it lowers the calibration MSE by more than this fraction (run-to-run float noise is far below).
@@ -68,25 +62,9 @@ def main() -> None:
     plan = CachePlan.load(args.plan)
     if plan.step_extrapolation is None:
         parser.error(f"{args.plan} has no step coefficients to scale")
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-    target = bundled_target(args.model)
-    pipe = target.load()
-    cases, call_kwargs = target.calibration_runs(), target.sampling_kwargs(pipe)
-    reference_calibration = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
-    inputs = sweep_inputs(target, seeds)
-    reference = inputs.generate(pipe)
+    scores = PlanScores(args.model, [int(seed) for seed in args.seeds.split(",")])
+    calibration_mse, held_out = scores.calibration_mse, scores.held_out
     runs = reused_runs(plan)
-
-    def calibration_mse(candidate: CachePlan) -> float:
-        with invardiff.enabled(pipe, PlanConfig(candidate)):
-            outputs = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
-        return float(((outputs - reference_calibration) ** 2).mean())
-
-    def held_out(candidate: CachePlan) -> dict:
-        with invardiff.enabled(pipe, PlanConfig(candidate)):
-            psnr = output_fidelity(inputs.generate(pipe), reference)["per_image"]["psnr"]
-        by_seed = np.array(psnr).reshape(len(seeds), -1).mean(axis=1)
-        return {"psnr": float(np.mean(psnr)), "psnr_by_seed": dict(zip(seeds, by_seed.tolist(), strict=True))}
 
     lines = []
 

@@ -17,16 +17,11 @@ import json
 
 import numpy as np
 import torch
+from plan_scores import PlanScores
 
-import invardiff
-from invardiff.bench.bundled import sweep_inputs
-from invardiff.bench.targets import bundled_target
-from invardiff.calibration.budget import sample_outputs
 from invardiff.calibration.trajectory import STEP_STREAM, record_trajectories
 from invardiff.files import write_text
-from invardiff.metrics import output_fidelity
 from invardiff.plan import CachePlan
-from invardiff.policies.plan import PlanConfig
 
 
 def refitted(plan: CachePlan, stats, order: int) -> CachePlan:
@@ -54,13 +49,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    seeds = [int(seed) for seed in args.seeds.split(",")]
-    target = bundled_target(args.model)
-    pipe = target.load()
-    cases, call_kwargs = target.calibration_runs(), target.sampling_kwargs(pipe)
-    reference_calibration = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
-    inputs = sweep_inputs(target, seeds)
-    reference = inputs.generate(pipe)
+    scores = PlanScores(args.model, [int(seed) for seed in args.seeds.split(",")])
+    target, pipe = scores.target, scores.pipe
     plans = [CachePlan.load(path) for path in args.plans]
     steps, expected = {plan.num_inference_steps for plan in plans}, target.entry.num_inference_steps
     if steps != {expected}:
@@ -68,7 +58,7 @@ def main() -> None:
     stats = record_trajectories(
         pipe,
         num_inference_steps=target.entry.num_inference_steps,
-        cases=cases,
+        cases=scores.cases,
         window=args.window,
         pipeline_kwargs=target.sampling_settings(),
     )
@@ -78,18 +68,13 @@ def main() -> None:
         if plan.step_extrapolation2 is not None:
             variants["as written"] = plan
         for name, variant in variants.items():
-            with invardiff.enabled(pipe, PlanConfig(variant)):
-                outputs = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
-                psnr = output_fidelity(inputs.generate(pipe), reference)["per_image"]["psnr"]
-            by_seed = np.array(psnr).reshape(len(seeds), -1).mean(axis=1)
             line = {
                 "plan": path,
                 "variant": name,
                 "window": args.window,
                 "second_order_steps": int((variant.step_extrapolation_order() == 2).sum()),
-                "calibration_mse": float(((outputs - reference_calibration) ** 2).mean()),
-                "psnr": float(np.mean(psnr)),
-                "psnr_by_seed": dict(zip(seeds, by_seed.tolist(), strict=True)),
+                "calibration_mse": scores.calibration_mse(variant),
+                **scores.held_out(variant),
             }
             lines.append(line)
             print(json.dumps(line), flush=True)
