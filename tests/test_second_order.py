@@ -216,9 +216,10 @@ def _first_order_search(window=6):
 def _least_squares(h, computed, t, window):
     """(c1, c2, squared residual, first-order squared residual) of reused step t from the features themselves, or
     None when the window does not hold its three last computed steps."""
-    a, p, q = [s for s in computed if s < t][::-1][:3] + [None] * max(0, 3 - len([s for s in computed if s < t]))
-    if q is None or t - q > window:
+    earlier = [s for s in computed if s < t][::-1]
+    if len(earlier) < 3 or t - earlier[2] > window:
         return None
+    a, p, q = earlier[:3]
     target = (h[:, t] - h[:, a]).reshape(-1)
     d1, d2 = (h[:, a] - h[:, p]).reshape(-1), (h[:, a] - 2 * h[:, p] + h[:, q]).reshape(-1)
     (c1, c2), *_ = np.linalg.lstsq(np.stack([d1, d2], axis=1), target, rcond=None)
