@@ -73,11 +73,16 @@ def sweep_note(target, results: list[dict], device="cpu") -> str:
     config = pipeline_call_config(pipe, entry.family, entry.call_kwargs(entry.examples[0], 0))
     costs = extrapolation_costs(profile_flops(config), device, pipe.transformer.dtype, repeats=50)
     lines = ["", cost_line(costs, f"{target.name} (one transformer call)"), ""]
-    lines += [f"- {label}: {c['steps']} step-cached steps{_second_order(c)} and {c['units']} unit reuses extrapolate "
-              "per run" for label, c in counts.items()]  # fmt: skip
+    lines += [
+        f"- {label}: {c['steps']} step-cached steps{second_order_text(c)} and {c['units']} unit reuses extrapolate "
+        "per run"
+        for label, c in counts.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
-def _second_order(count: dict) -> str:
+def second_order_text(count: dict) -> str:
+    """`` (N at second order, two lerps each)`` for an :func:`invardiff.stats.extrapolation_work` count with
+    second-order steps, else ``""``."""
     second = count.get("second_order_steps", 0)
     return f" ({second} at second order, two lerps each)" if second else ""

@@ -138,13 +138,9 @@ def calibrate_budget(
 
         bound = max_cache_bytes if max_cache_bytes is not None else 2**62  # a storage dtype alone: no bound
         config = replace(config, memory=MemoryBound(bound, measure_footprint(model_config), cache_dtype))
-    searched = stats.within(window)
-    if not verify:
-        results = pareto_plans(searched, flops, speedups, replace(config, step_order=1))
-        if config.step_order == 2:  # no sampling: the refit's lower modelled error decides
-            speedups_of = [r.plan.provenance["search"]["speedup"] for r in results]
-            results = [second_order_refit(stats, flops, r, s) or r for r, s in zip(results, speedups_of, strict=True)]
-        return results, stats
+    searched = stats.within(window) if fit_window else stats  # the search sees --window; the refit, all
+    if not verify:  # no sampling: the refit's lower modelled error decides
+        return pareto_plans(searched, flops, speedups, config, refit_stats=stats), stats
     chosen = verified_plans(
         pipe, searched, flops, speedups, config, cases, call_kwargs, batch_size, refine, refit_stats=stats
     )

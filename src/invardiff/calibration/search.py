@@ -159,11 +159,15 @@ def parse_budget(text: str) -> float:
     return value
 
 
-def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchResult:
+def search_plan(
+    stats: TrajectoryStats, flops, config: SearchConfig, refit_stats: TrajectoryStats | None = None
+) -> SearchResult:
     """The plan of least calibration-set error whose FLOP-ideal speedup on ``flops`` meets ``config.speedup``.
 
     ``flops`` is the :class:`invardiff.flops.FlopProfile` of the model at the sampling shapes. Raises
     :class:`BudgetError` when the target is out of reach (the message gives the fastest reachable speedup).
+    ``refit_stats``: what the second-order refit (``config.step_order=2``) reads, default ``stats`` (a longer
+    recording of the same runs reaches more steps: :meth:`TrajectoryStats.within`).
     """
     if config.step_order == 2:
         from dataclasses import replace
@@ -171,7 +175,7 @@ def search_plan(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchRe
         from .second_order import second_order_refit
 
         result = search_plan(stats, flops, replace(config, step_order=1))
-        return second_order_refit(stats, flops, result, config.speedup) or result
+        return second_order_refit(refit_stats or stats, flops, result, config.speedup) or result
     if config.memory is not None:
         return _memory_bounded(stats, flops, config)
     return _Search(stats, flops, config).run()
@@ -242,15 +246,17 @@ def unit_savings(stats: TrajectoryStats, flops, config: SearchConfig) -> dict[st
     return {name: saving for name, _, _, _, saving in _Search(stats, flops, config).units}
 
 
-def pareto_plans(stats: TrajectoryStats, flops, speedups, config: SearchConfig) -> list[SearchResult]:
-    """One searched plan per speedup target (the same settings otherwise); targets out of reach are skipped
-    with a warning."""
+def pareto_plans(
+    stats: TrajectoryStats, flops, speedups, config: SearchConfig, refit_stats: TrajectoryStats | None = None
+) -> list[SearchResult]:
+    """One searched plan per speedup target (the same settings otherwise; ``refit_stats`` as in
+    :func:`search_plan`); targets out of reach are skipped with a warning."""
     from dataclasses import replace
 
     results = []
     for speedup in speedups:
         try:
-            results.append(search_plan(stats, flops, replace(config, speedup=float(speedup))))
+            results.append(search_plan(stats, flops, replace(config, speedup=float(speedup)), refit_stats))
         except BudgetError as error:
             logger.warning("skipping %.3gx: %s", speedup, error)
     return results

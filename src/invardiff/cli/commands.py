@@ -18,6 +18,7 @@ from .parsing import int_list, read_prompts
 
 
 def inspect_plan(args) -> int:
+    from ..bench.extrapolation_cost import second_order_text
     from ..stats import plan_summary
 
     if args.calibration_memory:
@@ -60,11 +61,9 @@ def inspect_plan(args) -> int:
     work = summary.get("extrapolated_entries")
     if work is not None:
         flops_text = f" ({work['flops'] / full_run:.2%} of full compute's FLOPs)" if flops is not None else ""
-        second = work.get("second_order_steps", 0)
-        second_text = f" ({second} steps at second order, two lerps each)" if second else ""
         print(
             f"extrapolation: {work['steps']} step-cached steps and {work['units']} unit reuses extrapolate, one lerp "
-            f"each{second_text}{flops_text}, counted in the ideal speedup"
+            f"each{second_order_text(work)}{flops_text}, counted in the ideal speedup"
         )
     if flops is not None:
         shape = ", ".join(f"{k} {v}" for k, v in summary["call_shape"].items())
