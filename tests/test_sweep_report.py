@@ -171,3 +171,58 @@ def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, m
     assert main([*argv, "--seeds", "0,1"]) == 0 and calibrated == [1]  # the same settings: resumed
     jsonl.write_text(json.dumps({**_p(2.0, 0.01, 35.0), "settings": {}}) + "\n")  # no run record: kept unchecked
     assert main(argv) == 0 and calibrated == [1, 1]
+
+
+def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tmp_path, monkeypatch):
+    """The sweep's note on extrapolating points quotes the per-entry cost the run measured (in the points' run
+    records); rewriting the report (--report-only) reads it back and times nothing."""
+    import json
+
+    from invardiff.bench import bundled, extrapolation_cost, sweep
+    from invardiff.bench.points import plan_point
+    from invardiff.cli.main import main
+    from invardiff.plan import CachePlan, ModelFacts
+
+    plan = CachePlan.reuse_nothing(ModelFacts.for_family("dit", {"transformer_blocks": 2}), 4)
+    points = [plan_point(f"p{i}", plan, {}, method="invardiff-frontier") for i in range(3)]
+    work = [None, {"steps": 3, "units": 0, "second_order_steps": 1}, {"steps": 0, "units": 2}]
+    costs = {"step": {"elements": 10, "plain_us": 1.0, "extrapolated_us": 2.5}}
+    measured = []
+
+    def measure(target, device):
+        measured.append(target.name)
+        return costs
+
+    def measure_the_points(inputs, points, rounds, on_result, done):  # the sweep's loop, without the sampling
+        results = []
+        for point, count in zip(points, work, strict=True):
+            result = {**_p(2.0, 0.01, 35.0), "label": point.label, "settings": {"extrapolated_entries": count}}
+            on_result(result)
+            results.append(result)
+        return results
+
+    monkeypatch.setattr(bundled, "sweep_points", lambda *args: points)
+    monkeypatch.setattr(sweep, "run_sweep", measure_the_points)
+    monkeypatch.setattr(extrapolation_cost, "entry_costs", measure)
+    assert main(["bench", "--model", "dit-digits", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    assert measured == ["dit-digits"]  # once, at the first extrapolating point
+    records = [json.loads(line) for line in (tmp_path / "sweep-dit-digits.jsonl").read_text().splitlines()]
+    assert ["entry_costs" in r["run"] for r in records] == [False, True, True]
+    report = (tmp_path / "sweep-dit-digits.md").read_text()
+    line = f"Reused entry on dit-digits (one transformer call; the run of {records[1]['run']['date']}), measured: "
+    assert line + "step (10 elements) 1.0 us plain, 2.5 us extrapolated." in report
+    assert "- p1: 3 step-cached steps (1 at second order, two lerps each) and 0 unit reuses extrapolate" in report
+    assert "- p2: 0 step-cached steps and 2 unit reuses extrapolate per run" in report and "- p0" not in report
+
+    monkeypatch.setattr(extrapolation_cost, "extrapolation_costs", lambda *a, **k: pytest.fail("a report timed"))
+    (tmp_path / "sweep-dit-digits.md").unlink()
+    assert main(["bench", "--model", "dit-digits", "--report-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sweep-dit-digits.md").read_text() == report  # the same report, from the records alone
+    # Points whose runs recorded no cost (before the record existed) say so instead of timing anything.
+    for record in records:
+        record["run"].pop("entry_costs", None)
+    (tmp_path / "sweep-dit-digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["bench", "--model", "dit-digits", "--report-only", "--out", str(tmp_path)]) == 0
+    rewritten = (tmp_path / "sweep-dit-digits.md").read_text()
+    assert "Per-entry cost of a reused entry: not recorded by the runs of these points." in rewritten
+    assert "Reused entry on" not in rewritten

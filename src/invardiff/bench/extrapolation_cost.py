@@ -59,21 +59,43 @@ def cost_line(costs: dict, where: str) -> str:
     return f"Reused entry on {where}, measured: " + "; ".join(parts) + "."
 
 
-def sweep_note(target, results: list[dict], device="cpu") -> str:
-    """Markdown for a sweep whose points extrapolate: the measured per-entry costs on the target's call shapes and,
-    per extrapolating point, how many entries of a run extrapolate (``""`` when no point does)."""
-    counts = {r["label"]: r["settings"].get("extrapolated_entries") for r in results}
-    counts = {label: c for label, c in counts.items() if c and (c["steps"] or c["units"])}
-    if not counts:
-        return ""
+def entry_costs(target, device="cpu") -> dict:
+    """:func:`extrapolation_costs` on ``target``'s call shapes, in its transformer's dtype: what a sweep run records
+    (its run record's ``entry_costs``) when it measures a point that extrapolates, for :func:`sweep_note`."""
     from ..calibration.batching import pipeline_call_config
     from ..flops import profile_flops
 
     pipe, entry = target.load(), target.entry
     config = pipeline_call_config(pipe, entry.family, entry.call_kwargs(entry.examples[0], 0))
-    costs = extrapolation_costs(profile_flops(config), device, pipe.transformer.dtype, repeats=50)
-    lines = ["", cost_line(costs, f"{target.name} (one transformer call)"), ""]
-    lines += [
+    return extrapolation_costs(profile_flops(config), device, pipe.transformer.dtype, repeats=50)
+
+
+def extrapolated_count(result: dict) -> dict | None:
+    """A sweep point's extrapolated entries per run (:func:`invardiff.stats.extrapolation_work`), or None when it
+    extrapolates none."""
+    count = result.get("settings", {}).get("extrapolated_entries")
+    return count if count and (count["steps"] or count["units"]) else None
+
+
+def sweep_note(model: str, results: list[dict]) -> str:
+    """Markdown for a sweep whose points extrapolate: the per-entry costs their runs measured on the model's call
+    shapes (read from the points' run records, so that rewriting a report measures nothing) and, per extrapolating
+    point, how many entries of a run extrapolate (``""`` when no point does)."""
+    counts = {r["label"]: extrapolated_count(r) for r in results}
+    counts = {label: c for label, c in counts.items() if c}
+    if not counts:
+        return ""
+    measured = {}  # run date -> costs, over the runs that measured an extrapolating point
+    for result in results:
+        run = result.get("run") or {}
+        if result["label"] in counts and run.get("entry_costs"):
+            measured[run["date"]] = run["entry_costs"]
+    lines = [""]
+    where = "{model} (one transformer call; the run of {date})"
+    lines += [cost_line(costs, where.format(model=model, date=date)) for date, costs in measured.items()]
+    if not measured:
+        lines.append("Per-entry cost of a reused entry: not recorded by the runs of these points.")
+    lines += [""] + [
         f"- {label}: {c['steps']} step-cached steps{second_order_text(c)} and {c['units']} unit reuses extrapolate "
         "per run"
         for label, c in counts.items()

@@ -848,7 +848,7 @@ def bench(args) -> int:
         )
         from ..bench.extrapolation_cost import sweep_note
 
-        table += sweep_note(target, results, device)  # extrapolating points: what a lerp costs beside plain reuse
+        table += sweep_note(model, results)  # extrapolating points: what a lerp costs beside plain reuse
         if args.ray is not None:  # how the timing was distributed (invardiff.scale.bench)
             from ..scale.bench import TIMING_NOTE
 
@@ -871,6 +871,7 @@ def _device_name(device: torch.device) -> str:
 
 def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
     from ..bench.bundled import DEFAULT_METHODS, sweep_points
+    from ..bench.extrapolation_cost import entry_costs, extrapolated_count
     from ..bench.points import peer_points, save_point_plan
     from ..bench.sweep import run_sweep
     from ..bench.sweep_report import append_jsonl, check_resumable
@@ -889,7 +890,9 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
         bar.update(sum(point.label in done for point in points))  # the kept points of this run's methods
 
         def on_result(result):
-            result["run"] = run
+            if "entry_costs" not in run and extrapolated_count(result):  # measured once, by the run, for the note
+                run["entry_costs"] = entry_costs(target, inputs.device)
+            result["run"] = dict(run)  # this point's record: a later entry_costs is not its measure
             if result["label"] in plans:  # the plan beside the results: OUT/plans/sweep-MODEL/LABEL.json
                 path = save_point_plan(plans[result["label"]], jsonl.parent / "plans" / jsonl.stem, result["label"])
                 result["plan_file"] = path.relative_to(jsonl.parent).as_posix()
