@@ -77,6 +77,28 @@ def test_plan_probe_vetoing_everything_computes_every_step(family):
     assert [row[0] for row in probe_decisions(branch)].count("vetoed") == 5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_probe_equals_the_plan_of_the_steps_it_ran(family):
+    """A vetoed step's state is what a later accepted reuse takes (the probe's accumulator restarts there), so
+    plan+probe computes exactly the plan whose step-cached steps are the reuses it accepted."""
+    config, pipe = tiny_pipeline(family)
+    facts = facts_for(pipe.transformer, family)
+    plan = plan_from_bits(facts, "0011111110")
+    for threshold in np.geomspace(1e-3, 2.0, 40):  # the first at which a veto is followed by an accepted reuse
+        with invardiff.enabled(pipe, invardiff.PlanProbeConfig(plan, threshold=float(threshold), per_sample=False)):
+            probed = run_pipeline(pipe, config, T)
+            branch = _only_branch(pipe)
+            ran = "".join(str(status) for status in branch.step_status.tolist())
+            decisions = [row[0] for row in probe_decisions(branch)]
+        if any(a == "vetoed" and b == "plan_reuse" for a, b in zip(decisions, decisions[1:])):
+            break
+    else:
+        raise AssertionError(f"no threshold vetoes a reuse and accepts the next one; last decisions {decisions}")
+    assert ran != "0011111110" and ran.count("1") > 0
+    with invardiff.enabled(pipe, plan_from_bits(facts, ran)):
+        assert torch.equal(probed, run_pipeline(pipe, config, T))
+
+
 def _module_plan(transformer, family):
     # Step cache at 2-3 and 6-7; layer-wise reuse of every unit of block 0 at steps 4 and 8, which the vetoed
     # steps before them refresh (and must not drop).
