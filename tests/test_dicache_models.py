@@ -3,6 +3,8 @@ per-branch / per-sample decisions of every family are the conformance kit's (tes
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -90,7 +92,7 @@ def test_plan_probe_equals_the_plan_of_the_steps_it_ran(family):
             branch = _only_branch(pipe)
             ran = "".join(str(status) for status in branch.step_status.tolist())
             decisions = [row[0] for row in probe_decisions(branch)]
-        if any(a == "vetoed" and b == "plan_reuse" for a, b in zip(decisions, decisions[1:])):
+        if ("vetoed", "plan_reuse") in set(itertools.pairwise(decisions)):
             break
     else:
         raise AssertionError(f"no threshold vetoes a reuse and accepts the next one; last decisions {decisions}")
