@@ -1,0 +1,129 @@
+"""Do a committed sweep's quality figures still come out of the current code? Every point of ``sweep-MODEL.jsonl`` is
+made again (its method's calibration rerun, or, for the frontier methods, its saved plan loaded) and sampled once on
+the sweep's evaluation inputs; its PSNR is compared with the committed one. Nothing is timed.
+
+Quality is deterministic on this CPU, so a point off by more than ``--tolerance`` dB was measured by other code: a
+regression (the plan+probe one of 2026-12-06: a vetoed step's state was no longer kept), or a change that moved it
+on purpose (calibration inputs, the search) and left the committed point stale. Points that could not run when they
+were measured (an ``error`` record) must fail again; points whose method no longer makes them are listed.
+
+Usage: python benchmarks/sweep_audit.py --model dit-digits [--dir benchmarks/results/sweep] [--tolerance 0.1]
+Writes DIR/audit-MODEL.{jsonl,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from invardiff.bench.bundled import FRONTIER_METHODS, METHODS, sweep_inputs, sweep_points
+from invardiff.bench.points import peer_points, plan_point
+from invardiff.bench.targets import bundled_target
+from invardiff.files import read_json_lines, write_text
+from invardiff.metrics import output_fidelity
+from invardiff.plan import CachePlan
+
+
+def sweep_method(recorded: str) -> str:
+    """The ``invardiff bench`` method that makes a point recorded under method ``recorded``."""
+    if recorded in METHODS:
+        return recorded
+    for method in ("dicache", "plan+probe"):  # their batch-global variants record a method of their own
+        if recorded.startswith(method):
+            return method
+    return "peers"  # diffusers-*, cache-dit
+
+
+def compare(committed: dict, psnr: float | None, failure: str | None, tolerance: float) -> str:
+    """``"same"``, ``"differs"`` or ``"fails"`` (a point that ran before and raises now, or the other way round)."""
+    if "error" in committed or failure is not None:
+        return "same" if "error" in committed and failure is not None else "fails"
+    return "same" if abs(psnr - committed["psnr"]) <= tolerance else "differs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dir", default="benchmarks/results/sweep")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="dB of PSNR a point may move")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    folder = Path(args.dir)
+    committed = {r["label"]: r for r in read_json_lines(folder / f"sweep-{args.model}.jsonl")}
+    methods = sorted({sweep_method(r["method"]) for r in committed.values()} - set(FRONTIER_METHODS))
+    target = bundled_target(args.model)
+    pipe = target.load()
+    inputs = sweep_inputs(target, [0])
+    reference = inputs.generate(pipe)
+    runs = {}  # label -> (attach, plan); frontier points from their saved plans
+    for point in sweep_points(target, tuple(methods), None, peer_points):
+        runs[point.label] = (point.attach, point.plan)
+    for label, record in committed.items():
+        if record["method"] in FRONTIER_METHODS and record.get("plan_file"):
+            plan = CachePlan.load(folder / record["plan_file"])
+            runs[label] = (plan_point(label, plan, {}).attach, plan)
+    rows = []
+    for label, record in committed.items():
+        if label not in runs:
+            rows.append({"label": label, "method": record["method"], "verdict": "not made"})
+            continue
+        attach, plan = runs[label]
+        psnr = failure = None
+        try:
+            detach = attach(pipe)
+            try:
+                psnr = float(output_fidelity(inputs.generate(pipe), reference)["psnr"])
+            finally:
+                detach()
+        except Exception as error:  # a peer that cannot run on this model: recorded, as the sweep does
+            failure = repr(error)
+        saved = record.get("plan_file")
+        same_plan = None if plan is None or not saved else CachePlan.load(folder / saved) == plan
+        row = {
+            "label": label,
+            "method": record["method"],
+            "committed_psnr": record.get("psnr"),
+            "psnr": psnr,
+            "error": failure,
+            "same_plan": same_plan,
+            "measured": (record.get("run") or {}).get("date"),
+            "verdict": compare(record, psnr, failure, args.tolerance),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write_text(folder / f"audit-{args.model}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    verdicts = ("same", "differs", "fails", "not made")
+    counts = {verdict: sum(r["verdict"] == verdict for r in rows) for verdict in verdicts}
+    lines = [
+        f"# Sweep audit: {args.model}",
+        "",
+        f"`python benchmarks/sweep_audit.py --model {args.model} --dir {args.dir} --tolerance {args.tolerance:g}` "
+        f"({time.perf_counter() - started:.0f} s, CPU, {args.threads} thread(s)): every committed point made again "
+        "with the current code and sampled once; PSNR dB against full compute on the sweep's evaluation inputs. "
+        + ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
+        + ".",
+        "",
+        "| point | measured | committed PSNR | now | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["verdict"] == "same":
+            continue
+        now = r.get("error") or (f"{r['psnr']:.2f}" if r.get("psnr") is not None else "—")
+        was = r.get("committed_psnr")
+        lines.append(
+            f"| {r['label']} | {r.get('measured') or 'not recorded'} | "
+            f"{'error' if was is None else f'{was:.2f}'} | {now} | {r['verdict']} |"
+        )
+    write_text(folder / f"audit-{args.model}.md", "\n".join(lines) + "\n")
+    print(f"wrote {folder}/audit-{args.model}.jsonl and .md")
+
+
+if __name__ == "__main__":
+    main()
