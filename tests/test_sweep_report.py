@@ -207,7 +207,8 @@ def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tm
     assert main(["bench", "--model", "dit-digits", "--rounds", "1", "--out", str(tmp_path)]) == 0
     assert measured == ["dit-digits"]  # once, at the first extrapolating point
     records = [json.loads(line) for line in (tmp_path / "sweep-dit-digits.jsonl").read_text().splitlines()]
-    assert ["entry_costs" in r["run"] for r in records] == [False, True, True]
+    assert ["entry_costs" in r for r in records] == [False, True, True] and records[1]["entry_costs"] == costs
+    assert records[0]["run"] == records[1]["run"] == records[2]["run"]  # one run, one record of it
     report = (tmp_path / "sweep-dit-digits.md").read_text()
     line = f"Reused entry on dit-digits (one transformer call; the run of {records[1]['run']['date']}), measured: "
     assert line + "step (10 elements) 1.0 us plain, 2.5 us extrapolated." in report
@@ -220,7 +221,7 @@ def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tm
     assert (tmp_path / "sweep-dit-digits.md").read_text() == report  # the same report, from the records alone
     # Points whose runs recorded no cost (before the record existed) say so instead of timing anything.
     for record in records:
-        record["run"].pop("entry_costs", None)
+        record.pop("entry_costs", None)
     (tmp_path / "sweep-dit-digits.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert main(["bench", "--model", "dit-digits", "--report-only", "--out", str(tmp_path)]) == 0
     rewritten = (tmp_path / "sweep-dit-digits.md").read_text()

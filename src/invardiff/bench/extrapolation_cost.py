@@ -60,8 +60,8 @@ def cost_line(costs: dict, where: str) -> str:
 
 
 def entry_costs(target, device="cpu") -> dict:
-    """:func:`extrapolation_costs` on ``target``'s call shapes, in its transformer's dtype: what a sweep run records
-    (its run record's ``entry_costs``) when it measures a point that extrapolates, for :func:`sweep_note`."""
+    """:func:`extrapolation_costs` on ``target``'s call shapes, in its transformer's dtype: what a sweep run measures
+    once and records in each extrapolating point (``entry_costs``), for :func:`sweep_note`."""
     from ..calibration.batching import pipeline_call_config
     from ..flops import profile_flops
 
@@ -79,7 +79,7 @@ def extrapolated_count(result: dict) -> dict | None:
 
 def sweep_note(model: str, results: list[dict]) -> str:
     """Markdown for a sweep whose points extrapolate: the per-entry costs their runs measured on the model's call
-    shapes (read from the points' run records, so that rewriting a report measures nothing) and, per extrapolating
+    shapes (read from the points' records, so that rewriting a report measures nothing) and, per extrapolating
     point, how many entries of a run extrapolate (``""`` when no point does)."""
     counts = {r["label"]: extrapolated_count(r) for r in results}
     counts = {label: c for label, c in counts.items() if c}
@@ -87,9 +87,8 @@ def sweep_note(model: str, results: list[dict]) -> str:
         return ""
     measured = {}  # run date -> costs, over the runs that measured an extrapolating point
     for result in results:
-        run = result.get("run") or {}
-        if result["label"] in counts and run.get("entry_costs"):
-            measured[run["date"]] = run["entry_costs"]
+        if result["label"] in counts and result.get("entry_costs"):
+            measured[(result.get("run") or {}).get("date", "not recorded")] = result["entry_costs"]
     lines = [""]
     where = "{model} (one transformer call; the run of {date})"
     lines += [cost_line(costs, where.format(model=model, date=date)) for date, costs in measured.items()]

@@ -886,13 +886,16 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
         methods = tuple(args.methods or DEFAULT_METHODS)
         points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
     plans = {point.label: point.plan for point in points if point.plan is not None}
+    costs = []
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
         bar.update(sum(point.label in done for point in points))  # the kept points of this run's methods
 
         def on_result(result):
-            if "entry_costs" not in run and extrapolated_count(result):  # measured once, by the run, for the note
-                run["entry_costs"] = entry_costs(target, inputs.device)
-            result["run"] = dict(run)  # this point's record: a later entry_costs is not its measure
+            if extrapolated_count(result):  # what one extrapolated entry costs, measured once by the run, for the note
+                if not costs:
+                    costs.append(entry_costs(target, inputs.device))
+                result["entry_costs"] = costs[0]
+            result["run"] = run
             if result["label"] in plans:  # the plan beside the results: OUT/plans/sweep-MODEL/LABEL.json
                 path = save_point_plan(plans[result["label"]], jsonl.parent / "plans" / jsonl.stem, result["label"])
                 result["plan_file"] = path.relative_to(jsonl.parent).as_posix()
