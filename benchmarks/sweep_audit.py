@@ -8,6 +8,7 @@ on purpose (calibration inputs, the search) and left the committed point stale. 
 were measured (an ``error`` record) must fail again; points whose method no longer makes them are listed.
 
 Usage: python benchmarks/sweep_audit.py --model dit-digits [--dir benchmarks/results/sweep] [--tolerance 0.1]
+    [--frontier]
 Writes DIR/audit-MODEL.{jsonl,md}.
 """
 
@@ -28,14 +29,16 @@ from invardiff.metrics import output_fidelity
 from invardiff.plan import CachePlan
 
 
-def sweep_method(recorded: str) -> str:
-    """The ``invardiff bench`` method that makes a point recorded under method ``recorded``."""
+def sweep_methods(recorded: str) -> set[str]:
+    """The ``invardiff bench`` methods that make the points recorded under method ``recorded``."""
+    if recorded == "invardiff":  # the presets, and the grid's plans (recorded as plain plans)
+        return {"invardiff", "invardiff-grid"}
     if recorded in METHODS:
-        return recorded
+        return {recorded}
     for method in ("dicache", "plan+probe"):  # their batch-global variants record a method of their own
         if recorded.startswith(method):
-            return method
-    return "peers"  # diffusers-*, cache-dit
+            return {method}
+    return {"peers"}  # diffusers-*, cache-dit
 
 
 def compare(committed: dict, psnr: float | None, failure: str | None, tolerance: float) -> str:
@@ -50,28 +53,41 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--dir", default="benchmarks/results/sweep")
     parser.add_argument("--tolerance", type=float, default=0.1, help="dB of PSNR a point may move")
+    parser.add_argument(
+        "--frontier", action="store_true", help="calibrate the frontier methods' points again too (minutes a target)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     folder = Path(args.dir)
     committed = {r["label"]: r for r in read_json_lines(folder / f"sweep-{args.model}.jsonl")}
-    methods = sorted({sweep_method(r["method"]) for r in committed.values()} - set(FRONTIER_METHODS))
+    methods = set().union(*(sweep_methods(r["method"]) for r in committed.values()))
+    if not args.frontier:  # their points are made from their saved plans, where the run saved them
+        methods -= set(FRONTIER_METHODS)
     target = bundled_target(args.model)
     pipe = target.load()
     inputs = sweep_inputs(target, [0])
     reference = inputs.generate(pipe)
     runs = {}  # label -> (attach, plan); frontier points from their saved plans
-    for point in sweep_points(target, tuple(methods), None, peer_points):
+    for point in sweep_points(target, tuple(sorted(methods)), None, peer_points):
         runs[point.label] = (point.attach, point.plan)
     for label, record in committed.items():
-        if record["method"] in FRONTIER_METHODS and record.get("plan_file"):
+        if label not in runs and record["method"] in FRONTIER_METHODS and record.get("plan_file"):
             plan = CachePlan.load(folder / record["plan_file"])
             runs[label] = (plan_point(label, plan, {}).attach, plan)
     rows = []
     for label, record in committed.items():
         if label not in runs:
-            rows.append({"label": label, "method": record["method"], "verdict": "not made"})
+            rows.append(
+                {
+                    "label": label,
+                    "method": record["method"],
+                    "committed_psnr": record.get("psnr"),
+                    "measured": (record.get("run") or {}).get("date"),
+                    "verdict": "not made",
+                }
+            )
             continue
         attach, plan = runs[label]
         psnr = failure = None
@@ -121,6 +137,12 @@ def main() -> None:
             f"| {r['label']} | {r.get('measured') or 'not recorded'} | "
             f"{'error' if was is None else f'{was:.2f}'} | {now} | {r['verdict']} |"
         )
+    if counts["not made"]:
+        lines += [
+            "",
+            "not made: the method no longer makes that label, or a frontier point without a saved plan "
+            "(`--frontier` calibrates them again).",
+        ]
     write_text(folder / f"audit-{args.model}.md", "\n".join(lines) + "\n")
     print(f"wrote {folder}/audit-{args.model}.jsonl and .md")
 

@@ -11,10 +11,11 @@ import sweep_audit as script  # noqa: E402
 
 
 def test_recorded_methods_map_to_the_bench_methods_that_make_them():
-    assert script.sweep_method("invardiff-search+extrap") == "invardiff-search+extrap"
-    assert script.sweep_method("dicache-batch-global") == "dicache"
-    assert script.sweep_method("plan+probe-batch-global") == "plan+probe"
-    assert script.sweep_method("diffusers-magcache") == "peers" and script.sweep_method("cache-dit") == "peers"
+    assert script.sweep_methods("invardiff") == {"invardiff", "invardiff-grid"}  # presets and grid plans
+    assert script.sweep_methods("invardiff-search+extrap") == {"invardiff-search+extrap"}
+    assert script.sweep_methods("dicache-batch-global") == {"dicache"}
+    assert script.sweep_methods("plan+probe-batch-global") == {"plan+probe"}
+    assert script.sweep_methods("diffusers-magcache") == script.sweep_methods("cache-dit") == {"peers"}
 
 
 def test_a_point_differs_past_the_tolerance_and_fails_when_only_one_side_raised():
