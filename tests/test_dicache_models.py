@@ -101,6 +101,27 @@ def test_plan_probe_equals_the_plan_of_the_steps_it_ran(family):
         assert torch.equal(probed, run_pipeline(pipe, config, T))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_probe_on_a_batch_equals_the_plan_of_the_steps_it_ran_in_every_dtype(family, dtype):
+    """The same on a bare transformer and a batch of two deciding together, in the dtypes a GPU runs."""
+    _, transformer, call = batched_call(family)
+    transformer.to(dtype)
+    call = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in call.items()}
+    facts = facts_for(transformer, family)
+    plan = plan_from_bits(facts, "0011111110")
+    for threshold in np.geomspace(1e-3, 2.0, 40):
+        config = invardiff.PlanProbeConfig(plan, threshold=float(threshold), per_sample=False)
+        probed, branch = euler_loop(transformer, family, call, config)
+        decisions = [row[0] for row in probe_decisions(branch)]
+        if ("vetoed", "plan_reuse") in set(itertools.pairwise(decisions)):
+            break
+    else:
+        raise AssertionError(f"no threshold vetoes a reuse and accepts the next one; last decisions {decisions}")
+    ran = "".join("0" if decision in ("plan_compute", "vetoed") else "1" for decision in decisions)
+    assert torch.equal(probed, euler_loop(transformer, family, call, plan_from_bits(facts, ran))[0])
+
+
 def _module_plan(transformer, family):
     # Step cache at 2-3 and 6-7; layer-wise reuse of every unit of block 0 at steps 4 and 8, which the vetoed
     # steps before them refresh (and must not drop).
