@@ -220,7 +220,9 @@ def _second_order_kept(stats, flops, chosen: SearchResult, measure) -> SearchRes
         chosen.plan.provenance["search"]["second_order"] = {"kept": False, "steps": 0}
         return chosen
     first = sampled_mse(chosen.plan)
-    first, second = measure(chosen.plan) if first is None else first, measure(refit.plan)
+    if first is None:  # a plan the selection did not sample
+        first = measure(chosen.plan)
+    second = measure(refit.plan)
     kept = math.isfinite(second) and second < first
     # first_order_mse: the searched plan's (first order, or plain reuse where the selection kept that).
     record = {**refit.plan.provenance["search"]["second_order"], "output_mse": second, "first_order_mse": first}

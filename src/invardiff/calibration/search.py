@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,6 +47,7 @@ from ..families import get_family
 from ..plan import CachePlan
 from ..stats import ideal_speedup
 from .result import SearchResult
+from .second_order import second_order_refit
 from .trajectory import STEP_STREAM, TrajectoryStats
 
 
@@ -170,10 +171,6 @@ def search_plan(
     recording of the same runs reaches more steps: :meth:`TrajectoryStats.within`).
     """
     if config.step_order == 2:
-        from dataclasses import replace
-
-        from .second_order import second_order_refit
-
         result = search_plan(stats, flops, replace(config, step_order=1))
         return second_order_refit(refit_stats or stats, flops, result, config.speedup) or result
     if config.memory is not None:
@@ -187,8 +184,6 @@ MAX_TARGET_RAISES = 20
 def _memory_bounded(stats: TrajectoryStats, flops, config: SearchConfig) -> SearchResult:
     """The search at ``config.speedup``, fitted to ``config.memory``; rerun at raised targets until the fitted plan
     meets the speedup (see the module docstring)."""
-    from dataclasses import replace
-
     from ..memory_fit import MemoryBoundError, fit_memory
 
     bound = config.memory
@@ -251,8 +246,6 @@ def pareto_plans(
 ) -> list[SearchResult]:
     """One searched plan per speedup target (the same settings otherwise; ``refit_stats`` as in
     :func:`search_plan`); targets out of reach are skipped with a warning."""
-    from dataclasses import replace
-
     results = []
     for speedup in speedups:
         try:

@@ -886,15 +886,15 @@ def _run_bench(args, target, inputs, jsonl: Path, run: dict) -> list[dict]:
         methods = tuple(args.methods or DEFAULT_METHODS)
         points = sweep_points(target, methods, lambda message: bar.set_postfix_str(message), peer_points)
     plans = {point.label: point.plan for point in points if point.plan is not None}
-    costs = []
+    costs = None  # what one extrapolated entry costs, measured once by this run at its first extrapolating point
     with tqdm(total=len(points), desc=f"{target.name}: sweep") as bar:
         bar.update(sum(point.label in done for point in points))  # the kept points of this run's methods
 
         def on_result(result):
-            if extrapolated_count(result):  # what one extrapolated entry costs, measured once by the run, for the note
-                if not costs:
-                    costs.append(entry_costs(target, inputs.device))
-                result["entry_costs"] = costs[0]
+            nonlocal costs
+            if extrapolated_count(result):  # for the report's note on extrapolating points
+                costs = costs or entry_costs(target, inputs.device)
+                result["entry_costs"] = costs
             result["run"] = run
             if result["label"] in plans:  # the plan beside the results: OUT/plans/sweep-MODEL/LABEL.json
                 path = save_point_plan(plans[result["label"]], jsonl.parent / "plans" / jsonl.stem, result["label"])

@@ -106,14 +106,17 @@ class PlanProbePolicy(ProbePolicy, PlanPolicy):
 
     def head_input(self, state, hidden):
         hidden = self.assemble(state, hidden)
+        return hidden, self._kept_hidden(state, hidden)
+
+    def _kept_hidden(self, state, hidden):
         if not self.step_cached[state.step] or state.skip_all or not self.keep_hidden_after[state.step]:
-            return hidden, self._kept_hidden(state, hidden)
+            return PlanPolicy._kept_hidden(self, state, hidden)
         # The probe vetoed the plan's reuse of this step for some samples (all: compute_rows is None), so they ran
         # it: their H replaces the kept one, as a computed step's would. A later reuse then starts from the state
         # the probe's accumulator was reset at, not from the plan's older anchor.
         if state.compute_rows is None:
-            return hidden, hidden
-        return hidden, put_rows(state.hidden, state.compute_rows, take_rows(hidden, state.compute_rows))
+            return hidden
+        return put_rows(state.hidden, state.compute_rows, take_rows(hidden, state.compute_rows))
 
     def describe(self) -> dict:
         settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config) if f.name != "plan"}
