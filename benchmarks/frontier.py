@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs
+from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs, sweep_name
 from invardiff.bench.points import plan_point
 from invardiff.bench.sweep import count_flops, run_point
 from invardiff.bench.targets import CALIBRATION_SEED, bundled_target
@@ -112,7 +112,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     speedups = [float(s) for s in args.speedups.split(",")]
     target = bundled_target(args.model, num_inference_steps=args.steps)
-    model = args.model + (f"-{args.steps}-steps" if args.steps else "")
+    model = sweep_name(args.model, args.steps)
     sweep_dir = Path(args.sweep or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps

@@ -7,9 +7,12 @@ regression (the plan+probe one of 2026-12-06: a vetoed step's state was no longe
 on purpose (calibration inputs, the search) and left the committed point stale. Points that could not run when they
 were measured (an ``error`` record) must fail again; points whose method no longer makes them are listed.
 
-Usage: python benchmarks/sweep_audit.py --model dit-digits [--dir benchmarks/results/sweep] [--tolerance 0.1]
-    [--frontier]
-Writes DIR/audit-MODEL.{jsonl,md}.
+A few-step sweep (``invardiff bench --model MODEL --steps N``, files ``sweep-MODEL-N-steps.jsonl`` in
+``benchmarks/results/sweep-few-step``) is audited with ``--steps N``.
+
+Usage: python benchmarks/sweep_audit.py --model dit-digits [--steps N] [--dir benchmarks/results/sweep]
+    [--tolerance 0.1] [--frontier]
+Writes DIR/audit-MODEL[-N-steps].{jsonl,md}.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from invardiff.bench.bundled import FRONTIER_METHODS, METHODS, sweep_inputs, sweep_points
+from invardiff.bench.bundled import FRONTIER_METHODS, METHODS, sweep_inputs, sweep_name, sweep_points
 from invardiff.bench.points import peer_points, plan_point
 from invardiff.bench.targets import bundled_target
 from invardiff.files import read_json_lines, write_text
@@ -45,13 +48,16 @@ def compare(committed: dict, psnr: float | None, failure: str | None, tolerance:
     """``"same"``, ``"differs"`` or ``"fails"`` (a point that ran before and raises now, or the other way round)."""
     if "error" in committed or failure is not None:
         return "same" if "error" in committed and failure is not None else "fails"
-    return "same" if abs(psnr - committed["psnr"]) <= tolerance else "differs"
+    # Equal outputs measure an infinite PSNR, and inf - inf is NaN: equal figures are the same point before any sum.
+    same = psnr == committed["psnr"] or abs(psnr - committed["psnr"]) <= tolerance
+    return "same" if same else "differs"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
-    parser.add_argument("--dir", default="benchmarks/results/sweep")
+    parser.add_argument("--steps", type=int, help="a few-step sweep's step count (its files say it)")
+    parser.add_argument("--dir", help="default: benchmarks/results/sweep, or sweep-few-step with --steps")
     parser.add_argument("--tolerance", type=float, default=0.1, help="dB of PSNR a point may move")
     parser.add_argument(
         "--frontier", action="store_true", help="calibrate the frontier methods' points again too (minutes a target)"
@@ -60,12 +66,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    folder = Path(args.dir)
-    committed = {r["label"]: r for r in read_json_lines(folder / f"sweep-{args.model}.jsonl")}
+    folder = Path(args.dir or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
+    name = sweep_name(args.model, args.steps)
+    committed = {r["label"]: r for r in read_json_lines(folder / f"sweep-{name}.jsonl")}
     methods = set().union(*(sweep_methods(r["method"]) for r in committed.values()))
     if not args.frontier:  # their points are made from their saved plans, where the run saved them
         methods -= set(FRONTIER_METHODS)
-    target = bundled_target(args.model)
+    target = bundled_target(args.model, num_inference_steps=args.steps)
     pipe = target.load()
     inputs = sweep_inputs(target, [0])
     reference = inputs.generate(pipe)
@@ -113,13 +120,14 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    write_text(folder / f"audit-{args.model}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(folder / f"audit-{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     verdicts = ("same", "differs", "fails", "not made")
     counts = {verdict: sum(r["verdict"] == verdict for r in rows) for verdict in verdicts}
     lines = [
-        f"# Sweep audit: {args.model}",
+        f"# Sweep audit: {name}",
         "",
-        f"`python benchmarks/sweep_audit.py --model {args.model} --dir {args.dir} --tolerance {args.tolerance:g}` "
+        f"`python benchmarks/sweep_audit.py --model {args.model}{f' --steps {args.steps}' if args.steps else ''} "
+        f"--dir {folder} --tolerance {args.tolerance:g}` "
         f"({time.perf_counter() - started:.0f} s, CPU, {args.threads} thread(s)): every committed point made again "
         "with the current code and sampled once; PSNR dB against full compute on the sweep's evaluation inputs. "
         + ", ".join(f"{count} {verdict}" for verdict, count in counts.items())
@@ -143,8 +151,8 @@ def main() -> None:
             "not made: the method no longer makes that label, or a frontier point without a saved plan "
             "(`--frontier` calibrates them again).",
         ]
-    write_text(folder / f"audit-{args.model}.md", "\n".join(lines) + "\n")
-    print(f"wrote {folder}/audit-{args.model}.jsonl and .md")
+    write_text(folder / f"audit-{name}.md", "\n".join(lines) + "\n")
+    print(f"wrote {folder}/audit-{name}.jsonl and .md")
 
 
 if __name__ == "__main__":

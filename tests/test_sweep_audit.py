@@ -25,3 +25,10 @@ def test_a_point_differs_past_the_tolerance_and_fails_when_only_one_side_raised(
     assert script.compare(ran, None, "AssertionError()", 0.1) == "fails"
     assert script.compare({"error": "AssertionError()"}, None, "AssertionError()", 0.1) == "same"
     assert script.compare({"error": "AssertionError()"}, 25.0, None, 0.1) == "fails"
+
+
+def test_a_point_equal_to_full_compute_before_and_now_is_the_same():
+    identical = {"psnr": float("inf")}  # a point that reused nothing: its output equals full compute's
+    assert script.compare(identical, float("inf"), None, 0.1) == "same"
+    assert script.compare(identical, 48.0, None, 0.1) == "differs"
+    assert script.compare({"psnr": 48.0}, float("inf"), None, 0.1) == "differs"

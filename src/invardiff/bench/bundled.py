@@ -142,6 +142,12 @@ def comparison_speedups(num_steps: int) -> tuple[float, ...]:
     return (1.3, 1.5, 2.0) if num_steps <= FEW_STEPS else (2.0, 2.5, 3.0, 4.0, 5.0)
 
 
+def sweep_name(model: str, num_steps: int | None = None) -> str:
+    """The name a sweep's files carry (``sweep-NAME.jsonl``): the model's, with ``-N-steps`` for a bundled model swept
+    at another step count than its own (``invardiff bench --model MODEL --steps N``)."""
+    return f"{model}-{num_steps}-steps" if num_steps is not None else model
+
+
 def sweep_grid(family: str, num_steps: int | None = None) -> SweepGrid:
     """The grid of ``family``'s sweep; a sweep of ``num_steps`` <= :data:`FEW_STEPS` steps runs the few-step one."""
     own = VIDEO_SWEEP if is_video(family) else IMAGE_SWEEP

@@ -794,7 +794,7 @@ def bench(args) -> int:
     _quiet_cache_dit()
     from datetime import datetime, timezone
 
-    from ..bench.bundled import comparison_speedups, sweep_evaluation, sweep_inputs
+    from ..bench.bundled import comparison_speedups, sweep_evaluation, sweep_inputs, sweep_name
     from ..bench.sweep_report import equal_speed_table, markdown_table, plot_pareto, run_record
     from ..bench.targets import source_target
     from ..models.sources import ModelSource
@@ -821,7 +821,7 @@ def bench(args) -> int:
     for target in targets:
         # A bundled model at another step count than its own is another sweep: its files say the count.
         few_step = args.steps is not None and not (args.pipeline or args.transformer)
-        model = f"{target.name}-{args.steps}-steps" if few_step else target.name
+        model = sweep_name(target.name, args.steps if few_step else None)
         jsonl = out / f"sweep-{model}.jsonl"
         inputs = sweep_inputs(target, seeds, device, cases, args.batch)
         meta = {
