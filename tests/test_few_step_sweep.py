@@ -136,14 +136,16 @@ def test_the_search_targets_reach_5x_and_few_steps_search_low(model, steps, expe
 
     asked = {}
 
-    def searched(pipe, *, num_inference_steps, speedups, **kwargs):
-        asked.update(steps=num_inference_steps, speedups=speedups)
+    def searched(pipe, *, num_inference_steps, speedups, window, refine, verify, **kwargs):
+        asked.update(steps=num_inference_steps, speedups=speedups, window=window, refine=refine, verify=verify)
         return [], None
 
     monkeypatch.setattr(budget, "calibrate_budget", searched)
     target = dataclasses.replace(source_target(ModelSource(model), num_inference_steps=steps), load=lambda: None)
     assert bundled._search_points(target, "invardiff-search") == []
-    assert asked == {"steps": steps or target.entry.num_inference_steps, "speedups": expected}
+    # Verified on sampled error everywhere; at a few steps 4 rounds of descent on it follow.
+    own = {"steps": steps or target.entry.num_inference_steps, "speedups": expected, "window": 6, "verify": True}
+    assert asked == {**own, "refine": 4 if steps else 0}
 
 
 @pytest.mark.parametrize(("method", "order", "fit"), [("invardiff-frontier", 1, None), ("invardiff-frontier2", 2, 20)])

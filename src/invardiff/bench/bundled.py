@@ -94,6 +94,8 @@ class SweepGrid:
         step_levels / module_levels: the invardiff-grid quantiles.
         capped: invardiff-capped, ``{max run: ((step level, module level), ...)}``.
         search_speedups: the FLOP-ideal targets of invardiff-search.
+        search_refine: rounds of descent on sampled error after the verified selection of invardiff-search
+            (``calibrate_budget(refine=...)``; 0: none).
         plan_probe: plan+probe thresholds per plan, for families without their own in :data:`PLAN_PROBE_THRESHOLDS`.
         examples: how many of the model's examples are evaluated (``None``: all).
     """
@@ -104,6 +106,7 @@ class SweepGrid:
     search_speedups: tuple
     plan_probe: dict
     examples: int | None = None
+    search_refine: int = 0
 
 
 IMAGE_SWEEP = SweepGrid(GRID_STEP_LEVELS, GRID_MODULE_LEVELS, CAPPED, SEARCH_SPEEDUPS, DEFAULT_PLAN_PROBE_THRESHOLDS)
@@ -127,12 +130,21 @@ VIDEO_SWEEP = SweepGrid(
 # The grid is small (unit-only plans at two module levels, one step level alone) and there are no capped plans
 # (the search decides each step's reuse): a few-step sweep adds to the model's own sweep, it does not redo it.
 # A video model evaluates as many clips as in its own sweep (VIDEO_SWEEP.examples).
+# The search descends on sampled error after its verified selection (FEW_STEP_REFINE rounds): at a few steps the
+# additive model's choice of which step to reuse is often not the one that samples closest, and a round costs a
+# handful of short runs. Held out, against the same search without descent at the 24 points of the 4- and 8-step
+# sweeps (`python benchmarks/frontier.py --model MODEL --steps N --speedups 1.3,1.5,2 --refine 4`, files
+# benchmarks/results/frontier/frontier-MODEL-N-steps-refine4.md): 0.9-6.9 dB higher at 10 (flux-shapes at 4 steps,
+# 1.3x with extrapolation: 31.26 -> 32.64 dB; dit-digits at 8 steps, 1.5x: 25.82 -> 32.69), the same at 10,
+# 0.2-1.5 dB lower at 4.
+FEW_STEP_REFINE = 4
 FEW_STEP_SWEEP = SweepGrid(
     step_levels=(0.0, 0.5),
     module_levels=(0.0, 0.68),
     capped={},
     search_speedups=(1.3, 1.5, 2.0, 2.5, 3.0),
     plan_probe={AGGRESSIVE: (0.1, 0.2)},
+    search_refine=FEW_STEP_REFINE,
 )
 
 
@@ -206,8 +218,9 @@ def _search_points(target: SweepTarget, method: str) -> list[OperatingPoint]:
     from ..calibration.budget import calibrate_budget
     from ..calibration.search import SearchConfig
 
-    speedups = sweep_grid(target.family, target.entry.num_inference_steps).search_speedups
-    settings = {"window": SEARCH_WINDOW, "refine": 0}
+    grid = sweep_grid(target.family, target.entry.num_inference_steps)
+    speedups = grid.search_speedups
+    settings = {"window": SEARCH_WINDOW, "refine": grid.search_refine}
     if method in FRONTIER_METHODS:
         speedups = tuple(s for s in speedups if s >= FRONTIER_FROM)
         if not speedups:  # a few-step sweep's targets stop below 4x
