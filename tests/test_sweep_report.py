@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from invardiff.bench.sweep_report import at_speedup, equal_speed_table, markdown_table, pareto_front
@@ -64,8 +67,6 @@ def test_the_sweep_table_shows_each_points_round_spread_and_timing_warnings():
 
 
 def test_a_resumed_sweep_reports_the_kept_points_too(tmp_path, monkeypatch):
-    import json
-    from pathlib import Path
 
     from invardiff.cli import commands
     from invardiff.cli.main import main
@@ -110,7 +111,6 @@ def test_points_from_several_runs_say_which_run_measured_them():
 
 
 def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp_path, monkeypatch):
-    import json
 
     from invardiff.bench import bundled, sweep
     from invardiff.bench.points import plan_point
@@ -144,7 +144,6 @@ def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp
 def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, monkeypatch, capsys):
     """--resume keeps a point only when it was evaluated on the same cases, batch, steps, sampling arguments and
     calibration runs (recorded in its run); the refusal names the setting and comes before any calibration."""
-    import json
 
     from invardiff.bench import bundled, sweep
     from invardiff.bench.targets import bundled_target
@@ -176,7 +175,6 @@ def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, m
 def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tmp_path, monkeypatch):
     """The sweep's note on extrapolating points quotes the per-entry cost the run measured (in the points' run
     records); rewriting the report (--report-only) reads it back and times nothing."""
-    import json
 
     from invardiff.bench import bundled, extrapolation_cost, sweep
     from invardiff.bench.points import plan_point
@@ -227,3 +225,16 @@ def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tm
     rewritten = (tmp_path / "sweep-dit-digits.md").read_text()
     assert "Per-entry cost of a reused entry: not recorded by the runs of these points." in rewritten
     assert "Reused entry on" not in rewritten
+
+
+def test_every_committed_sweep_points_plan_file_is_committed_beside_it():
+    # A point's plan file (relative to its sweep's folder) is what the audit (benchmarks/sweep_audit.py) and a reader
+    # make the point from again: sweep-aggressive/ once held frontier points copied from sweep/ without their plans.
+    results = Path(__file__).parents[1] / "benchmarks/results"
+    sweeps = sorted(results.glob("sweep*/sweep-*.jsonl"))
+    assert len(sweeps) >= 9  # the bundled models' sweeps, their aggressive settings and the few-step sweeps
+    for sweep in sweeps:
+        for line in sweep.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("plan_file"):
+                assert (sweep.parent / record["plan_file"]).is_file(), (sweep.name, record["label"])
