@@ -6,6 +6,7 @@ import pytest
 
 from invardiff.calibration.batching import pipeline_call_config
 from invardiff.cli.main import main
+from invardiff.cli.search_commands import few_step_hint
 from invardiff.flops import profile_flops
 from invardiff.plan import CachePlan
 from invardiff.stats import ideal_speedup
@@ -89,4 +90,15 @@ def test_refine_reports_the_sampled_error_of_the_plan_it_wrote(tmp_path, capsys)
     search = CachePlan.load(written).provenance["search"]
     final = search["refined"]["moves"][-1][1]  # not the verified start's error, which the descent lowered
     assert final < search["verified"]["output_mse"]
-    assert f"sampled output MSE {final:.3g})" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"sampled output MSE {final:.3g})" in out
+    assert "descend on sampled error" not in err  # 10 steps, but the descent was asked for
+
+
+def test_a_few_step_budget_without_the_descent_is_told_to_add_it():
+    # At 10 steps or fewer (the few-step sweep's bound) the additive model's pick of reused steps often samples
+    # worse than a neighbour (README: few-step sampling); calibrate --budget says so unless --refine is given.
+    assert "add --verify --refine 4" in few_step_hint(8, verify=False, refine=0)
+    assert "add --refine 4" in few_step_hint(10, verify=True, refine=0)
+    assert few_step_hint(8, verify=True, refine=2) is None
+    assert few_step_hint(11, verify=False, refine=0) is None and few_step_hint(28, verify=True, refine=0) is None

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .parsing import CACHE_DTYPES, at_least
@@ -130,6 +131,9 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
         raise ValueError(f"--refine takes a number of rounds >= 0 and needs --verify, got --refine {args.refine}.")
     if args.verify and args.max_run is not None:
         raise ValueError("--verify chooses the cap on reused runs itself (2, 3, 4, 5 or --window): drop --max-run.")
+    hint = few_step_hint(steps, args.verify, args.refine)
+    if hint:
+        print(hint, file=sys.stderr)
     try:
         refuse_experts(pipe)
     except NotImplementedError as error:
@@ -190,6 +194,20 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
     stats.save(trajectories)
     print(f"wrote {trajectories} (search more budgets without the model: invardiff.calibration.search)")
     return 0
+
+
+def few_step_hint(steps: int, verify: bool, refine: int) -> str | None:
+    """The note ``calibrate --budget`` prints at a few steps without the descent on sampled error, else None."""
+    from ..bench.peers import FEW_STEPS
+
+    if steps > FEW_STEPS or refine:
+        return None
+    add = "--refine 4" if verify else "--verify --refine 4"
+    return (
+        f"invardiff calibrate: at {steps} steps the additive error model often reuses a step that does not sample "
+        f"closest to full compute; add {add} to descend on sampled error (a few short runs; README: few-step "
+        "sampling)."
+    )
 
 
 def _cases(runs: dict) -> list[tuple]:
