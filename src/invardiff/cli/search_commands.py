@@ -198,11 +198,11 @@ def calibrate_budget(args, pipe, steps: int, runs: dict, extra: dict) -> int:
 
 def few_step_hint(steps: int, verify: bool, refine: int) -> str | None:
     """The note ``calibrate --budget`` prints at a few steps without the descent on sampled error, else None."""
-    from ..bench.peers import FEW_STEPS
+    from ..bench.bundled import FEW_STEP_REFINE, FEW_STEPS
 
     if steps > FEW_STEPS or refine:
         return None
-    add = "--refine 4" if verify else "--verify --refine 4"
+    add = f"--refine {FEW_STEP_REFINE}" if verify else f"--verify --refine {FEW_STEP_REFINE}"
     return (
         f"invardiff calibrate: at {steps} steps the additive error model often reuses a step that does not sample "
         f"closest to full compute; add {add} to descend on sampled error (a few short runs; README: few-step "
