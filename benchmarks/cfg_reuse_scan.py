@@ -160,7 +160,8 @@ def _report(args, results: list[dict], minutes: float) -> str:
     lines = [
         f"# {args.model} at {args.steps} steps: uncond replaced by cond + d (CFG-difference reuse), held out",
         "",
-        f"`{command}` ({minutes:.0f} min on a loaded 2-core CPU; {len(results)} runs of the calibration and "
+        f"`{command}` ({minutes:.0f} min on a 2-core CPU, whatever else ran on it; {len(results)} runs of the "
+        "calibration and "
         "evaluation inputs). d from the last step that ran both branches (order 0) or extrapolated from the last two "
         "(order 1). Ideal: transformer calls, 2T / (2T - k). PSNR dB against full compute at the same step count, "
         "mean over frames (worst frame in brackets).",

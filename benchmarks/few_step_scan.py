@@ -129,7 +129,8 @@ def _report(args, model: str, results: list[dict], minutes: float) -> str:
         f"# {model}: every step schedule, filled to the budget with unit reuse (held out)",
         "",
         f"`python benchmarks/few_step_scan.py --model {args.model} --steps {args.steps} --speedups {args.speedups} "
-        f"--threads {args.threads}` ({minutes:.0f} min on a loaded 2-core CPU; {len(results)} distinct plans). "
+        f"--threads {args.threads}` ({minutes:.0f} min on a 2-core CPU, whatever else ran on it; "
+        f"{len(results)} distinct plans). "
         "Kept: least calibration-run error (sampled); oracle: best held-out PSNR, chosen with hindsight. "
         "PSNR dB: mean (worst); ideal: FLOP-counted for the picks (the "
         "search's FLOP profile for the rest, in the JSON lines).",

@@ -215,8 +215,7 @@ def _report(args, model: str, results: list[dict], sweep: list[dict], minutes: f
         f"`python benchmarks/frontier.py --model {args.model}{steps} --speedups {args.speedups} "
         f"--rounds {args.rounds} --window {args.window} --refine {args.refine} --methods {args.methods} "
         f"{extra}--threads {args.threads}` "
-        f"({minutes:.0f} min on a loaded "
-        "2-core CPU). Plans searched and verified on the "
+        f"({minutes:.0f} min on a 2-core CPU, whatever else ran on it). Plans searched and verified on the "
         f"calibration runs, evaluated on the sweep's evaluation inputs (seeds {args.seeds}) against full compute; "
         "ideal speedup = FLOP-counted. PSNR"
         + (" = mean over frames" if video else "")
