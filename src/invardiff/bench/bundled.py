@@ -133,9 +133,9 @@ VIDEO_SWEEP = SweepGrid(
 # The search descends on sampled error after its verified selection (FEW_STEP_REFINE rounds): at a few steps the
 # additive model's choice of which step to reuse is often not the one that samples closest, and a round costs a
 # handful of short runs. Held out, against the same search without descent at the 24 points of the 4- and 8-step
-# sweeps (`python benchmarks/frontier.py --model MODEL --steps N --speedups 1.3,1.5,2 --refine 4`, files
-# benchmarks/results/frontier/frontier-MODEL-N-steps-refine4.md): 0.9-6.9 dB higher at 10 (flux-shapes at 4 steps,
-# 1.3x with extrapolation: 31.26 -> 32.64 dB; dit-digits at 8 steps, 1.5x: 25.82 -> 32.69), the same at 10,
+# sweeps of commit 4b5588a (`python benchmarks/frontier.py --model MODEL --steps N --speedups 1.3,1.5,2 --refine 4`,
+# files benchmarks/results/frontier/frontier-MODEL-N-steps-refine4.md): 0.9-6.9 dB higher at 10 (flux-shapes at 4
+# steps, 1.3x with extrapolation: 31.26 -> 32.64 dB; dit-digits at 8 steps, 1.5x: 25.82 -> 32.69), the same at 10,
 # 0.2-1.5 dB lower at 4. At a model's own 28-50 steps the same descent fits the few calibration runs instead and is
 # not used by the sweep's search (frontier-MODEL-2x-3.5x-refine4.md: flux-shapes +extrap 2x 51.46 -> 48.83 dB,
 # 2.5x 43.91 -> 42.86; dit-digits -0.3 to +1.1 dB); the frontier recipe's 8 rounds at 4x-5x are measured apart.

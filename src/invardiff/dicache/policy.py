@@ -110,7 +110,7 @@ class PlanProbePolicy(ProbePolicy, PlanPolicy):
 
     def _kept_hidden(self, state, hidden):
         if not self.step_cached[state.step] or state.skip_all or not self.keep_hidden_after[state.step]:
-            return PlanPolicy._kept_hidden(self, state, hidden)
+            return super()._kept_hidden(state, hidden)  # ProbePolicy keeps nothing of its own: the plan's rule
         # The probe vetoed the plan's reuse of this step for some samples (all: compute_rows is None), so they ran
         # it: their H replaces the kept one, as a computed step's would. A later reuse then starts from the state
         # the probe's accumulator was reset at, not from the plan's older anchor.
