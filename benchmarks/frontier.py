@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invardiff.bench.bundled import SEARCH_WINDOW, sweep_inputs, sweep_name
+from invardiff.bench.bundled import SEARCH_WINDOW, sweep_folder, sweep_inputs, sweep_name
 from invardiff.bench.points import plan_point
 from invardiff.bench.sweep import count_flops, run_point
 from invardiff.bench.targets import CALIBRATION_SEED, bundled_target
@@ -113,7 +113,7 @@ def main() -> None:
     speedups = [float(s) for s in args.speedups.split(",")]
     target = bundled_target(args.model, num_inference_steps=args.steps)
     model = sweep_name(args.model, args.steps)
-    sweep_dir = Path(args.sweep or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
+    sweep_dir = Path(args.sweep or sweep_folder(args.steps))
     entry, pipe = target.entry, target.load()
     steps = entry.num_inference_steps
     kwargs = target.sampling_settings()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from invardiff.bench.bundled import FRONTIER_METHODS, METHODS, sweep_inputs, sweep_name, sweep_points
+from invardiff.bench.bundled import FRONTIER_METHODS, METHODS, sweep_folder, sweep_inputs, sweep_name, sweep_points
 from invardiff.bench.points import peer_points, plan_point
 from invardiff.bench.targets import bundled_target
 from invardiff.files import read_json_lines, write_text
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    folder = Path(args.dir or f"benchmarks/results/{'sweep-few-step' if args.steps else 'sweep'}")
+    folder = Path(args.dir or sweep_folder(args.steps))
     name = sweep_name(args.model, args.steps)
     committed = {r["label"]: r for r in read_json_lines(folder / f"sweep-{name}.jsonl")}
     methods = set().union(*(sweep_methods(r["method"]) for r in committed.values()))

@@ -238,3 +238,13 @@ def test_every_committed_sweep_points_plan_file_is_committed_beside_it():
             record = json.loads(line)
             if record.get("plan_file"):
                 assert (sweep.parent / record["plan_file"]).is_file(), (sweep.name, record["label"])
+
+
+def test_sweep_folder_and_name_find_the_committed_sweeps():
+    # benchmarks/frontier.py and sweep_audit.py read the committed sweeps through these two rules.
+    from invardiff.bench.bundled import sweep_folder, sweep_name
+
+    root = Path(__file__).parents[1]
+    assert (root / sweep_folder() / f"sweep-{sweep_name('flux-shapes')}.jsonl").is_file()
+    assert (root / sweep_folder(8) / f"sweep-{sweep_name('wan-motion', 8)}.jsonl").is_file()
+    assert sweep_folder(4) == "benchmarks/results/sweep-few-step"

@@ -162,6 +162,12 @@ def sweep_name(model: str, num_steps: int | None = None) -> str:
     return f"{model}-{num_steps}-steps" if num_steps is not None else model
 
 
+def sweep_folder(num_steps: int | None = None) -> str:
+    """Where the committed sweeps lie, relative to the repository root: ``benchmarks/results/sweep`` for the models'
+    own step counts, ``benchmarks/results/sweep-few-step`` for sweeps at another (``--steps N``)."""
+    return f"benchmarks/results/{'sweep-few-step' if num_steps is not None else 'sweep'}"
+
+
 def sweep_grid(family: str, num_steps: int | None = None) -> SweepGrid:
     """The grid of ``family``'s sweep; a sweep of ``num_steps`` <= :data:`FEW_STEPS` steps runs the few-step one."""
     own = VIDEO_SWEEP if is_video(family) else IMAGE_SWEEP
