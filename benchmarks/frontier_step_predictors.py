@@ -9,10 +9,15 @@ pooled over the calibration samples):
 * ``state``: ``H_a`` (the official InvarDiff rule); ``state-gain``: ``g H_a``; ``state-extrap``: ``H_a + c (H_a -
   H_p)``, ``c`` fitted on H itself (the search's ``step_fit="direct"``); ``state-2``: ``alpha H_a + beta H_p`` (the
   same direction as ``step_fit="scale_free"``); ``state-ln``: ``H_a + c (H_a - H_p)`` with ``c`` on a grid of
-  0.02 minimising the error after a LayerNorm (what a head that normalises H per token sees);
+  0.02 minimising the error after a LayerNorm (what a head that normalises H per token sees); ``state-channel``:
+  ``H_a + c * (H_a - H_p)`` with ``c`` a vector over H's channels (last dimension), each fitted alone (more freedom
+  than the plan format's one coefficient a step: does the scalar leave quality on the table?);
 * ``residual``: ``x_t + R_a`` (``PlanConfig(step_reuse="residual")``, TeaCache / MagCache); ``residual-gain``:
   ``x_t + g R_a`` (MagCache's magnitude ratio, fitted); ``residual-extrap``: ``x_t + R_a + c (R_a - R_p)``;
   ``residual-2``: ``x_t + alpha R_a + beta R_p`` (gain and extrapolation).
+
+Each predictor's sampled MSE on the calibration runs (``calibration_mse``, the runs its coefficients were fitted on)
+is what a verified selection (``calibrate --verify``) would rank it by.
 
 A diagnostic, not a policy: the run keeps every computed step's H and x (memory grows with the computed steps); the
 plan's unit reuse runs as planned, its own extrapolation coefficients are dropped. Each predictor's PSNR is held out
@@ -36,6 +41,7 @@ import invardiff
 from invardiff.bench.bundled import sweep_inputs
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
+from invardiff.calibration.budget import sample_outputs
 from invardiff.calibration.run import call_pipeline, check_cases
 from invardiff.engine.policy import register_policy
 from invardiff.files import write_text
@@ -50,6 +56,7 @@ PREDICTORS = (
     "state-extrap",
     "state-2",
     "state-ln",
+    "state-channel",
     "residual",
     "residual-gain",
     "residual-extrap",
@@ -74,8 +81,16 @@ class PredictorPolicy(PlanPolicy):
         super().__init__(config.plan, units, "state", embed_input)
         self.config = config
         self.computed = [int(t) for t in np.flatnonzero(~config.plan.step_cache)]
+        self.branch = None  # the one branch the run calls the transformer in
 
     def head_input(self, state, hidden):
+        self.branch = self.branch or state.name
+        if state.name != self.branch:  # the record holds one H per step: a second branch would overwrite it
+            raise NotImplementedError(
+                f"frontier_step_predictors.py records one call per step; this pipeline runs the {self.branch!r} and "
+                f"{state.name!r} branches as calls of their own (CFG as two calls, e.g. wan-motion). Use a model "
+                f"sampled in one call a step."
+            )
         record = self.config.record
         record.setdefault("H", {})[state.step] = hidden.detach().clone()
         record.setdefault("x", {})[state.step] = self.embed_input(state.call).detach().clone()
@@ -112,7 +127,7 @@ def terms(predictor: str, H: dict, x: dict, a: int, p: int | None, x_t: torch.Te
         return fixed, [stream[a]]
     if p is None:  # no two computed values yet: plain reuse
         return [*fixed, stream[a]], []
-    if kind in ("extrap", "ln"):
+    if kind in ("extrap", "ln", "channel"):
         return [*fixed, stream[a]], [stream[a] - stream[p]]
     return fixed, [stream[a], stream[p]]  # "2"
 
@@ -123,6 +138,12 @@ def fit(predictor: str, H: dict, x: dict, computed: list[int], t: int) -> list[f
     fixed, free = terms(predictor, H, x, a, p, x[t])
     if not free:
         return []
+    if predictor == "state-channel":  # one coefficient per channel: sums over every other dimension
+        target, basis = (H[t] - fixed[0]).double(), free[0].double()
+        dims = tuple(range(target.ndim - 1))
+        squared = (basis * basis).sum(dims)
+        fitted = (target * basis).sum(dims) / squared.clamp_min(torch.finfo(squared.dtype).tiny)
+        return [torch.where(squared > 0, fitted, 0.0).to(H[t].dtype)]  # a channel that does not move: plain reuse
     if predictor == "state-ln":
         target = _layer_norm(H[t])
         errors = [float(((_layer_norm(fixed[0] + c * free[0]) - target) ** 2).sum()) for c in LN_GRID]
@@ -130,6 +151,12 @@ def fit(predictor: str, H: dict, x: dict, computed: list[int], t: int) -> list[f
     target = (H[t] - sum(fixed)).double().reshape(-1, 1) if fixed else H[t].double().reshape(-1, 1)
     basis = torch.stack([term.double().reshape(-1) for term in free], dim=1)
     return [float(c) for c in torch.linalg.lstsq(basis, target).solution[:, 0]]
+
+
+def _rounded(coefficient):
+    if torch.is_tensor(coefficient):  # state-channel's vector
+        return [round(c, 4) for c in coefficient.tolist()]
+    return round(coefficient, 4)
 
 
 def _layer_norm(value: torch.Tensor) -> torch.Tensor:
@@ -159,6 +186,7 @@ def main() -> None:
     full_compute = CachePlan.reuse_nothing(plan.model, plan.num_inference_steps)
     with invardiff.enabled(pipe, PredictorConfig(full_compute, None, {}, trajectories)):
         call_pipeline(pipe, target.family, cases, call_kwargs)
+    calibration_reference = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
     computed = [int(t) for t in np.flatnonzero(~plan.step_cache)]
     inputs = sweep_inputs(target, [int(seed) for seed in args.seeds.split(",")])
     full_flops, reference = count_flops(lambda: inputs.generate(pipe))
@@ -170,6 +198,7 @@ def main() -> None:
         }
         with invardiff.enabled(pipe, PredictorConfig(plan, predictor, coefficients, {})):
             flops, images = count_flops(lambda: inputs.generate(pipe))
+            calibration = sample_outputs(pipe, target.family, cases, call_kwargs, len(cases))
         fidelity = output_fidelity(images, reference)
         result = {
             "plan": args.plan,
@@ -179,11 +208,14 @@ def main() -> None:
             "psnr": fidelity["psnr"],
             "worst_psnr": fidelity["worst"]["psnr"],
             "lpips": fidelity["lpips"],
+            # what a verified selection would rank it by: its sampled error on the runs it was fitted on
+            "calibration_mse": float(((calibration - calibration_reference) ** 2).mean()),
             "computed_steps": computed,
-            "coefficients": {t: [round(c, 4) for c in values] for t, values in coefficients.items()},
+            "coefficients": {t: [_rounded(c) for c in values] for t, values in coefficients.items()},
         }
         results.append(result)
-        print(json.dumps({k: result[k] for k in ("predictor", "ideal_speedup", "psnr", "worst_psnr")}), flush=True)
+        shown = ("predictor", "ideal_speedup", "psnr", "worst_psnr", "calibration_mse")
+        print(json.dumps({k: result[k] for k in shown}), flush=True)
         if args.out:
             write_text(args.out, "".join(json.dumps(r) + "\n" for r in results))
 

@@ -127,7 +127,7 @@ def main() -> None:
         f"# Sweep audit: {name}",
         "",
         f"`python benchmarks/sweep_audit.py --model {args.model}{f' --steps {args.steps}' if args.steps else ''} "
-        f"--dir {folder} --tolerance {args.tolerance:g}` "
+        f"--dir {folder} --tolerance {args.tolerance:g}{' --frontier' if args.frontier else ''}` "
         f"({time.perf_counter() - started:.0f} s, CPU, {args.threads} thread(s)): every committed point made again "
         "with the current code and sampled once; PSNR dB against full compute on the sweep's evaluation inputs. "
         + ", ".join(f"{count} {verdict}" for verdict, count in counts.items())

@@ -51,3 +51,20 @@ def test_residual_fits_and_reused_value_by_hand():
     # residual (plain): x_2 + R_1, no coefficient.
     fixed, free = script.terms("residual", H, x, 1, 0, x[2])
     assert free == [] and torch.equal(sum(fixed), torch.tensor([[[1.0, 1.0], [-1.0, 2.0]]]))
+
+
+def test_state_channel_fits_each_channel_alone():
+    # H_1 - H_0 = ((1, 1), (1, 0)), H_2 - H_1 = ((2, 3), (2, 2)) over (token, channel): channel 0 sums <(2, 2), (1, 1)>
+    # / 2 = 2, channel 1 <(3, 2), (1, 0)> / 1 = 3.
+    H = {
+        0: torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]),
+        1: torch.tensor([[[2.0, 1.0], [1.0, 0.0]]]),
+        2: torch.tensor([[[4.0, 4.0], [3.0, 2.0]]]),
+    }
+    x = {t: torch.zeros(1, 2, 2) for t in H}
+    (coefficients,) = script.fit("state-channel", H, x, [0, 1], 2)
+    assert coefficients.tolist() == [2.0, 3.0]
+    # A channel whose last two computed values are equal cannot be fitted: it is reused plainly (coefficient 0).
+    H, x = trajectories()  # channel 0: H_1 - H_0 = (0, 0); channel 1: (1, 0) against a target of (2, 2)
+    (coefficients,) = script.fit("state-channel", H, x, [0, 1], 2)
+    assert coefficients.tolist() == [0.0, 2.0]
