@@ -52,17 +52,27 @@ class RecordingPlan:
 
 
 class RecordingPolicy(PlanPolicy):
+    def __init__(self, plan: CachePlan, units, record: dict):
+        super().__init__(plan, units)
+        self.record = record
+        self.branch = None  # the one branch the run calls the transformer in
+
     def head_input(self, state, hidden):
+        self.branch = self.branch or state.name
+        if state.name != self.branch:  # one H per image and step: a second branch's calls would interleave
+            raise NotImplementedError(
+                f"frontier_probe_signal.py records one call per image and step; this pipeline runs the "
+                f"{self.branch!r} and {state.name!r} branches as calls of their own (CFG as two calls, e.g. "
+                f"wan-motion). Use a model sampled in one call a step."
+            )
         if not self.step_cached[state.step]:
-            self.config_record.setdefault(state.step, []).append(hidden.detach().double().cpu())
+            self.record.setdefault(state.step, []).append(hidden.detach().double().cpu())
         return super().head_input(state, hidden)
 
 
 @register_policy(RecordingPlan)
 def _build(config: RecordingPlan, family, transformer, units) -> RecordingPolicy:
-    policy = RecordingPolicy(config.plan, units)
-    policy.config_record = config.record
-    return policy
+    return RecordingPolicy(config.plan, units, config.record)
 
 
 def first_block_outputs(transformer, family, record: list):
@@ -72,7 +82,12 @@ def first_block_outputs(transformer, family, record: list):
     def hook(module, args, kwargs, output):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         outputs = output if isinstance(output, tuple) else (output,)
-        stream = next(o for o in outputs if torch.is_tensor(o) and o.shape == hidden.shape)
+        stream = next((o for o in outputs if torch.is_tensor(o) and o.shape == hidden.shape), None)
+        if stream is None:
+            raise NotImplementedError(
+                f"{type(module).__name__} returns no tensor shaped like its hidden_states {tuple(hidden.shape)}: "
+                f"this diagnostic cannot tell which output is the probe's."
+            )
         record.append(stream.detach().double().cpu())
 
     return block.register_forward_hook(hook, with_kwargs=True)
