@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from invardiff.bench.bundled import sweep_inputs
+from invardiff.bench.bundled import sweep_inputs, sweep_name
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.budget import sample_outputs
 from invardiff.files import write_text
@@ -128,11 +128,11 @@ def main() -> None:
             (interval_skips(T, interval, warmup), {"interval": interval, "warmup": warmup})
             for interval, warmup in rules
         ]
-        name = f"cfg-reuse-{args.model}-{T}-steps-interval"
+        name = f"cfg-reuse-{sweep_name(args.model, T)}-interval"
     else:
         counts = [int(k) for k in args.skips.split(",")]
         schedules = [(s, None) for k in counts for s in itertools.combinations(range(1, T), k)]
-        name = f"cfg-reuse-{args.model}-{T}-steps"
+        name = f"cfg-reuse-{sweep_name(args.model, T)}"
     results = []
     jsonl = Path(args.out) / f"{name}.jsonl"
     for order in orders:

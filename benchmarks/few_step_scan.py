@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from invardiff import api
-from invardiff.bench.bundled import sweep_inputs
+from invardiff.bench.bundled import sweep_inputs, sweep_name
 from invardiff.bench.sweep import count_flops
 from invardiff.bench.targets import bundled_target
 from invardiff.calibration.batching import pipeline_call_config
@@ -86,7 +86,7 @@ def main() -> None:
             **output_fidelity(images, reference),
         }
 
-    model = f"{args.model}-{steps}-steps"
+    model = sweep_name(args.model, steps)
     jsonl = Path(args.out) / f"scan-{model}.jsonl"
     results, seen = [], []
     middle = range(1, steps - 1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import invardiff
-from invardiff.bench.bundled import sweep_inputs
+from invardiff.bench.bundled import sweep_inputs, sweep_name
 from invardiff.bench.targets import bundled_target
 from invardiff.engine.policy import register_policy
 from invardiff.families.table import find_family
@@ -109,7 +109,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    name = f"token-reuse-{args.model}-{args.steps}-steps"
+    name = f"token-reuse-{sweep_name(args.model, args.steps)}"
     out = Path(args.out)
     write_text(out / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     command = (

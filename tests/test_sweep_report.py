@@ -67,7 +67,6 @@ def test_the_sweep_table_shows_each_points_round_spread_and_timing_warnings():
 
 
 def test_a_resumed_sweep_reports_the_kept_points_too(tmp_path, monkeypatch):
-
     from invardiff.cli import commands
     from invardiff.cli.main import main
 
@@ -111,7 +110,6 @@ def test_points_from_several_runs_say_which_run_measured_them():
 
 
 def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp_path, monkeypatch):
-
     from invardiff.bench import bundled, sweep
     from invardiff.bench.points import plan_point
     from invardiff.cli.main import main
@@ -144,7 +142,6 @@ def test_a_new_sweep_point_records_the_run_and_command_and_its_plan_is_saved(tmp
 def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, monkeypatch, capsys):
     """--resume keeps a point only when it was evaluated on the same cases, batch, steps, sampling arguments and
     calibration runs (recorded in its run); the refusal names the setting and comes before any calibration."""
-
     from invardiff.bench import bundled, sweep
     from invardiff.bench.targets import bundled_target
     from invardiff.cli.main import main
@@ -175,7 +172,6 @@ def test_a_resume_refuses_points_evaluated_otherwise_before_any_work(tmp_path, m
 def test_the_per_entry_cost_is_measured_once_by_the_run_and_never_by_a_report(tmp_path, monkeypatch):
     """The sweep's note on extrapolating points quotes the per-entry cost the run measured (in the points' run
     records); rewriting the report (--report-only) reads it back and times nothing."""
-
     from invardiff.bench import bundled, extrapolation_cost, sweep
     from invardiff.bench.points import plan_point
     from invardiff.cli.main import main
